@@ -1,0 +1,1280 @@
+"""filechat: request/reply text messaging through plain files.
+
+Roles: a *server* runs continuously and answers messages; a *client* runs
+once, sends one message and prints the reply.
+
+Files (the lock defaults to ``server.lock`` beside the buffer):
+  BUFFER       the request: response path, newline, message text, ESC.
+  server.lock  exists while one client's request is in flight.
+  RESPONSE     the reply text, then ESC (ESC ESC marks an error reply).
+
+Steps of one exchange:
+  1. The client creates the lock with os.open(O_CREAT|O_EXCL); while another
+     client holds it, it prints "Server busy, please wait..." and waits.
+  2. The client publishes BUFFER whole (temp file, then os.replace).
+  3. The server sees a buffer ending in ESC, claims it by renaming it to
+     BUFFER.taken, shows the message and obtains a reply.
+  4. The server publishes RESPONSE whole, deletes BUFFER.taken, then removes
+     the lock, which lets the next client in.
+  5. The client reads the reply, prints it and deletes RESPONSE.
+
+The lock names its owner (JSON: pid, host, token, time) and the owner holds
+an flock on it, so a lock whose owner died is recognised and reclaimed.
+
+Exit statuses: 0 ok, 1 error, 2 usage or bad input, 3 reply timeout,
+4 lock timeout, 130 client interrupted (Ctrl+C stops a server with 0).
+
+Assumptions:
+  - every participant sees the same files (one host or one shared directory);
+  - os.open(O_CREAT|O_EXCL), os.replace and os.rename are atomic there;
+  - message and reply text is UTF-8 and contains no ESC character;
+  - a peer that follows only the spec may write files in place and leave the
+    lock empty; filechat accepts both.
+"""
+
+import argparse
+import errno
+import json
+import logging
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from typing import IO, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+if sys.platform != "win32":
+    import fcntl    # flock, the liveness signal of a lock's holder; Windows uses the pid
+
+__all__ = [
+    "FilechatError", "UsageError", "FramingError", "ReplyTimeout", "LockTimeout",
+    "ServerError", "HookError", "Request",
+    "encode_request", "parse_request", "encode_reply", "parse_reply",
+    "send", "serve",
+]
+__version__ = "1.0.0"
+
+# --- Constants ---
+
+LOCKFILE_NAME = "server.lock"
+END_MARKER = "\x1b"               # ESC ends a message and a reply
+ERROR_MARKER = END_MARKER * 2     # a reply ending in ESC ESC reports a failure
+TAKEN_SUFFIX = ".taken"           # BUFFER + this: the message being answered
+BANNER = "=" * 60
+
+LOCK_RETRY_INTERVAL = 2.0         # seconds between "Server busy" lines (spec)
+RESPONSE_POLL_INTERVAL = 0.5      # seconds between reply checks when polling (spec)
+POLL_INTERVAL = 0.5               # seconds between buffer checks when polling (spec)
+RESPONSE_TIMEOUT = 60.0           # seconds a client waits for its reply (spec)
+SAFETY_INTERVAL = 1.0             # seconds: longest sleep even when events are trusted
+STALE_AFTER = 300.0               # seconds before an unidentifiable lock counts as stale
+HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+EXIT_LOCK_TIMEOUT = 4
+EXIT_INTERRUPTED = 130
+
+EXIT_STATUS_TABLE = """\
+exit status:
+  0    success (a server stopped by Ctrl+C or --max-messages)
+  1    error (the server reported a failure, a file could not be used)
+  2    usage error or bad input (e.g. a message containing ESC)
+  3    no reply within --timeout
+  4    lock not acquired within --lock-timeout
+  130  client interrupted by Ctrl+C"""
+
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # absent on Windows
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+O_BINARY = getattr(os, "O_BINARY", 0)       # Windows would translate newlines
+
+log = logging.getLogger("filechat")
+
+
+# --- Exceptions ---
+
+class FilechatError(Exception):
+    """Base of every error filechat reports; carries the exit status."""
+
+    exit_code = EXIT_ERROR
+
+
+class UsageError(FilechatError, ValueError):
+    """A path or an argument that cannot be used."""
+
+    exit_code = EXIT_USAGE
+
+
+class FramingError(UsageError):
+    """Text that the wire format cannot carry."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(what, reason)
+        self.what = what
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.what} {self.reason}"
+
+
+class ReplyTimeout(FilechatError, TimeoutError):
+    """No reply arrived in time."""
+
+    exit_code = EXIT_TIMEOUT
+
+    def __init__(self, response_path: str, timeout: float, taken: bool) -> None:
+        super().__init__(response_path, timeout, taken)
+        self.response_path = response_path
+        self.timeout = timeout
+        self.taken = taken
+
+    def __str__(self) -> str:
+        fate = ("the server took the message but did not answer"
+                if self.taken else "no server took the message; it was withdrawn")
+        return (f"no reply in {self.response_path} within {self.timeout:g} s: {fate}; "
+                "check that a server runs on this buffer, or raise --timeout")
+
+
+class LockTimeout(FilechatError, TimeoutError):
+    """The lock stayed busy for longer than allowed."""
+
+    exit_code = EXIT_LOCK_TIMEOUT
+
+    def __init__(self, lock_path: str, timeout: float) -> None:
+        super().__init__(lock_path, timeout)
+        self.lock_path = lock_path
+        self.timeout = timeout
+
+    def __str__(self) -> str:
+        return (f"lock {self.lock_path} still held by another client after "
+                f"{self.timeout:g} s; try again later or raise --lock-timeout")
+
+
+class ServerError(FilechatError):
+    """The server answered with an error reply instead of a reply."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f"the server could not answer: {self.text.strip()}"
+
+
+class HookError(FilechatError):
+    """A responder failed to produce a reply."""
+
+
+# --- Wire format ---
+
+def _check_text(text: str, what: str) -> bytes:
+    """Return text as UTF-8, refusing what the framing cannot carry."""
+    if END_MARKER in text:
+        raise FramingError(what, "contains the ESC character, which marks the end "
+                           "of a message and cannot be sent; remove it")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FramingError(what, "is not valid UTF-8 text") from None
+
+
+def encode_request(response_path: str, message: str) -> bytes:
+    """Frame a request: response path, newline, message, ESC."""
+    if "\n" in response_path or "\r" in response_path:
+        raise FramingError(f"response path {response_path!r}", "contains a line break")
+    path = _check_text(response_path, f"response path {response_path!r}")
+    return path + b"\n" + _check_text(message, "message") + END_MARKER.encode()
+
+
+def parse_request(data: bytes) -> Optional[Tuple[str, str]]:
+    """Return (response path, message) of a complete request, None if incomplete.
+
+    Raises ValueError for a complete request that is malformed.
+    """
+    end = data.find(END_MARKER.encode())
+    if end < 0:
+        return None
+    head, newline, body = data[:end].partition(b"\n")
+    if not newline or not head.strip():
+        raise ValueError("no response path before the message")
+    path = head.decode("utf-8").rstrip("\r")   # a peer on Windows may write CRLF
+    return path, body.decode("utf-8")
+
+
+def encode_reply(text: str, error: bool = False) -> bytes:
+    """Frame a reply: text then ESC, or ESC ESC for an error reply."""
+    return _check_text(text, "reply") + (ERROR_MARKER if error else END_MARKER).encode()
+
+
+def parse_reply(data: bytes) -> Optional[Tuple[str, bool]]:
+    """Return (text, is_error) of a complete reply, None if it has no end marker yet."""
+    end = data.find(END_MARKER.encode())
+    if end < 0:
+        return None
+    is_error = data[end:end + 2] == ERROR_MARKER.encode()
+    return data[:end].decode("utf-8", "replace"), is_error
+
+
+# --- Filesystem primitives ---
+
+def _temp_name(path: str) -> str:
+    """Return a unique hidden name in path's directory."""
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+
+
+def _write_temp(path: str, data: bytes) -> str:
+    """Write data to a new temp file beside path and return its name."""
+    temp = _temp_name(path)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_BINARY, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(temp)
+        raise
+    os.close(fd)
+    return temp
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Replace path with data so that readers see the old file or the new, never half."""
+    temp = _write_temp(path, data)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        _unlink_quietly(temp)
+        raise
+
+
+def publish_new(path: str, data: bytes) -> None:
+    """Create path holding data, whole at once; FileExistsError if path exists.
+
+    A hard link publishes the complete temp file under the new name and, unlike
+    os.replace, refuses to overwrite a file somebody else put there.
+    """
+    temp = _write_temp(path, data)
+    try:
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            raise
+        except OSError:
+            # Filesystems without hard links: check, then replace.
+            if os.path.lexists(path):
+                raise FileExistsError(errno.EEXIST, "file exists", path) from None
+            os.replace(temp, path)
+    finally:
+        _unlink_quietly(temp)
+
+
+def read_or_none(path: str) -> Optional[bytes]:
+    """Return the bytes of path, or None if it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_BINARY)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _unlink_quietly(path: str) -> None:
+    """Remove path if it exists."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _file_id(path: str) -> Optional[Tuple[int, int]]:
+    """Return (device, inode) of path itself, None if it does not exist."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def default_lock_path(buffer: str) -> str:
+    """Return the lock beside the buffer: the spec's server.lock when run from there."""
+    return os.path.join(os.path.dirname(buffer), LOCKFILE_NAME)
+
+
+class LockOwner(NamedTuple):
+    """What a lock file says about its holder."""
+
+    pid: int
+    host: str
+    token: str
+    created: float
+
+
+class Lock:
+    """The spec's lockfile: whoever creates it may use the buffer.
+
+    The holder writes its identity into the file as one line of JSON, in a
+    single write right after creating it, and keeps an flock on it so that
+    the kernel releases the flock the moment the holder dies. The server,
+    not the holder, removes a lock after answering, as the spec says.
+
+    A lock is judged stale in one place, ``stale_reason``: a holder on this
+    host whose flock is free (or, without flock, whose pid is gone); or a lock
+    that names no holder on this host and is older than ``stale_after``. A
+    lock is only ever removed after checking that it is the very file
+    (device and inode) that was judged.
+    """
+
+    def __init__(self, path: str, stale_after: float = STALE_AFTER) -> None:
+        self.path = path
+        self.stale_after = stale_after
+        self.fd: Optional[int] = None
+        self.identity: Optional[Tuple[int, int]] = None
+
+    def try_acquire(self) -> bool:
+        """Create the lock if nobody holds it; True if this process now holds it."""
+        try:
+            fd = os.open(self.path,
+                         os.O_WRONLY      # the holder writes its identity
+                         | os.O_CREAT     # create it...
+                         | os.O_EXCL      # ...only if absent: the atomic test-and-set
+                         | O_NOFOLLOW     # never through a planted symlink
+                         | O_CLOEXEC,     # hooks and children must not inherit the flock
+                         0o644)
+        except FileExistsError:
+            return False
+        _flock(fd, shared=False)
+        owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                 "token": os.urandom(8).hex(), "created": time.time()}
+        os.write(fd, (json.dumps(owner) + "\n").encode())
+        st = os.fstat(fd)
+        self.identity = (st.st_dev, st.st_ino)
+        if sys.platform == "win32":
+            os.close(fd)     # without flock, an open file only blocks its deletion
+        else:
+            self.fd = fd
+        log.debug("lock %s acquired", self.path)
+        return True
+
+    def still_held(self) -> bool:
+        """True while the lock file this process created is still in place."""
+        return self.identity is not None and _file_id(self.path) == self.identity
+
+    def release(self) -> None:
+        """Remove the lock if it is still the one this process created."""
+        if self.still_held():
+            _unlink_quietly(self.path)
+            log.debug("lock %s released", self.path)
+        self.close()
+
+    def close(self) -> None:
+        """Drop this process's hold (its flock) without touching the file."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.identity = None
+
+    def stale_reason(self) -> Optional[str]:
+        """Return why the current lock file is stale, or None if it is live or absent."""
+        return lock_stale_reason(self.path, self.stale_after)[0]
+
+    def break_stale(self) -> Optional[str]:
+        """Remove the current lock file if stale; return why, or None if left alone."""
+        reason, identity = lock_stale_reason(self.path, self.stale_after)
+        if reason is None or identity is None:
+            return None
+        return reason if remove_if_same(self.path, identity) else None
+
+
+def read_owner(data: bytes) -> Optional[LockOwner]:
+    """Parse a lock file's contents; None for an empty or foreign lock."""
+    try:
+        raw = json.loads(data.decode("utf-8"))
+        return LockOwner(int(raw["pid"]), str(raw["host"]), str(raw["token"]),
+                         float(raw["created"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def lock_stale_reason(path: str, stale_after: float
+                      ) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
+    """Return (why the lock at path is stale or None, its identity)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
+    except FileNotFoundError:
+        return None, None
+    try:
+        st = os.fstat(fd)
+        identity = (st.st_dev, st.st_ino)
+        owner = read_owner(os.read(fd, 4096))
+        if owner is not None and owner.host == socket.gethostname():
+            return _local_owner_gone(fd, owner), identity
+        age = time.time() - st.st_mtime
+        if age > stale_after:
+            who = "an unidentified holder" if owner is None else f"host {owner.host}"
+            return f"held by {who} for {age:.0f} s (over {stale_after:g} s)", identity
+        return None, identity
+    finally:
+        os.close(fd)
+
+
+def _local_owner_gone(fd: int, owner: LockOwner) -> Optional[str]:
+    """Return why the lock's local holder is gone, or None if it lives."""
+    if sys.platform != "win32":
+        # The holder took its flock before writing the identity we just read,
+        # so a free flock means the holder's process has ended.
+        if _flock(fd, shared=True, block=False):
+            return f"its holder, process {owner.pid}, has ended"
+        return None
+    if not _pid_alive(owner.pid):
+        return f"its holder, process {owner.pid}, has ended"
+    return None
+
+
+def remove_if_same(path: str, identity: Tuple[int, int]) -> bool:
+    """Remove path only if it is still the file with this identity; True if removed.
+
+    Renaming to a unique name first means that of two processes racing to
+    remove the same file, only one gets it, and it can check that the file
+    it got is the one it meant before deleting it.
+    """
+    if _file_id(path) != identity:
+        return False
+    aside = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.stale"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    if _file_id(aside) == identity:
+        _unlink_quietly(aside)
+        return True
+    try:
+        os.link(aside, path)      # not ours: put it back unless replaced meanwhile
+    except OSError:
+        log.warning("lock %s changed while being removed", path)
+    _unlink_quietly(aside)
+    return False
+
+
+def _flock(fd: int, shared: bool, block: bool = False) -> bool:
+    """Try to flock fd; True if taken (always False where flock does not exist)."""
+    if sys.platform == "win32":
+        return False
+    flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if block else fcntl.LOCK_NB)
+    try:
+        fcntl.flock(fd, flags)
+    except OSError:
+        return False
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True    # exists, but belongs to someone else
+    return True
+
+
+# --- Waiter ---
+
+class Waiter:
+    """Sleep until something may have changed in some directories.
+
+    Events are hints: the caller re-checks its condition after every wake-up.
+    On Linux inotify wakes it as soon as a file there is created, closed after
+    writing, renamed or deleted; elsewhere, or with poll=True (network
+    filesystems send no events for other hosts' changes), it sleeps in steps
+    of poll_interval. Even with events, no sleep lasts longer than
+    SAFETY_INTERVAL, so a missed event costs a bounded delay, never a hang.
+    """
+
+    def __init__(self, directories: Sequence[str], poll: bool = False,
+                 poll_interval: float = POLL_INTERVAL) -> None:
+        self.poll_interval = poll_interval
+        self.fd: Optional[int] = None
+        if not poll:
+            self.fd = _inotify_open(sorted({d or "." for d in directories}))
+        log.debug("waiting with %s", "inotify" if self.fd is not None else "polling")
+
+    def wait(self, timeout: float) -> None:
+        """Return after an event or after timeout seconds, whichever comes first."""
+        if timeout <= 0:
+            return
+        if self.fd is None:
+            time.sleep(min(timeout, self.poll_interval))
+            return
+        ready, _, _ = select.select([self.fd], [], [], min(timeout, SAFETY_INTERVAL))
+        if ready:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Discard queued events: their content does not matter, only that they came."""
+        assert self.fd is not None
+        try:
+            while os.read(self.fd, 65536):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        """Release the inotify descriptor."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "Waiter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_IN_EVENTS = (0x008      # IN_CLOSE_WRITE: a file written in place is complete
+              | 0x080    # IN_MOVED_TO: os.replace published a file
+              | 0x100    # IN_CREATE: a lock or a hard-linked reply appeared
+              | 0x200    # IN_DELETE: a lock was released, a reply consumed
+              | 0x040)   # IN_MOVED_FROM: a buffer was claimed or withdrawn
+
+
+def _inotify_open(directories: Sequence[str]) -> Optional[int]:
+    """Return an inotify descriptor watching directories, None where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(os.O_NONBLOCK | O_CLOEXEC)
+    except (OSError, AttributeError):
+        return None
+    if fd < 0:
+        return None
+    for directory in directories:
+        if libc.inotify_add_watch(fd, os.fsencode(directory), _IN_EVENTS) < 0:
+            log.debug("inotify cannot watch %s: %s", directory,
+                      os.strerror(ctypes.get_errno()))
+            os.close(fd)
+            return None
+    return int(fd)
+
+
+# --- Client API ---
+
+Status = Callable[[str], None]
+
+
+def _quiet(event: str) -> None:
+    """Ignore a status event."""
+
+
+def default_response_path(buffer: str) -> str:
+    """Return a fresh, unique response file name beside the buffer."""
+    directory = os.path.dirname(os.path.abspath(buffer))
+    return os.path.join(directory, f"filechat-reply-{os.getpid()}-{os.urandom(4).hex()}.txt")
+
+
+def check_response_path(response_path: str) -> None:
+    """Refuse a response path the server could not, or should not, write."""
+    directory = os.path.dirname(response_path) or "."
+    if not os.path.isdir(directory):
+        raise UsageError(f"response file {response_path}: directory {directory} does not "
+                         "exist; create it or choose another path")
+    if os.path.isdir(response_path):
+        raise UsageError(f"response file {response_path} is a directory; name a file")
+    if os.path.lexists(response_path):
+        raise UsageError(f"response file {response_path} already exists; the server will "
+                         "not overwrite it: remove it or choose another path")
+
+
+def check_buffer_path(buffer: str, lock_path: str) -> None:
+    """Refuse a buffer or lock path that cannot be used."""
+    for what, path in (("buffer file", buffer), ("lock file", lock_path)):
+        directory = os.path.dirname(path) or "."
+        if not os.path.isdir(directory):
+            raise UsageError(f"{what} {path}: directory {directory} does not exist; "
+                             "create it or choose another path")
+        if os.path.isdir(path):
+            raise UsageError(f"{what} {path} is a directory; name a file")
+        if os.path.islink(path):
+            raise UsageError(f"{what} {path} is a symbolic link, which filechat never "
+                             "follows; name the file itself")
+        if not os.access(directory, os.W_OK):
+            raise UsageError(f"{what} {path}: directory {directory} is not writable; "
+                             "choose a directory you can write")
+
+
+def send(buffer: str, message: str, response_path: Optional[str] = None, *,
+         timeout: float = RESPONSE_TIMEOUT, lock_timeout: Optional[float] = None,
+         lock_path: Optional[str] = None, stale_after: float = STALE_AFTER,
+         poll: bool = False, poll_interval: float = RESPONSE_POLL_INTERVAL,
+         lock_retry_interval: float = LOCK_RETRY_INTERVAL,
+         status: Status = _quiet) -> str:
+    """Send one message to the server on buffer and return its reply.
+
+    Does what the spec's client does: takes the lock, writes the buffer,
+    waits for the reply in response_path (default: a fresh file beside the
+    buffer, removed afterwards) and deletes the response file. The wait for
+    the lock is unbounded unless lock_timeout is given; the wait for the
+    reply is bounded by timeout. ``status`` is called with "busy" (every
+    lock_retry_interval while another client holds the lock), "locked",
+    "sent" and "waiting".
+
+    Raises FramingError (message with ESC), UsageError (unusable paths),
+    LockTimeout, ReplyTimeout, ServerError (the server sent an error reply).
+    On any exception, including KeyboardInterrupt, a message the server has
+    not taken yet is withdrawn and the lock released.
+    """
+    if response_path is None:
+        response_path = default_response_path(buffer)
+    response_path = os.path.abspath(response_path)
+    lock_path = lock_path or default_lock_path(buffer)
+    data = encode_request(response_path, message)
+    check_buffer_path(buffer, lock_path)
+    check_response_path(response_path)
+    directories = {os.path.dirname(os.path.abspath(p)) for p in (buffer, lock_path, response_path)}
+    lock = Lock(lock_path, stale_after)
+    with Waiter(sorted(directories), poll, poll_interval) as waiter:
+        _acquire(lock, buffer, waiter, lock_timeout, lock_retry_interval, status)
+        published = None
+        try:
+            status("locked")
+            atomic_write(buffer, data)
+            published = _file_id(buffer)
+            status("sent")
+            status("waiting")
+            text, is_error = _await_reply(response_path, lock, waiter, timeout, buffer, data)
+        except BaseException:
+            _withdraw(buffer, published, data)
+            lock.release()
+            _unlink_quietly(response_path)
+            raise
+        lock.close()
+    _unlink_quietly(response_path)
+    if is_error:
+        raise ServerError(text)
+    return text
+
+
+def _acquire(lock: Lock, buffer: str, waiter: Waiter, lock_timeout: Optional[float],
+             retry_interval: float, status: Status) -> None:
+    """Take the lock, waiting while a live client holds it."""
+    start = time.monotonic()
+    next_notice = start
+    while not lock.try_acquire():
+        now = time.monotonic()
+        if _buffer_empty(buffer):
+            # A dead holder whose message is still waiting is the server's to
+            # clear; any other stale lock the next waiter may break.
+            reason = lock.break_stale()
+            if reason:
+                log.warning("removed stale lock %s: %s", lock.path, reason)
+                continue
+        if lock_timeout is not None and now - start >= lock_timeout:
+            raise LockTimeout(lock.path, lock_timeout)
+        if now >= next_notice:
+            status("busy")
+            next_notice = now + retry_interval
+        wake = next_notice - now
+        if lock_timeout is not None:
+            wake = min(wake, start + lock_timeout - now)
+        waiter.wait(wake)
+
+
+def _buffer_empty(buffer: str) -> bool:
+    """True if no complete message waits in the buffer."""
+    data = read_or_none(buffer)
+    return not data or END_MARKER.encode() not in data
+
+
+def _await_reply(response_path: str, lock: Lock, waiter: Waiter, timeout: float,
+                 buffer: str, data: bytes) -> Tuple[str, bool]:
+    """Wait for the complete reply and return (text, is_error)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = _read_reply(response_path, lock)
+        if reply is not None:
+            return reply
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ReplyTimeout(response_path, timeout, taken=read_or_none(buffer) != data)
+        waiter.wait(remaining)
+
+
+def _read_reply(response_path: str, lock: Lock) -> Optional[Tuple[str, bool]]:
+    """Return the reply if complete: ended by ESC, or by the server releasing the lock."""
+    # Look at the lock first: a server that writes no ESC writes the reply,
+    # then removes the lock, so a reply read after the release is whole.
+    released = not lock.still_held()
+    data = read_or_none(response_path)
+    if data is None:
+        return None
+    reply = parse_reply(data)
+    if reply is not None:
+        return reply
+    if released:
+        return data.decode("utf-8", "replace"), False
+    return None
+
+
+def _withdraw(buffer: str, published: Optional[Tuple[int, int]], data: bytes) -> None:
+    """Take back a message the server has not claimed yet."""
+    # A server that follows only the spec empties the buffer in place, so the
+    # content, not only the file's identity, tells whether it is still ours.
+    if published is not None and read_or_none(buffer) == data:
+        remove_if_same(buffer, published)
+
+
+# --- Server ---
+
+class Request(NamedTuple):
+    """One message as the server received it."""
+
+    message: str
+    response_path: str     # absolute
+    buffer: str
+
+
+Responder = Callable[[Request], str]
+Report = Callable[..., None]
+
+
+def _ignore(event: str, **info: object) -> None:
+    """Ignore a server event."""
+
+
+def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = None,
+          lock_path: Optional[str] = None, stale_after: float = STALE_AFTER,
+          poll: bool = False, poll_interval: float = POLL_INTERVAL,
+          report: Report = _ignore) -> int:
+    """Answer messages arriving in buffer until max_messages have been handled.
+
+    For each complete message the server claims it, calls
+    ``responder(request)`` for the reply text, publishes the reply in the
+    request's response file and removes the lock. A responder that raises
+    HookError gets the client an error reply instead. ``report(event, **info)``
+    hears "ready", "received", "replied", "failed" and "discarded". Returns
+    the number of messages handled; runs until interrupted if max_messages
+    is None.
+    """
+    lock_path = lock_path or default_lock_path(buffer)
+    check_buffer_path(buffer, lock_path)
+    directories = {os.path.dirname(os.path.abspath(p)) for p in (buffer, lock_path)}
+    handled = 0
+    report("ready", buffer=buffer, lock_path=lock_path)
+    with Waiter(sorted(directories), poll, poll_interval) as waiter:
+        while max_messages is None or handled < max_messages:
+            taken = _next_message(buffer, lock_path, stale_after, waiter)
+            _answer(taken, buffer, lock_path, responder, report)
+            handled += 1
+    return handled
+
+
+class _Taken(NamedTuple):
+    """A claimed buffer and the lock it was sent under."""
+
+    path: str
+    data: bytes
+    lock_identity: Optional[Tuple[int, int]]
+
+
+def _next_message(buffer: str, lock_path: str, stale_after: float, waiter: Waiter) -> _Taken:
+    """Wait for a complete message and claim it by renaming the buffer."""
+    taken_path = buffer + TAKEN_SUFFIX
+    while True:
+        # A message claimed by a server that stopped before answering comes first.
+        if os.path.lexists(taken_path):
+            return _Taken(taken_path, read_or_none(taken_path) or b"", _file_id(lock_path))
+        data = read_or_none(buffer)
+        if data and END_MARKER.encode() in data:
+            lock_identity = _file_id(lock_path)
+            try:
+                os.rename(buffer, taken_path)
+            except FileNotFoundError:
+                continue      # withdrawn by its client an instant ago
+            return _Taken(taken_path, read_or_none(taken_path) or b"", lock_identity)
+        if not data:
+            _clear_stale_lock(lock_path, stale_after)
+        waiter.wait(SAFETY_INTERVAL)
+
+
+def _clear_stale_lock(lock_path: str, stale_after: float) -> None:
+    """Remove a lock whose holder died before sending, so that clients are not stuck."""
+    reason, identity = lock_stale_reason(lock_path, stale_after)
+    if reason and identity and remove_if_same(lock_path, identity):
+        log.warning("removed stale lock %s: %s", lock_path, reason)
+
+
+def _answer(taken: _Taken, buffer: str, lock_path: str, responder: Responder,
+            report: Report) -> None:
+    """Answer one claimed message, then free the buffer and the lock."""
+    try:
+        parsed = parse_request(taken.data)
+    except ValueError as exc:
+        parsed = None
+        report("discarded", reason=f"malformed message in {buffer}: {exc}")
+    if parsed is not None:
+        response_path = os.path.abspath(parsed[0])
+        request = Request(parsed[1], response_path, buffer)
+        if os.path.lexists(response_path):
+            # Answered before a restart, or a file the server must not overwrite.
+            report("discarded", reason=f"response file {response_path} already exists")
+        else:
+            report("received", request=request)
+            _reply(request, responder, lock_path, taken.lock_identity, report)
+    _unlink_quietly(taken.path)
+    if taken.lock_identity is not None:
+        remove_if_same(lock_path, taken.lock_identity)
+    report("released", lock_path=lock_path)
+
+
+def _reply(request: Request, responder: Responder, lock_path: str,
+           lock_identity: Optional[Tuple[int, int]], report: Report) -> None:
+    """Obtain the reply and publish it, unless its client has gone."""
+    try:
+        data = encode_reply(responder(request))
+        failure = None
+    except (HookError, FramingError) as exc:
+        failure = str(exc)
+        data = encode_reply(f"filechat server: {failure}\n", error=True)
+    if lock_identity is not None and not _client_waiting(lock_path, lock_identity):
+        report("discarded", reason=f"the client for {request.response_path} has gone")
+        return
+    try:
+        publish_new(request.response_path, data)
+    except OSError as exc:
+        report("discarded", reason=f"cannot write the reply to {request.response_path}: "
+               f"{exc.strerror or exc}")
+        return
+    report("failed" if failure else "replied", request=request, reason=failure)
+
+
+def _client_waiting(lock_path: str, lock_identity: Tuple[int, int]) -> bool:
+    """True if the lock the message came with is still there and its holder lives."""
+    if _file_id(lock_path) != lock_identity:
+        return False
+    reason, identity = lock_stale_reason(lock_path, float("inf"))
+    return reason is None or identity != lock_identity
+
+
+# --- Responders ---
+
+def static_responder(text: str) -> Responder:
+    """Reply with the same text to every message."""
+    return lambda request: text
+
+
+def file_responder(path: str) -> Responder:
+    """Reply with the content of path, read anew for each message."""
+    def respond(request: Request) -> str:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise HookError(f"cannot read --auto-reply-file {path}: "
+                            f"{exc.strerror or exc}") from None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HookError(f"--auto-reply-file {path} is not valid UTF-8") from None
+    return respond
+
+
+def command_responder(command: str, hook_timeout: float = HOOK_TIMEOUT) -> Responder:
+    """Reply with the output of a shell command given the message on stdin.
+
+    The command sees FILECHAT_RESPONSE_FILE and FILECHAT_BUFFER_FILE in its
+    environment. A non-zero exit, a run past hook_timeout or output that is
+    not UTF-8 raises HookError.
+    """
+    def respond(request: Request) -> str:
+        env = dict(os.environ, FILECHAT_RESPONSE_FILE=request.response_path,
+                   FILECHAT_BUFFER_FILE=os.path.abspath(request.buffer))
+        output = _run_hook(command, request.message.encode("utf-8"), env, hook_timeout)
+        try:
+            return output.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HookError(f"--auto-reply-cmd {command!r} printed text that is not "
+                            "valid UTF-8") from None
+    return respond
+
+
+def _run_hook(command: str, stdin: bytes, env: Dict[str, str], timeout: float) -> bytes:
+    """Run command through the shell and return its stdout; HookError on failure."""
+    # Its own session, so that a timeout can stop the whole process group and
+    # not only the shell, whose children would keep the pipe open.
+    posix = os.name == "posix"
+    proc = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env, start_new_session=posix)
+    try:
+        output, _ = proc.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_hook(proc, posix)
+        raise HookError(f"--auto-reply-cmd {command!r} ran longer than "
+                        f"{timeout:g} s and was stopped") from None
+    except BaseException:
+        _kill_hook(proc, posix)
+        raise
+    if proc.returncode != 0:
+        raise HookError(f"--auto-reply-cmd {command!r} failed with exit status "
+                        f"{proc.returncode}")
+    return output
+
+
+def _kill_hook(proc: "subprocess.Popen[bytes]", posix: bool) -> None:
+    """Stop a hook and everything it started."""
+    try:
+        if posix:
+            os.killpg(proc.pid, 9)
+        else:
+            proc.kill()
+    except OSError:
+        pass
+    proc.communicate()
+
+
+# --- CLI ---
+
+class Terminal:
+    """The streams the CLI talks through; tests pass their own."""
+
+    def __init__(self, stdin: Optional[IO[str]] = None, stdout: Optional[IO[str]] = None,
+                 stderr: Optional[IO[str]] = None) -> None:
+        self.stdin = stdin or sys.stdin
+        self.stdout = stdout or sys.stdout
+        self.stderr = stderr or sys.stderr
+
+    def out(self, text: str = "") -> None:
+        """Print a line on stdout."""
+        self.stdout.write(text + "\n")
+        self.stdout.flush()
+
+    def err(self, text: str = "") -> None:
+        """Print a line on stderr."""
+        self.stderr.flush()
+        self.stdout.flush()
+        self.stderr.write(text + "\n")
+        self.stderr.flush()
+
+    def stdin_is_tty(self) -> bool:
+        """True if stdin is a terminal."""
+        try:
+            return self.stdin.isatty()
+        except ValueError:
+            return False
+
+    def read_text(self, what: str) -> Tuple[str, bool]:
+        """Read stdin up to end of file; return (text, ended mid-line at a terminal).
+
+        At a terminal, Ctrl+D after text on a line ends that text at once
+        (the terminal hands over the partial line without a newline), instead
+        of needing a second Ctrl+D.
+        """
+        tty = self.stdin_is_tty()
+        try:
+            fd = self.stdin.fileno()
+        except (OSError, ValueError, AttributeError):
+            return _decode_input(self.stdin.read().encode("utf-8", "surrogateescape"), what), False
+        chunks: List[bytes] = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if tty and not chunk.endswith(b"\n"):
+                return _decode_input(b"".join(chunks), what), True
+        return _decode_input(b"".join(chunks), what), False
+
+
+def _decode_input(data: bytes, what: str) -> str:
+    """Decode typed or piped input as UTF-8; FramingError if it is not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FramingError(what, "is not valid UTF-8 text") from None
+
+
+def _display(text: str) -> str:
+    """Return text ending in exactly one newline for showing between banners."""
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _display_path(path: str) -> str:
+    """Show a path relative to the working directory when it lies below it."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:      # another drive on Windows
+        return path
+    return path if relative.startswith(os.pardir) else relative
+
+
+EXAMPLES = """\
+examples:
+  python filechat.pyz server buf.txt
+  python filechat.pyz client buf.txt resp.txt
+  python filechat.pyz server buf.txt --auto-reply 'got it'
+  reply=$(python filechat.pyz client buf.txt --message 'hello')
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    epilog = EXAMPLES + "\n" + EXIT_STATUS_TABLE
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="filechat", formatter_class=formatter, epilog=epilog,
+        description="Client/server text messaging through plain files and a lockfile.")
+    parser.add_argument("--version", action="version", version=f"filechat {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    server = commands.add_parser("server", help="answer messages arriving in a buffer file",
+                                 formatter_class=formatter, epilog=epilog,
+                                 description="Run continuously, show each message and reply.")
+    server.add_argument("buffer", metavar="BUFFER", help="the buffer file clients write to")
+    replies = server.add_mutually_exclusive_group()
+    replies.add_argument("--auto-reply", metavar="TEXT",
+                         help="reply TEXT to every message instead of asking")
+    replies.add_argument("--auto-reply-file", metavar="PATH",
+                         help="reply with the content of PATH, read anew for each message")
+    replies.add_argument("--auto-reply-cmd", metavar="COMMAND",
+                         help="reply with the output of shell COMMAND, run with the message "
+                              "on stdin and FILECHAT_RESPONSE_FILE, FILECHAT_BUFFER_FILE set")
+    server.add_argument("--hook-timeout", metavar="SECONDS", type=_seconds, default=HOOK_TIMEOUT,
+                        help=f"stop an --auto-reply-cmd after SECONDS (default {HOOK_TIMEOUT:g})")
+    server.add_argument("--max-messages", metavar="N", type=_count,
+                        help="exit after answering N messages (default: run until Ctrl+C)")
+    _common_options(server)
+
+    client = commands.add_parser("client", help="send one message and print the reply",
+                                 formatter_class=formatter, epilog=epilog,
+                                 description="Send one message to the server and print its reply.")
+    client.add_argument("buffer", metavar="BUFFER", help="the server's buffer file")
+    client.add_argument("response", metavar="RESPONSE", nargs="?",
+                        help="the file the reply arrives in (default: a unique file beside "
+                             "BUFFER, removed afterwards)")
+    source = client.add_mutually_exclusive_group()
+    source.add_argument("-m", "--message", metavar="TEXT",
+                        help="send TEXT (default: read the message from stdin)")
+    source.add_argument("--message-file", metavar="PATH",
+                        help="send the content of PATH ('-' for stdin)")
+    client.add_argument("--timeout", metavar="SECONDS", type=_seconds, default=RESPONSE_TIMEOUT,
+                        help=f"wait at most SECONDS for the reply (default {RESPONSE_TIMEOUT:g})")
+    client.add_argument("--lock-timeout", metavar="SECONDS", type=_seconds,
+                        help="wait at most SECONDS for the lock (default: no limit)")
+    _common_options(client)
+    return parser
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options server and client share."""
+    parser.add_argument("--lock-file", metavar="PATH",
+                        help=f"the lockfile (default: {LOCKFILE_NAME} beside BUFFER)")
+    parser.add_argument("--stale-after", metavar="SECONDS", type=_seconds, default=STALE_AFTER,
+                        help="treat a lock with no live holder on this host as stale after "
+                             f"SECONDS (default {STALE_AFTER:g})")
+    parser.add_argument("--poll", action="store_true",
+                        help="poll the files instead of waiting for filesystem events "
+                             "(for network filesystems)")
+    parser.add_argument("--poll-interval", metavar="SECONDS", type=_seconds,
+                        default=POLL_INTERVAL,
+                        help=f"seconds between checks with --poll (default {POLL_INTERVAL:g})")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log lock and wait transitions on stderr")
+
+
+def _seconds(text: str) -> float:
+    """Parse a non-negative number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be 0 or more: {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """Parse a positive whole number."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
+
+
+def run_client(args: argparse.Namespace, term: Terminal) -> int:
+    """Run the client subcommand."""
+    interactive = args.message is None and args.message_file is None and term.stdin_is_tty()
+    message = _client_message(args, term, interactive)
+
+    def status(event: str) -> None:
+        line = {"busy": "Server busy, please wait...",
+                "locked": "Lock acquired. Sending message to server...",
+                "sent": "Message sent to server.",
+                "waiting": "Waiting for server response..."}[event]
+        term.err(line)
+
+    reply = send(args.buffer, message, args.response, timeout=args.timeout,
+                 lock_timeout=args.lock_timeout, lock_path=args.lock_file,
+                 stale_after=args.stale_after, poll=args.poll,
+                 poll_interval=args.poll_interval, status=status)
+    if interactive:
+        term.out()
+        term.out(BANNER)
+        term.out("Server response:")
+        term.out(BANNER)
+        term.stdout.write(_display(reply))
+        term.out(BANNER)
+    else:
+        term.stdout.write(reply)
+        term.stdout.flush()
+    return EXIT_OK
+
+
+def _client_message(args: argparse.Namespace, term: Terminal, interactive: bool) -> str:
+    """Return the message to send, from --message, --message-file or stdin."""
+    if args.message is not None:
+        _check_text(args.message, "--message")
+        return str(args.message)
+    if args.message_file not in (None, "-"):
+        return _read_text_file(args.message_file, "--message-file")
+    if interactive:
+        term.err("Enter your message (press Ctrl+D or Ctrl+Z when done):")
+    text, mid_line = term.read_text("message on stdin")
+    if mid_line:
+        term.err()      # Ctrl+D left the cursor after the text
+    return text
+
+
+def _read_text_file(path: str, what: str) -> str:
+    """Return the UTF-8 text of a file named on the command line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FramingError(f"{what} {path}", "is not valid UTF-8 text") from None
+
+
+def run_server(args: argparse.Namespace, term: Terminal) -> int:
+    """Run the server subcommand until Ctrl+C or --max-messages."""
+    responder = _cli_responder(args, term)
+    lock_path = args.lock_file or default_lock_path(args.buffer)
+
+    def report(event: str, **info: object) -> None:
+        request = info.get("request")
+        if event == "ready":
+            term.out("Server starting...")
+            term.out(f"Buffer file: {args.buffer}")
+            term.out(f"Lockfile: {lock_path}")
+            term.out("Waiting for clients...")
+        elif event == "received" and isinstance(request, Request):
+            term.out()
+            term.out(BANNER)
+            term.out(f"Message received from client (response file: "
+                     f"{_display_path(request.response_path)})")
+            term.out(BANNER)
+            term.stdout.write(_display(request.message))
+            term.out(BANNER)
+        elif event in ("replied", "failed") and isinstance(request, Request):
+            if event == "failed":
+                term.err(f"filechat: warning: {info['reason']}; sent an error reply")
+            term.out()
+            term.out(f"Response sent to: {_display_path(request.response_path)}")
+        elif event == "discarded":
+            term.err(f"filechat: warning: {info['reason']}; no reply sent")
+        elif event == "released":
+            term.out("Lockfile removed. Ready for next client.")
+
+    try:
+        serve(args.buffer, responder, max_messages=args.max_messages, lock_path=args.lock_file,
+              stale_after=args.stale_after, poll=args.poll,
+              poll_interval=args.poll_interval, report=report)
+    except KeyboardInterrupt:
+        # Ctrl+C is how the spec stops a server. A message being answered
+        # stays claimed for the next server, and its client keeps waiting.
+        term.err("\nServer stopped.")
+    return EXIT_OK
+
+
+def _cli_responder(args: argparse.Namespace, term: Terminal) -> Responder:
+    """Return the responder the server's options ask for."""
+    if args.auto_reply is not None:
+        _check_text(args.auto_reply, "--auto-reply")
+        return static_responder(args.auto_reply)
+    if args.auto_reply_file is not None:
+        return file_responder(args.auto_reply_file)
+    if args.auto_reply_cmd is not None:
+        return command_responder(args.auto_reply_cmd, args.hook_timeout)
+    return _operator_responder(term)
+
+
+def _operator_responder(term: Terminal) -> Responder:
+    """Ask the person at the server's terminal for each reply."""
+    def respond(request: Request) -> str:
+        if exhausted:
+            # Piped replies ran out: stop, leaving the message claimed for the
+            # next server rather than answering it with nothing.
+            raise FilechatError("standard input has ended, so there is no reply for "
+                                "this message; it stays queued for the next server "
+                                "(use --auto-reply* options to answer unattended)")
+        while True:
+            term.out()
+            term.out(BANNER)
+            term.out("Enter your response (press Ctrl+D or Ctrl+Z when done):")
+            term.out(BANNER)
+            try:
+                text, mid_line = term.read_text("reply")
+                if mid_line:
+                    term.out()      # Ctrl+D left the cursor after the text
+                _check_text(text, "reply")
+            except FramingError as exc:
+                term.err(f"filechat: error: {exc}; please type the reply again")
+                continue
+            if not tty:
+                exhausted.append(True)
+            return text
+
+    tty = term.stdin_is_tty()
+    exhausted: List[bool] = []
+    return respond
+
+
+def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) -> int:
+    """Run the command line; return the exit status."""
+    term = term or Terminal()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="filechat: %(levelname)s: %(message)s",
+                        level=logging.DEBUG if args.verbose else logging.WARNING,
+                        stream=term.stderr)
+    try:
+        if args.command == "server":
+            return run_server(args, term)
+        return run_client(args, term)
+    except FilechatError as exc:
+        term.err(f"filechat: error: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        term.err()
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout went away (e.g. `| head`); nothing left to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
