@@ -45,13 +45,23 @@ import time
 from typing import IO, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 if sys.platform != "win32":
-    import fcntl    # flock, the liveness signal of a lock's holder; Windows uses the pid
+    import fcntl  # flock, the liveness signal of a lock's holder; Windows uses the pid
 
 __all__ = [
-    "FilechatError", "UsageError", "FramingError", "ReplyTimeout", "LockTimeout",
-    "ServerError", "HookError", "Request",
-    "encode_request", "parse_request", "encode_reply", "parse_reply",
-    "send", "serve",
+    "FilechatError",
+    "FramingError",
+    "HookError",
+    "LockTimeout",
+    "ReplyTimeout",
+    "Request",
+    "ServerError",
+    "UsageError",
+    "encode_reply",
+    "encode_request",
+    "parse_reply",
+    "parse_request",
+    "send",
+    "serve",
 ]
 __version__ = "1.0.0"
 

@@ -1,0 +1,137 @@
+"""Shared fixtures: the built .pyz, and helpers that run it as a user would."""
+
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import build_zipapp  # noqa: E402
+
+WAIT = 10.0      # seconds: the longest any single expected event may take
+
+
+@pytest.fixture(scope="session")
+def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The zipapp, built once from this checkout."""
+    target = tmp_path_factory.mktemp("build") / "filechat.pyz"
+    build_zipapp.build(str(target))
+    return target
+
+
+class Proc:
+    """A filechat process whose output lines can be awaited one event at a time."""
+
+    def __init__(self, args: Sequence[str], cwd: Path, stdin: Optional[bytes] = None) -> None:
+        self.popen = subprocess.Popen(
+            list(args), cwd=cwd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.stdout: List[str] = []
+        self.stderr: List[str] = []
+        self.threads = [
+            threading.Thread(target=self._pump, args=(self.popen.stdout, self.stdout, True)),
+            threading.Thread(target=self._pump, args=(self.popen.stderr, self.stderr, False)),
+        ]
+        for thread in self.threads:
+            thread.daemon = True
+            thread.start()
+        if stdin is not None:
+            assert self.popen.stdin is not None
+            self.popen.stdin.write(stdin)
+            self.popen.stdin.close()
+
+    def _pump(self, stream, sink: List[str], announce: bool) -> None:  # type: ignore[no-untyped-def]
+        for raw in stream:
+            line = raw.decode("utf-8", "replace")
+            sink.append(line)
+            if announce:
+                self.lines.put(line)
+
+    def expect(self, text: str, timeout: float = WAIT) -> str:
+        """Return the next stdout line containing text; fail if none comes in time."""
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no line with {text!r} within {timeout} s; "
+                                     f"stdout={''.join(self.stdout)!r} "
+                                     f"stderr={''.join(self.stderr)!r}") from None
+            if text in line:
+                return line
+
+    def interrupt(self) -> int:
+        """Press Ctrl+C and return the exit status."""
+        self.popen.send_signal(signal.SIGINT)
+        return self.wait()
+
+    def wait(self, timeout: float = WAIT) -> int:
+        """Wait for the process to end and its output to be read."""
+        code = self.popen.wait(timeout)
+        for thread in self.threads:
+            thread.join(timeout)
+        return code
+
+    def kill(self) -> None:
+        """Stop the process if it still runs."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(WAIT)
+
+    @property
+    def err(self) -> str:
+        return "".join(self.stderr)
+
+    @property
+    def out(self) -> str:
+        return "".join(self.stdout)
+
+
+@pytest.fixture
+def start(pyz: Path, tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """Start filechat processes in tmp_path; all are stopped at the end of the test."""
+    procs: List[Proc] = []
+
+    def _start(*args: str, cwd: Optional[Path] = None, stdin: Optional[bytes] = None) -> Proc:
+        proc = Proc([sys.executable, str(pyz), *args], cwd or tmp_path, stdin)
+        procs.append(proc)
+        return proc
+
+    yield _start
+    for proc in procs:
+        proc.kill()
+
+
+@pytest.fixture
+def server(start):  # type: ignore[no-untyped-def]
+    """Start a server on tmp_path/buf.txt and wait until it is ready."""
+    def _server(*options: str, buffer: str = "buf.txt", cwd: Optional[Path] = None) -> Proc:
+        proc = start("server", buffer, *options, cwd=cwd)
+        proc.expect("Waiting for clients...")
+        return proc
+    return _server
+
+
+@pytest.fixture
+def run(pyz: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Run filechat to completion; returns the CompletedProcess (bytes)."""
+    def _run(*args: str, input: Optional[bytes] = None, cwd: Optional[Path] = None,
+             timeout: float = 30) -> "subprocess.CompletedProcess[bytes]":
+        return subprocess.run([sys.executable, str(pyz), *args], cwd=cwd or tmp_path,
+                              input=input if input is not None else b"",
+                              capture_output=True, timeout=timeout)
+    return _run
+
+
+def leftovers(directory: Path) -> List[str]:
+    """Names of files filechat may leave behind, which a clean run must not."""
+    return sorted(p.name for p in directory.iterdir()
+                  if p.name.endswith((".lock", ".taken", ".tmp", ".stale"))
+                  or p.name.startswith("filechat-reply-") or p.name == "buf.txt")

@@ -1,0 +1,146 @@
+"""The lock and the waiter, with second processes as the other parties."""
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import filechat
+from conftest import ROOT, WAIT
+from filechat import Lock, Waiter, remove_if_same
+
+HOLDER = """
+import sys, filechat
+lock = filechat.Lock(sys.argv[1])
+assert lock.try_acquire()
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def holder(tmp_path: Path) -> Iterator[subprocess.Popen]:  # type: ignore[type-arg]
+    """Another process that holds tmp_path/server.lock until killed."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "server.lock")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"held\n"
+    yield proc
+    proc.kill()
+    proc.wait(WAIT)
+
+
+def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
+    path = str(tmp_path / "server.lock")
+    first, second = Lock(path), Lock(path)
+    assert first.try_acquire()
+    assert not second.try_acquire()
+    owner = json.loads(Path(path).read_text())
+    assert owner["pid"] == os.getpid()
+    assert owner["host"] == socket.gethostname()
+    assert len(owner["token"]) == 16
+    first.release()
+    assert not os.path.exists(path)
+    assert second.try_acquire()
+    second.release()
+
+
+def test_release_never_removes_a_lock_it_does_not_hold(tmp_path: Path) -> None:
+    path = tmp_path / "server.lock"
+    lock = Lock(str(path))
+    assert lock.try_acquire()
+    path.unlink()                   # e.g. the server released it...
+    path.write_text("")             # ...and another client took it
+    lock.release()
+    assert path.exists()
+
+
+def test_live_holder_is_never_stale(tmp_path: Path, holder: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    lock = Lock(str(tmp_path / "server.lock"), stale_after=0)
+    assert lock.stale_reason() is None
+    assert lock.break_stale() is None
+    assert (tmp_path / "server.lock").exists()
+
+
+def test_dead_holder_is_stale_at_once(tmp_path: Path, holder: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(WAIT)
+    lock = Lock(str(tmp_path / "server.lock"))
+    assert lock.stale_reason() == f"its holder, process {holder.pid}, has ended"
+    assert lock.break_stale() is not None
+    assert not (tmp_path / "server.lock").exists()
+    assert lock.try_acquire()
+    lock.release()
+
+
+def test_unidentified_lock_is_stale_only_by_age(tmp_path: Path) -> None:
+    path = tmp_path / "server.lock"
+    path.write_text("")             # what a spec-following client leaves
+    assert Lock(str(path), stale_after=300).stale_reason() is None
+    old = time.time() - 301
+    os.utime(path, (old, old))
+    reason = Lock(str(path), stale_after=300).stale_reason()
+    assert reason is not None and "unidentified holder" in reason
+
+
+def test_other_hosts_lock_is_stale_only_by_age(tmp_path: Path) -> None:
+    path = tmp_path / "server.lock"
+    path.write_text(json.dumps({"pid": 1, "host": "elsewhere.invalid", "token": "t",
+                                "created": 0}))
+    assert Lock(str(path)).stale_reason() is None
+    old = time.time() - 400
+    os.utime(path, (old, old))
+    assert "host elsewhere.invalid" in (Lock(str(path)).stale_reason() or "")
+
+
+def test_remove_if_same_checks_identity(tmp_path: Path) -> None:
+    path = tmp_path / "server.lock"
+    path.write_text("first")
+    st = os.stat(path)
+    first = (st.st_dev, st.st_ino)
+    (tmp_path / "other").write_text("second")
+    os.replace(tmp_path / "other", path)    # both existed at once: another inode
+    assert not remove_if_same(str(path), first)
+    assert path.read_text() == "second"
+    st = os.stat(path)
+    assert remove_if_same(str(path), (st.st_dev, st.st_ino))
+    assert not path.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_waiter_is_woken_by_inotify(tmp_path: Path) -> None:
+    with Waiter([str(tmp_path)]) as waiter:
+        assert waiter.fd is not None
+        assert select.select([waiter.fd], [], [], 0)[0] == []
+        (tmp_path / "buf.txt").write_text("x")
+        assert select.select([waiter.fd], [], [], WAIT)[0] == [waiter.fd]
+        waiter.wait(WAIT)           # drains the queued events
+        assert select.select([waiter.fd], [], [], 0)[0] == []
+
+
+def test_waiter_polls_when_asked(tmp_path: Path) -> None:
+    with Waiter([str(tmp_path)], poll=True, poll_interval=0.01) as waiter:
+        assert waiter.fd is None
+        waiter.wait(0.01)
+
+
+def test_atomic_write_and_publish_new(tmp_path: Path) -> None:
+    path = str(tmp_path / "f.txt")
+    filechat.atomic_write(path, b"one")
+    filechat.atomic_write(path, b"two")
+    assert Path(path).read_bytes() == b"two"
+    reply = str(tmp_path / "r.txt")
+    filechat.publish_new(reply, b"reply\x1b")
+    with pytest.raises(FileExistsError):
+        filechat.publish_new(reply, b"again\x1b")
+    assert Path(reply).read_bytes() == b"reply\x1b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt", "r.txt"]

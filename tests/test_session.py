@@ -1,0 +1,226 @@
+"""The spec's interactive sessions at a terminal, driven with pexpect against the .pyz."""
+
+import io
+import sys
+from pathlib import Path
+from typing import List
+
+import pexpect
+import pytest
+
+from conftest import WAIT
+
+BANNER = "=" * 60
+
+SPEC_SERVER = f"""\
+Server starting...
+Buffer file: server_buffer.txt
+Lockfile: server.lock
+Waiting for clients...
+
+{BANNER}
+Message received from client (response file: client1_response.txt)
+{BANNER}
+Hello server!
+This is a test message.
+{BANNER}
+
+{BANNER}
+Enter your response (press Ctrl+D or Ctrl+Z when done):
+{BANNER}
+Hello client!
+Message received successfully.
+
+Response sent to: client1_response.txt
+Lockfile removed. Ready for next client.
+"""
+
+SPEC_CLIENT = f"""\
+Enter your message (press Ctrl+D or Ctrl+Z when done):
+Hello server!
+This is a test message.
+Lock acquired. Sending message to server...
+Message sent to server.
+Waiting for server response...
+
+{BANNER}
+Server response:
+{BANNER}
+Hello client!
+Message received successfully.
+{BANNER}
+"""
+
+
+class Terminal:
+    """A filechat process on a pseudo-terminal, with everything it showed kept."""
+
+    def __init__(self, pyz: Path, cwd: Path, *args: str) -> None:
+        self.screen = io.StringIO()
+        self.child = pexpect.spawn(sys.executable, [str(pyz), *args], cwd=str(cwd),
+                                   encoding="utf-8", timeout=WAIT, dimensions=(50, 200))
+        self.child.logfile_read = self.screen
+
+    def expect(self, text: str) -> None:
+        self.child.expect_exact(text)
+
+    def type_lines(self, *lines: str) -> None:
+        for line in lines:
+            self.child.sendline(line)
+
+    def lines(self) -> List[str]:
+        return self.screen.getvalue().replace("\r\n", "\n").splitlines()
+
+    def exit_status(self) -> int:
+        self.child.expect(pexpect.EOF)
+        self.child.close()
+        status = self.child.exitstatus
+        assert status is not None, f"killed by signal {self.child.signalstatus}"
+        return int(status)
+
+
+@pytest.fixture
+def terminal(pyz: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    spawned: List[Terminal] = []
+
+    def _spawn(*args: str) -> Terminal:
+        term = Terminal(pyz, tmp_path, *args)
+        spawned.append(term)
+        return term
+    yield _spawn
+    for term in spawned:
+        term.child.close(force=True)
+
+
+def test_spec_example_session_line_for_line(terminal, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = terminal("server", "server_buffer.txt")
+    server.expect("Waiting for clients...\r\n")
+    client = terminal("client", "server_buffer.txt", "client1_response.txt")
+    client.expect("(press Ctrl+D or Ctrl+Z when done):\r\n")
+    client.type_lines("Hello server!", "This is a test message.")
+    client.child.sendeof()
+    client.expect("Waiting for server response...\r\n")
+    server.expect("(press Ctrl+D or Ctrl+Z when done):\r\n" + BANNER + "\r\n")
+    server.type_lines("Hello client!", "Message received successfully.")
+    server.child.sendeof()
+    server.expect("Lockfile removed. Ready for next client.\r\n")
+    assert client.exit_status() == 0
+    assert client.lines() == SPEC_CLIENT.splitlines()
+    assert server.lines() == SPEC_SERVER.splitlines()
+    server.child.sendintr()
+    server.expect("Server stopped.")
+    assert server.exit_status() == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_server_answers_message_after_message(terminal, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = terminal("server", "buf.txt")
+    server.expect("Waiting for clients...")
+    for n in range(3):
+        client = terminal("client", "buf.txt", f"r{n}.txt")
+        client.expect("when done):")
+        client.type_lines(f"message {n}")
+        client.child.sendeof()
+        server.expect(f"message {n}\r\n")
+        server.expect("when done):\r\n" + BANNER + "\r\n")
+        if n == 1:
+            server.child.sendeof()          # Ctrl+D at once: an empty reply
+        else:
+            server.child.send(f"reply {n} without newline")
+            server.child.sendeof()          # Ctrl+D after text ends the reply at once
+        server.expect("Ready for next client.")
+        client.expect(BANNER + "\r\nServer response:\r\n" + BANNER + "\r\n")
+        expected = "" if n == 1 else f"reply {n} without newline\r\n"
+        client.expect(expected + BANNER + "\r\n")
+        assert client.exit_status() == 0
+    assert "reply 2 without newline\r\n\r\nResponse sent to: r2.txt" in server.screen.getvalue()
+
+
+def test_ctrl_d_after_text_on_the_client_line(terminal, tmp_path: Path, server) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply", "ok")
+    client = terminal("client", "buf.txt", "r.txt")
+    client.expect("when done):")
+    client.child.send("no newline")
+    client.child.sendeof()
+    client.expect("no newline\r\nLock acquired.")
+    client.expect("Server response:")
+    assert client.exit_status() == 0
+
+
+def test_busy_scenario_from_the_spec(terminal, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = terminal("server", "server_buffer.txt")
+    server.expect("Waiting for clients...")
+    first = terminal("client", "server_buffer.txt", "client1_response.txt")
+    first.expect("when done):")
+    first.type_lines("first")
+    first.child.sendeof()
+    server.expect("when done):\r\n" + BANNER + "\r\n")     # not answered yet
+    second = terminal("client", "server_buffer.txt", "client2_response.txt")
+    second.expect("when done):")
+    second.type_lines("second")
+    second.child.sendeof()
+    second.expect("Server busy, please wait...\r\n")
+    second.expect("Server busy, please wait...\r\n")       # again, at the spec's pace
+    server.type_lines("to first")
+    server.child.sendeof()
+    second.expect("Lock acquired. Sending message to server...")   # by itself
+    server.expect("second\r\n")
+    server.expect("when done):\r\n" + BANNER + "\r\n")
+    server.type_lines("to second")
+    server.child.sendeof()
+    first.expect("to first\r\n")
+    second.expect("to second\r\n")
+    assert first.exit_status() == 0
+    assert second.exit_status() == 0
+    assert "Server busy" not in first.screen.getvalue()
+
+
+def test_ctrl_c_while_busy_leaves_the_holders_lock(terminal, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "server.lock").write_text("")      # held by a spec-following client
+    client = terminal("client", "buf.txt", "r.txt")
+    client.expect("when done):")
+    client.type_lines("hi")
+    client.child.sendeof()
+    client.expect("Server busy, please wait...")
+    client.child.sendintr()
+    assert client.exit_status() == 130
+    assert (tmp_path / "server.lock").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["server.lock"]
+
+
+def test_ctrl_c_while_waiting_withdraws_the_message(terminal, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    client = terminal("client", "buf.txt", "r.txt")
+    client.expect("when done):")
+    client.type_lines("nobody will answer")
+    client.child.sendeof()
+    client.expect("Waiting for server response...")
+    assert (tmp_path / "buf.txt").exists() and (tmp_path / "server.lock").exists()
+    client.child.sendintr()
+    assert client.exit_status() == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_typing_exits_130(terminal, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    client = terminal("client", "buf.txt")
+    client.expect("when done):")
+    client.child.sendintr()
+    assert client.exit_status() == 130
+
+
+def test_server_ctrl_c_keeps_the_message_for_the_next_server(terminal, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = terminal("server", "buf.txt")
+    server.expect("Waiting for clients...")
+    client = terminal("client", "buf.txt", "r.txt")
+    client.expect("when done):")
+    client.type_lines("keep me")
+    client.child.sendeof()
+    server.expect("when done):\r\n" + BANNER + "\r\n")
+    server.child.sendintr()
+    assert server.exit_status() == 0
+    restarted = terminal("server", "buf.txt")
+    restarted.expect("keep me\r\n")
+    restarted.expect("when done):\r\n" + BANNER + "\r\n")
+    restarted.type_lines("answered after a restart")
+    restarted.child.sendeof()
+    client.expect("answered after a restart\r\n")
+    assert client.exit_status() == 0
