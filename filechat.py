@@ -645,11 +645,11 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     """
     if response_path is None:
         response_path = default_response_path(buffer)
-    response_path = os.path.abspath(response_path)
     lock_path = lock_path or default_lock_path(buffer)
-    data = encode_request(response_path, message)
+    data = encode_request(os.path.abspath(response_path), message)
     check_buffer_path(buffer, lock_path)
-    check_response_path(response_path)
+    check_response_path(response_path)      # errors name the path as the user gave it
+    response_path = os.path.abspath(response_path)
     directories = {os.path.dirname(os.path.abspath(p)) for p in (buffer, lock_path, response_path)}
     lock = Lock(lock_path, stale_after)
     with Waiter(sorted(directories), poll, poll_interval) as waiter:

@@ -1,0 +1,316 @@
+"""Every flag and exit status of the command line, run as the built .pyz."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+import filechat
+from conftest import ROOT, WAIT, leftovers
+
+PEER = str(Path(__file__).with_name("spec_peer.py"))
+BYTE_EXACT = {
+    "empty": b"",
+    "no-final-newline": b"no newline at the end",
+    "crlf": b"windows\r\nlines\r\n",
+    "tabs": b"\tindented\twith tabs\t\n",
+    "unicode": "héllo wörld, 世界, 🎉\n".encode(),
+    "one-mib": (b"0123456789abcdef" * 65536),
+}
+
+
+# --- Messages and replies, byte for byte ---
+
+@pytest.mark.parametrize("name", list(BYTE_EXACT))
+def test_reply_on_stdout_is_byte_exact(name: str, server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply-cmd", "cat")
+    (tmp_path / "msg").write_bytes(BYTE_EXACT[name])
+    result = run("client", "buf.txt", "--message-file", "msg")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == BYTE_EXACT[name]
+    assert leftovers(tmp_path) == []
+
+
+def test_status_lines_go_to_stderr(server, run) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply", "pong")
+    result = run("client", "buf.txt", "--message", "ping")
+    assert result.stdout == b"pong"
+    assert result.stderr.decode().splitlines() == [
+        "Lock acquired. Sending message to server...",
+        "Message sent to server.",
+        "Waiting for server response..."]
+
+
+def test_message_from_stdin_dash_and_pipe(server, run) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply-cmd", "cat")
+    assert run("client", "buf.txt", "--message-file", "-", input=b"dash\n").stdout == b"dash\n"
+    assert run("client", "buf.txt", input=b"piped").stdout == b"piped"
+
+
+def test_server_shows_the_message(server, run) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply", "ok")
+    assert run("client", "buf.txt", "resp.txt", "--message", "line one\nline two").returncode == 0
+    srv.expect("Message received from client (response file: resp.txt)")
+    assert srv.expect("line one") == "line one\n"
+    assert srv.expect("line two") == "line two\n"
+    srv.expect("Response sent to: resp.txt")
+    srv.expect("Lockfile removed. Ready for next client.")
+
+
+def test_auto_reply_file_is_read_anew(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "reply.txt").write_text("first version\n")
+    server("--auto-reply-file", "reply.txt")
+    assert run("client", "buf.txt", "-m", "a").stdout == b"first version\n"
+    (tmp_path / "reply.txt").write_text("second version\n")
+    assert run("client", "buf.txt", "-m", "b").stdout == b"second version\n"
+
+
+def test_hook_sees_message_and_paths(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply-cmd",
+           'printf "%s|%s|" "$FILECHAT_RESPONSE_FILE" "$FILECHAT_BUFFER_FILE"; tr a-z A-Z')
+    result = run("client", "buf.txt", "resp.txt", "-m", "shout")
+    assert result.stdout.decode() == f"{tmp_path / 'resp.txt'}|{tmp_path / 'buf.txt'}|SHOUT"
+
+
+def test_max_messages_stops_the_server(server, run) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply", "ok", "--max-messages", "2")
+    assert run("client", "buf.txt", "-m", "1").returncode == 0
+    assert run("client", "buf.txt", "-m", "2").returncode == 0
+    assert srv.wait() == 0
+
+
+# --- Hooks that fail ---
+
+@pytest.mark.parametrize(("hook", "expected"), [
+    ("exit 3", "failed with exit status 3"),
+    ("sleep 30", "ran longer than 0.5 s and was stopped"),
+    ("printf '\\377\\376'", "not valid UTF-8"),
+    ("printf 'a\\033b'", "contains the ESC character"),
+])
+def test_failed_hook_sends_an_error_reply(hook: str, expected: str, server, run) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply-cmd", hook, "--hook-timeout", "0.5")
+    result = run("client", "buf.txt", "-m", "hi")
+    assert result.returncode == 1
+    assert result.stdout == b""
+    assert expected in result.stderr.decode()
+    assert "filechat: error: the server could not answer" in result.stderr.decode()
+    srv.expect("Response sent to:")
+    assert expected in srv.err
+    second = run("client", "buf.txt", "-m", "again")    # the server still serves
+    assert second.returncode == 1 and expected in second.stderr.decode()
+
+
+def test_hook_timeout_kills_the_hooks_children(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply-cmd", "sleep 30 & echo $! > child.pid; wait", "--hook-timeout", "0.5")
+    assert run("client", "buf.txt", "-m", "hi").returncode == 1
+    # The reply is sent only after the hook's stdout closed, so the shell's
+    # child is dead by now (at most a zombie waiting for init to reap it).
+    stat = Path(f"/proc/{int((tmp_path / 'child.pid').read_text())}/stat")
+    assert not stat.exists() or stat.read_text().split(") ")[1].startswith("Z")
+
+
+# --- Exit statuses ---
+
+def test_reply_timeout_withdraws_the_message(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run("client", "buf.txt", "-m", "anyone?", "--timeout", "0.3")
+    assert result.returncode == filechat.EXIT_TIMEOUT == 3
+    assert "no reply" in result.stderr.decode()
+    assert "withdrawn" in result.stderr.decode()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lock_timeout(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "server.lock").write_text("")
+    result = run("client", "buf.txt", "-m", "hi", "--lock-timeout", "0.3")
+    assert result.returncode == filechat.EXIT_LOCK_TIMEOUT == 4
+    err = result.stderr.decode()
+    assert "Server busy, please wait..." in err
+    assert f"lock {tmp_path / 'server.lock'} still held" in err or "server.lock still held" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["server.lock"]
+
+
+@pytest.mark.parametrize(("source", "what"), [
+    (["-m", "a\x1bb"], "--message contains the ESC character"),
+    (["--message-file", "esc.txt"], "message contains the ESC character"),
+    (["--message-file", "-"], "message contains the ESC character"),
+    ([], "message contains the ESC character"),
+])
+def test_esc_is_refused_before_the_lock(source, what: str, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "esc.txt").write_bytes(b"bad \x1b inside")
+    result = run("client", "buf.txt", *source, input=b"bad \x1b inside")
+    assert result.returncode == 2
+    assert what in result.stderr.decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["esc.txt"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["client", "buf.txt", "--message-file", "missing.txt"],
+     "cannot read --message-file missing.txt: No such file or directory"),
+    (["client", "buf.txt", "--message-file", "bad.txt"], "bad.txt is not valid UTF-8"),
+    (["client", "buf.txt", "nodir/r.txt", "-m", "x"], "directory nodir does not exist"),
+    (["client", "buf.txt", "adir", "-m", "x"], "adir is a directory"),
+    (["client", "buf.txt", "exists.txt", "-m", "x"], "exists.txt already exists"),
+    (["client", "nodir/buf.txt", "-m", "x"], "buffer file nodir/buf.txt: directory nodir does"),
+    (["client", "adir", "-m", "x"], "buffer file adir is a directory"),
+    (["server", "nodir/buf.txt"], "buffer file nodir/buf.txt: directory nodir does not exist"),
+    (["server", "adir"], "buffer file adir is a directory"),
+    (["server", "buf.txt", "--lock-file", "adir"], "lock file adir is a directory"),
+    (["server", "buf.txt", "--auto-reply", "a\x1b"], "--auto-reply contains the ESC"),
+])
+def test_bad_input_is_a_clear_error(args, message: str, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe")
+    (tmp_path / "exists.txt").write_text("keep me")
+    result = run(*args)
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert err.startswith("filechat: error: ") and message in err, err
+    assert "Traceback" not in err
+    assert (tmp_path / "exists.txt").read_text() == "keep me"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("args", [
+    [], ["client"], ["client", "buf.txt", "-m", "a", "--message-file", "f"],
+    ["server", "buf.txt", "--auto-reply", "a", "--auto-reply-cmd", "b"],
+    ["client", "buf.txt", "--timeout", "soon"], ["server", "buf.txt", "--max-messages", "0"],
+])
+def test_usage_errors_exit_2(args, run) -> None:  # type: ignore[no-untyped-def]
+    result = run(*args)
+    assert result.returncode == 2
+    assert b"usage: filechat" in result.stderr
+
+
+def test_version_and_help(run) -> None:  # type: ignore[no-untyped-def]
+    assert run("--version").stdout.decode() == f"filechat {filechat.__version__}\n"
+    for args in (["--help"], ["server", "--help"], ["client", "--help"]):
+        out = run(*args).stdout.decode()
+        assert out.rstrip().endswith("130  client interrupted by Ctrl+C"), args
+        assert "examples:" in out and "exit status:" in out
+
+
+def test_server_sigint_exits_0(server) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply", "x")
+    assert srv.interrupt() == 0
+
+
+# --- Paths ---
+
+def test_response_file_defaults_to_a_unique_removed_file(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply", "ok")
+    assert run("client", "buf.txt", "-m", "hi").stdout == b"ok"
+    assert "filechat-reply-" in srv.expect("Message received")
+    assert leftovers(tmp_path) == []
+
+
+def test_lock_beside_buffer_from_other_directories(start, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    shared = tmp_path / "shared"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shared.mkdir()
+    srv = start("server", "../shared/buf.txt", "--auto-reply", "ok", cwd=tmp_path / "a")
+    srv.expect("Lockfile: ../shared/server.lock")
+    srv.expect("Waiting for clients...")
+    result = run("client", str(shared / "buf.txt"), "r.txt", "-m", "hi", cwd=tmp_path / "b")
+    assert result.stdout == b"ok"
+    assert srv.expect("response file:").strip().endswith(str(tmp_path / "b" / "r.txt") + ")")
+    assert sorted(p.name for p in shared.iterdir()) == []
+
+
+def test_custom_lock_file(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply", "ok", "--lock-file", "my.lock")
+    srv_lock = tmp_path / "my.lock"
+    (tmp_path / "server.lock").write_text("")      # the default lock is not used
+    result = run("client", "buf.txt", "-m", "hi", "--lock-file", "my.lock", "--lock-timeout", "5")
+    assert result.stdout == b"ok"
+    assert not srv_lock.exists()
+
+
+def test_stale_lock_of_a_killed_client_is_recovered(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import filechat, sys; filechat.Lock('server.lock').try_acquire();"
+         " print('held', flush=True); sys.stdin.read()"],
+        cwd=tmp_path, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(WAIT)
+    server("--auto-reply", "recovered")
+    result = run("client", "buf.txt", "-m", "hi", "--lock-timeout", "5")
+    assert result.stdout == b"recovered", result.stderr
+    assert leftovers(tmp_path) == []
+
+
+# --- Interoperability with peers written from the spec alone ---
+
+def test_spec_client_against_filechat_server(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply", "Hello client!\n")
+    result = subprocess.run([sys.executable, PEER, "client", "buf.txt", "client1_response.txt",
+                             "Hello server!\n"], cwd=tmp_path, capture_output=True, timeout=30)
+    assert result.returncode == 0
+    assert result.stdout.decode().endswith("Server response:\nHello client!\n")
+    assert leftovers(tmp_path) == []
+
+
+def test_spec_client_sees_the_text_of_an_error_reply(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply-cmd", "exit 7")
+    result = subprocess.run([sys.executable, PEER, "client", "buf.txt", "r.txt", "hi"],
+                            cwd=tmp_path, capture_output=True, timeout=30)
+    assert "failed with exit status 7" in result.stdout.decode()
+
+
+@pytest.mark.parametrize("esc", [False, True])
+def test_filechat_client_against_spec_server(esc: bool, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    peer = subprocess.Popen([sys.executable, PEER, "server", "buf.txt", "a reply, in two halves\n",
+                             *(["--esc"] if esc else [])], cwd=tmp_path, stdout=subprocess.PIPE)
+    result = run("client", "buf.txt", "resp.txt", "-m", "hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"a reply, in two halves\n"
+    assert peer.wait(WAIT) == 0
+    assert peer.stdout is not None
+    assert f"response file: {tmp_path / 'resp.txt'}" in peer.stdout.read().decode()
+    assert not (tmp_path / "resp.txt").exists()
+
+
+# --- In-process: main(), send() and serve() as a library ---
+
+def test_main_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = filechat.main(["client", str(tmp_path / "b.txt"), "-m", "x\x1b"])
+    assert code == 2
+    assert "ESC" in capsys.readouterr().err
+
+
+def test_send_and_serve_as_a_library(tmp_path: Path) -> None:
+    buffer = str(tmp_path / "buf.txt")
+    seen = []
+
+    def responder(request: filechat.Request) -> str:
+        seen.append(request)
+        return request.message.upper()
+
+    thread = threading.Thread(target=filechat.serve, args=(buffer, responder),
+                              kwargs={"max_messages": 2})
+    thread.start()
+    assert filechat.send(buffer, "one", timeout=WAIT) == "ONE"
+    reply_path = str(tmp_path / "r.txt")
+    assert filechat.send(buffer, "two", reply_path, timeout=WAIT) == "TWO"
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert [r.message for r in seen] == ["one", "two"]
+    assert seen[1].response_path == reply_path
+    assert leftovers(tmp_path) == []
+
+
+def test_terminal_streams_are_swappable(tmp_path: Path) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    term = filechat.Terminal(io.StringIO("from a stream"), out, err)
+    code = filechat.main(["client", str(tmp_path / "b.txt"), "--timeout", "0.1"], term)
+    assert code == 3
+    assert "Lock acquired" in err.getvalue() and out.getvalue() == ""
+    assert json.dumps(sorted(os.listdir(tmp_path))) == "[]"
