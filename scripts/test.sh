@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Make .venv, install the pinned test tools into it, then run every check:
+# ruff, mypy --strict, and the pytest suite against a freshly built filechat.pyz.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+venv=${FILECHAT_VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+
+"$venv/bin/ruff" check filechat.py build_zipapp.py
+"$venv/bin/mypy" filechat.py build_zipapp.py
+"$venv/bin/python" -m pytest "$@"
