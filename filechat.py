@@ -1263,13 +1263,27 @@ def _operator_responder(term: Terminal) -> Responder:
     return respond
 
 
+class _LogFormatter(logging.Formatter):
+    """Format log records like the CLI's other messages: ``filechat: warning: ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"filechat: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _configure_logging(stream: IO[str], verbose: bool) -> None:
+    """Send filechat's log to stream: warnings always, debug lines with -v."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_LogFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    log.propagate = False
+
+
 def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) -> int:
     """Run the command line; return the exit status."""
     term = term or Terminal()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="filechat: %(levelname)s: %(message)s",
-                        level=logging.DEBUG if args.verbose else logging.WARNING,
-                        stream=term.stderr)
+    _configure_logging(term.stderr, args.verbose)
     try:
         if args.command == "server":
             return run_server(args, term)

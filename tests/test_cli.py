@@ -314,3 +314,52 @@ def test_terminal_streams_are_swappable(tmp_path: Path) -> None:
     assert code == 3
     assert "Lock acquired" in err.getvalue() and out.getvalue() == ""
     assert json.dumps(sorted(os.listdir(tmp_path))) == "[]"
+
+
+# --- Waiting options ---
+
+def test_poll_mode_both_sides(server, run) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply", "polled", "--poll", "--poll-interval", "0.05")
+    result = run("client", "buf.txt", "-m", "hi", "--poll", "--poll-interval", "0.05", "-v")
+    assert result.stdout == b"polled"
+    assert "filechat: debug: waiting with polling" in result.stderr.decode()
+
+
+def test_verbose_logs_lock_transitions(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply", "ok")
+    err = run("client", "buf.txt", "-m", "hi", "--verbose").stderr.decode()
+    assert "filechat: debug: waiting with inotify" in err
+    assert "filechat: debug: lock server.lock acquired" in err
+    assert "debug" not in run("client", "buf.txt", "-m", "hi").stderr.decode()
+
+
+def test_stale_after_breaks_an_old_unidentified_lock(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    lock = tmp_path / "server.lock"
+    lock.write_text("")
+    old = os.stat(lock).st_mtime - 10
+    os.utime(lock, (old, old))
+    server("--auto-reply", "ok", "--stale-after", "3600")
+    assert lock.exists()                      # young enough for the server's setting
+    result = run("client", "buf.txt", "-m", "hi", "--stale-after", "5", "--lock-timeout", "5")
+    assert result.stdout == b"ok"
+    assert "warning: removed stale lock" in result.stderr.decode()
+    assert "unidentified holder" in result.stderr.decode()
+
+
+def test_empty_message_and_reply(server, run) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply", "")
+    result = run("client", "buf.txt", "-m", "")
+    assert result.returncode == 0 and result.stdout == b""
+
+
+def test_piped_server_answers_one_message_then_stops(start, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = start("server", "buf.txt", stdin=b"from the pipe\n")
+    srv.expect("Waiting for clients...")
+    assert run("client", "buf.txt", "-m", "one").stdout == b"from the pipe\n"
+    second = start("client", "buf.txt", "r.txt", "-m", "two")
+    assert srv.wait() == 1
+    assert "standard input has ended" in srv.err
+    assert (tmp_path / "buf.txt.taken").exists()        # kept for the next server
+    start("server", "buf.txt", "--auto-reply", "later").expect("Waiting for clients...")
+    assert second.wait() == 0
+    assert second.out == "later"
