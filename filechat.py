@@ -37,21 +37,26 @@ import errno
 import json
 import logging
 import os
+import re
 import select
+import signal
 import socket
 import subprocess
 import sys
 import time
+import zlib
 from typing import IO, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 if sys.platform != "win32":
     import fcntl  # flock, the liveness signal of a lock's holder; Windows uses the pid
 
 __all__ = [
+    "AlreadyServing",
     "FilechatError",
     "FramingError",
     "HookError",
     "LockTimeout",
+    "Rejected",
     "ReplyTimeout",
     "Request",
     "ServerError",
@@ -70,7 +75,9 @@ __version__ = "1.0.0"
 LOCKFILE_NAME = "server.lock"
 END_MARKER = "\x1b"               # ESC ends a message and a reply
 ERROR_MARKER = END_MARKER * 2     # a reply ending in ESC ESC reports a failure
-TAKEN_SUFFIX = ".taken"           # BUFFER + this: the message being answered
+TAKEN_SUFFIX = ".taken."          # BUFFER + this + lock inode: a message being answered
+PRESENCE_SUFFIX = ".server"       # BUFFER + this: the running server's identity
+REJECTED_SUFFIX = ".rejected."    # BUFFER + this + hash: why a reply was not written
 BANNER = "=" * 60
 
 LOCK_RETRY_INTERVAL = 2.0         # seconds between "Server busy" lines (spec)
@@ -80,6 +87,7 @@ RESPONSE_TIMEOUT = 60.0           # seconds a client waits for its reply (spec)
 SAFETY_INTERVAL = 1.0             # seconds: longest sleep even when events are trusted
 STALE_AFTER = 300.0               # seconds before an unidentifiable lock counts as stale
 HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
+MAX_BYTES = 1 << 20               # bytes: the largest message a client sends by default
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -100,6 +108,10 @@ exit status:
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # absent on Windows
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 O_BINARY = getattr(os, "O_BINARY", 0)       # Windows would translate newlines
+
+HOST = socket.gethostname()
+HOST_TAG = f"{zlib.crc32(HOST.encode()):08x}"     # marks temp files made on this host
+_CRASH_AT = os.environ.get("FILECHAT_CRASH_AT")   # tests only: the step at which to die
 
 log = logging.getLogger("filechat")
 
@@ -135,17 +147,24 @@ class ReplyTimeout(FilechatError, TimeoutError):
 
     exit_code = EXIT_TIMEOUT
 
-    def __init__(self, response_path: str, timeout: float, taken: bool) -> None:
-        super().__init__(response_path, timeout, taken)
+    def __init__(self, response_path: str, timeout: float, buffer: str, withdrawn: bool,
+                 server_running: bool) -> None:
+        super().__init__(response_path, timeout, buffer, withdrawn, server_running)
         self.response_path = response_path
         self.timeout = timeout
-        self.taken = taken
+        self.buffer = buffer
+        self.withdrawn = withdrawn
+        self.server_running = server_running
 
     def __str__(self) -> str:
-        fate = ("the server took the message but did not answer"
-                if self.taken else "no server took the message; it was withdrawn")
-        return (f"no reply in {self.response_path} within {self.timeout:g} s: {fate}; "
-                "check that a server runs on this buffer, or raise --timeout")
+        if not self.server_running:
+            fate = (f"no server was running on {self.buffer}; the message was withdrawn; "
+                    f"start one with: filechat server {self.buffer}")
+        elif self.withdrawn:
+            fate = "the server did not take the message; it was withdrawn"
+        else:
+            fate = "the server took the message but did not answer in time; raise --timeout"
+        return f"no reply in {self.response_path} within {self.timeout:g} s: {fate}"
 
 
 class LockTimeout(FilechatError, TimeoutError):
@@ -174,6 +193,24 @@ class ServerError(FilechatError):
         return f"the server could not answer: {self.text.strip()}"
 
 
+class Rejected(UsageError):
+    """The server will not write the reply where the client asked."""
+
+
+class AlreadyServing(FilechatError):
+    """Another live server already serves the buffer."""
+
+    def __init__(self, presence_path: str, owner: "Optional[Owner]") -> None:
+        super().__init__(presence_path, owner)
+        self.presence_path = presence_path
+        self.owner = owner
+
+    def __str__(self) -> str:
+        who = f"process {self.owner.pid} on {self.owner.host}" if self.owner else "another server"
+        return (f"{who} already serves this buffer (see {self.presence_path}); "
+                "stop it first, or use another buffer")
+
+
 class HookError(FilechatError):
     """A responder failed to produce a reply."""
 
@@ -185,6 +222,9 @@ def _check_text(text: str, what: str) -> bytes:
     if END_MARKER in text:
         raise FramingError(what, "contains the ESC character, which marks the end "
                            "of a message and cannot be sent; remove it")
+    if "\0" in text:
+        raise FramingError(what, "contains a NUL byte, which peers written in C would "
+                           "cut the text at; remove it")
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
@@ -230,20 +270,29 @@ def parse_reply(data: bytes) -> Optional[Tuple[str, bool]]:
 
 # --- Filesystem primitives ---
 
-def _temp_name(path: str) -> str:
-    """Return a unique hidden name in path's directory."""
+def _temp_name(path: str, kind: str = "tmp") -> str:
+    """Return a unique hidden name beside path that says which process made it.
+
+    The host tag and pid let a later sweep remove what a killed process left
+    behind, without ever touching a live process's file.
+    """
     head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    return os.path.join(head, f".{tail}.{HOST_TAG}.{os.getpid()}.{os.urandom(4).hex()}.{kind}")
 
 
-def _write_temp(path: str, data: bytes) -> str:
+def _write_temp(path: str, data: bytes, durable: bool) -> str:
     """Write data to a new temp file beside path and return its name."""
     temp = _temp_name(path)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_BINARY, 0o666)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_BINARY, 0o644)
     try:
         view = memoryview(data)
+        if _CRASH_AT == "mid-write":
+            os.write(fd, view[:len(view) // 2])
+            _crash_point("mid-write")
         while view:
             view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         _unlink_quietly(temp)
@@ -252,23 +301,34 @@ def _write_temp(path: str, data: bytes) -> str:
     return temp
 
 
-def atomic_write(path: str, data: bytes) -> None:
+def _fsync_directory(path: str, durable: bool) -> None:
+    """Make a rename or link in path's directory survive a power loss."""
+    if durable and os.name == "posix":
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, durable: bool = False) -> None:
     """Replace path with data so that readers see the old file or the new, never half."""
-    temp = _write_temp(path, data)
+    temp = _write_temp(path, data, durable)
     try:
         os.replace(temp, path)
     except BaseException:
         _unlink_quietly(temp)
         raise
+    _fsync_directory(path, durable)
 
 
-def publish_new(path: str, data: bytes) -> None:
+def publish_new(path: str, data: bytes, durable: bool = False) -> None:
     """Create path holding data, whole at once; FileExistsError if path exists.
 
     A hard link publishes the complete temp file under the new name and, unlike
-    os.replace, refuses to overwrite a file somebody else put there.
+    os.replace, refuses to overwrite a file, or follow a symlink, already there.
     """
-    temp = _write_temp(path, data)
+    temp = _write_temp(path, data, durable)
     try:
         try:
             os.link(temp, path)
@@ -281,6 +341,7 @@ def publish_new(path: str, data: bytes) -> None:
             os.replace(temp, path)
     finally:
         _unlink_quietly(temp)
+    _fsync_directory(path, durable)
 
 
 def read_or_none(path: str) -> Optional[bytes]:
@@ -310,18 +371,143 @@ def _file_id(path: str) -> Optional[Tuple[int, int]]:
     return st.st_dev, st.st_ino
 
 
-def default_lock_path(buffer: str) -> str:
-    """Return the lock beside the buffer: the spec's server.lock when run from there."""
-    return os.path.join(os.path.dirname(buffer), LOCKFILE_NAME)
+def remove_if_same(path: str, identity: Tuple[int, int]) -> bool:
+    """Remove path only if it is still the file with this identity; True if removed.
+
+    Renaming to a unique name first means that of two processes racing to
+    remove the same file, only one gets it, and it can check that the file
+    it got is the one it meant before deleting it.
+    """
+    if _file_id(path) != identity:
+        return False
+    aside = _temp_name(path, "stale")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    if _file_id(aside) == identity:
+        _unlink_quietly(aside)
+        return True
+    try:
+        os.link(aside, path)      # not the one meant: put it back unless replaced meanwhile
+    except OSError:
+        log.warning("%s changed while being removed", path)
+    _unlink_quietly(aside)
+    return False
 
 
-class LockOwner(NamedTuple):
-    """What a lock file says about its holder."""
+_LEFTOVER = re.compile(r"\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]{8}\.(?:tmp|stale)\Z")
+
+
+def sweep_leftovers(directories: Sequence[str]) -> List[str]:
+    """Remove temp files that processes of this host left when killed; return them."""
+    removed = []
+    for directory in directories:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            match = _LEFTOVER.search(name)
+            if (name.startswith(".") and match and match.group(1) == HOST_TAG
+                    and not _pid_alive(int(match.group(2)))):
+                _unlink_quietly(os.path.join(directory, name))
+                removed.append(name)
+    return removed
+
+
+# --- Holders: the lock and the presence file ---
+
+class Owner(NamedTuple):
+    """What a lock or presence file says about the process that holds it."""
 
     pid: int
     host: str
     token: str
     created: float
+    answered: int = 0    # presence files only: messages the server has handled
+
+
+def _owner_record(**extra: object) -> bytes:
+    """Return this process's identity as one line of JSON."""
+    record = {"pid": os.getpid(), "host": HOST, "token": os.urandom(8).hex(),
+              "created": time.time(), **extra}
+    return (json.dumps(record) + "\n").encode()
+
+
+def read_owner(data: bytes) -> Optional[Owner]:
+    """Parse a lock or presence file; None for an empty or foreign one."""
+    try:
+        raw = json.loads(data.decode("utf-8"))
+        return Owner(int(raw["pid"]), str(raw["host"]), str(raw["token"]),
+                     float(raw["created"]), int(raw.get("answered", 0)))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+class Holder(NamedTuple):
+    """A lock or presence file as found on disk."""
+
+    identity: Tuple[int, int]
+    owner: Optional[Owner]     # None: empty, or written by a spec-following peer
+    gone: Optional[str]        # why its holder is known to have ended
+    age: float                 # seconds since it was written
+
+
+def inspect_holder(path: str) -> Optional[Holder]:
+    """Return what the file at path says about its holder; None if there is no file.
+
+    A holder on this host keeps an flock on its file from before it writes
+    its identity until it dies, so a complete identity with a free flock
+    means the holder has ended. Elsewhere nothing can be checked.
+    """
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            identity = (st.st_dev, st.st_ino)
+            owner = read_owner(os.read(fd, 4096))
+            gone = None
+            if owner is not None and owner.host == HOST:
+                gone = _local_owner_gone(fd, owner)
+            # A presence file is replaced while its server runs: an flock
+            # freed by that replacement is not a death.
+            if gone is None or _file_id(path) == identity:
+                return Holder(identity, owner, gone, time.time() - st.st_mtime)
+        finally:
+            os.close(fd)
+    return Holder(identity, owner, None, 0.0)
+
+
+def _local_owner_gone(fd: int, owner: Owner) -> Optional[str]:
+    """Return why the file's holder on this host has ended, or None if it lives."""
+    if sys.platform != "win32":
+        if _flock(fd, shared=True):
+            return f"its holder, process {owner.pid}, has ended"
+        return None
+    if not _pid_alive(owner.pid):
+        return f"its holder, process {owner.pid}, has ended"
+    return None
+
+
+def stale_reason(holder: Holder, stale_after: float) -> Optional[str]:
+    """Return why a lock is stale: its holder ended, or it cannot be checked and is old."""
+    if holder.gone:
+        return holder.gone
+    if holder.owner is not None and holder.owner.host == HOST:
+        return None               # a live holder is never broken, however long it holds
+    if holder.age > stale_after:
+        who = "an unidentified holder" if holder.owner is None else f"host {holder.owner.host}"
+        return f"held by {who} for {holder.age:.0f} s (over {stale_after:g} s)"
+    return None
+
+
+def default_lock_path(buffer: str) -> str:
+    """Return the lock beside the buffer: the spec's server.lock when run from there."""
+    return os.path.join(os.path.dirname(buffer), LOCKFILE_NAME)
 
 
 class Lock:
@@ -332,16 +518,18 @@ class Lock:
     the kernel releases the flock the moment the holder dies. The server,
     not the holder, removes a lock after answering, as the spec says.
 
-    A lock is judged stale in one place, ``stale_reason``: a holder on this
-    host whose flock is free (or, without flock, whose pid is gone); or a lock
-    that names no holder on this host and is older than ``stale_after``. A
-    lock is only ever removed after checking that it is the very file
-    (device and inode) that was judged.
+    Staleness is decided in one place, ``stale_reason``: a holder on this
+    host whose flock is free (or, without flock, whose pid is gone); or a
+    lock that names no holder on this host and is older than
+    ``stale_after``. A lock is only ever removed after checking that it is
+    the very file (device and inode) that was judged.
     """
 
-    def __init__(self, path: str, stale_after: float = STALE_AFTER) -> None:
+    def __init__(self, path: str, stale_after: float = STALE_AFTER,
+                 durable: bool = False) -> None:
         self.path = path
         self.stale_after = stale_after
+        self.durable = durable
         self.fd: Optional[int] = None
         self.identity: Optional[Tuple[int, int]] = None
 
@@ -357,10 +545,11 @@ class Lock:
                          0o644)
         except FileExistsError:
             return False
-        _flock(fd, shared=False)
-        owner = {"pid": os.getpid(), "host": socket.gethostname(),
-                 "token": os.urandom(8).hex(), "created": time.time()}
-        os.write(fd, (json.dumps(owner) + "\n").encode())
+        _flock(fd, shared=False)          # before the identity: see inspect_holder
+        os.write(fd, _owner_record())     # one small write: readers see all or nothing
+        if self.durable:
+            os.fsync(fd)
+            _fsync_directory(self.path, True)
         st = os.fstat(fd)
         self.identity = (st.st_dev, st.st_ino)
         if sys.platform == "win32":
@@ -376,8 +565,7 @@ class Lock:
 
     def release(self) -> None:
         """Remove the lock if it is still the one this process created."""
-        if self.still_held():
-            _unlink_quietly(self.path)
+        if self.identity is not None and remove_if_same(self.path, self.identity):
             log.debug("lock %s released", self.path)
         self.close()
 
@@ -390,93 +578,102 @@ class Lock:
 
     def stale_reason(self) -> Optional[str]:
         """Return why the current lock file is stale, or None if it is live or absent."""
-        return lock_stale_reason(self.path, self.stale_after)[0]
+        holder = inspect_holder(self.path)
+        return None if holder is None else stale_reason(holder, self.stale_after)
 
     def break_stale(self) -> Optional[str]:
         """Remove the current lock file if stale; return why, or None if left alone."""
-        reason, identity = lock_stale_reason(self.path, self.stale_after)
-        if reason is None or identity is None:
+        holder = inspect_holder(self.path)
+        reason = None if holder is None else stale_reason(holder, self.stale_after)
+        if holder is None or reason is None or not remove_if_same(self.path, holder.identity):
             return None
-        return reason if remove_if_same(self.path, identity) else None
+        return reason
 
 
-def read_owner(data: bytes) -> Optional[LockOwner]:
-    """Parse a lock file's contents; None for an empty or foreign lock."""
-    try:
-        raw = json.loads(data.decode("utf-8"))
-        return LockOwner(int(raw["pid"]), str(raw["host"]), str(raw["token"]),
-                         float(raw["created"]))
-    except (ValueError, KeyError, TypeError):
-        return None
+class Presence:
+    """The server's presence file, BUFFER.server: which server runs, since when.
 
-
-def lock_stale_reason(path: str, stale_after: float
-                      ) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
-    """Return (why the lock at path is stale or None, its identity)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
-    except FileNotFoundError:
-        return None, None
-    try:
-        st = os.fstat(fd)
-        identity = (st.st_dev, st.st_ino)
-        owner = read_owner(os.read(fd, 4096))
-        if owner is not None and owner.host == socket.gethostname():
-            return _local_owner_gone(fd, owner), identity
-        age = time.time() - st.st_mtime
-        if age > stale_after:
-            who = "an unidentified holder" if owner is None else f"host {owner.host}"
-            return f"held by {who} for {age:.0f} s (over {stale_after:g} s)", identity
-        return None, identity
-    finally:
-        os.close(fd)
-
-
-def _local_owner_gone(fd: int, owner: LockOwner) -> Optional[str]:
-    """Return why the lock's local holder is gone, or None if it lives."""
-    if sys.platform != "win32":
-        # The holder took its flock before writing the identity we just read,
-        # so a free flock means the holder's process has ended.
-        if _flock(fd, shared=True, block=False):
-            return f"its holder, process {owner.pid}, has ended"
-        return None
-    if not _pid_alive(owner.pid):
-        return f"its holder, process {owner.pid}, has ended"
-    return None
-
-
-def remove_if_same(path: str, identity: Tuple[int, int]) -> bool:
-    """Remove path only if it is still the file with this identity; True if removed.
-
-    Renaming to a unique name first means that of two processes racing to
-    remove the same file, only one gets it, and it can check that the file
-    it got is the one it meant before deleting it.
+    It holds the server's identity and its count of handled messages, and the
+    server keeps an flock on it, so clients and ``status`` can tell a running
+    server from one that was killed. It is published whole (a hard link of a
+    complete temp file, which also makes starting exclusive) and updated by
+    replacing it whole.
     """
-    if _file_id(path) != identity:
-        return False
-    aside = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.stale"
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return False
-    if _file_id(aside) == identity:
-        _unlink_quietly(aside)
-        return True
-    try:
-        os.link(aside, path)      # not ours: put it back unless replaced meanwhile
-    except OSError:
-        log.warning("lock %s changed while being removed", path)
-    _unlink_quietly(aside)
-    return False
+
+    def __init__(self, path: str, durable: bool = False) -> None:
+        self.path = path
+        self.durable = durable
+        self.fd: Optional[int] = None
+        self.identity: Optional[Tuple[int, int]] = None
+        self.started = time.time()
+
+    def start(self) -> None:
+        """Publish this server's presence; AlreadyServing if a live server has one."""
+        while True:
+            temp, fd = self._write(0)
+            try:
+                os.link(temp, self.path)
+            except FileExistsError:
+                os.close(fd)
+                holder = inspect_holder(self.path)
+                if holder is not None and holder.gone is None:
+                    raise AlreadyServing(self.path, holder.owner) from None
+                if holder is not None:
+                    remove_if_same(self.path, holder.identity)   # left by a killed server
+                continue
+            except OSError:
+                os.replace(temp, self.path)    # no hard links here: the check above is all
+            finally:
+                _unlink_quietly(temp)
+            self._hold(fd)
+            return
+
+    def update(self, answered: int) -> None:
+        """Replace the presence file with one that counts answered messages."""
+        temp, fd = self._write(answered)
+        os.replace(temp, self.path)
+        self._hold(fd)
+
+    def _write(self, answered: int) -> Tuple[str, int]:
+        """Write a complete, flocked presence file under a temp name."""
+        temp = _temp_name(self.path)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                     0o644)
+        _flock(fd, shared=False)
+        os.write(fd, _owner_record(answered=answered, started=self.started))
+        return temp, fd
+
+    def _hold(self, fd: int) -> None:
+        """Keep fd, the presence file now in place, and let go of the previous one."""
+        _fsync_directory(self.path, self.durable)
+        if self.fd is not None:
+            os.close(self.fd)
+        st = os.fstat(fd)
+        self.fd, self.identity = fd, (st.st_dev, st.st_ino)
+
+    def withdraw(self) -> None:
+        """Remove the presence file if it is still this server's."""
+        if self.identity is not None:
+            remove_if_same(self.path, self.identity)
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd = self.identity = None
 
 
-def _flock(fd: int, shared: bool, block: bool = False) -> bool:
-    """Try to flock fd; True if taken (always False where flock does not exist)."""
+def running_server(presence_path: str) -> Optional[Owner]:
+    """Return the identity of the server whose presence file is live, else None."""
+    holder = inspect_holder(presence_path)
+    if holder is None or holder.gone:
+        return None
+    return holder.owner or Owner(0, "", "", 0.0)
+
+
+def _flock(fd: int, shared: bool) -> bool:
+    """Try to flock fd without waiting; True if taken (always False without flock)."""
     if sys.platform == "win32":
         return False
-    flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if block else fcntl.LOCK_NB)
     try:
-        fcntl.flock(fd, flags)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError:
         return False
     return True
@@ -486,6 +683,8 @@ def _pid_alive(pid: int) -> bool:
     """True if a process with this pid exists on this host."""
     if pid <= 0:
         return False
+    if sys.platform == "win32":
+        return _windows_pid_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -493,6 +692,27 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return True    # exists, but belongs to someone else
     return True
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    """True if the process exists (os.kill would terminate it on Windows)."""
+    import ctypes
+    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined,unused-ignore]
+    handle = kernel32.OpenProcess(0x1000, False, pid)   # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return False
+    try:
+        code = ctypes.c_ulong()
+        kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        return code.value == 259                          # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def _crash_point(step: str) -> None:
+    """Die here, as kill -9 would, if the tests asked for it (FILECHAT_CRASH_AT)."""
+    if step == _CRASH_AT:
+        os._exit(137)
 
 
 # --- Waiter ---
@@ -586,6 +806,40 @@ def _quiet(event: str) -> None:
     """Ignore a status event."""
 
 
+class Paths(NamedTuple):
+    """Every file that the exchanges on one buffer use."""
+
+    buffer: str
+    lock: str
+    presence: str        # BUFFER.server: the running server's identity
+    claim_prefix: str    # BUFFER.taken.<lock inode>: a message being answered
+
+    @classmethod
+    def of(cls, buffer: str, lock: Optional[str] = None) -> "Paths":
+        """Return the paths for buffer, with the lock beside it unless given."""
+        return cls(buffer, lock or default_lock_path(buffer), buffer + PRESENCE_SUFFIX,
+                   buffer + TAKEN_SUFFIX)
+
+    def claims(self) -> List[str]:
+        """Return the claimed messages that wait for an answer, oldest name first."""
+        directory, prefix = os.path.split(self.claim_prefix)
+        try:
+            names = os.listdir(directory or ".")
+        except OSError:
+            return []
+        return sorted(os.path.join(directory, name) for name in names
+                      if name.startswith(prefix) and name[len(prefix):].isdigit())
+
+    def rejection(self, response_path: str) -> str:
+        """Return where the server says why it would not write to response_path."""
+        return f"{self.buffer}{REJECTED_SUFFIX}{zlib.crc32(os.fsencode(response_path)):08x}"
+
+    def directories(self, *more: str) -> List[str]:
+        """Return the directories whose changes matter to an exchange."""
+        files = (self.buffer, self.lock, *more)
+        return sorted({os.path.dirname(os.path.abspath(p)) for p in files})
+
+
 def default_response_path(buffer: str) -> str:
     """Return a fresh, unique response file name beside the buffer."""
     directory = os.path.dirname(os.path.abspath(buffer))
@@ -598,6 +852,9 @@ def check_response_path(response_path: str) -> None:
     if not os.path.isdir(directory):
         raise UsageError(f"response file {response_path}: directory {directory} does not "
                          "exist; create it or choose another path")
+    if os.path.islink(response_path):
+        raise UsageError(f"response file {response_path} is a symbolic link, which the server "
+                         "never follows; name a new file")
     if os.path.isdir(response_path):
         raise UsageError(f"response file {response_path} is a directory; name a file")
     if os.path.lexists(response_path):
@@ -612,11 +869,11 @@ def check_buffer_path(buffer: str, lock_path: str) -> None:
         if not os.path.isdir(directory):
             raise UsageError(f"{what} {path}: directory {directory} does not exist; "
                              "create it or choose another path")
-        if os.path.isdir(path):
-            raise UsageError(f"{what} {path} is a directory; name a file")
         if os.path.islink(path):
             raise UsageError(f"{what} {path} is a symbolic link, which filechat never "
                              "follows; name the file itself")
+        if os.path.isdir(path):
+            raise UsageError(f"{what} {path} is a directory; name a file")
         if not os.access(directory, os.W_OK):
             raise UsageError(f"{what} {path}: directory {directory} is not writable; "
                              "choose a directory you can write")
@@ -625,46 +882,52 @@ def check_buffer_path(buffer: str, lock_path: str) -> None:
 def send(buffer: str, message: str, response_path: Optional[str] = None, *,
          timeout: float = RESPONSE_TIMEOUT, lock_timeout: Optional[float] = None,
          lock_path: Optional[str] = None, stale_after: float = STALE_AFTER,
-         poll: bool = False, poll_interval: float = RESPONSE_POLL_INTERVAL,
-         lock_retry_interval: float = LOCK_RETRY_INTERVAL,
-         status: Status = _quiet) -> str:
+         max_bytes: int = MAX_BYTES, durable: bool = False, poll: bool = False,
+         poll_interval: float = RESPONSE_POLL_INTERVAL,
+         lock_retry_interval: float = LOCK_RETRY_INTERVAL, status: Status = _quiet) -> str:
     """Send one message to the server on buffer and return its reply.
 
     Does what the spec's client does: takes the lock, writes the buffer,
     waits for the reply in response_path (default: a fresh file beside the
-    buffer, removed afterwards) and deletes the response file. The wait for
-    the lock is unbounded unless lock_timeout is given; the wait for the
-    reply is bounded by timeout. ``status`` is called with "busy" (every
-    lock_retry_interval while another client holds the lock), "locked",
-    "sent" and "waiting".
+    buffer) and deletes the response file. The wait for the lock is
+    unbounded unless lock_timeout is given; the wait for the reply is
+    bounded by timeout. ``status`` hears "busy" (every lock_retry_interval
+    while another client holds the lock), "locked", "sent", "waiting", and
+    "no-server", "server-stopped", "server-started" as the server comes and
+    goes.
 
-    Raises FramingError (message with ESC), UsageError (unusable paths),
-    LockTimeout, ReplyTimeout, ServerError (the server sent an error reply).
-    On any exception, including KeyboardInterrupt, a message the server has
-    not taken yet is withdrawn and the lock released.
+    Raises FramingError (ESC, NUL or non-UTF-8 text, a message over
+    max_bytes), UsageError (unusable paths), Rejected (the server will not
+    write response_path), LockTimeout, ReplyTimeout and ServerError (the
+    server sent an error reply). On any exception, KeyboardInterrupt
+    included, a message no server is answering is withdrawn and the lock
+    released.
     """
+    paths = Paths.of(buffer, lock_path)
     if response_path is None:
         response_path = default_response_path(buffer)
-    lock_path = lock_path or default_lock_path(buffer)
     data = encode_request(os.path.abspath(response_path), message)
-    check_buffer_path(buffer, lock_path)
+    size = len(message.encode("utf-8"))
+    if size > max_bytes:
+        raise FramingError("message", f"is {size} bytes, over the limit of {max_bytes} "
+                           "(--max-bytes); send less or raise the limit")
+    check_buffer_path(buffer, paths.lock)
     check_response_path(response_path)      # errors name the path as the user gave it
     response_path = os.path.abspath(response_path)
-    directories = {os.path.dirname(os.path.abspath(p)) for p in (buffer, lock_path, response_path)}
-    lock = Lock(lock_path, stale_after)
-    with Waiter(sorted(directories), poll, poll_interval) as waiter:
-        _acquire(lock, buffer, waiter, lock_timeout, lock_retry_interval, status)
-        published = None
+    lock = Lock(paths.lock, stale_after, durable)
+    with Waiter(paths.directories(response_path), poll, poll_interval) as waiter:
+        _acquire(lock, paths, waiter, lock_timeout, lock_retry_interval, status)
         try:
             status("locked")
-            atomic_write(buffer, data)
-            published = _file_id(buffer)
+            _crash_point("client-locked")
+            atomic_write(buffer, data, durable)
+            _crash_point("client-sent")
             status("sent")
             status("waiting")
-            text, is_error = _await_reply(response_path, lock, waiter, timeout, buffer, data)
+            text, is_error = _await_reply(paths, response_path, lock, waiter, timeout, data,
+                                          status)
         except BaseException:
-            _withdraw(buffer, published, data)
-            lock.release()
+            _give_up(paths, lock, data)
             _unlink_quietly(response_path)
             raise
         lock.close()
@@ -674,19 +937,20 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     return text
 
 
-def _acquire(lock: Lock, buffer: str, waiter: Waiter, lock_timeout: Optional[float],
+def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[float],
              retry_interval: float, status: Status) -> None:
     """Take the lock, waiting while a live client holds it."""
     start = time.monotonic()
     next_notice = start
     while not lock.try_acquire():
         now = time.monotonic()
-        if _buffer_empty(buffer):
-            # A dead holder whose message is still waiting is the server's to
+        if not _message_waiting(paths.buffer):
+            # A dead holder whose message is complete is the server's to
             # clear; any other stale lock the next waiter may break.
             reason = lock.break_stale()
             if reason:
                 log.warning("removed stale lock %s: %s", lock.path, reason)
+                sweep_leftovers(paths.directories())
                 continue
         if lock_timeout is not None and now - start >= lock_timeout:
             raise LockTimeout(lock.path, lock_timeout)
@@ -699,48 +963,72 @@ def _acquire(lock: Lock, buffer: str, waiter: Waiter, lock_timeout: Optional[flo
         waiter.wait(wake)
 
 
-def _buffer_empty(buffer: str) -> bool:
-    """True if no complete message waits in the buffer."""
+def _message_waiting(buffer: str) -> bool:
+    """True if a complete message waits in the buffer."""
     data = read_or_none(buffer)
-    return not data or END_MARKER.encode() not in data
+    return data is not None and END_MARKER.encode() in data
 
 
-def _await_reply(response_path: str, lock: Lock, waiter: Waiter, timeout: float,
-                 buffer: str, data: bytes) -> Tuple[str, bool]:
+def _await_reply(paths: Paths, response_path: str, lock: Lock, waiter: Waiter,
+                 timeout: float, data: bytes, status: Status) -> Tuple[str, bool]:
     """Wait for the complete reply and return (text, is_error)."""
     deadline = time.monotonic() + timeout
+    server_up: Optional[bool] = None
     while True:
-        reply = _read_reply(response_path, lock)
+        reply = _read_reply(paths, response_path, lock)
         if reply is not None:
             return reply
+        up = running_server(paths.presence) is not None
+        if up != server_up:
+            if not up:
+                status("no-server" if server_up is None else "server-stopped")
+            elif server_up is not None:
+                status("server-started")
+            server_up = up
+        _crash_point("client-waiting")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ReplyTimeout(response_path, timeout, taken=read_or_none(buffer) != data)
+            withdrawn = _give_up(paths, lock, data)
+            raise ReplyTimeout(response_path, timeout, paths.buffer, withdrawn, up)
         waiter.wait(remaining)
 
 
-def _read_reply(response_path: str, lock: Lock) -> Optional[Tuple[str, bool]]:
+def _read_reply(paths: Paths, response_path: str, lock: Lock) -> Optional[Tuple[str, bool]]:
     """Return the reply if complete: ended by ESC, or by the server releasing the lock."""
     # Look at the lock first: a server that writes no ESC writes the reply,
     # then removes the lock, so a reply read after the release is whole.
     released = not lock.still_held()
     data = read_or_none(response_path)
-    if data is None:
-        return None
-    reply = parse_reply(data)
-    if reply is not None:
+    if data is not None:
+        reply = parse_reply(data)
+        if reply is None and released:
+            reply = data.decode("utf-8", "replace"), False
         return reply
     if released:
-        return data.decode("utf-8", "replace"), False
+        note = paths.rejection(response_path)
+        reason = read_or_none(note)
+        if reason is not None:
+            _unlink_quietly(note)
+            raise Rejected(reason.decode("utf-8", "replace"))
     return None
 
 
-def _withdraw(buffer: str, published: Optional[Tuple[int, int]], data: bytes) -> None:
-    """Take back a message the server has not claimed yet."""
+def _give_up(paths: Paths, lock: Lock, data: bytes) -> bool:
+    """Withdraw the message if no server is answering it, release the lock; True if withdrawn."""
+    withdrawn = _withdraw(paths.buffer, data)
+    if not withdrawn and running_server(paths.presence) is None:
+        # Claimed by a server that has stopped since: nobody is answering it.
+        withdrawn = any(_withdraw(claim, data) for claim in paths.claims())
+    lock.release()
+    return withdrawn
+
+
+def _withdraw(path: str, data: bytes) -> bool:
+    """Remove path if it still holds exactly this message; True if removed."""
+    identity = _file_id(path)
     # A server that follows only the spec empties the buffer in place, so the
     # content, not only the file's identity, tells whether it is still ours.
-    if published is not None and read_or_none(buffer) == data:
-        remove_if_same(buffer, published)
+    return identity is not None and read_or_none(path) == data and remove_if_same(path, identity)
 
 
 # --- Server ---
@@ -762,7 +1050,8 @@ def _ignore(event: str, **info: object) -> None:
 
 
 def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = None,
-          lock_path: Optional[str] = None, stale_after: float = STALE_AFTER,
+          lock_path: Optional[str] = None, allow_dirs: Sequence[str] = (),
+          max_bytes: int = MAX_BYTES, stale_after: float = STALE_AFTER, durable: bool = False,
           poll: bool = False, poll_interval: float = POLL_INTERVAL,
           report: Report = _ignore) -> int:
     """Answer messages arriving in buffer until max_messages have been handled.
@@ -770,109 +1059,194 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
     For each complete message the server claims it, calls
     ``responder(request)`` for the reply text, publishes the reply in the
     request's response file and removes the lock. A responder that raises
-    HookError gets the client an error reply instead. ``report(event, **info)``
-    hears "ready", "received", "replied", "failed" and "discarded". Returns
-    the number of messages handled; runs until interrupted if max_messages
-    is None.
+    HookError gets the client an error reply instead. Replies are written
+    only into the buffer's directory and allow_dirs. ``report(event,
+    **info)`` hears "ready", "received", "replied", "failed", "rejected",
+    "discarded" and "released". Returns the number of messages handled;
+    runs until interrupted if max_messages is None.
+
+    Raises UsageError for unusable paths and AlreadyServing if a live
+    server already serves buffer.
     """
-    lock_path = lock_path or default_lock_path(buffer)
-    check_buffer_path(buffer, lock_path)
-    directories = {os.path.dirname(os.path.abspath(p)) for p in (buffer, lock_path)}
+    paths = Paths.of(buffer, lock_path)
+    check_buffer_path(buffer, paths.lock)
+    server = _Server(paths, responder, _allowed_directories(buffer, allow_dirs), max_bytes,
+                     stale_after, durable, report)
+    presence = Presence(paths.presence, durable)
+    presence.start()
     handled = 0
-    report("ready", buffer=buffer, lock_path=lock_path)
-    with Waiter(sorted(directories), poll, poll_interval) as waiter:
-        while max_messages is None or handled < max_messages:
-            taken = _next_message(buffer, lock_path, stale_after, waiter)
-            _answer(taken, buffer, lock_path, responder, report)
-            handled += 1
+    try:
+        sweep_leftovers(server.allowed)
+        report("ready", buffer=buffer, lock_path=paths.lock)
+        with Waiter(paths.directories(), poll, poll_interval) as waiter:
+            while max_messages is None or handled < max_messages:
+                server.answer(server.next_claim(waiter))
+                handled += 1
+                presence.update(handled)
+    finally:
+        presence.withdraw()
     return handled
 
 
-class _Taken(NamedTuple):
-    """A claimed buffer and the lock it was sent under."""
+def _allowed_directories(buffer: str, allow_dirs: Sequence[str]) -> List[str]:
+    """Return the real paths of the directories replies may be written to."""
+    for directory in allow_dirs:
+        if not os.path.isdir(directory):
+            raise UsageError(f"--allow-dir {directory} is not a directory; create it or "
+                             "leave it out")
+    buffer_dir = os.path.dirname(os.path.abspath(buffer))
+    return [os.path.realpath(d) for d in (buffer_dir, *allow_dirs)]
 
-    path: str
-    data: bytes
-    lock_identity: Optional[Tuple[int, int]]
 
+class _Server:
+    """One server's way of claiming, answering and clearing up messages."""
 
-def _next_message(buffer: str, lock_path: str, stale_after: float, waiter: Waiter) -> _Taken:
-    """Wait for a complete message and claim it by renaming the buffer."""
-    taken_path = buffer + TAKEN_SUFFIX
-    while True:
-        # A message claimed by a server that stopped before answering comes first.
-        if os.path.lexists(taken_path):
-            return _Taken(taken_path, read_or_none(taken_path) or b"", _file_id(lock_path))
-        data = read_or_none(buffer)
-        if data and END_MARKER.encode() in data:
-            lock_identity = _file_id(lock_path)
+    def __init__(self, paths: Paths, responder: Responder, allowed: List[str], max_bytes: int,
+                 stale_after: float, durable: bool, report: Report) -> None:
+        self.paths = paths
+        self.responder = responder
+        self.allowed = allowed
+        self.max_bytes = max_bytes
+        self.stale_after = stale_after
+        self.durable = durable
+        self.report = report
+
+    def next_claim(self, waiter: Waiter) -> str:
+        """Wait for a complete message and claim it by renaming the buffer.
+
+        The claim's name carries the inode of the lock the message came
+        with, so that even a restarted server removes that lock and no other.
+        """
+        while True:
+            claims = self.paths.claims()
+            if claims:
+                return claims[0]     # claimed by a server that stopped before answering
             try:
-                os.rename(buffer, taken_path)
+                data = read_or_none(self.paths.buffer)
+                if data and END_MARKER.encode() in data:
+                    lock = _file_id(self.paths.lock)
+                    claim = f"{self.paths.claim_prefix}{lock[1] if lock else 0}"
+                    os.rename(self.paths.buffer, claim)
+                    _crash_point("server-taken")
+                    return claim
+                self._clear_stale_lock(data)
             except FileNotFoundError:
-                continue      # withdrawn by its client an instant ago
-            return _Taken(taken_path, read_or_none(taken_path) or b"", lock_identity)
-        if not data:
-            _clear_stale_lock(lock_path, stale_after)
-        waiter.wait(SAFETY_INTERVAL)
+                continue             # withdrawn by its client an instant ago
+            except OSError as exc:
+                self.report("discarded", reason=f"cannot use {exc.filename or self.paths.buffer}: "
+                            f"{exc.strerror or exc}")
+            waiter.wait(SAFETY_INTERVAL)
 
+    def _clear_stale_lock(self, data: Optional[bytes]) -> None:
+        """Remove a lock whose holder died before sending, with any half-written message."""
+        holder = inspect_holder(self.paths.lock)
+        reason = None if holder is None else stale_reason(holder, self.stale_after)
+        if holder is None or reason is None:
+            return
+        if data:
+            buffer = _file_id(self.paths.buffer)
+            if buffer is not None and remove_if_same(self.paths.buffer, buffer):
+                self.report("discarded", reason=f"half a message in {self.paths.buffer} from a "
+                            "client that stopped while writing it")
+        if remove_if_same(self.paths.lock, holder.identity):
+            log.warning("removed stale lock %s: %s", self.paths.lock, reason)
+            sweep_leftovers(self.allowed)
 
-def _clear_stale_lock(lock_path: str, stale_after: float) -> None:
-    """Remove a lock whose holder died before sending, so that clients are not stuck."""
-    reason, identity = lock_stale_reason(lock_path, stale_after)
-    if reason and identity and remove_if_same(lock_path, identity):
-        log.warning("removed stale lock %s: %s", lock_path, reason)
+    def answer(self, claim: str) -> None:
+        """Answer one claimed message, then free the claim and the lock it came with."""
+        lock_inode = int(claim[len(self.paths.claim_prefix):])
+        try:
+            self._answer(claim, lock_inode)
+        except OSError as exc:
+            self.report("discarded", reason=f"cannot use {exc.filename or claim}: "
+                        f"{exc.strerror or exc}")
+        # Not on Ctrl+C: a message being answered stays claimed for the next server.
+        _unlink_quietly(claim)
+        lock = _file_id(self.paths.lock)
+        if lock is not None and lock[1] == lock_inode:
+            remove_if_same(self.paths.lock, lock)
+        self.report("released", lock_path=self.paths.lock)
 
-
-def _answer(taken: _Taken, buffer: str, lock_path: str, responder: Responder,
-            report: Report) -> None:
-    """Answer one claimed message, then free the buffer and the lock."""
-    try:
-        parsed = parse_request(taken.data)
-    except ValueError as exc:
-        parsed = None
-        report("discarded", reason=f"malformed message in {buffer}: {exc}")
-    if parsed is not None:
-        response_path = os.path.abspath(parsed[0])
-        request = Request(parsed[1], response_path, buffer)
-        if os.path.lexists(response_path):
-            # Answered before a restart, or a file the server must not overwrite.
-            report("discarded", reason=f"response file {response_path} already exists")
+    def _answer(self, claim: str, lock_inode: int) -> None:
+        """Check the claimed message, obtain its reply and publish it."""
+        try:
+            parsed = parse_request(read_or_none(claim) or b"")
+        except ValueError as exc:
+            self.report("discarded", reason=f"malformed message in {self.paths.buffer}: {exc}")
+            return
+        if parsed is None:
+            self.report("discarded", reason=f"incomplete message in {claim}")
+            return
+        raw_path, message = parsed
+        request = Request(message, os.path.abspath(raw_path), self.paths.buffer)
+        problem = self._target_problem(request.response_path)
+        if problem is _ANSWERED:
+            self.report("discarded", reason=f"{raw_path} was answered before a restart")
+        elif problem is not None:
+            self._reject(raw_path, request, problem)
+        elif not self._client_waiting(lock_inode):
+            self.report("discarded", reason=f"the client for {raw_path} has gone")
         else:
-            report("received", request=request)
-            _reply(request, responder, lock_path, taken.lock_identity, report)
-    _unlink_quietly(taken.path)
-    if taken.lock_identity is not None:
-        remove_if_same(lock_path, taken.lock_identity)
-    report("released", lock_path=lock_path)
+            self.report("received", request=request)
+            self._reply(request, lock_inode)
 
-
-def _reply(request: Request, responder: Responder, lock_path: str,
-           lock_identity: Optional[Tuple[int, int]], report: Report) -> None:
-    """Obtain the reply and publish it, unless its client has gone."""
-    try:
-        data = encode_reply(responder(request))
+    def _reply(self, request: Request, lock_inode: int) -> None:
+        """Obtain the reply and publish it, unless its client has gone meanwhile."""
         failure = None
-    except (HookError, FramingError) as exc:
-        failure = str(exc)
-        data = encode_reply(f"filechat server: {failure}\n", error=True)
-    if lock_identity is not None and not _client_waiting(lock_path, lock_identity):
-        report("discarded", reason=f"the client for {request.response_path} has gone")
-        return
-    try:
-        publish_new(request.response_path, data)
-    except OSError as exc:
-        report("discarded", reason=f"cannot write the reply to {request.response_path}: "
-               f"{exc.strerror or exc}")
-        return
-    report("failed" if failure else "replied", request=request, reason=failure)
+        size = len(request.message.encode("utf-8"))
+        try:
+            if size > self.max_bytes:
+                raise HookError(f"the message is {size} bytes, over this server's limit of "
+                                f"{self.max_bytes} (--max-bytes)")
+            data = encode_reply(self.responder(request))
+        except (HookError, FramingError) as exc:
+            failure = str(exc)
+            data = encode_reply(f"filechat server: {failure}\n", error=True)
+        if not self._client_waiting(lock_inode):
+            self.report("discarded", reason=f"the client for {request.response_path} has gone")
+            return
+        publish_new(request.response_path, data, self.durable)
+        _crash_point("server-replied")
+        self.report("failed" if failure else "replied", request=request, reason=failure)
+
+    def _client_waiting(self, lock_inode: int) -> bool:
+        """True if the lock the message came with is still there and its holder lives."""
+        if lock_inode == 0:
+            return True              # sent without a lock: nothing to check
+        holder = inspect_holder(self.paths.lock)
+        return holder is not None and holder.identity[1] == lock_inode and holder.gone is None
+
+    def _target_problem(self, path: str) -> Optional[str]:
+        """Return why the reply must not be written to path, or None if it may."""
+        directory = os.path.dirname(path)
+        if any(c in path for c in "\r\0"):
+            return "the path contains a control character"
+        if not os.path.isdir(directory):
+            return f"directory {directory} does not exist"
+        real = os.path.realpath(directory)
+        if not any(real == a or real.startswith(a.rstrip(os.sep) + os.sep)
+                   for a in self.allowed):
+            return (f"it is outside the directories this server writes to "
+                    f"({', '.join(self.allowed)}); the server can allow more with --allow-dir")
+        if os.path.islink(path):
+            return "it is a symbolic link, which the server never follows"
+        if os.path.isdir(path):
+            return "it is a directory"
+        if os.path.lexists(path):
+            existing = read_or_none(path)
+            if existing is not None and parse_reply(existing) is not None:
+                return _ANSWERED
+            return "the file already exists, and the server never overwrites a file"
+        return None
+
+    def _reject(self, raw_path: str, request: Request, problem: str) -> None:
+        """Tell the client at once why its reply cannot be delivered."""
+        reason = f"the server will not write the reply to {raw_path}: {problem}"
+        atomic_write(self.paths.rejection(raw_path), reason.encode("utf-8"), self.durable)
+        self.report("rejected", request=request, reason=reason)
 
 
-def _client_waiting(lock_path: str, lock_identity: Tuple[int, int]) -> bool:
-    """True if the lock the message came with is still there and its holder lives."""
-    if _file_id(lock_path) != lock_identity:
-        return False
-    reason, identity = lock_stale_reason(lock_path, float("inf"))
-    return reason is None or identity != lock_identity
+_ANSWERED = "answered before a restart"    # a _target_problem that is not an error
 
 
 # --- Responders ---
@@ -924,6 +1298,7 @@ def _run_hook(command: str, stdin: bytes, env: Dict[str, str], timeout: float) -
     posix = os.name == "posix"
     proc = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=env, start_new_session=posix)
+    _crash_point("server-hook")
     try:
         output, _ = proc.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -1061,6 +1436,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"stop an --auto-reply-cmd after SECONDS (default {HOOK_TIMEOUT:g})")
     server.add_argument("--max-messages", metavar="N", type=_count,
                         help="exit after answering N messages (default: run until Ctrl+C)")
+    server.add_argument("--allow-dir", metavar="DIR", action="append", default=[],
+                        help="also write replies into DIR (default: only the buffer's "
+                             "directory); may be repeated")
     _common_options(server)
 
     client = commands.add_parser("client", help="send one message and print the reply",
@@ -1087,6 +1465,11 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     """Add the options server and client share."""
     parser.add_argument("--lock-file", metavar="PATH",
                         help=f"the lockfile (default: {LOCKFILE_NAME} beside BUFFER)")
+    parser.add_argument("--max-bytes", metavar="N", type=_count, default=MAX_BYTES,
+                        help=f"the largest message in bytes (default {MAX_BYTES})")
+    parser.add_argument("--durable", action="store_true",
+                        help="fsync every file and its directory, so that an exchange "
+                             "survives a power loss (slower)")
     parser.add_argument("--stale-after", metavar="SECONDS", type=_seconds, default=STALE_AFTER,
                         help="treat a lock with no live holder on this host as stale after "
                              f"SECONDS (default {STALE_AFTER:g})")
@@ -1122,22 +1505,32 @@ def _count(text: str) -> int:
     return value
 
 
+CLIENT_STATUS = {
+    "busy": "Server busy, please wait...",
+    "locked": "Lock acquired. Sending message to server...",
+    "sent": "Message sent to server.",
+    "waiting": "Waiting for server response...",
+    "server-stopped": "The server stopped; waiting for it to restart...",
+    "server-started": "A server started; waiting for server response...",
+}
+
+
 def run_client(args: argparse.Namespace, term: Terminal) -> int:
     """Run the client subcommand."""
     interactive = args.message is None and args.message_file is None and term.stdin_is_tty()
     message = _client_message(args, term, interactive)
 
+    lines = dict(CLIENT_STATUS, **{
+        "no-server": f"No server is running on {args.buffer}; waiting for one to start..."})
+
     def status(event: str) -> None:
-        line = {"busy": "Server busy, please wait...",
-                "locked": "Lock acquired. Sending message to server...",
-                "sent": "Message sent to server.",
-                "waiting": "Waiting for server response..."}[event]
-        term.err(line)
+        term.err(lines[event])
 
     reply = send(args.buffer, message, args.response, timeout=args.timeout,
                  lock_timeout=args.lock_timeout, lock_path=args.lock_file,
-                 stale_after=args.stale_after, poll=args.poll,
-                 poll_interval=args.poll_interval, status=status)
+                 stale_after=args.stale_after, max_bytes=args.max_bytes,
+                 durable=args.durable, poll=args.poll, poll_interval=args.poll_interval,
+                 status=status)
     if interactive:
         term.out()
         term.out(BANNER)
@@ -1206,18 +1599,28 @@ def run_server(args: argparse.Namespace, term: Terminal) -> int:
             term.out(f"Response sent to: {_display_path(request.response_path)}")
         elif event == "discarded":
             term.err(f"filechat: warning: {info['reason']}; no reply sent")
+        elif event == "rejected":
+            term.err(f"filechat: warning: {info['reason']}; the client was told")
         elif event == "released":
             term.out("Lockfile removed. Ready for next client.")
 
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _stop_on_signal)
     try:
         serve(args.buffer, responder, max_messages=args.max_messages, lock_path=args.lock_file,
-              stale_after=args.stale_after, poll=args.poll,
-              poll_interval=args.poll_interval, report=report)
+              allow_dirs=args.allow_dir, max_bytes=args.max_bytes, stale_after=args.stale_after,
+              durable=args.durable, poll=args.poll, poll_interval=args.poll_interval,
+              report=report)
     except KeyboardInterrupt:
         # Ctrl+C is how the spec stops a server. A message being answered
         # stays claimed for the next server, and its client keeps waiting.
         term.err("\nServer stopped.")
     return EXIT_OK
+
+
+def _stop_on_signal(signum: int, frame: object) -> None:
+    """Stop the server on SIGTERM as on Ctrl+C."""
+    raise KeyboardInterrupt
 
 
 def _cli_responder(args: argparse.Namespace, term: Terminal) -> Responder:

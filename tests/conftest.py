@@ -133,5 +133,6 @@ def run(pyz: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
 def leftovers(directory: Path) -> List[str]:
     """Names of files filechat may leave behind, which a clean run must not."""
     return sorted(p.name for p in directory.iterdir()
-                  if p.name.endswith((".lock", ".taken", ".tmp", ".stale"))
-                  or p.name.startswith("filechat-reply-") or p.name == "buf.txt")
+                  if p.name.endswith((".lock", ".tmp", ".stale")) or ".taken." in p.name
+                  or ".rejected." in p.name or p.name.startswith("filechat-reply-")
+                  or p.name == "buf.txt")

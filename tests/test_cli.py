@@ -214,12 +214,15 @@ def test_lock_beside_buffer_from_other_directories(start, run, tmp_path: Path) -
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     shared.mkdir()
-    srv = start("server", "../shared/buf.txt", "--auto-reply", "ok", cwd=tmp_path / "a")
+    srv = start("server", "../shared/buf.txt", "--auto-reply", "ok", "--allow-dir", "../b",
+                cwd=tmp_path / "a")
     srv.expect("Lockfile: ../shared/server.lock")
     srv.expect("Waiting for clients...")
     result = run("client", str(shared / "buf.txt"), "r.txt", "-m", "hi", cwd=tmp_path / "b")
     assert result.stdout == b"ok"
     assert srv.expect("response file:").strip().endswith(str(tmp_path / "b" / "r.txt") + ")")
+    assert sorted(p.name for p in shared.iterdir()) == ["buf.txt.server"]
+    assert srv.interrupt() == 0
     assert sorted(p.name for p in shared.iterdir()) == []
 
 
@@ -359,7 +362,7 @@ def test_piped_server_answers_one_message_then_stops(start, run, tmp_path: Path)
     second = start("client", "buf.txt", "r.txt", "-m", "two")
     assert srv.wait() == 1
     assert "standard input has ended" in srv.err
-    assert (tmp_path / "buf.txt.taken").exists()        # kept for the next server
+    assert [p.name for p in tmp_path.glob("buf.txt.taken.*")] != []   # kept for the next server
     start("server", "buf.txt", "--auto-reply", "later").expect("Waiting for clients...")
     assert second.wait() == 0
     assert second.out == "later"

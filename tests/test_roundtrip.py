@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import filechat
 from conftest import WAIT, Proc
 
-text = st.text(st.characters(blacklist_characters="\x1b", blacklist_categories=("Cs",)),
+text = st.text(st.characters(blacklist_characters="\x1b\0", blacklist_categories=("Cs",)),
                max_size=2000)
 
 
