@@ -399,8 +399,12 @@ def remove_if_same(path: str, identity: Tuple[int, int]) -> bool:
 _LEFTOVER = re.compile(r"\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]{8}\.(?:tmp|stale)\Z")
 
 
-def sweep_leftovers(directories: Sequence[str]) -> List[str]:
-    """Remove temp files that processes of this host left when killed; return them."""
+def sweep_leftovers(directories: Sequence[str], mine: bool = False) -> List[str]:
+    """Remove temp files that processes of this host left when killed; return them.
+
+    With mine=True, also this process's own: for a server on its way out,
+    which an interrupt may have stopped between writing a file and renaming it.
+    """
     removed = []
     for directory in directories:
         try:
@@ -410,7 +414,8 @@ def sweep_leftovers(directories: Sequence[str]) -> List[str]:
         for name in names:
             match = _LEFTOVER.search(name)
             if (name.startswith(".") and match and match.group(1) == HOST_TAG
-                    and not _pid_alive(int(match.group(2)))):
+                    and (not _pid_alive(int(match.group(2)))
+                         or (mine and int(match.group(2)) == os.getpid()))):
                 _unlink_quietly(os.path.join(directory, name))
                 removed.append(name)
     return removed
@@ -690,8 +695,17 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except OSError:
-        return True    # exists, but belongs to someone else
-    return True
+        pass           # exists, but belongs to someone else
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """True if pid has ended and only waits to be reaped (Linux; False elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[:1] == [b"Z"]
+    except OSError:
+        return False
 
 
 def _windows_pid_alive(pid: int) -> bool:
@@ -930,8 +944,10 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
             _give_up(paths, lock, data)
             _unlink_quietly(response_path)
             raise
+        # The response file goes before the flock: a server that sees the
+        # flock free while the reply is still there deletes it as orphaned.
+        _unlink_quietly(response_path)
         lock.close()
-    _unlink_quietly(response_path)
     if is_error:
         raise ServerError(text)
     return text
@@ -1084,6 +1100,8 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
                 handled += 1
                 presence.update(handled)
     finally:
+        server.forget_orphans()
+        sweep_leftovers(server.allowed, mine=True)
         presence.withdraw()
     return handled
 
@@ -1110,6 +1128,7 @@ class _Server:
         self.stale_after = stale_after
         self.durable = durable
         self.report = report
+        self.unread: List[_Unread] = []
 
     def next_claim(self, waiter: Waiter) -> str:
         """Wait for a complete message and claim it by renaming the buffer.
@@ -1118,6 +1137,7 @@ class _Server:
         with, so that even a restarted server removes that lock and no other.
         """
         while True:
+            self.forget_orphans()
             claims = self.paths.claims()
             if claims:
                 return claims[0]     # claimed by a server that stopped before answering
@@ -1202,12 +1222,58 @@ class _Server:
         except (HookError, FramingError) as exc:
             failure = str(exc)
             data = encode_reply(f"filechat server: {failure}\n", error=True)
-        if not self._client_waiting(lock_inode):
+        watch = self._watch_client(lock_inode)
+        if watch is None:
             self.report("discarded", reason=f"the client for {request.response_path} has gone")
             return
-        publish_new(request.response_path, data, self.durable)
+        try:
+            publish_new(request.response_path, data, self.durable)
+        except BaseException:
+            if watch >= 0:
+                os.close(watch)
+            raise
+        if watch >= 0:
+            self.unread.append(_Unread(request.response_path, _file_id(request.response_path),
+                                       watch))
         _crash_point("server-replied")
         self.report("failed" if failure else "replied", request=request, reason=failure)
+
+    def _watch_client(self, lock_inode: int) -> Optional[int]:
+        """Return a descriptor that tells when the waiting client ends.
+
+        It is the client's lock, opened before the lock is removed: the
+        client's flock on it outlives the name. -1 where the client cannot be
+        watched (a peer that follows only the spec); None if it has gone.
+        """
+        if lock_inode == 0:
+            return -1
+        try:
+            fd = os.open(self.paths.lock, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
+        except FileNotFoundError:
+            return None
+        st = os.fstat(fd)
+        owner = read_owner(os.read(fd, 4096))
+        if st.st_ino != lock_inode or (owner is not None and owner.host == HOST
+                                       and _local_owner_gone(fd, owner)):
+            os.close(fd)
+            return None
+        if owner is None or owner.host != HOST or sys.platform == "win32":
+            os.close(fd)
+            return -1
+        return fd
+
+    def forget_orphans(self) -> None:
+        """Delete replies whose clients died before reading them."""
+        for unread in list(self.unread):
+            current = _file_id(unread.path)
+            if current == unread.identity and not _flock(unread.watch, shared=True):
+                continue                       # still waiting to be read
+            self.unread.remove(unread)
+            os.close(unread.watch)
+            if current == unread.identity and unread.identity is not None:
+                remove_if_same(unread.path, unread.identity)
+                self.report("discarded", reason=f"removed the reply {unread.path}: its client "
+                            "ended without reading it")
 
     def _client_waiting(self, lock_inode: int) -> bool:
         """True if the lock the message came with is still there and its holder lives."""
@@ -1247,6 +1313,14 @@ class _Server:
 
 
 _ANSWERED = "answered before a restart"    # a _target_problem that is not an error
+
+
+class _Unread(NamedTuple):
+    """A published reply whose client has not read it yet."""
+
+    path: str
+    identity: Optional[Tuple[int, int]]
+    watch: int             # the client's lock, open: its flock ends with the client
 
 
 # --- Responders ---
@@ -1296,10 +1370,17 @@ def _run_hook(command: str, stdin: bytes, env: Dict[str, str], timeout: float) -
     # Its own session, so that a timeout can stop the whole process group and
     # not only the shell, whose children would keep the pipe open.
     posix = os.name == "posix"
-    proc = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=env, start_new_session=posix)
-    _crash_point("server-hook")
+    interrupted: List[int] = []
+    saved = _hold_interrupts(interrupted)
     try:
+        proc = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, env=env, start_new_session=posix)
+    finally:
+        _restore_handlers(saved)
+    try:
+        if interrupted:
+            raise KeyboardInterrupt     # held back until the hook could be stopped
+        _crash_point("server-hook")
         output, _ = proc.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_hook(proc, posix)
@@ -1312,6 +1393,30 @@ def _run_hook(command: str, stdin: bytes, env: Dict[str, str], timeout: float) -
         raise HookError(f"--auto-reply-cmd {command!r} failed with exit status "
                         f"{proc.returncode}")
     return output
+
+
+def _hold_interrupts(received: List[int]) -> Dict[int, object]:
+    """Note Ctrl+C and SIGTERM in received instead of acting on them; return the old handlers.
+
+    An interrupt inside Popen would leave a started hook that nothing can stop.
+    Only the main thread can change handlers; elsewhere nothing is held.
+    """
+    saved: Dict[int, object] = {}
+    for name in ("SIGINT", "SIGTERM"):
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue
+        try:
+            saved[signum] = signal.signal(signum, lambda number, frame: received.append(number))
+        except ValueError:
+            break
+    return saved
+
+
+def _restore_handlers(saved: Dict[int, object]) -> None:
+    """Put back the handlers _hold_interrupts replaced."""
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)  # type: ignore[arg-type]
 
 
 def _kill_hook(proc: "subprocess.Popen[bytes]", posix: bool) -> None:

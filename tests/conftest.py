@@ -1,12 +1,13 @@
 """Shared fixtures: the built .pyz, and helpers that run it as a user would."""
 
+import os
 import queue
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
@@ -29,16 +30,18 @@ def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Proc:
     """A filechat process whose output lines can be awaited one event at a time."""
 
-    def __init__(self, args: Sequence[str], cwd: Path, stdin: Optional[bytes] = None) -> None:
+    def __init__(self, args: Sequence[str], cwd: Path, stdin: Optional[bytes] = None,
+                 env: Optional[Dict[str, str]] = None) -> None:
         self.popen = subprocess.Popen(
             list(args), cwd=cwd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=dict(os.environ, **(env or {})))
         self.lines: "queue.Queue[str]" = queue.Queue()
         self.stdout: List[str] = []
         self.stderr: List[str] = []
         self.threads = [
-            threading.Thread(target=self._pump, args=(self.popen.stdout, self.stdout, True)),
-            threading.Thread(target=self._pump, args=(self.popen.stderr, self.stderr, False)),
+            threading.Thread(target=self._pump, args=(self.popen.stdout, self.stdout)),
+            threading.Thread(target=self._pump, args=(self.popen.stderr, self.stderr)),
         ]
         for thread in self.threads:
             thread.daemon = True
@@ -48,15 +51,14 @@ class Proc:
             self.popen.stdin.write(stdin)
             self.popen.stdin.close()
 
-    def _pump(self, stream, sink: List[str], announce: bool) -> None:  # type: ignore[no-untyped-def]
+    def _pump(self, stream, sink: List[str]) -> None:  # type: ignore[no-untyped-def]
         for raw in stream:
             line = raw.decode("utf-8", "replace")
             sink.append(line)
-            if announce:
-                self.lines.put(line)
+            self.lines.put(line)
 
     def expect(self, text: str, timeout: float = WAIT) -> str:
-        """Return the next stdout line containing text; fail if none comes in time."""
+        """Return the next line (stdout or stderr) containing text; fail if none comes in time."""
         while True:
             try:
                 line = self.lines.get(timeout=timeout)
@@ -77,6 +79,7 @@ class Proc:
         code = self.popen.wait(timeout)
         for thread in self.threads:
             thread.join(timeout)
+            assert not thread.is_alive(), "its output is still open: a process it started lives on"
         return code
 
     def kill(self) -> None:
@@ -99,8 +102,9 @@ def start(pyz: Path, tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     """Start filechat processes in tmp_path; all are stopped at the end of the test."""
     procs: List[Proc] = []
 
-    def _start(*args: str, cwd: Optional[Path] = None, stdin: Optional[bytes] = None) -> Proc:
-        proc = Proc([sys.executable, str(pyz), *args], cwd or tmp_path, stdin)
+    def _start(*args: str, cwd: Optional[Path] = None, stdin: Optional[bytes] = None,
+               env: Optional[Dict[str, str]] = None) -> Proc:
+        proc = Proc([sys.executable, str(pyz), *args], cwd or tmp_path, stdin, env)
         procs.append(proc)
         return proc
 
@@ -112,8 +116,9 @@ def start(pyz: Path, tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
 @pytest.fixture
 def server(start):  # type: ignore[no-untyped-def]
     """Start a server on tmp_path/buf.txt and wait until it is ready."""
-    def _server(*options: str, buffer: str = "buf.txt", cwd: Optional[Path] = None) -> Proc:
-        proc = start("server", buffer, *options, cwd=cwd)
+    def _server(*options: str, buffer: str = "buf.txt", cwd: Optional[Path] = None,
+                env: Optional[Dict[str, str]] = None) -> Proc:
+        proc = start("server", buffer, *options, cwd=cwd, env=env)
         proc.expect("Waiting for clients...")
         return proc
     return _server
@@ -123,9 +128,11 @@ def server(start):  # type: ignore[no-untyped-def]
 def run(pyz: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
     """Run filechat to completion; returns the CompletedProcess (bytes)."""
     def _run(*args: str, input: Optional[bytes] = None, cwd: Optional[Path] = None,
+             env: Optional[Dict[str, str]] = None,
              timeout: float = 30) -> "subprocess.CompletedProcess[bytes]":
         return subprocess.run([sys.executable, str(pyz), *args], cwd=cwd or tmp_path,
                               input=input if input is not None else b"",
+                              env=dict(os.environ, **(env or {})),
                               capture_output=True, timeout=timeout)
     return _run
 

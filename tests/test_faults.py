@@ -1,0 +1,124 @@
+"""Fault injection: processes killed at every step of the protocol.
+
+FILECHAT_CRASH_AT names the step at which a filechat process kills itself
+(os._exit, as abrupt as kill -9: no cleanup runs). After each crash the next
+client must be served within 3 s, every message must be answered once or
+reported as failed to its sender, and no reply may reach another client.
+"""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from conftest import leftovers
+
+NEXT = ("--timeout", "3", "--lock-timeout", "3")     # "served within 3 s"
+
+
+def received(server_output: str, message: str) -> int:
+    """How many times the server showed message as received."""
+    return server_output.count(f"============================================================\n"
+                               f"{message}\n")
+
+
+@pytest.mark.parametrize("step", ["client-locked", "mid-write", "client-sent", "client-waiting"])
+def test_client_killed_at_each_step(step: str, server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply-cmd", "cat")
+    crashed = run("client", "buf.txt", "-m", "A", env={"FILECHAT_CRASH_AT": step})
+    assert crashed.returncode == 137
+    assert crashed.stdout == b""
+    nxt = run("client", "buf.txt", "-m", "B", *NEXT)
+    assert nxt.returncode == 0, nxt.stderr
+    assert nxt.stdout == b"B"                       # its own reply, not A's
+    assert srv.interrupt() == 0
+    assert received(srv.out, "A") <= 1
+    assert received(srv.out, "B") == 1
+    assert leftovers(tmp_path) == []                # no orphan reply, temp file or lock
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_client_killed_while_waiting_for_the_lock(start, server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    lock = tmp_path / "server.lock"
+    lock.write_text("")                             # held by a spec-following client
+    srv = server("--auto-reply-cmd", "cat")
+    waiting = start("client", "buf.txt", "-m", "A")
+    waiting.expect("Server busy, please wait...")
+    waiting.popen.send_signal(signal.SIGKILL)
+    assert waiting.wait() == -signal.SIGKILL
+    lock.unlink()                                   # its holder is done
+    nxt = run("client", "buf.txt", "-m", "B", *NEXT)
+    assert nxt.stdout == b"B"
+    assert srv.interrupt() == 0
+    assert received(srv.out, "A") == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("step", ["server-taken", "server-hook", "server-replied"])
+def test_server_killed_at_each_step(step: str, start, server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    first = server("--auto-reply-cmd", "cat", env={"FILECHAT_CRASH_AT": step})
+    client = start("client", "buf.txt", "-m", "A", "--timeout", "20")
+    assert first.wait() == 137
+    if step != "server-replied":
+        client.expect("The server stopped; waiting for it to restart...")
+    second = server("--auto-reply-cmd", "cat")
+    assert client.wait() == 0, client.err
+    assert client.out == "A"                        # answered, once
+    nxt = run("client", "buf.txt", "-m", "B", *NEXT)
+    assert nxt.stdout == b"B"
+    assert second.interrupt() == 0
+    # The restarted server answers a message it finds unanswered, and never
+    # one that was answered before the crash.
+    assert received(first.out + second.out, "A") == (1 if step == "server-replied" else 1 + (
+        received(first.out, "A")))
+    assert received(second.out, "A") == (0 if step == "server-replied" else 1)
+    assert received(second.out, "B") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_client_told_when_the_server_stops_then_times_out(start, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply-cmd", "sleep 30", "--hook-timeout", "60")
+    client = start("client", "buf.txt", "-m", "A", "--timeout", "2")
+    srv.expect("Message received")                  # and the hook runs
+    srv.popen.send_signal(signal.SIGTERM)
+    assert srv.wait() == 0
+    client.expect("The server stopped; waiting for it to restart...")
+    assert client.wait() == 3
+    assert "no server was running" in client.err
+    assert "the message was withdrawn" in client.err
+    assert list(tmp_path.iterdir()) == []            # nothing wedges the next client
+
+
+def test_client_without_server_says_so_and_waits(start, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    client = start("client", "buf.txt", "-m", "early", "--timeout", "20")
+    client.expect("No server is running on buf.txt; waiting for one to start...")
+    server("--auto-reply", "late but here")
+    assert client.wait() == 0
+    assert client.out == "late but here"
+
+
+def test_second_server_on_the_same_buffer_is_refused(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    first = server("--auto-reply", "x")
+    result = run("server", "buf.txt", "--auto-reply", "y")
+    assert result.returncode == 1
+    assert f"process {first.popen.pid}" in result.stderr.decode()
+    assert "already serves this buffer" in result.stderr.decode()
+    assert run("client", "buf.txt", "-m", "hi").stdout == b"x"
+
+
+def test_killed_server_leaves_no_obstacle(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    first = server("--auto-reply", "x")
+    first.popen.send_signal(signal.SIGKILL)
+    first.wait()
+    assert (tmp_path / "buf.txt.server").exists()   # stale: its flock died with it
+    server("--auto-reply", "restarted")
+    assert run("client", "buf.txt", "-m", "hi").stdout == b"restarted"
+
+
+def test_sigterm_stops_the_server_like_ctrl_c(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply", "x")
+    srv.popen.send_signal(signal.SIGTERM)
+    assert srv.wait() == 0
+    assert "Server stopped." in srv.err
+    assert os.listdir(tmp_path) == []
