@@ -87,6 +87,7 @@ RESPONSE_TIMEOUT = 60.0           # seconds a client waits for its reply (spec)
 SAFETY_INTERVAL = 1.0             # seconds: longest sleep even when events are trusted
 STALE_AFTER = 300.0               # seconds before an unidentifiable lock counts as stale
 HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
+RELEASE_GRACE = 1.0               # seconds a client waits for the server to remove its lock
 MAX_BYTES = 1 << 20               # bytes: the largest message a client sends by default
 
 EXIT_OK = 0
@@ -270,14 +271,14 @@ def parse_reply(data: bytes) -> Optional[Tuple[str, bool]]:
 
 # --- Filesystem primitives ---
 
-def _temp_name(path: str, kind: str = "tmp") -> str:
+def _temp_name(path: str) -> str:
     """Return a unique hidden name beside path that says which process made it.
 
     The host tag and pid let a later sweep remove what a killed process left
     behind, without ever touching a live process's file.
     """
     head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.{HOST_TAG}.{os.getpid()}.{os.urandom(4).hex()}.{kind}")
+    return os.path.join(head, f".{tail}.{HOST_TAG}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
 
 
 def _write_temp(path: str, data: bytes, durable: bool) -> str:
@@ -372,31 +373,17 @@ def _file_id(path: str) -> Optional[Tuple[int, int]]:
 
 
 def remove_if_same(path: str, identity: Tuple[int, int]) -> bool:
-    """Remove path only if it is still the file with this identity; True if removed.
-
-    Renaming to a unique name first means that of two processes racing to
-    remove the same file, only one gets it, and it can check that the file
-    it got is the one it meant before deleting it.
-    """
+    """Remove path only if it is still the file with this identity; True if removed."""
     if _file_id(path) != identity:
         return False
-    aside = _temp_name(path, "stale")
     try:
-        os.rename(path, aside)
+        os.unlink(path)
     except FileNotFoundError:
         return False
-    if _file_id(aside) == identity:
-        _unlink_quietly(aside)
-        return True
-    try:
-        os.link(aside, path)      # not the one meant: put it back unless replaced meanwhile
-    except OSError:
-        log.warning("%s changed while being removed", path)
-    _unlink_quietly(aside)
-    return False
+    return True
 
 
-_LEFTOVER = re.compile(r"\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]{8}\.(?:tmp|stale)\Z")
+_LEFTOVER = re.compile(r"\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]{8}\.tmp\Z")
 
 
 def sweep_leftovers(directories: Sequence[str], mine: bool = False) -> List[str]:
@@ -588,11 +575,34 @@ class Lock:
 
     def break_stale(self) -> Optional[str]:
         """Remove the current lock file if stale; return why, or None if left alone."""
-        holder = inspect_holder(self.path)
-        reason = None if holder is None else stale_reason(holder, self.stale_after)
-        if holder is None or reason is None or not remove_if_same(self.path, holder.identity):
+        return break_stale_lock(self.path, self.stale_after)
+
+
+def break_stale_lock(path: str, stale_after: float) -> Optional[str]:
+    """Remove the lock at path if it is stale; return why, or None if it was left alone.
+
+    Whoever breaks a lock first takes an exclusive flock on it, which a live
+    holder's flock refuses, and which makes every other waiter that found the
+    same stale lock wait its turn and then see that the name now belongs to
+    another file. Only then is the name, checked once more, removed.
+    """
+    holder = inspect_holder(path)
+    reason = None if holder is None else stale_reason(holder, stale_after)
+    if holder is None or reason is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if ((st.st_dev, st.st_ino) != holder.identity
+                or (sys.platform != "win32" and not _flock(fd, shared=False))
+                or not remove_if_same(path, holder.identity)):
             return None
-        return reason
+    finally:
+        os.close(fd)
+    return reason
 
 
 class Presence:
@@ -944,8 +954,10 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
             _give_up(paths, lock, data)
             _unlink_quietly(response_path)
             raise
-        # The response file goes before the flock: a server that sees the
-        # flock free while the reply is still there deletes it as orphaned.
+        _await_release(lock, waiter)
+        # The response file goes after the release, so that a server restarted
+        # before it sees the message was answered; and before the flock, or a
+        # server would see a reply whose client ended and delete it as orphaned.
         _unlink_quietly(response_path)
         lock.close()
     if is_error:
@@ -1027,6 +1039,17 @@ def _read_reply(paths: Paths, response_path: str, lock: Lock) -> Optional[Tuple[
             _unlink_quietly(note)
             raise Rejected(reason.decode("utf-8", "replace"))
     return None
+
+
+def _await_release(lock: Lock, waiter: Waiter) -> None:
+    """Wait (briefly) until the server has removed the lock.
+
+    A lock whose flock is free counts as stale, so letting go earlier would
+    invite waiters to break a lock the server is about to remove itself.
+    """
+    deadline = time.monotonic() + RELEASE_GRACE
+    while lock.still_held() and time.monotonic() < deadline:
+        waiter.wait(deadline - time.monotonic())
 
 
 def _give_up(paths: Paths, lock: Lock, data: bytes) -> bool:
@@ -1168,7 +1191,7 @@ class _Server:
             if buffer is not None and remove_if_same(self.paths.buffer, buffer):
                 self.report("discarded", reason=f"half a message in {self.paths.buffer} from a "
                             "client that stopped while writing it")
-        if remove_if_same(self.paths.lock, holder.identity):
+        if break_stale_lock(self.paths.lock, self.stale_after):
             log.warning("removed stale lock %s: %s", self.paths.lock, reason)
             sweep_leftovers(self.allowed)
 
