@@ -1,0 +1,276 @@
+"""Bad and hostile input: each case a clear error and exit status, nothing lost, the server serving."""
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+import filechat
+from conftest import ROOT, WAIT, leftovers
+
+ESC_NUL_UTF8 = [("ESC", b"a\x1bb", "contains the ESC character"),
+                ("NUL", b"a\x00b", "contains a NUL byte"),
+                ("bad UTF-8", b"a\xffb", "is not valid UTF-8")]
+
+
+def still_serves(run) -> None:  # type: ignore[no-untyped-def]
+    """The server answers the next ordinary client."""
+    result = run("client", "buf.txt", "-m", "there?", "--timeout", "5", "--lock-timeout", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"there?"
+
+
+def spec_request(directory: Path, response_path: str, message: str = "hi") -> None:
+    """Send as a spec-following client would: an empty lock, the buffer written in place."""
+    (directory / "server.lock").write_text("")
+    (directory / "buf.txt").write_text(f"{response_path}\n{message}\x1b")
+
+
+# --- The message ---
+
+# An argument cannot hold a NUL byte: the operating system ends it there.
+UNSENDABLE = [pytest.param(source, data, error, id=f"{source}-{name}")
+              for source in ("argument", "file", "stdin") for name, data, error in ESC_NUL_UTF8
+              if not (source == "argument" and name == "NUL")]
+
+
+@pytest.mark.parametrize(("source", "data", "error"), UNSENDABLE)
+def test_unsendable_message(source: str, data: bytes, error: str,
+                            server, pyz: Path, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply-cmd", "cat")
+    (tmp_path / "msg").write_bytes(data)
+    args = {"argument": [b"-m", data], "file": [b"--message-file", b"msg"], "stdin": []}[source]
+    result = subprocess.run([os.fsencode(sys.executable), os.fsencode(pyz), b"client", b"buf.txt",
+                             *args], cwd=tmp_path, input=data, capture_output=True, timeout=30)
+    assert result.returncode == 2
+    assert error in result.stderr.decode(), result.stderr
+    assert result.stderr.decode().startswith("filechat: error: ")
+    assert leftovers(tmp_path) == []                 # refused before the lock was taken
+    still_serves(run)
+
+
+def test_message_over_max_bytes_is_refused_before_the_lock(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply-cmd", "cat")
+    result = run("client", "buf.txt", "-m", "x" * 11, "--max-bytes", "10")
+    assert result.returncode == 2
+    assert "message is 11 bytes, over the limit of 10 (--max-bytes)" in result.stderr.decode()
+    assert leftovers(tmp_path) == []
+    assert run("client", "buf.txt", "-m", "x" * 10, "--max-bytes", "10").stdout == b"x" * 10
+
+
+def test_message_over_the_servers_max_bytes_gets_an_error_reply(server, run) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply-cmd", "cat", "--max-bytes", "10")
+    result = run("client", "buf.txt", "-m", "x" * 20)
+    assert result.returncode == 1
+    assert "the message is 20 bytes, over this server's limit of 10" in result.stderr.decode()
+    still_serves(run)
+
+
+# --- The buffer ---
+
+def test_garbage_in_the_buffer(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply-cmd", "cat")
+    (tmp_path / "buf.txt").write_bytes(b"garbage without a path line\x1b")
+    srv.expect("malformed message in buf.txt: no response path before the message")
+    still_serves(run)
+    assert leftovers(tmp_path) == []
+
+
+def test_half_a_message_from_a_dead_client(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import filechat, sys; filechat.Lock('server.lock').try_acquire();"
+         " open('buf.txt', 'w').write('/tmp/r.txt\\nhalf a mess'); print('held', flush=True);"
+         " sys.stdin.read()"],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    srv = server("--auto-reply-cmd", "cat")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(WAIT)
+    srv.expect("half a message in buf.txt from a client that stopped while writing it")
+    still_serves(run)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("which", ["buffer", "lock"])
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_symlinked_buffer_or_lock(which: str, role: str, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    target = tmp_path / "elsewhere"
+    target.write_text("precious")
+    name = "buf.txt" if which == "buffer" else "server.lock"
+    (tmp_path / name).symlink_to(target)
+    args = ["server", "buf.txt"] if role == "server" else ["client", "buf.txt", "-m", "hi"]
+    result = run(*args)
+    assert result.returncode == 2
+    assert f"{name} is a symbolic link, which filechat never follows" in result.stderr.decode()
+    assert target.read_text() == "precious"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv")
+                    or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root to run filechat as another user")
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_unwritable_directory(role: str, pyz: Path) -> None:
+    public = Path(tempfile.mkdtemp(prefix="filechat-test-"))   # reachable by another user
+    public.chmod(0o755)
+    shutil.copy(pyz, public / "filechat.pyz")
+    (public / "filechat.pyz").chmod(0o644)
+    args = ["server", "buf.txt"] if role == "server" else ["client", "buf.txt", "-m", "hi"]
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             "/usr/bin/python3", str(public / "filechat.pyz"), *args],
+                            cwd=public, capture_output=True, timeout=30,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(public)})
+    shutil.rmtree(public)
+    assert result.returncode == 2, result.stderr
+    assert "buffer file buf.txt: directory . is not writable" in result.stderr.decode()
+
+
+# --- The response path ---
+
+def test_response_path_with_a_line_break(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run("client", "buf.txt", "r\n.txt", "-m", "hi")
+    assert result.returncode == 2
+    assert "contains a line break" in result.stderr.decode()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reply_outside_the_allowed_directories_is_refused_at_once(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply-cmd", "cat", cwd=tmp_path)
+    other = tmp_path.parent / (tmp_path.name + "-other")
+    other.mkdir()
+    result = run("client", "buf.txt", str(other / "r.txt"), "-m", "hi", "--timeout", "30")
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert f"the server will not write the reply to {other / 'r.txt'}: it is outside" in err
+    assert "--allow-dir" in err
+    srv.expect("the client was told")
+    assert list(other.iterdir()) == []
+    still_serves(run)
+    assert leftovers(tmp_path) == []
+
+
+def test_allow_dir_lets_replies_out(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    other = tmp_path / "sub" / "deeper"
+    other.mkdir(parents=True)
+    outside = tmp_path.parent / (tmp_path.name + "-out")
+    outside.mkdir()
+    server("--auto-reply", "ok", "--allow-dir", str(outside))
+    assert run("client", "buf.txt", str(other / "r.txt"), "-m", "hi").stdout == b"ok"
+    assert run("client", "buf.txt", str(outside / "r.txt"), "-m", "hi").stdout == b"ok"
+
+
+def test_reply_through_a_symlinked_directory_is_refused(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    outside = tmp_path.parent / (tmp_path.name + "-target")
+    outside.mkdir()
+    (tmp_path / "link").symlink_to(outside)
+    server("--auto-reply-cmd", "cat")
+    result = run("client", "buf.txt", "link/r.txt", "-m", "hi")
+    assert result.returncode == 2
+    assert "it is outside the directories this server writes to" in result.stderr.decode()
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize(("make", "problem"), [
+    ("missing", "directory {d}/nodir does not exist"),
+    ("directory", "it is a directory"),
+    ("symlink", "it is a symbolic link, which the server never follows"),
+    ("existing", "the file already exists, and the server never overwrites a file"),
+])
+def test_bad_response_paths_from_spec_clients(make: str, problem: str, server, run,  # type: ignore[no-untyped-def]
+                                              tmp_path: Path) -> None:
+    victim = tmp_path.parent / (tmp_path.name + "-victim.txt")
+    victim.write_text("precious")
+    target = {"missing": "nodir/r.txt", "directory": "adir", "symlink": "link.txt",
+              "existing": "exists.txt"}[make]
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "link.txt").symlink_to(victim)
+    (tmp_path / "exists.txt").write_text("not the server's")
+    srv = server("--auto-reply-cmd", "cat")
+    spec_request(tmp_path, target)
+    line = srv.expect("the client was told")
+    assert f"the server will not write the reply to {target}: " in line
+    assert problem.format(d=tmp_path) in line
+    srv.expect("Lockfile removed. Ready for next client.")
+    assert victim.read_text() == "precious"
+    assert (tmp_path / "exists.txt").read_text() == "not the server's"
+    still_serves(run)
+
+
+def test_relative_path_is_resolved_against_the_servers_directory(start, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    shared, home = tmp_path / "shared", tmp_path / "home"
+    shared.mkdir()
+    home.mkdir()
+    srv = start("server", str(shared / "buf.txt"), "--auto-reply", "ok", "--allow-dir", ".",
+                cwd=home)
+    srv.expect("Waiting for clients...")
+    spec_request(shared, "r.txt")
+    srv.expect("Response sent to: r.txt")
+    assert (home / "r.txt").read_bytes() == b"ok\x1b"
+    assert not (shared / "r.txt").exists()
+
+
+# --- Permissions ---
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o000, "644"), (0o077, "600")])
+def test_files_respect_the_umask_and_are_never_world_writable(umask: int, mode: str, pyz: Path,
+                                                              tmp_path: Path) -> None:
+    python = f"{sys.executable} {pyz}"
+    hook = "stat -c '%a %n' server.lock buf.txt.taken.* buf.txt.server"
+    script = (f"umask {umask:03o}; {python} server buf.txt --max-messages 1 "
+              f"--auto-reply-cmd \"{hook}\" >/dev/null & "
+              f"{python} client buf.txt r.txt -m hi; wait")
+    result = subprocess.run(["sh", "-c", script], cwd=tmp_path, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    modes = dict(reversed(line.split(" ", 1)) for line in result.stdout.decode().splitlines())
+    assert len(modes) == 3 and {"buf.txt.server", "server.lock"} < set(modes)
+    assert set(modes.values()) == {mode}
+    old = os.umask(umask)
+    try:
+        filechat.publish_new(str(tmp_path / "reply.txt"), b"x")
+        filechat.atomic_write(str(tmp_path / "buffer.txt"), b"x")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "reply.txt").stat().st_mode & 0o777)[2:] == mode
+    assert oct((tmp_path / "buffer.txt").stat().st_mode & 0o777)[2:] == mode
+
+
+def test_presence_file_says_who_serves(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply", "x")
+    presence = json.loads((tmp_path / "buf.txt.server").read_text())
+    assert presence["pid"] == srv.popen.pid
+    assert presence["answered"] == 0
+    assert filechat.running_server(str(tmp_path / "buf.txt.server")) is not None
+    assert srv.interrupt() == 0
+    assert filechat.running_server(str(tmp_path / "buf.txt.server")) is None
+
+
+def test_durable_fsyncs_files_and_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_mode)
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    buffer = str(tmp_path / "buf.txt")
+    thread = threading.Thread(target=filechat.serve, args=(buffer, lambda r: "ok"),
+                              kwargs={"max_messages": 1, "durable": True})
+    thread.start()
+    assert filechat.send(buffer, "hi", durable=True, timeout=WAIT) == "ok"
+    thread.join(WAIT)
+    assert any(stat.S_ISDIR(m) for m in synced) and any(stat.S_ISREG(m) for m in synced)
+    synced.clear()
+    thread = threading.Thread(target=filechat.serve, args=(buffer, lambda r: "ok"),
+                              kwargs={"max_messages": 1})
+    thread.start()
+    assert filechat.send(buffer, "hi", timeout=WAIT) == "ok"
+    thread.join(WAIT)
+    assert synced == []
