@@ -408,7 +408,7 @@ def sweep_leftovers(directories: Sequence[str], mine: bool = False) -> List[str]
     return removed
 
 
-# --- Holders: the lock and the presence file ---
+# --- Holders: the lock, the line and the presence file ---
 
 class Owner(NamedTuple):
     """What a lock or presence file says about the process that holds it."""
@@ -603,6 +603,71 @@ def break_stale_lock(path: str, stale_after: float) -> Optional[str]:
     finally:
         os.close(fd)
     return reason
+
+
+class Line:
+    """The queue of clients waiting for one lock, served first come, first served.
+
+    A waiting client holds a ticket: a file beside the lock named
+    ``LOCK.wait-<nanoseconds>-<pid>``, flocked and naming its owner like the
+    lock. Only the client whose ticket comes first tries to take the lock, so
+    nobody is overtaken by a later arrival. A ticket whose owner died is
+    removed by the ticket after it, exactly as a stale lock would be; so a
+    crashed waiter never blocks the line. Peers that follow only the spec
+    take no ticket and simply find the lock free or not.
+    """
+
+    def __init__(self, lock_path: str, stale_after: float = STALE_AFTER) -> None:
+        self.directory, name = os.path.split(lock_path)
+        self.prefix = name + ".wait-"
+        self.stale_after = stale_after
+        self.ticket: Optional[str] = None
+        self.fd: Optional[int] = None
+
+    def tickets(self) -> List[str]:
+        """Return the names of the tickets in line, first come first."""
+        try:
+            names = os.listdir(self.directory or ".")
+        except OSError:
+            return []
+        return sorted(n for n in names if n.startswith(self.prefix))
+
+    def waiting(self) -> bool:
+        """True if anybody waits in line."""
+        return bool(self.tickets())
+
+    def join(self) -> None:
+        """Take a ticket at the end of the line."""
+        while self.ticket is None:
+            name = f"{self.prefix}{time.time_ns():020d}-{os.getpid()}"
+            path = os.path.join(self.directory, name)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                             0o644)
+            except FileExistsError:
+                continue
+            _flock(fd, shared=False)
+            os.write(fd, _owner_record())
+            self.ticket, self.fd = name, fd
+
+    def ahead(self) -> int:
+        """Return how many live tickets come before this one, clearing a dead one before it."""
+        tickets = self.tickets()
+        if self.ticket not in tickets:
+            return 0            # removed by somebody: behave as the head
+        mine = tickets.index(self.ticket)
+        if mine and break_stale_lock(os.path.join(self.directory, tickets[mine - 1]),
+                                     self.stale_after):
+            return mine - 1
+        return mine
+
+    def leave(self) -> None:
+        """Give up this ticket."""
+        if self.ticket is not None:
+            _unlink_quietly(os.path.join(self.directory, self.ticket))
+        if self.fd is not None:
+            os.close(self.fd)
+        self.ticket = self.fd = None
 
 
 class Presence:
@@ -823,10 +888,10 @@ def _inotify_open(directories: Sequence[str]) -> Optional[int]:
 
 # --- Client API ---
 
-Status = Callable[[str], None]
+Status = Callable[..., None]
 
 
-def _quiet(event: str) -> None:
+def _quiet(event: str, **info: object) -> None:
     """Ignore a status event."""
 
 
@@ -967,28 +1032,48 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
 
 def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[float],
              retry_interval: float, status: Status) -> None:
-    """Take the lock, waiting while a live client holds it."""
+    """Take the lock, waiting in line while others hold it or wait for it."""
+    line = Line(lock.path, lock.stale_after)
+    if not line.waiting() and lock.try_acquire():
+        return                                   # nobody holds it, nobody waits
     start = time.monotonic()
     next_notice = start
-    while not lock.try_acquire():
-        now = time.monotonic()
-        if not _message_waiting(paths.buffer):
-            # A dead holder whose message is complete is the server's to
-            # clear; any other stale lock the next waiter may break.
-            reason = lock.break_stale()
-            if reason:
-                log.warning("removed stale lock %s: %s", lock.path, reason)
-                sweep_leftovers(paths.directories())
-                continue
-        if lock_timeout is not None and now - start >= lock_timeout:
-            raise LockTimeout(lock.path, lock_timeout)
-        if now >= next_notice:
-            status("busy")
-            next_notice = now + retry_interval
-        wake = next_notice - now
-        if lock_timeout is not None:
-            wake = min(wake, start + lock_timeout - now)
-        waiter.wait(wake)
+    line.join()
+    try:
+        while True:
+            ahead = line.ahead()
+            if ahead == 0:
+                if lock.try_acquire():
+                    return
+                if not _message_waiting(paths.buffer) and _break_stale(lock, paths):
+                    continue
+            now = time.monotonic()
+            if lock_timeout is not None and now - start >= lock_timeout:
+                raise LockTimeout(lock.path, lock_timeout)
+            if now >= next_notice:
+                status("busy", ahead=ahead + 1)     # + 1: the client being served
+                next_notice = now + retry_interval
+            wake = next_notice - now
+            if waiter.fd is None:
+                wake = min(wake, retry_interval)    # polling: the spec's retry pace
+            if lock_timeout is not None:
+                wake = min(wake, start + lock_timeout - now)
+            waiter.wait(wake)
+    finally:
+        line.leave()
+
+
+def _break_stale(lock: Lock, paths: Paths) -> bool:
+    """Remove the lock if its holder is gone; True if removed.
+
+    Only while no complete message waits: a dead holder's sent message is
+    the server's to clear, with the lock.
+    """
+    reason = lock.break_stale()
+    if reason:
+        log.warning("removed stale lock %s: %s", lock.path, reason)
+        sweep_leftovers(paths.directories())
+    return reason is not None
 
 
 def _message_waiting(buffer: str) -> bool:
@@ -1585,6 +1670,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"wait at most SECONDS for the reply (default {RESPONSE_TIMEOUT:g})")
     client.add_argument("--lock-timeout", metavar="SECONDS", type=_seconds,
                         help="wait at most SECONDS for the lock (default: no limit)")
+    client.add_argument("--lock-retry-interval", metavar="SECONDS", type=_positive_seconds,
+                        default=LOCK_RETRY_INTERVAL,
+                        help="seconds between 'Server busy' lines, and between tries for "
+                             f"the lock with --poll (default {LOCK_RETRY_INTERVAL:g})")
     _common_options(client)
     return parser
 
@@ -1604,7 +1693,7 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll", action="store_true",
                         help="poll the files instead of waiting for filesystem events "
                              "(for network filesystems)")
-    parser.add_argument("--poll-interval", metavar="SECONDS", type=_seconds,
+    parser.add_argument("--poll-interval", metavar="SECONDS", type=_positive_seconds,
                         default=POLL_INTERVAL,
                         help=f"seconds between checks with --poll (default {POLL_INTERVAL:g})")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -1619,6 +1708,14 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"seconds must be 0 or more: {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """Parse a number of seconds greater than zero."""
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"seconds must be more than 0: {text!r}")
     return value
 
 
@@ -1651,14 +1748,17 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
     lines = dict(CLIENT_STATUS, **{
         "no-server": f"No server is running on {args.buffer}; waiting for one to start..."})
 
-    def status(event: str) -> None:
-        term.err(lines[event])
+    def status(event: str, **info: object) -> None:
+        if event == "busy":
+            term.err(f"{lines[event]} ({info['ahead']} ahead of you)")
+        else:
+            term.err(lines[event])
 
     reply = send(args.buffer, message, args.response, timeout=args.timeout,
                  lock_timeout=args.lock_timeout, lock_path=args.lock_file,
                  stale_after=args.stale_after, max_bytes=args.max_bytes,
                  durable=args.durable, poll=args.poll, poll_interval=args.poll_interval,
-                 status=status)
+                 lock_retry_interval=args.lock_retry_interval, status=status)
     if interactive:
         term.out()
         term.out(BANNER)

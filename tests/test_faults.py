@@ -8,11 +8,13 @@ reported as failed to its sender, and no reply may reach another client.
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import leftovers
+from conftest import ROOT, WAIT, leftovers
 
 NEXT = ("--timeout", "3", "--lock-timeout", "3")     # "served within 3 s"
 
@@ -122,3 +124,25 @@ def test_sigterm_stops_the_server_like_ctrl_c(server, tmp_path: Path) -> None:  
     assert srv.wait() == 0
     assert "Server stopped." in srv.err
     assert os.listdir(tmp_path) == []
+
+
+def test_many_waiters_on_one_stale_lock_break_it_once(start, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import filechat, sys; filechat.Lock('server.lock').try_acquire();"
+         " print('held', flush=True); sys.stdin.read()"],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    clients = [start("client", "buf.txt", "-m", f"c{n}", *NEXT) for n in range(8)]
+    for client in clients:
+        client.expect("Server busy, please wait...")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(WAIT)
+    srv = server("--auto-reply-cmd", "cat")
+    for n, client in enumerate(clients):
+        assert client.wait() == 0, client.err
+        assert client.out == f"c{n}"
+    assert srv.interrupt() == 0
+    outputs = srv.err + "".join(client.err for client in clients)
+    assert outputs.count("removed stale lock") == 1
+    assert list(tmp_path.iterdir()) == []

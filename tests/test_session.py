@@ -159,8 +159,8 @@ def test_busy_scenario_from_the_spec(terminal, tmp_path: Path) -> None:  # type:
     second.expect("when done):")
     second.type_lines("second")
     second.child.sendeof()
-    second.expect("Server busy, please wait...\r\n")
-    second.expect("Server busy, please wait...\r\n")       # again, at the spec's pace
+    second.expect("Server busy, please wait... (1 ahead of you)\r\n")
+    second.expect("Server busy, please wait... (1 ahead of you)\r\n")   # again, at the spec's pace
     server.type_lines("to first")
     server.child.sendeof()
     second.expect("Lock acquired. Sending message to server...")   # by itself
