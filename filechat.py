@@ -34,21 +34,18 @@ Assumptions:
 
 import argparse
 import errno
-import json
-import logging
 import os
 import re
 import select
-import signal
-import socket
-import subprocess
 import sys
 import time
 import zlib
-from typing import IO, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import IO, TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 if sys.platform != "win32":
     import fcntl  # flock, the liveness signal of a lock's holder; Windows uses the pid
+if TYPE_CHECKING:
+    from subprocess import Popen  # imported where hooks run: clients never need it
 
 __all__ = [
     "AlreadyServing",
@@ -110,11 +107,47 @@ O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # absent on Windows
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 O_BINARY = getattr(os, "O_BINARY", 0)       # Windows would translate newlines
 
-HOST = socket.gethostname()
+HOST = os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
 HOST_TAG = f"{zlib.crc32(HOST.encode()):08x}"     # marks temp files made on this host
 _CRASH_AT = os.environ.get("FILECHAT_CRASH_AT")   # tests only: the step at which to die
 
-log = logging.getLogger("filechat")
+
+
+class _Log:
+    """filechat's log: logging.getLogger("filechat") for a library user.
+
+    The command line writes its own lines (``filechat: warning: ...``, debug
+    lines with -v) to ``stream`` instead: importing logging would cost a
+    client more start-up time than its whole exchange. Debug lines go to
+    logging only if it has been imported, i.e. configured, by the program.
+    """
+
+    stream: Optional[IO[str]] = None
+    verbose = False
+
+    def debug(self, message: str, *args: object) -> None:
+        """Log a debug line: lock and wait transitions."""
+        if self.stream is not None:
+            if self.verbose:
+                self._write("debug", message % args)
+        elif "logging" in sys.modules:
+            sys.modules["logging"].getLogger("filechat").debug(message, *args)
+
+    def warning(self, message: str, *args: object) -> None:
+        """Log something done to recover, such as removing a stale lock."""
+        if self.stream is not None:
+            self._write("warning", message % args)
+        else:
+            import logging
+            logging.getLogger("filechat").warning(message, *args)
+
+    def _write(self, level: str, text: str) -> None:
+        assert self.stream is not None
+        self.stream.write(f"filechat: {level}: {text}\n")
+        self.stream.flush()
+
+
+log = _Log()
 
 
 # --- Exceptions ---
@@ -383,7 +416,7 @@ def remove_if_same(path: str, identity: Tuple[int, int]) -> bool:
     return True
 
 
-_LEFTOVER = re.compile(r"\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]{8}\.tmp\Z")
+_LEFTOVER = r"\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]{8}\.tmp\Z"   # compiled by re on first use
 
 
 def sweep_leftovers(directories: Sequence[str], mine: bool = False) -> List[str]:
@@ -399,7 +432,7 @@ def sweep_leftovers(directories: Sequence[str], mine: bool = False) -> List[str]
         except OSError:
             continue
         for name in names:
-            match = _LEFTOVER.search(name)
+            match = re.search(_LEFTOVER, name)
             if (name.startswith(".") and match and match.group(1) == HOST_TAG
                     and (not _pid_alive(int(match.group(2)))
                          or (mine and int(match.group(2)) == os.getpid()))):
@@ -420,15 +453,37 @@ class Owner(NamedTuple):
     answered: int = 0    # presence files only: messages the server has handled
 
 
-def _owner_record(**extra: object) -> bytes:
-    """Return this process's identity as one line of JSON."""
-    record = {"pid": os.getpid(), "host": HOST, "token": os.urandom(8).hex(),
-              "created": time.time(), **extra}
-    return (json.dumps(record) + "\n").encode()
+# Owner records are JSON. Clients write and read them on every exchange, so
+# the usual shape is formatted and matched here, and the json module, slow to
+# import next to a client's whole run, is used only for any other shape.
+_OWNER = re.compile(rb'\{"pid": (\d+), "host": "([A-Za-z0-9._-]*)", "token": "([0-9a-f]*)", '
+                    rb'"created": ([0-9.]+)(?:, "answered": (\d+), "started": [0-9.]+)?\}\n?\Z')
+
+
+def _owner_record(answered: Optional[int] = None, started: float = 0.0) -> bytes:
+    """Return this process's identity as one line of JSON (with a server's count)."""
+    token, now = os.urandom(8).hex(), time.time()
+    if not (HOST.isascii() and HOST.replace(".", "").replace("-", "").replace("_", "").isalnum()):
+        import json
+        record = {"pid": os.getpid(), "host": HOST, "token": token, "created": now}
+        if answered is not None:
+            record.update(answered=answered, started=started)
+        return (json.dumps(record) + "\n").encode()
+    extra = "" if answered is None else f', "answered": {answered}, "started": {started!r}'
+    return (f'{{"pid": {os.getpid()}, "host": "{HOST}", "token": "{token}", '
+            f'"created": {now!r}{extra}}}\n').encode()
 
 
 def read_owner(data: bytes) -> Optional[Owner]:
     """Parse a lock or presence file; None for an empty or foreign one."""
+    match = _OWNER.match(data)
+    if match:
+        pid, host, token, created, answered = match.groups()
+        return Owner(int(pid), host.decode(), token.decode(), float(created),
+                     int(answered or 0))
+    if not data.strip():
+        return None
+    import json
     try:
         raw = json.loads(data.decode("utf-8"))
         return Owner(int(raw["pid"]), str(raw["host"]), str(raw["token"]),
@@ -1475,6 +1530,7 @@ def command_responder(command: str, hook_timeout: float = HOOK_TIMEOUT) -> Respo
 
 def _run_hook(command: str, stdin: bytes, env: Dict[str, str], timeout: float) -> bytes:
     """Run command through the shell and return its stdout; HookError on failure."""
+    import subprocess  # here, not at the top: clients never need it, and it is slow to import
     # Its own session, so that a timeout can stop the whole process group and
     # not only the shell, whose children would keep the pipe open.
     posix = os.name == "posix"
@@ -1509,6 +1565,7 @@ def _hold_interrupts(received: List[int]) -> Dict[int, object]:
     An interrupt inside Popen would leave a started hook that nothing can stop.
     Only the main thread can change handlers; elsewhere nothing is held.
     """
+    import signal
     saved: Dict[int, object] = {}
     for name in ("SIGINT", "SIGTERM"):
         signum = getattr(signal, name, None)
@@ -1523,11 +1580,12 @@ def _hold_interrupts(received: List[int]) -> Dict[int, object]:
 
 def _restore_handlers(saved: Dict[int, object]) -> None:
     """Put back the handlers _hold_interrupts replaced."""
+    import signal
     for signum, handler in saved.items():
         signal.signal(signum, handler)  # type: ignore[arg-type]
 
 
-def _kill_hook(proc: "subprocess.Popen[bytes]", posix: bool) -> None:
+def _kill_hook(proc: "Popen[bytes]", posix: bool) -> None:
     """Stop a hook and everything it started."""
     try:
         if posix:
@@ -1832,8 +1890,8 @@ def run_server(args: argparse.Namespace, term: Terminal) -> int:
         elif event == "released":
             term.out("Lockfile removed. Ready for next client.")
 
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, _stop_on_signal)
+    import signal
+    signal.signal(signal.SIGTERM, _stop_on_signal)
     try:
         serve(args.buffer, responder, max_messages=args.max_messages, lock_path=args.lock_file,
               allow_dirs=args.allow_dir, max_bytes=args.max_bytes, stale_after=args.stale_after,
@@ -1894,27 +1952,11 @@ def _operator_responder(term: Terminal) -> Responder:
     return respond
 
 
-class _LogFormatter(logging.Formatter):
-    """Format log records like the CLI's other messages: ``filechat: warning: ...``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return f"filechat: {record.levelname.lower()}: {record.getMessage()}"
-
-
-def _configure_logging(stream: IO[str], verbose: bool) -> None:
-    """Send filechat's log to stream: warnings always, debug lines with -v."""
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(_LogFormatter())
-    log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    log.propagate = False
-
-
 def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) -> int:
     """Run the command line; return the exit status."""
     term = term or Terminal()
     args = build_parser().parse_args(argv)
-    _configure_logging(term.stderr, args.verbose)
+    log.stream, log.verbose = term.stderr, args.verbose
     try:
         if args.command == "server":
             return run_server(args, term)
@@ -1929,7 +1971,24 @@ def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) 
         # The reader of stdout went away (e.g. `| head`); nothing left to say.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
+    finally:
+        log.stream, log.verbose = None, False
+
+
+def exit_now(status: int) -> None:
+    """End the process with status, skipping the interpreter's teardown.
+
+    By the time main() returns every file is closed and nothing is left to
+    clean up, and tearing the interpreter down would cost a client as much
+    time as its whole exchange. Only the standard streams need flushing.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass              # a reader that went away; nothing more to say
+    os._exit(status)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -1,0 +1,379 @@
+#!/usr/bin/env python3
+"""Measure filechat beside the filesystem's floor and the spec's pace; print a table.
+
+    python3 scripts/bench.py            # the full run (about a minute)
+    python3 scripts/bench.py --quick    # tiny counts: a smoke check, numbers not meaningful
+    python3 scripts/bench.py --json     # the same measurements as JSON
+
+Everything runs on this machine in one go, so the ratios compare like with
+like; the absolute numbers depend on the machine and its load.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import build_zipapp  # noqa: E402
+
+PYZ = os.path.join(ROOT, "filechat.pyz")
+MIB = 1 << 20
+
+# The floor: the same file round trip (request published by rename, reply
+# published by rename, read and deleted), driven by inotify, with no filechat
+# code. Both sides are in this one script so that nothing is shared.
+INOTIFY = r"""
+import ctypes, os, select
+libc = ctypes.CDLL(None, use_errno=True)
+def watch(directory):
+    fd = libc.inotify_init1(os.O_NONBLOCK)
+    libc.inotify_add_watch(fd, directory.encode(), 0x080 | 0x008)   # MOVED_TO | CLOSE_WRITE
+    return fd
+def wait_for(fd, path):
+    while not os.path.exists(path):
+        select.select([fd], [], [], 1.0)
+        try:
+            os.read(fd, 65536)
+        except BlockingIOError:
+            pass
+def publish(path, data):
+    temp = path + ".tmp"
+    with open(temp, "wb") as f:
+        f.write(data)
+    os.replace(temp, path)
+"""
+FLOOR_SERVER = INOTIFY + r"""
+import sys
+directory = sys.argv[1]
+fd = watch(directory)
+request, reply = os.path.join(directory, "buf"), os.path.join(directory, "reply")
+print("ready", flush=True)
+while True:
+    wait_for(fd, request)
+    with open(request, "rb") as f:
+        data = f.read()
+    os.unlink(request)
+    if data == b"stop":
+        break
+    publish(reply, data.partition(b"\n")[2])
+"""
+FLOOR_CLIENT = INOTIFY + r"""
+import sys, time, json
+directory, count = sys.argv[1], int(sys.argv[2])
+fd = watch(directory)
+request, reply = os.path.join(directory, "buf"), os.path.join(directory, "reply")
+times = []
+for i in range(count):
+    start = time.perf_counter()
+    publish(request, reply.encode() + b"\nhello\x1b")
+    wait_for(fd, reply)
+    with open(reply, "rb") as f:
+        f.read()
+    os.unlink(reply)
+    times.append(time.perf_counter() - start)
+publish(request, b"stop")
+print(json.dumps(times))
+"""
+ECHO_SERVER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import filechat
+poll = sys.argv[3] == "poll"
+def report(event, **info):
+    if event == "ready":
+        print("ready", flush=True)
+filechat.serve(sys.argv[2], lambda request: request.message, poll=poll,
+               poll_interval=filechat.POLL_INTERVAL, max_bytes=64 << 20, report=report)
+"""
+LIBRARY_CLIENT = r"""
+import sys, time, json, resource
+sys.path.insert(0, sys.argv[1])
+import filechat
+buffer, count, poll, size = sys.argv[2], int(sys.argv[3]), sys.argv[4] == "poll", int(sys.argv[5])
+message = "x" * size if size else "hello"
+times = []
+for i in range(count):
+    start = time.perf_counter()
+    reply = filechat.send(buffer, message, poll=poll, max_bytes=64 << 20,
+                          poll_interval=filechat.RESPONSE_POLL_INTERVAL)
+    times.append(time.perf_counter() - start)
+    assert reply == message
+print(json.dumps({"times": times, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+LINE_CLIENT = r"""
+import sys, time, json
+sys.path.insert(0, sys.argv[1])
+import filechat
+buffer, name, count = sys.argv[2], sys.argv[3], int(sys.argv[4])
+records = []
+for i in range(count):
+    record = {"ahead": 0}
+    def status(event, **info):
+        if event == "busy" and "first_busy" not in record:
+            record["first_busy"] = True
+            record["ahead"] = info["ahead"]
+        elif event == "locked":
+            record["locked"] = time.time()
+    record["arrived"] = time.time()
+    message = f"{name}-{i}"
+    assert filechat.send(buffer, message, status=status) == message
+    record["done"] = time.time()
+    records.append(record)
+print(json.dumps(records))
+"""
+
+
+def start_process(code: str, *args: str) -> "subprocess.Popen[str]":
+    """Start a Python snippet and wait for its "ready" line."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line != "ready\n":
+        raise RuntimeError(f"helper did not start: {line!r}")
+    return proc
+
+
+def run_json(code: str, *args: str, timeout: float = 600) -> Any:
+    """Run a Python snippet and return the JSON it prints."""
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         timeout=timeout, check=True).stdout
+    return json.loads(out)
+
+
+def stop(proc: "subprocess.Popen[str]") -> None:
+    """Stop a helper process."""
+    proc.terminate()
+    proc.wait(10)
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Return the q-quantile of values (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure_floor(directory: str, count: int) -> List[float]:
+    """Round trips of the bare inotify file protocol."""
+    server = start_process(FLOOR_SERVER, directory)
+    times = run_json(FLOOR_CLIENT, directory, str(count))
+    server.wait(10)
+    return list(times)[count // 10:]          # the first tenth warms up
+
+
+def measure_library(directory: str, count: int, poll: bool, size: int = 0
+                    ) -> Tuple[List[float], int, int]:
+    """Round trips of send() against serve(); returns (times, client and server peak RSS in KiB)."""
+    buffer = os.path.join(directory, "buf.txt")
+    mode = "poll" if poll else "events"
+    server = start_process(ECHO_SERVER, PYZ, buffer, mode)
+    result = run_json(LIBRARY_CLIENT, PYZ, buffer, str(count), mode, str(size))
+    server_peak = peak_rss(server.pid)
+    stop(server)
+    times = result["times"]
+    return times[count // 10:] if count >= 10 else times, result["maxrss"], server_peak
+
+
+def peak_rss(pid: int) -> int:
+    """Return a running process's peak resident memory in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return the CPU time a process has used, in seconds (nanosecond precision on Linux)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except OSError:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_runs(command: Sequence[str], count: int, cwd: str) -> List[float]:
+    """Wall times of running a command count times."""
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        subprocess.run(command, cwd=cwd, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure_cli(directory: str, count: int) -> Tuple[List[float], List[float]]:
+    """CLI exchanges against an auto-reply server, beside `python3 -c pass`."""
+    server = subprocess.Popen([sys.executable, PYZ, "server", "buf.txt", "--auto-reply", "pong"],
+                              cwd=directory, stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    while "Waiting for clients" not in server.stdout.readline():
+        pass
+    client = [sys.executable, PYZ, "client", "buf.txt", "--message", "ping"]
+    bare = [sys.executable, "-c", "pass"]
+    cli, python = [], []
+    for _ in range(count):                    # interleaved, so that load hits both alike
+        cli += timed_runs(client, 1, directory)
+        python += timed_runs(bare, 1, directory)
+    server.terminate()
+    server.wait(10)
+    return cli, python
+
+
+def measure_line(directory: str, clients: int, messages: int) -> Dict[str, Any]:
+    """Many client processes at once: throughput, latency, waits and order of service."""
+    buffer = os.path.join(directory, "buf.txt")
+    server = start_process(ECHO_SERVER, PYZ, buffer, "events")
+    start = time.time()
+    procs = [subprocess.Popen([sys.executable, "-c", LINE_CLIENT, PYZ, buffer, f"c{n}",
+                               str(messages)], stdout=subprocess.PIPE, text=True)
+             for n in range(clients)]
+    records = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        records += json.loads(out)
+    wall = time.time() - start
+    stop(server)
+    latencies = [r["done"] - r["arrived"] for r in records]
+    service = statistics.median(r["done"] - r["locked"] for r in records)
+    waits = [r["locked"] - r["arrived"] for r in records]
+    # Order of service against order of arrival: a pair counts as overtaken
+    # when one arrived more than a millisecond before the other yet was
+    # served after it (closer arrivals are within the clocks' noise).
+    by_arrival = sorted(records, key=lambda r: r["arrived"])
+    overtaken = sum(1 for i, a in enumerate(by_arrival) for b in by_arrival[i + 1:]
+                    if b["arrived"] > a["arrived"] + 0.001 and b["locked"] < a["locked"])
+    over_bound = [w / ((r["ahead"] + 1) * service) for w, r in zip(waits, records)]
+    return {"exchanges_per_s": len(records) / wall, "p50": quantile(latencies, 0.5),
+            "p99": quantile(latencies, 0.99), "longest_wait": max(waits),
+            "median_exchange": service, "overtaken": overtaken,
+            "worst_wait_vs_bound": max(over_bound),
+            "over_bound": sum(1 for x in over_bound if x > 1), "count": len(records)}
+
+
+def measure_idle(directory: str, seconds: float) -> float:
+    """CPU time an idle server uses over a number of seconds."""
+    buffer = os.path.join(directory, "buf.txt")
+    server = start_process(ECHO_SERVER, PYZ, buffer, "events")
+    time.sleep(0.5)                           # past start-up
+    before = cpu_seconds(server.pid)
+    time.sleep(seconds)
+    used = cpu_seconds(server.pid) - before
+    stop(server)
+    return used
+
+
+def measure_big(directory: str, size: int, count: int) -> Dict[str, float]:
+    """A large message's round trip beside cp of a file that size, and peak memory."""
+    source = os.path.join(directory, "big.src")
+    with open(source, "wb") as f:
+        f.write(b"x" * size)
+    cp = timed_runs(["cp", source, os.path.join(directory, "big.dst")], count, directory)
+    times, client_peak, server_peak = measure_library(directory, count, False, size)
+    return {"round_trip": statistics.median(times), "cp": statistics.median(cp),
+            "client_peak": client_peak * 1024, "server_peak": server_peak * 1024}
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3f} ms" if seconds < 0.01 else f"{seconds * 1000:.1f} ms"
+
+
+def run(quick: bool) -> Dict[str, Any]:
+    """Take every measurement and return them."""
+    n = 20 if quick else 2000
+    with tempfile.TemporaryDirectory(prefix="filechat-bench-") as directory:
+        def fresh(name: str) -> str:
+            path = os.path.join(directory, name)
+            os.mkdir(path)
+            return path
+        floor = measure_floor(fresh("floor"), n)
+        library, _, _ = measure_library(fresh("library"), n, False)
+        spec, _, _ = measure_library(fresh("spec"), 3 if quick else 12, True)
+        cli, python = measure_cli(fresh("cli"), 3 if quick else 30)
+        line = measure_line(fresh("line"), 4 if quick else 16, 3 if quick else 20)
+        idle = measure_idle(fresh("idle"), 1 if quick else 10)
+        big = measure_big(fresh("big"), (1 if quick else 10) * MIB, 1 if quick else 5)
+    return {
+        "machine": f"{platform.node()}: {platform.machine()}, {os.cpu_count()} cores, "
+                   f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
+        "quick": quick,
+        "floor_median": statistics.median(floor),
+        "library_median": statistics.median(library), "library_p99": quantile(library, 0.99),
+        "library_per_s": len(library) / sum(library),
+        "spec_median": statistics.median(spec),
+        "cli_median": statistics.median(cli), "python_median": statistics.median(python),
+        "line": line, "idle_cpu_10s": idle * (10 if quick else 1),
+        "big": big, "big_size": (1 if quick else 10) * MIB,
+    }
+
+
+def table(r: Dict[str, Any]) -> str:
+    """Format the measurements as a Markdown table."""
+    line, big = r["line"], r["big"]
+    rows = [
+        ("floor: bare inotify file round trip, median", fmt_ms(r["floor_median"]), "", ""),
+        ("library send()/serve() round trip, median", fmt_ms(r["library_median"]),
+         f"floor {fmt_ms(r['floor_median'])}",
+         f"{r['library_median'] / r['floor_median']:.2f} x floor"),
+        ("library round trip, p99", fmt_ms(r["library_p99"]),
+         f"floor median {fmt_ms(r['floor_median'])}",
+         f"{r['library_p99'] / r['floor_median']:.2f} x floor"),
+        ("library exchanges per second", f"{r['library_per_s']:.0f}/s", "", ""),
+        ("spec's pace (--poll, spec intervals), median", fmt_ms(r["spec_median"]),
+         f"filechat {fmt_ms(r['library_median'])}",
+         f"{r['spec_median'] / r['library_median']:.0f} x slower"),
+        ("CLI exchange (python filechat.pyz client), median", fmt_ms(r["cli_median"]),
+         f"python3 -c pass {fmt_ms(r['python_median'])}",
+         f"{r['cli_median'] / r['python_median']:.2f} x"),
+        (f"{line['count']} messages from concurrent clients, exchanges/s",
+         f"{line['exchanges_per_s']:.0f}/s", f"one client {r['library_per_s']:.0f}/s",
+         f"{100 * line['exchanges_per_s'] / r['library_per_s']:.0f} %"),
+        ("  latency p50 / p99", f"{fmt_ms(line['p50'])} / {fmt_ms(line['p99'])}", "", ""),
+        ("  longest wait for the lock", fmt_ms(line["longest_wait"]),
+         f"median exchange {fmt_ms(line['median_exchange'])}", ""),
+        ("  served out of arrival order (arrivals > 1 ms apart)", f"{line['overtaken']}", "", ""),
+        ("  waits over (place in line + 1) x median exchange", f"{line['over_bound']}",
+         "worst wait / bound", f"{line['worst_wait_vs_bound']:.2f}"),
+        ("idle server CPU time over 10 s", fmt_ms(r["idle_cpu_10s"]), "target 10 ms", ""),
+        (f"{r['big_size'] // MIB} MiB message round trip", fmt_ms(big["round_trip"]),
+         f"cp {fmt_ms(big['cp'])}", f"{big['round_trip'] / big['cp']:.1f} x cp"),
+        ("  peak memory, client / server",
+         f"{big['client_peak'] / MIB:.1f} / {big['server_peak'] / MIB:.1f} MiB",
+         f"message {r['big_size'] // MIB} MiB",
+         f"{big['client_peak'] / r['big_size']:.1f} / {big['server_peak'] / r['big_size']:.1f} x"),
+    ]
+    out = ["| measure | filechat | beside | ratio |", "| --- | --- | --- | --- |"]
+    out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    note = " (--quick: counts too small to mean anything)" if r["quick"] else ""
+    return "\n".join(out) + f"\n\nMachine: {r['machine']}{note}"
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke check")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    if not sys.platform.startswith("linux") or shutil.which("cp") is None:
+        parser.error("the benchmark needs Linux (inotify, /proc) and cp")
+    build_zipapp.build(PYZ)
+    results = run(args.quick)
+    print(json.dumps(results, indent=2) if args.json else table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
