@@ -37,10 +37,23 @@ import errno
 import os
 import re
 import select
+import stat
 import sys
 import time
 import zlib
-from typing import IO, TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from _thread import _local as _thread_local
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Callable,
+    Dict,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 if sys.platform != "win32":
     import fcntl  # flock, the liveness signal of a lock's holder; Windows uses the pid
@@ -72,7 +85,7 @@ __version__ = "1.0.0"
 LOCKFILE_NAME = "server.lock"
 END_MARKER = "\x1b"               # ESC ends a message and a reply
 ERROR_MARKER = END_MARKER * 2     # a reply ending in ESC ESC reports a failure
-TAKEN_SUFFIX = ".taken."          # BUFFER + this + lock inode: a message being answered
+TAKEN_SUFFIX = ".taken."          # BUFFER + this + lock inode-token: a message being answered
 PRESENCE_SUFFIX = ".server"       # BUFFER + this: the running server's identity
 REJECTED_SUFFIX = ".rejected."    # BUFFER + this + hash: why a reply was not written
 BANNER = "=" * 60
@@ -319,20 +332,104 @@ def _write_temp(path: str, data: bytes, durable: bool) -> str:
     temp = _temp_name(path)
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_BINARY, 0o644)
     try:
-        view = memoryview(data)
-        if _CRASH_AT == "mid-write":
-            os.write(fd, view[:len(view) // 2])
-            _crash_point("mid-write")
-        while view:
-            view = view[os.write(fd, view):]
-        if durable:
-            os.fsync(fd)
+        _write_all(fd, data, durable)
     except BaseException:
         os.close(fd)
         _unlink_quietly(temp)
         raise
     os.close(fd)
     return temp
+
+
+def _write_all(fd: int, data: bytes, durable: bool) -> None:
+    """Write all of data to fd (and to the disk, if durable)."""
+    view = memoryview(data)
+    if _CRASH_AT == "mid-write":
+        os.write(fd, view[:len(view) // 2])
+        _crash_point("mid-write")
+    while view:
+        view = view[os.write(fd, view):]
+    if durable:
+        os.fsync(fd)
+
+
+def _create_whole(path: str, write: Callable[[int], None], durable: bool,
+                  keep: bool = False) -> Optional[int]:
+    """Create path with what write(fd) writes, appearing whole; None where impossible.
+
+    On Linux an O_TMPFILE file is written without ever having a name and then
+    hard-linked into place, which fails if path exists, as O_CREAT|O_EXCL
+    does. So nobody ever sees the file empty or half-written, even if its
+    writer is killed half-way, and watchers see one event instead of a temp
+    file coming and going. Returns the open descriptor if keep, else -1;
+    raises FileExistsError if path exists; None where the platform or the
+    filesystem cannot do it, and the caller falls back.
+    """
+    if not _O_TMPFILE:
+        return None
+    try:
+        directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | O_CLOEXEC)
+    except OSError:
+        return None                  # e.g. a directory one may write but not read
+    try:
+        try:
+            fd = os.open(".", _O_TMPFILE | os.O_WRONLY | O_CLOEXEC, 0o644, dir_fd=directory)
+        except OSError:
+            return None              # this filesystem has no unnamed files
+        try:
+            write(fd)
+            # Through /proc, so that linkat follows the descriptor to the file.
+            os.link(f"/proc/self/fd/{fd}", os.path.basename(path), dst_dir_fd=directory)
+        except BaseException as exc:
+            os.close(fd)
+            if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
+                return None          # no /proc here
+            raise
+        if durable:
+            os.fsync(directory)
+        if keep:
+            return fd
+        os.close(fd)
+        return -1
+    finally:
+        os.close(directory)
+
+
+def _create_owned(path: str, durable: bool = False) -> Optional[int]:
+    """Create path holding this process's identity, flocked; None if it exists.
+
+    The flock comes before the identity, and the file appears with both, so
+    a complete identity with a free flock always means its holder is gone.
+    Where files cannot be created whole, O_CREAT|O_EXCL, as the spec does.
+    """
+    def write(fd: int) -> None:
+        _flock(fd, shared=False)
+        os.write(fd, _owner_record())     # one small write: readers see all or nothing
+        if durable:
+            os.fsync(fd)
+
+    try:
+        fd = _create_whole(path, write, durable, keep=True)
+    except FileExistsError:
+        return None
+    if fd is not None:
+        return fd
+    try:
+        fd = os.open(path,
+                     os.O_WRONLY      # the holder writes its identity
+                     | os.O_CREAT     # create it...
+                     | os.O_EXCL      # ...only if absent: the atomic test-and-set
+                     | O_NOFOLLOW     # never through a planted symlink
+                     | O_CLOEXEC,     # hooks and children must not inherit the flock
+                     0o644)
+    except FileExistsError:
+        return None
+    write(fd)
+    _fsync_directory(path, durable)
+    return fd
+
+
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0) if sys.platform.startswith("linux") else 0
 
 
 def _fsync_directory(path: str, durable: bool) -> None:
@@ -359,9 +456,11 @@ def atomic_write(path: str, data: bytes, durable: bool = False) -> None:
 def publish_new(path: str, data: bytes, durable: bool = False) -> None:
     """Create path holding data, whole at once; FileExistsError if path exists.
 
-    A hard link publishes the complete temp file under the new name and, unlike
+    A hard link publishes the complete file under the new name and, unlike
     os.replace, refuses to overwrite a file, or follow a symlink, already there.
     """
+    if _create_whole(path, lambda fd: _write_all(fd, data, durable), durable) is not None:
+        return
     temp = _write_temp(path, data, durable)
     try:
         try:
@@ -560,10 +659,12 @@ def default_lock_path(buffer: str) -> str:
 class Lock:
     """The spec's lockfile: whoever creates it may use the buffer.
 
-    The holder writes its identity into the file as one line of JSON, in a
-    single write right after creating it, and keeps an flock on it so that
-    the kernel releases the flock the moment the holder dies. The server,
-    not the holder, removes a lock after answering, as the spec says.
+    Creating it is the atomic test-and-set: exclusive like the spec's
+    O_CREAT|O_EXCL, which peers may use. filechat's lock appears already
+    holding its holder's identity (one line of JSON) and flock, so that it
+    is never seen empty, even if its holder is killed while creating it; the
+    kernel releases the flock the moment the holder dies. The server, not
+    the holder, removes a lock after answering, as the spec says.
 
     Staleness is decided in one place, ``stale_reason``: a holder on this
     host whose flock is free (or, without flock, whose pid is gone); or a
@@ -582,21 +683,9 @@ class Lock:
 
     def try_acquire(self) -> bool:
         """Create the lock if nobody holds it; True if this process now holds it."""
-        try:
-            fd = os.open(self.path,
-                         os.O_WRONLY      # the holder writes its identity
-                         | os.O_CREAT     # create it...
-                         | os.O_EXCL      # ...only if absent: the atomic test-and-set
-                         | O_NOFOLLOW     # never through a planted symlink
-                         | O_CLOEXEC,     # hooks and children must not inherit the flock
-                         0o644)
-        except FileExistsError:
+        fd = _create_owned(self.path, self.durable)
+        if fd is None:
             return False
-        _flock(fd, shared=False)          # before the identity: see inspect_holder
-        os.write(fd, _owner_record())     # one small write: readers see all or nothing
-        if self.durable:
-            os.fsync(fd)
-            _fsync_directory(self.path, True)
         st = os.fstat(fd)
         self.identity = (st.st_dev, st.st_ino)
         if sys.platform == "win32":
@@ -695,15 +784,9 @@ class Line:
         """Take a ticket at the end of the line."""
         while self.ticket is None:
             name = f"{self.prefix}{time.time_ns():020d}-{os.getpid()}"
-            path = os.path.join(self.directory, name)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-                             0o644)
-            except FileExistsError:
-                continue
-            _flock(fd, shared=False)
-            os.write(fd, _owner_record())
-            self.ticket, self.fd = name, fd
+            fd = _create_owned(os.path.join(self.directory, name))
+            if fd is not None:
+                self.ticket, self.fd = name, fd
 
     def ahead(self) -> int:
         """Return how many live tickets come before this one, clearing a dead one before it."""
@@ -741,6 +824,7 @@ class Presence:
         self.fd: Optional[int] = None
         self.identity: Optional[Tuple[int, int]] = None
         self.started = time.time()
+        self.answered = 0
 
     def start(self) -> None:
         """Publish this server's presence; AlreadyServing if a live server has one."""
@@ -768,6 +852,7 @@ class Presence:
         temp, fd = self._write(answered)
         os.replace(temp, self.path)
         self._hold(fd)
+        self.answered = answered
 
     def _write(self, answered: int) -> Tuple[str, int]:
         """Write a complete, flocked presence file under a temp name."""
@@ -861,50 +946,52 @@ def _crash_point(step: str) -> None:
 
 # --- Waiter ---
 
+IN_CLOSE_WRITE = 0x008   # a file written in place is complete
+IN_MOVED_TO = 0x080      # os.replace published a file
+IN_CREATE = 0x100        # a file was linked in whole, or a lock or ticket created
+IN_DELETE = 0x200        # a lock, ticket, presence file or claim went away
+IN_IGNORED = 0x8000      # a watched directory went away
+
+# What each side wakes for. Events are only hints, so a mask needs just the
+# events that can end a wait; the rest would be needless wake-ups.
+SERVER_EVENTS = IN_CREATE | IN_MOVED_TO | IN_CLOSE_WRITE   # a buffer appears, whole
+CLIENT_EVENTS = IN_CREATE | IN_DELETE      # a reply or note appears; a lock or ticket goes
+
+
 class Waiter:
     """Sleep until something may have changed in some directories.
 
     Events are hints: the caller re-checks its condition after every wake-up.
-    On Linux inotify wakes it as soon as a file there is created, closed after
-    writing, renamed or deleted; elsewhere, or with poll=True (network
-    filesystems send no events for other hosts' changes), it sleeps in steps
-    of poll_interval. Even with events, no sleep lasts longer than
-    SAFETY_INTERVAL, so a missed event costs a bounded delay, never a hang.
+    On Linux inotify wakes it as soon as one of ``events`` happens there;
+    elsewhere, or with poll=True (network filesystems send no events for
+    other hosts' changes), it sleeps in steps of poll_interval. Even with
+    events, no sleep lasts longer than SAFETY_INTERVAL, so a missed event
+    costs a bounded delay, never a hang.
     """
 
     def __init__(self, directories: Sequence[str], poll: bool = False,
-                 poll_interval: float = POLL_INTERVAL) -> None:
+                 poll_interval: float = POLL_INTERVAL, events: int = CLIENT_EVENTS) -> None:
         self.poll_interval = poll_interval
-        self.fd: Optional[int] = None
-        if not poll:
-            self.fd = _inotify_open(sorted({d or "." for d in directories}))
+        self.inotify = None if poll else _Inotify.for_thread(events)
+        if self.inotify is not None and not self.inotify.watch(directories):
+            self.inotify = None
+        self.fd = None if self.inotify is None else self.inotify.fd
         log.debug("waiting with %s", "inotify" if self.fd is not None else "polling")
 
     def wait(self, timeout: float) -> None:
         """Return after an event or after timeout seconds, whichever comes first."""
         if timeout <= 0:
             return
-        if self.fd is None:
+        if self.inotify is None:
             time.sleep(min(timeout, self.poll_interval))
             return
-        ready, _, _ = select.select([self.fd], [], [], min(timeout, SAFETY_INTERVAL))
+        ready, _, _ = select.select([self.inotify.fd], [], [], min(timeout, SAFETY_INTERVAL))
         if ready:
-            self._drain()
-
-    def _drain(self) -> None:
-        """Discard queued events: their content does not matter, only that they came."""
-        assert self.fd is not None
-        try:
-            while os.read(self.fd, 65536):
-                pass
-        except BlockingIOError:
-            pass
+            self.inotify.drain()
 
     def close(self) -> None:
-        """Release the inotify descriptor."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        """Stop using the waiter (the thread keeps its inotify instance for next time)."""
+        self.inotify = None
 
     def __enter__(self) -> "Waiter":
         return self
@@ -913,32 +1000,78 @@ class Waiter:
         self.close()
 
 
-_IN_EVENTS = (0x008      # IN_CLOSE_WRITE: a file written in place is complete
-              | 0x080    # IN_MOVED_TO: os.replace published a file
-              | 0x100    # IN_CREATE: a lock or a hard-linked reply appeared
-              | 0x200    # IN_DELETE: a lock was released, a reply consumed
-              | 0x040)   # IN_MOVED_FROM: a buffer was claimed or withdrawn
+class _Inotify:
+    """One thread's inotify instance for one event mask, kept for the thread's life.
 
+    Creating and closing an instance costs more than a whole exchange, so
+    each thread keeps one per mask and adds directories as they come.
+    """
 
-def _inotify_open(directories: Sequence[str]) -> Optional[int]:
-    """Return an inotify descriptor watching directories, None where unavailable."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = libc.inotify_init1(os.O_NONBLOCK | O_CLOEXEC)
-    except (OSError, AttributeError):
-        return None
-    if fd < 0:
-        return None
-    for directory in directories:
-        if libc.inotify_add_watch(fd, os.fsencode(directory), _IN_EVENTS) < 0:
-            log.debug("inotify cannot watch %s: %s", directory,
-                      os.strerror(ctypes.get_errno()))
-            os.close(fd)
+    _threads = _thread_local()
+    _libc: object = None
+
+    def __init__(self, fd: int, events: int) -> None:
+        self.fd = fd
+        self.events = events
+        self.watched: Set[str] = set()
+
+    @classmethod
+    def for_thread(cls, events: int) -> "Optional[_Inotify]":
+        """Return this thread's instance for events; None where inotify is unavailable."""
+        instances = cls._threads.__dict__.setdefault("instances", {})
+        if events not in instances:
+            fd = cls._init()
+            if fd is None:
+                return None
+            instances[events] = cls(fd, events)
+        return instances[events]  # type: ignore[no-any-return]
+
+    @classmethod
+    def _init(cls) -> Optional[int]:
+        """Create an inotify descriptor, None where there is no inotify."""
+        if not sys.platform.startswith("linux"):
             return None
-    return int(fd)
+        try:
+            if cls._libc is None:
+                import ctypes
+                cls._libc = ctypes.CDLL(None, use_errno=True)
+            fd = int(cls._libc.inotify_init1(os.O_NONBLOCK | O_CLOEXEC))  # type: ignore[attr-defined]
+        except (OSError, AttributeError):
+            return None
+        return fd if fd >= 0 else None
+
+    def watch(self, directories: Sequence[str]) -> bool:
+        """Watch directories too; False if one cannot be watched."""
+        for directory in directories:
+            directory = directory or "."
+            if directory in self.watched:
+                continue
+            if self._libc.inotify_add_watch(  # type: ignore[attr-defined]
+                    self.fd, os.fsencode(directory), self.events) < 0:
+                log.debug("inotify cannot watch %s", directory)
+                return False
+            self.watched.add(directory)
+        return True
+
+    def drain(self) -> None:
+        """Discard queued events: that they came matters, not what they say.
+
+        Only IN_IGNORED is looked at: a watched directory that went away must
+        be watched afresh if it comes back.
+        """
+        try:
+            while True:
+                data = os.read(self.fd, 65536)
+                offset = 0
+                while offset + 16 <= len(data):
+                    if int.from_bytes(data[offset + 4:offset + 8], "little") & IN_IGNORED:
+                        self.watched.clear()
+                    offset += 16 + int.from_bytes(data[offset + 12:offset + 16], "little")
+        except BlockingIOError:
+            pass
+
+    def __del__(self) -> None:
+        os.close(self.fd)
 
 
 # --- Client API ---
@@ -956,7 +1089,7 @@ class Paths(NamedTuple):
     buffer: str
     lock: str
     presence: str        # BUFFER.server: the running server's identity
-    claim_prefix: str    # BUFFER.taken.<lock inode>: a message being answered
+    claim_prefix: str    # BUFFER.taken.<lock inode>-<lock token>: a message being answered
 
     @classmethod
     def of(cls, buffer: str, lock: Optional[str] = None) -> "Paths":
@@ -972,7 +1105,7 @@ class Paths(NamedTuple):
         except OSError:
             return []
         return sorted(os.path.join(directory, name) for name in names
-                      if name.startswith(prefix) and name[len(prefix):].isdigit())
+                      if name.startswith(prefix) and _LockRef.parse(name[len(prefix):]))
 
     def rejection(self, response_path: str) -> str:
         """Return where the server says why it would not write to response_path."""
@@ -1064,7 +1197,7 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
         try:
             status("locked")
             _crash_point("client-locked")
-            atomic_write(buffer, data, durable)
+            _publish_buffer(buffer, data, durable)
             _crash_point("client-sent")
             status("sent")
             status("waiting")
@@ -1083,6 +1216,14 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     if is_error:
         raise ServerError(text)
     return text
+
+
+def _publish_buffer(buffer: str, data: bytes, durable: bool) -> None:
+    """Put the request in the buffer, whole, replacing anything left there."""
+    try:
+        publish_new(buffer, data, durable)
+    except FileExistsError:
+        atomic_write(buffer, data, durable)   # half a message from a client that died
 
 
 def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[float],
@@ -1257,11 +1398,12 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
     try:
         sweep_leftovers(server.allowed)
         report("ready", buffer=buffer, lock_path=paths.lock)
-        with Waiter(paths.directories(), poll, poll_interval) as waiter:
+        with Waiter(paths.directories(), poll, poll_interval, SERVER_EVENTS) as waiter:
+            # Messages claimed by a server that stopped before answering come first.
+            pending = paths.claims()
             while max_messages is None or handled < max_messages:
-                server.answer(server.next_claim(waiter))
+                server.answer(pending.pop(0) if pending else server.next_claim(waiter, presence))
                 handled += 1
-                presence.update(handled)
     finally:
         server.forget_orphans()
         sweep_leftovers(server.allowed, mine=True)
@@ -1292,33 +1434,43 @@ class _Server:
         self.durable = durable
         self.report = report
         self.unread: List[_Unread] = []
+        self.handled = 0
+        self.chores_done = 0.0
 
-    def next_claim(self, waiter: Waiter) -> str:
+    def next_claim(self, waiter: Waiter, presence: Presence) -> str:
         """Wait for a complete message and claim it by renaming the buffer.
 
         The claim's name carries the inode of the lock the message came
         with, so that even a restarted server removes that lock and no other.
+        Chores (orphaned replies, the presence file's count, stale locks)
+        are done once a second, not at every wake-up.
         """
         while True:
-            self.forget_orphans()
-            claims = self.paths.claims()
-            if claims:
-                return claims[0]     # claimed by a server that stopped before answering
+            if time.monotonic() - self.chores_done >= SAFETY_INTERVAL:
+                self._chores(presence)
             try:
                 data = read_or_none(self.paths.buffer)
                 if data and END_MARKER.encode() in data:
-                    lock = _file_id(self.paths.lock)
-                    claim = f"{self.paths.claim_prefix}{lock[1] if lock else 0}"
+                    claim = self.paths.claim_prefix + _LockRef.of(self.paths.lock).name()
                     os.rename(self.paths.buffer, claim)
                     _crash_point("server-taken")
                     return claim
-                self._clear_stale_lock(data)
             except FileNotFoundError:
                 continue             # withdrawn by its client an instant ago
             except OSError as exc:
                 self.report("discarded", reason=f"cannot use {exc.filename or self.paths.buffer}: "
                             f"{exc.strerror or exc}")
             waiter.wait(SAFETY_INTERVAL)
+
+    def _chores(self, presence: Presence) -> None:
+        """Do what need not delay an answer: orphans, the presence file, stale locks."""
+        self.chores_done = time.monotonic()
+        self.forget_orphans()
+        if presence.answered != self.handled:
+            presence.update(self.handled)
+        data = read_or_none(self.paths.buffer)
+        if not data or END_MARKER.encode() not in data:
+            self._clear_stale_lock(data)
 
     def _clear_stale_lock(self, data: Optional[bytes]) -> None:
         """Remove a lock whose holder died before sending, with any half-written message."""
@@ -1336,21 +1488,32 @@ class _Server:
             sweep_leftovers(self.allowed)
 
     def answer(self, claim: str) -> None:
-        """Answer one claimed message, then free the claim and the lock it came with."""
-        lock_inode = int(claim[len(self.paths.claim_prefix):])
+        """Answer one claimed message, then free the lock it came with and the claim."""
+        ref = _LockRef.parse(claim[len(self.paths.claim_prefix):]) or _LockRef(0, "")
+        client = self._client(ref)
         try:
-            self._answer(claim, lock_inode)
+            self._answer(claim, client)
         except OSError as exc:
             self.report("discarded", reason=f"cannot use {exc.filename or claim}: "
                         f"{exc.strerror or exc}")
+        except BaseException:
+            client.close()
+            raise
         # Not on Ctrl+C: a message being answered stays claimed for the next server.
-        _unlink_quietly(claim)
+        # The lock goes first: its client waits for that, not for the claim. The
+        # client's lock is held open meanwhile, so its inode cannot be reused.
         lock = _file_id(self.paths.lock)
-        if lock is not None and lock[1] == lock_inode:
+        if client.fd >= 0 and lock is not None and lock[1] == ref.inode:
             remove_if_same(self.paths.lock, lock)
+        _unlink_quietly(claim)
+        if client.watchable and client.reply is not None:
+            self.unread.append(_Unread(client.reply[0], client.reply[1], client.fd))
+        else:
+            client.close()
+        self.handled += 1
         self.report("released", lock_path=self.paths.lock)
 
-    def _answer(self, claim: str, lock_inode: int) -> None:
+    def _answer(self, claim: str, client: "_Client") -> None:
         """Check the claimed message, obtain its reply and publish it."""
         try:
             parsed = parse_request(read_or_none(claim) or b"")
@@ -1365,15 +1528,17 @@ class _Server:
         problem = self._target_problem(request.response_path)
         if problem is _ANSWERED:
             self.report("discarded", reason=f"{raw_path} was answered before a restart")
-        elif problem is not None:
+            return
+        if problem is not None:
             self._reject(raw_path, request, problem)
-        elif not self._client_waiting(lock_inode):
+            return
+        if not client.waiting(self.paths.lock):
             self.report("discarded", reason=f"the client for {raw_path} has gone")
-        else:
-            self.report("received", request=request)
-            self._reply(request, lock_inode)
+            return
+        self.report("received", request=request)
+        self._reply(request, client)
 
-    def _reply(self, request: Request, lock_inode: int) -> None:
+    def _reply(self, request: Request, client: "_Client") -> None:
         """Obtain the reply and publish it, unless its client has gone meanwhile."""
         failure = None
         size = len(request.message.encode("utf-8"))
@@ -1385,45 +1550,28 @@ class _Server:
         except (HookError, FramingError) as exc:
             failure = str(exc)
             data = encode_reply(f"filechat server: {failure}\n", error=True)
-        watch = self._watch_client(lock_inode)
-        if watch is None:
+        if not client.waiting(self.paths.lock):
             self.report("discarded", reason=f"the client for {request.response_path} has gone")
             return
-        try:
-            publish_new(request.response_path, data, self.durable)
-        except BaseException:
-            if watch >= 0:
-                os.close(watch)
-            raise
-        if watch >= 0:
-            self.unread.append(_Unread(request.response_path, _file_id(request.response_path),
-                                       watch))
+        publish_new(request.response_path, data, self.durable)
+        client.reply = (request.response_path, _file_id(request.response_path))
         _crash_point("server-replied")
         self.report("failed" if failure else "replied", request=request, reason=failure)
 
-    def _watch_client(self, lock_inode: int) -> Optional[int]:
-        """Return a descriptor that tells when the waiting client ends.
-
-        It is the client's lock, opened before the lock is removed: the
-        client's flock on it outlives the name. -1 where the client cannot be
-        watched (a peer that follows only the spec); None if it has gone.
-        """
-        if lock_inode == 0:
-            return -1
+    def _client(self, ref: "_LockRef") -> "_Client":
+        """Open the lock a message came with, to follow its client while answering."""
+        if ref.inode == 0:
+            return _Client(-1, False, False)       # sent without a lock: nothing to follow
         try:
             fd = os.open(self.paths.lock, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
         except FileNotFoundError:
-            return None
-        st = os.fstat(fd)
+            return _Client(-1, False, True)
         owner = read_owner(os.read(fd, 4096))
-        if st.st_ino != lock_inode or (owner is not None and owner.host == HOST
-                                       and _local_owner_gone(fd, owner)):
+        if os.fstat(fd).st_ino != ref.inode or (owner.token if owner else "") != ref.token:
             os.close(fd)
-            return None
-        if owner is None or owner.host != HOST or sys.platform == "win32":
-            os.close(fd)
-            return -1
-        return fd
+            return _Client(-1, False, True)        # the client gave up: another's lock now
+        local = owner is not None and owner.host == HOST and sys.platform != "win32"
+        return _Client(fd, local, False)
 
     def forget_orphans(self) -> None:
         """Delete replies whose clients died before reading them."""
@@ -1438,17 +1586,10 @@ class _Server:
                 self.report("discarded", reason=f"removed the reply {unread.path}: its client "
                             "ended without reading it")
 
-    def _client_waiting(self, lock_inode: int) -> bool:
-        """True if the lock the message came with is still there and its holder lives."""
-        if lock_inode == 0:
-            return True              # sent without a lock: nothing to check
-        holder = inspect_holder(self.paths.lock)
-        return holder is not None and holder.identity[1] == lock_inode and holder.gone is None
-
     def _target_problem(self, path: str) -> Optional[str]:
         """Return why the reply must not be written to path, or None if it may."""
         directory = os.path.dirname(path)
-        if any(c in path for c in "\r\0"):
+        if "\r" in path or "\0" in path:
             return "the path contains a control character"
         if not os.path.isdir(directory):
             return f"directory {directory} does not exist"
@@ -1457,22 +1598,91 @@ class _Server:
                    for a in self.allowed):
             return (f"it is outside the directories this server writes to "
                     f"({', '.join(self.allowed)}); the server can allow more with --allow-dir")
-        if os.path.islink(path):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
             return "it is a symbolic link, which the server never follows"
-        if os.path.isdir(path):
+        if stat.S_ISDIR(st.st_mode):
             return "it is a directory"
-        if os.path.lexists(path):
-            existing = read_or_none(path)
-            if existing is not None and parse_reply(existing) is not None:
-                return _ANSWERED
-            return "the file already exists, and the server never overwrites a file"
-        return None
+        existing = read_or_none(path)
+        if existing is not None and parse_reply(existing) is not None:
+            return _ANSWERED
+        return "the file already exists, and the server never overwrites a file"
 
     def _reject(self, raw_path: str, request: Request, problem: str) -> None:
         """Tell the client at once why its reply cannot be delivered."""
         reason = f"the server will not write the reply to {raw_path}: {problem}"
-        atomic_write(self.paths.rejection(raw_path), reason.encode("utf-8"), self.durable)
+        note = self.paths.rejection(raw_path)
+        _unlink_quietly(note)            # an unread note about an earlier message
+        publish_new(note, reason.encode("utf-8"), self.durable)
         self.report("rejected", request=request, reason=reason)
+
+
+class _LockRef(NamedTuple):
+    """Which lock a claimed message came with: its inode and its holder's token.
+
+    The inode alone could be reused by a later lock once its client has died;
+    the token (empty for a lock that names nobody) tells them apart.
+    """
+
+    inode: int
+    token: str
+
+    @classmethod
+    def of(cls, lock_path: str) -> "_LockRef":
+        """Describe the lock now at lock_path (inode 0 if there is none)."""
+        try:
+            fd = os.open(lock_path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
+        except FileNotFoundError:
+            return cls(0, "")
+        try:
+            owner = read_owner(os.read(fd, 4096))
+            return cls(os.fstat(fd).st_ino, owner.token if owner else "")
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def parse(cls, text: str) -> "Optional[_LockRef]":
+        """Read a claim name's suffix, "<inode>-<token>"; None if it is not one."""
+        inode, dash, token = text.partition("-")
+        if not (inode.isdigit() and dash and all(c in "0123456789abcdef" for c in token)):
+            return None
+        return cls(int(inode), token)
+
+    def name(self) -> str:
+        """Return the claim name's suffix for this lock."""
+        return f"{self.inode}-{self.token}"
+
+
+class _Client:
+    """The client a message came from, followed through its lock while it is answered."""
+
+    def __init__(self, fd: int, watchable: bool, gone: bool) -> None:
+        self.fd = fd                  # its lock, held open (-1 if none)
+        self.watchable = watchable    # a local filechat client, whose flock is its life
+        self.gone = gone
+        self.reply: Optional[Tuple[str, Optional[Tuple[int, int]]]] = None
+
+    def waiting(self, lock_path: str) -> bool:
+        """True if the client has not given up (its lock is in place) nor ended."""
+        if self.gone:
+            return False
+        if self.fd < 0:
+            return True               # no lock to follow: assume it waits
+        lock = _file_id(lock_path)
+        if lock is None or lock[1] != os.fstat(self.fd).st_ino:
+            self.gone = True
+        elif self.watchable and _flock(self.fd, shared=True):
+            self.gone = True          # its flock died with it
+        return not self.gone
+
+    def close(self) -> None:
+        """Stop following the client."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 _ANSWERED = "answered before a restart"    # a _target_problem that is not an error

@@ -298,7 +298,7 @@ def test_send_and_serve_as_a_library(tmp_path: Path) -> None:
         return request.message.upper()
 
     thread = threading.Thread(target=filechat.serve, args=(buffer, responder),
-                              kwargs={"max_messages": 2})
+                              kwargs={"max_messages": 2}, daemon=True)
     thread.start()
     assert filechat.send(buffer, "one", timeout=WAIT) == "ONE"
     reply_path = str(tmp_path / "r.txt")

@@ -262,14 +262,14 @@ def test_durable_fsyncs_files_and_directories(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(os, "fsync", fsync)
     buffer = str(tmp_path / "buf.txt")
     thread = threading.Thread(target=filechat.serve, args=(buffer, lambda r: "ok"),
-                              kwargs={"max_messages": 1, "durable": True})
+                              kwargs={"max_messages": 1, "durable": True}, daemon=True)
     thread.start()
     assert filechat.send(buffer, "hi", durable=True, timeout=WAIT) == "ok"
     thread.join(WAIT)
     assert any(stat.S_ISDIR(m) for m in synced) and any(stat.S_ISREG(m) for m in synced)
     synced.clear()
     thread = threading.Thread(target=filechat.serve, args=(buffer, lambda r: "ok"),
-                              kwargs={"max_messages": 1})
+                              kwargs={"max_messages": 1}, daemon=True)
     thread.start()
     assert filechat.send(buffer, "hi", timeout=WAIT) == "ok"
     thread.join(WAIT)

@@ -29,9 +29,19 @@ for i in range(int(sys.argv[4])):
 def run_load(pyz: Path, tmp_path: Path, victims: int, seed: int) -> None:
     server = Proc([sys.executable, str(pyz), "server", "buf.txt", "--auto-reply-cmd", "cat"],
                   tmp_path)
-    server.expect("Waiting for clients...")
-    clients = [Proc([sys.executable, "-c", DRIVER, str(pyz), "buf.txt", f"c{n}", str(MESSAGES)],
-                    tmp_path) for n in range(CLIENTS)]
+    clients: List[Proc] = []
+    try:
+        server.expect("Waiting for clients...")
+        clients += [Proc([sys.executable, "-c", DRIVER, str(pyz), "buf.txt", f"c{n}",
+                          str(MESSAGES)], tmp_path) for n in range(CLIENTS)]
+        check_load(server, clients, tmp_path, victims, seed)
+    finally:
+        for proc in [server, *clients]:
+            proc.kill()
+
+
+def check_load(server: Proc, clients: List[Proc], tmp_path: Path, victims: int,
+               seed: int) -> None:
     rng = random.Random(seed)
     doomed = rng.sample(range(CLIENTS), victims)
     killers: List[threading.Thread] = []
