@@ -22,7 +22,8 @@ The lock names its owner (JSON: pid, host, token, time) and the owner holds
 an flock on it, so a lock whose owner died is recognised and reclaimed.
 
 Exit statuses: 0 ok, 1 error, 2 usage or bad input, 3 reply timeout,
-4 lock timeout, 130 client interrupted (Ctrl+C stops a server with 0).
+4 lock timeout, 5 no server (status), 130 client interrupted (Ctrl+C
+stops a server with 0).
 
 Assumptions:
   - every participant sees the same files (one host or one shared directory);
@@ -48,6 +49,7 @@ from typing import (
     Callable,
     Dict,
     List,
+    Mapping,
     NamedTuple,
     Optional,
     Sequence,
@@ -98,6 +100,7 @@ SAFETY_INTERVAL = 1.0             # seconds: longest sleep even when events are 
 STALE_AFTER = 300.0               # seconds before an unidentifiable lock counts as stale
 HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
 RELEASE_GRACE = 1.0               # seconds a client waits for the server to remove its lock
+PROGRESS_INTERVAL = 0.1           # seconds between updates of a progress line at a terminal
 MAX_BYTES = 1 << 20               # bytes: the largest message a client sends by default
 
 EXIT_OK = 0
@@ -105,6 +108,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
 EXIT_LOCK_TIMEOUT = 4
+EXIT_NO_SERVER = 5
 EXIT_INTERRUPTED = 130
 
 EXIT_STATUS_TABLE = """\
@@ -114,6 +118,7 @@ exit status:
   2    usage error or bad input (e.g. a message containing ESC)
   3    no reply within --timeout
   4    lock not acquired within --lock-timeout
+  5    status: no server is running on the buffer
   130  client interrupted by Ctrl+C"""
 
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # absent on Windows
@@ -137,6 +142,7 @@ class _Log:
 
     stream: Optional[IO[str]] = None
     verbose = False
+    color = False
 
     def debug(self, message: str, *args: object) -> None:
         """Log a debug line: lock and wait transitions."""
@@ -156,6 +162,8 @@ class _Log:
 
     def _write(self, level: str, text: str) -> None:
         assert self.stream is not None
+        if self.color:
+            level = f"\x1b[{33 if level == 'warning' else 2}m{level}\x1b[0m"
         self.stream.write(f"filechat: {level}: {text}\n")
         self.stream.flush()
 
@@ -550,13 +558,14 @@ class Owner(NamedTuple):
     token: str
     created: float
     answered: int = 0    # presence files only: messages the server has handled
+    started: float = 0.0  # presence files only: when the server started
 
 
 # Owner records are JSON. Clients write and read them on every exchange, so
 # the usual shape is formatted and matched here, and the json module, slow to
 # import next to a client's whole run, is used only for any other shape.
 _OWNER = re.compile(rb'\{"pid": (\d+), "host": "([A-Za-z0-9._-]*)", "token": "([0-9a-f]*)", '
-                    rb'"created": ([0-9.]+)(?:, "answered": (\d+), "started": [0-9.]+)?\}\n?\Z')
+                    rb'"created": ([0-9.]+)(?:, "answered": (\d+), "started": ([0-9.]+))?\}\n?\Z')
 
 
 def _owner_record(answered: Optional[int] = None, started: float = 0.0) -> bytes:
@@ -577,16 +586,17 @@ def read_owner(data: bytes) -> Optional[Owner]:
     """Parse a lock or presence file; None for an empty or foreign one."""
     match = _OWNER.match(data)
     if match:
-        pid, host, token, created, answered = match.groups()
+        pid, host, token, created, answered, started = match.groups()
         return Owner(int(pid), host.decode(), token.decode(), float(created),
-                     int(answered or 0))
+                     int(answered or 0), float(started or 0.0))
     if not data.strip():
         return None
     import json
     try:
         raw = json.loads(data.decode("utf-8"))
         return Owner(int(raw["pid"]), str(raw["host"]), str(raw["token"]),
-                     float(raw["created"]), int(raw.get("answered", 0)))
+                     float(raw["created"]), int(raw.get("answered", 0)),
+                     float(raw.get("started", 0.0)))
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -1161,7 +1171,8 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
          lock_path: Optional[str] = None, stale_after: float = STALE_AFTER,
          max_bytes: int = MAX_BYTES, durable: bool = False, poll: bool = False,
          poll_interval: float = RESPONSE_POLL_INTERVAL,
-         lock_retry_interval: float = LOCK_RETRY_INTERVAL, status: Status = _quiet) -> str:
+         lock_retry_interval: float = LOCK_RETRY_INTERVAL, status: Status = _quiet,
+         progress_interval: Optional[float] = None) -> str:
     """Send one message to the server on buffer and return its reply.
 
     Does what the spec's client does: takes the lock, writes the buffer,
@@ -1171,7 +1182,8 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     bounded by timeout. ``status`` hears "busy" (every lock_retry_interval
     while another client holds the lock), "locked", "sent", "waiting", and
     "no-server", "server-stopped", "server-started" as the server comes and
-    goes.
+    goes; with progress_interval, also "tick" (phase "lock" or "reply",
+    seconds waited) that often while it waits.
 
     Raises FramingError (ESC, NUL or non-UTF-8 text, a message over
     max_bytes), UsageError (unusable paths), Rejected (the server will not
@@ -1193,7 +1205,8 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     response_path = os.path.abspath(response_path)
     lock = Lock(paths.lock, stale_after, durable)
     with Waiter(paths.directories(response_path), poll, poll_interval) as waiter:
-        _acquire(lock, paths, waiter, lock_timeout, lock_retry_interval, status)
+        _acquire(lock, paths, waiter, lock_timeout, lock_retry_interval, status,
+                 progress_interval)
         try:
             status("locked")
             _crash_point("client-locked")
@@ -1202,7 +1215,7 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
             status("sent")
             status("waiting")
             text, is_error = _await_reply(paths, response_path, lock, waiter, timeout, data,
-                                          status)
+                                          status, progress_interval)
         except BaseException:
             _give_up(paths, lock, data)
             _unlink_quietly(response_path)
@@ -1226,14 +1239,33 @@ def _publish_buffer(buffer: str, data: bytes, durable: bool) -> None:
         atomic_write(buffer, data, durable)   # half a message from a client that died
 
 
+class _Ticker:
+    """Tells status("tick", phase=..., waited=...) every interval while a wait lasts."""
+
+    def __init__(self, status: Status, phase: str, interval: Optional[float]) -> None:
+        self.status = status
+        self.phase = phase
+        self.interval = interval
+        self.start = time.monotonic()
+        self.next = self.start + interval if interval else float("inf")
+
+    def __call__(self, now: float) -> float:
+        """Tick if it is time; return the seconds until the next tick."""
+        if now >= self.next and self.interval:
+            self.status("tick", phase=self.phase, waited=now - self.start)
+            self.next = now + self.interval
+        return self.next - now
+
+
 def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[float],
-             retry_interval: float, status: Status) -> None:
+             retry_interval: float, status: Status, progress: Optional[float]) -> None:
     """Take the lock, waiting in line while others hold it or wait for it."""
     line = Line(lock.path, lock.stale_after)
     if not line.waiting() and lock.try_acquire():
         return                                   # nobody holds it, nobody waits
     start = time.monotonic()
     next_notice = start
+    tick = _Ticker(status, "lock", progress)
     line.join()
     try:
         while True:
@@ -1248,8 +1280,9 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[fl
                 raise LockTimeout(lock.path, lock_timeout)
             if now >= next_notice:
                 status("busy", ahead=ahead + 1)     # + 1: the client being served
+                log.debug("waiting in line for %s: %d ahead", lock.path, ahead + 1)
                 next_notice = now + retry_interval
-            wake = next_notice - now
+            wake = min(next_notice - now, tick(now))
             if waiter.fd is None:
                 wake = min(wake, retry_interval)    # polling: the spec's retry pace
             if lock_timeout is not None:
@@ -1279,10 +1312,12 @@ def _message_waiting(buffer: str) -> bool:
 
 
 def _await_reply(paths: Paths, response_path: str, lock: Lock, waiter: Waiter,
-                 timeout: float, data: bytes, status: Status) -> Tuple[str, bool]:
+                 timeout: float, data: bytes, status: Status,
+                 progress: Optional[float]) -> Tuple[str, bool]:
     """Wait for the complete reply and return (text, is_error)."""
     deadline = time.monotonic() + timeout
     server_up: Optional[bool] = None
+    tick = _Ticker(status, "reply", progress)
     while True:
         reply = _read_reply(paths, response_path, lock)
         if reply is not None:
@@ -1295,11 +1330,11 @@ def _await_reply(paths: Paths, response_path: str, lock: Lock, waiter: Waiter,
                 status("server-started")
             server_up = up
         _crash_point("client-waiting")
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        now = time.monotonic()
+        if now >= deadline:
             withdrawn = _give_up(paths, lock, data)
             raise ReplyTimeout(response_path, timeout, paths.buffer, withdrawn, up)
-        waiter.wait(remaining)
+        waiter.wait(min(deadline - now, tick(now)))
 
 
 def _read_reply(paths: Paths, response_path: str, lock: Lock) -> Optional[Tuple[str, bool]]:
@@ -1454,12 +1489,14 @@ class _Server:
                     claim = self.paths.claim_prefix + _LockRef.of(self.paths.lock).name()
                     os.rename(self.paths.buffer, claim)
                     _crash_point("server-taken")
+                    log.debug("message claimed as %s", claim)
                     return claim
             except FileNotFoundError:
                 continue             # withdrawn by its client an instant ago
             except OSError as exc:
                 self.report("discarded", reason=f"cannot use {exc.filename or self.paths.buffer}: "
                             f"{exc.strerror or exc}")
+            self.report("idle", answered=self.handled)
             waiter.wait(SAFETY_INTERVAL)
 
     def _chores(self, presence: Presence) -> None:
@@ -1527,13 +1564,15 @@ class _Server:
         request = Request(message, os.path.abspath(raw_path), self.paths.buffer)
         problem = self._target_problem(request.response_path)
         if problem is _ANSWERED:
-            self.report("discarded", reason=f"{raw_path} was answered before a restart")
+            self.report("discarded", reason=f"{raw_path} was answered before a restart",
+                        request=request)
             return
         if problem is not None:
             self._reject(raw_path, request, problem)
             return
         if not client.waiting(self.paths.lock):
-            self.report("discarded", reason=f"the client for {raw_path} has gone")
+            self.report("discarded", reason=f"the client for {raw_path} has gone",
+                        request=request)
             return
         self.report("received", request=request)
         self._reply(request, client)
@@ -1546,17 +1585,22 @@ class _Server:
             if size > self.max_bytes:
                 raise HookError(f"the message is {size} bytes, over this server's limit of "
                                 f"{self.max_bytes} (--max-bytes)")
-            data = encode_reply(self.responder(request))
+            text = self.responder(request)
+            data = encode_reply(text)
         except (HookError, FramingError) as exc:
             failure = str(exc)
-            data = encode_reply(f"filechat server: {failure}\n", error=True)
+            text = f"filechat server: {failure}\n"
+            data = encode_reply(text, error=True)
         if not client.waiting(self.paths.lock):
-            self.report("discarded", reason=f"the client for {request.response_path} has gone")
+            self.report("discarded", reason=f"the client for {request.response_path} has gone",
+                        request=request)
             return
         publish_new(request.response_path, data, self.durable)
         client.reply = (request.response_path, _file_id(request.response_path))
         _crash_point("server-replied")
-        self.report("failed" if failure else "replied", request=request, reason=failure)
+        log.debug("reply published in %s", request.response_path)
+        self.report("failed" if failure else "replied", request=request, reason=failure,
+                    reply=text)
 
     def _client(self, ref: "_LockRef") -> "_Client":
         """Open the lock a message came with, to follow its client while answering."""
@@ -1807,6 +1851,39 @@ def _kill_hook(proc: "Popen[bytes]", posix: bool) -> None:
     proc.communicate()
 
 
+# --- Status ---
+# After the server because it reads what both sides leave: the presence
+# file, the lock, the buffer, claims and the line.
+
+def status(buffer: str, lock_path: Optional[str] = None,
+           stale_after: float = STALE_AFTER) -> Dict[str, object]:
+    """Describe the exchange on buffer: server, lock, waiting message, line of clients.
+
+    Returns the dictionary that ``filechat status --json`` prints.
+    """
+    paths = Paths.of(buffer, lock_path)
+    presence = inspect_holder(paths.presence)
+    server: Optional[Dict[str, object]] = None
+    if presence is not None and presence.gone is None:
+        owner = presence.owner
+        server = {"pid": owner.pid if owner else None, "host": owner.host if owner else None,
+                  "started": owner.started if owner else None,
+                  "answered": owner.answered if owner else 0}
+    holder = inspect_holder(paths.lock)
+    lock: Dict[str, object] = {"path": paths.lock, "held": holder is not None}
+    if holder is not None:
+        reason = stale_reason(holder, stale_after)
+        owner = holder.owner
+        lock.update(pid=owner.pid if owner else None, host=owner.host if owner else None,
+                    age=round(holder.age, 3),
+                    state="stale" if reason else "alive" if owner and owner.host == HOST
+                    else "unknown", stale_reason=reason)
+    return {"buffer": buffer, "server": server, "lock": lock,
+            "message_waiting": _message_waiting(buffer),
+            "being_answered": len(paths.claims()),
+            "waiting_clients": len(Line(paths.lock).tickets())}
+
+
 # --- CLI ---
 
 class Terminal:
@@ -1817,6 +1894,16 @@ class Terminal:
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
+        self.stdout_tty = _isatty(self.stdout)
+        self.stderr_tty = _isatty(self.stderr)
+        # https://no-color.org: any non-empty NO_COLOR turns colour off.
+        self.color = (self.stderr_tty and not os.environ.get("NO_COLOR")
+                      and os.environ.get("TERM") != "dumb")
+
+    def error(self, text: str) -> None:
+        """Print ``filechat: error: text`` on stderr, "error" in red at a terminal."""
+        label = "\x1b[31merror\x1b[0m" if self.color else "error"
+        self.err(f"filechat: {label}: {text}")
 
     def out(self, text: str = "") -> None:
         """Print a line on stdout."""
@@ -1832,10 +1919,7 @@ class Terminal:
 
     def stdin_is_tty(self) -> bool:
         """True if stdin is a terminal."""
-        try:
-            return self.stdin.isatty()
-        except ValueError:
-            return False
+        return _isatty(self.stdin)
 
     def read_text(self, what: str) -> Tuple[str, bool]:
         """Read stdin up to end of file; return (text, ended mid-line at a terminal).
@@ -1858,6 +1942,57 @@ class Terminal:
             if tty and not chunk.endswith(b"\n"):
                 return _decode_input(b"".join(chunks), what), True
         return _decode_input(b"".join(chunks), what), False
+
+
+def _isatty(stream: IO[str]) -> bool:
+    """True if stream is a terminal."""
+    try:
+        return stream.isatty()
+    except (ValueError, AttributeError):
+        return False
+
+
+class _StatusLine:
+    """The client's status lines on stderr; at a terminal the last one counts the wait.
+
+    At a terminal the line being waited on shows the seconds waited, updated
+    in place, and is rewritten without them when the next line comes, so the
+    screen ends up showing exactly the lines a pipe would get. Elsewhere each
+    line is printed once, plainly; with quiet, not at all.
+    """
+
+    def __init__(self, term: Terminal, quiet: bool) -> None:
+        self.term = term
+        self.quiet = quiet
+        self.live = term.stderr_tty and not quiet
+        self.current: Optional[str] = None
+
+    def say(self, text: str) -> None:
+        """Show the next status line."""
+        if self.quiet:
+            return
+        self.done()
+        if self.live:
+            self._write(text)
+            self.current = text
+        else:
+            self.term.err(text)
+
+    def tick(self, waited: float) -> None:
+        """Show how long the current line has been waited on."""
+        if self.live and self.current is not None:
+            self._write(f"\r{self.current} {waited:.1f} s\x1b[K")
+
+    def done(self) -> None:
+        """End the current line, without its timer."""
+        if self.current is not None:
+            self._write(f"\r{self.current}\x1b[K\n")
+            self.current = None
+
+    def _write(self, text: str) -> None:
+        self.term.stdout.flush()
+        self.term.stderr.write(text)
+        self.term.stderr.flush()
 
 
 def _decode_input(data: bytes, what: str) -> str:
@@ -1884,10 +2019,14 @@ def _display_path(path: str) -> str:
 
 EXAMPLES = """\
 examples:
-  python filechat.pyz server buf.txt
-  python filechat.pyz client buf.txt resp.txt
-  python filechat.pyz server buf.txt --auto-reply 'got it'
-  reply=$(python filechat.pyz client buf.txt --message 'hello')
+  filechat server buf.txt                        answer at this terminal
+  filechat client buf.txt resp.txt               type a message, end it with Ctrl+D
+  filechat server buf.txt --auto-reply 'got it'  answer every message unattended
+  filechat server buf.txt --auto-reply-cmd 'tr a-z A-Z' --log chat.jsonl
+  reply=$(filechat client buf.txt --message 'hello')
+  filechat client buf.txt --message-file report.txt --json
+  filechat status buf.txt                        is a server up? who holds the lock?
+  (run as python filechat.pyz ..., python -m filechat ..., or filechat ... once installed)
 """
 
 
@@ -1920,6 +2059,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--allow-dir", metavar="DIR", action="append", default=[],
                         help="also write replies into DIR (default: only the buffer's "
                              "directory); may be repeated")
+    server.add_argument("--log", metavar="FILE",
+                        help="append a JSON line for every exchange to FILE")
     _common_options(server)
 
     client = commands.add_parser("client", help="send one message and print the reply",
@@ -1942,7 +2083,22 @@ def build_parser() -> argparse.ArgumentParser:
                         default=LOCK_RETRY_INTERVAL,
                         help="seconds between 'Server busy' lines, and between tries for "
                              f"the lock with --poll (default {LOCK_RETRY_INTERVAL:g})")
+    client.add_argument("--json", action="store_true",
+                        help="print one JSON object (reply, waits, outcome) instead of the reply")
+    client.add_argument("-q", "--quiet", action="store_true",
+                        help="print no status lines, only the reply and errors")
     _common_options(client)
+
+    state = commands.add_parser("status", help="show the server, the lock and who waits",
+                                formatter_class=formatter, epilog=epilog,
+                                description="Show whether a server runs on BUFFER, who holds "
+                                            "the lock, and what waits.")
+    state.add_argument("buffer", metavar="BUFFER", help="the buffer file")
+    state.add_argument("--json", action="store_true", help="print JSON instead of text")
+    state.add_argument("--lock-file", metavar="PATH",
+                       help=f"the lockfile (default: {LOCKFILE_NAME} beside BUFFER)")
+    state.add_argument("--stale-after", metavar="SECONDS", type=_seconds, default=STALE_AFTER,
+                       help=f"as for client and server (default {STALE_AFTER:g})")
     return parser
 
 
@@ -2013,20 +2169,42 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
     interactive = args.message is None and args.message_file is None and term.stdin_is_tty()
     message = _client_message(args, term, interactive)
 
+    response = os.path.abspath(args.response or default_response_path(args.buffer))
     lines = dict(CLIENT_STATUS, **{
         "no-server": f"No server is running on {args.buffer}; waiting for one to start..."})
+    shown = _StatusLine(term, args.quiet)
+    times = {"start": time.monotonic()}
 
     def status(event: str, **info: object) -> None:
-        if event == "busy":
-            term.err(f"{lines[event]} ({info['ahead']} ahead of you)")
-        else:
-            term.err(lines[event])
+        if event == "tick":
+            shown.tick(float(info["waited"]))     # type: ignore[arg-type]
+            return
+        times.setdefault(event, time.monotonic())
+        suffix = f" ({info['ahead']} ahead of you)" if event == "busy" else ""
+        shown.say(lines[event] + suffix)
 
-    reply = send(args.buffer, message, args.response, timeout=args.timeout,
-                 lock_timeout=args.lock_timeout, lock_path=args.lock_file,
-                 stale_after=args.stale_after, max_bytes=args.max_bytes,
-                 durable=args.durable, poll=args.poll, poll_interval=args.poll_interval,
-                 lock_retry_interval=args.lock_retry_interval, status=status)
+    record: Dict[str, object] = {"reply": None, "response_path": response, "lock_wait": None,
+              "reply_wait": None, "outcome": "ok", "error": None, "exit_status": EXIT_OK}
+    try:
+        reply = send(args.buffer, message, args.response, timeout=args.timeout,
+                     lock_timeout=args.lock_timeout, lock_path=args.lock_file,
+                     stale_after=args.stale_after, max_bytes=args.max_bytes,
+                     durable=args.durable, poll=args.poll, poll_interval=args.poll_interval,
+                     lock_retry_interval=args.lock_retry_interval, status=status,
+                     progress_interval=PROGRESS_INTERVAL if shown.live else None)
+    except (FilechatError, KeyboardInterrupt) as exc:
+        shown.done()
+        if args.json:
+            record.update(_waits(times), outcome=_outcome(exc), error=str(exc) or "interrupted",
+                          exit_status=getattr(exc, "exit_code", EXIT_INTERRUPTED),
+                          reply=exc.text if isinstance(exc, ServerError) else None)
+            term.out(_json(record))
+        raise
+    shown.done()
+    if args.json:
+        record.update(_waits(times), reply=reply)
+        term.out(_json(record))
+        return EXIT_OK
     if interactive:
         term.out()
         term.out(BANNER)
@@ -2038,6 +2216,30 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
         term.stdout.write(reply)
         term.stdout.flush()
     return EXIT_OK
+
+
+def _waits(times: Dict[str, float]) -> Dict[str, Optional[float]]:
+    """Return the seconds waited for the lock and for the reply."""
+    now = time.monotonic()
+    locked, sent = times.get("locked"), times.get("sent")
+    return {"lock_wait": round((locked or now) - times["start"], 6),
+            "reply_wait": None if sent is None else round(now - sent, 6)}
+
+
+def _outcome(exc: BaseException) -> str:
+    """Name how an exchange ended, for --json."""
+    for kind, name in ((ServerError, "error-reply"), (ReplyTimeout, "timeout"),
+                       (LockTimeout, "lock-timeout"), (Rejected, "rejected"),
+                       (UsageError, "bad-input"), (KeyboardInterrupt, "interrupted")):
+        if isinstance(exc, kind):
+            return name
+    return "error"
+
+
+def _json(record: Mapping[str, object]) -> str:
+    """Return record as one line of JSON."""
+    import json  # here: only --json, status and --log need it, and it is slow to import
+    return json.dumps(record, ensure_ascii=False)
 
 
 def _client_message(args: argparse.Namespace, term: Terminal, interactive: bool) -> str:
@@ -2071,16 +2273,63 @@ def _read_text_file(path: str, what: str) -> str:
 def run_server(args: argparse.Namespace, term: Terminal) -> int:
     """Run the server subcommand until Ctrl+C or --max-messages."""
     responder = _cli_responder(args, term)
-    lock_path = args.lock_file or default_lock_path(args.buffer)
+    view = _ServerView(args, term)
+    import signal
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    try:
+        serve(args.buffer, responder, max_messages=args.max_messages, lock_path=args.lock_file,
+              allow_dirs=args.allow_dir, max_bytes=args.max_bytes, stale_after=args.stale_after,
+              durable=args.durable, poll=args.poll, poll_interval=args.poll_interval,
+              report=view.report)
+    except KeyboardInterrupt:
+        # Ctrl+C is how the spec stops a server. A message being answered
+        # stays claimed for the next server, and its client keeps waiting.
+        view.clear_state()
+        term.err("\nServer stopped.")
+    finally:
+        view.close()
+    return EXIT_OK
 
-    def report(event: str, **info: object) -> None:
+
+class _ServerView:
+    """What the server shows: the spec's transcript, a state line, the --log file.
+
+    At a terminal, while the server waits, its last line shows its state
+    (answered messages, who holds the lock), updated in place and erased
+    before the transcript goes on, so the transcript reads as the spec's.
+    """
+
+    def __init__(self, args: argparse.Namespace, term: Terminal) -> None:
+        self.args = args
+        self.term = term
+        self.lock_path = args.lock_file or default_lock_path(args.buffer)
+        self.state_shown = False
+        self.received = time.monotonic()
+        self.log: Optional[IO[str]] = None
+        if args.log:
+            try:
+                # Line-buffered: each exchange is one write of one whole line,
+                # so that `tail -f` never shows half a record.
+                self.log = open(args.log, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            except OSError as exc:
+                raise UsageError(f"cannot open --log {args.log}: {exc.strerror or exc}; "
+                                 "name a file in a directory you can write") from None
+
+    def report(self, event: str, **info: object) -> None:
+        """Show one event reported by serve()."""
+        if event == "idle":
+            self.show_state(info["answered"])
+            return
+        self.clear_state()
         request = info.get("request")
+        term = self.term
         if event == "ready":
             term.out("Server starting...")
-            term.out(f"Buffer file: {args.buffer}")
-            term.out(f"Lockfile: {lock_path}")
+            term.out(f"Buffer file: {self.args.buffer}")
+            term.out(f"Lockfile: {self.lock_path}")
             term.out("Waiting for clients...")
         elif event == "received" and isinstance(request, Request):
+            self.received = time.monotonic()
             term.out()
             term.out(BANNER)
             term.out(f"Message received from client (response file: "
@@ -2090,28 +2339,96 @@ def run_server(args: argparse.Namespace, term: Terminal) -> int:
             term.out(BANNER)
         elif event in ("replied", "failed") and isinstance(request, Request):
             if event == "failed":
-                term.err(f"filechat: warning: {info['reason']}; sent an error reply")
+                log.warning("%s; sent an error reply", info["reason"])
             term.out()
             term.out(f"Response sent to: {_display_path(request.response_path)}")
         elif event == "discarded":
-            term.err(f"filechat: warning: {info['reason']}; no reply sent")
+            log.warning("%s; no reply sent", info["reason"])
         elif event == "rejected":
-            term.err(f"filechat: warning: {info['reason']}; the client was told")
+            log.warning("%s; the client was told", info["reason"])
         elif event == "released":
             term.out("Lockfile removed. Ready for next client.")
+        if event in ("replied", "failed", "discarded", "rejected"):
+            self.write_log(event, info)
 
-    import signal
-    signal.signal(signal.SIGTERM, _stop_on_signal)
-    try:
-        serve(args.buffer, responder, max_messages=args.max_messages, lock_path=args.lock_file,
-              allow_dirs=args.allow_dir, max_bytes=args.max_bytes, stale_after=args.stale_after,
-              durable=args.durable, poll=args.poll, poll_interval=args.poll_interval,
-              report=report)
-    except KeyboardInterrupt:
-        # Ctrl+C is how the spec stops a server. A message being answered
-        # stays claimed for the next server, and its client keeps waiting.
-        term.err("\nServer stopped.")
-    return EXIT_OK
+    def write_log(self, event: str, info: Mapping[str, object]) -> None:
+        """Append one exchange to the --log file."""
+        if self.log is None:
+            return
+        request = info.get("request")
+        known = isinstance(request, Request)
+        replied = event in ("replied", "failed")
+        self.log.write(_json({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "outcome": event,
+            "response_path": request.response_path if isinstance(request, Request) else None,
+            "message": request.message if isinstance(request, Request) else None,
+            "reply": info.get("reply") if replied else None,
+            "duration": round(time.monotonic() - self.received, 6) if replied and known else None,
+            "reason": info.get("reason")}) + "\n")
+
+    def show_state(self, answered: object) -> None:
+        """At a terminal, show what the server is doing on its last line."""
+        if not self.term.stdout_tty:
+            return
+        holder = inspect_holder(self.lock_path)
+        if holder is None:
+            lock = "lock free"
+        elif holder.owner is None:
+            lock = f"lock held by a client without a name for {holder.age:.0f} s"
+        else:
+            lock = f"lock held by process {holder.owner.pid} for {holder.age:.0f} s"
+        self.term.stdout.write(f"\r[waiting · {answered} answered · {lock}]\x1b[K")
+        self.term.stdout.flush()
+        self.state_shown = True
+
+    def clear_state(self) -> None:
+        """Erase the state line, so that the transcript goes on where it stood."""
+        if self.state_shown:
+            self.term.stdout.write("\r\x1b[K")
+            self.state_shown = False
+
+    def close(self) -> None:
+        """Close the --log file."""
+        if self.log is not None:
+            self.log.close()
+
+
+def run_status(args: argparse.Namespace, term: Terminal) -> int:
+    """Run the status subcommand: 0 if a server runs, EXIT_NO_SERVER if not."""
+    state = status(args.buffer, args.lock_file, args.stale_after)
+    if args.json:
+        term.out(_json(state))
+    else:
+        for label, text in _status_lines(state):
+            term.out(f"{label:<8} {text}")
+    return EXIT_OK if state["server"] else EXIT_NO_SERVER
+
+
+def _status_lines(state: Mapping[str, object]) -> List[Tuple[str, str]]:
+    """Return status() as (label, text) lines for people."""
+    server = state["server"]
+    if isinstance(server, dict):
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(server["started"] or 0))
+        running = (f"running, process {server['pid']} on {server['host']}, since {since}, "
+                   f"{server['answered']} messages answered")
+    else:
+        running = "not running"
+    lock = state["lock"]
+    assert isinstance(lock, dict)
+    if not lock["held"]:
+        held = f"{lock['path']}: free"
+    else:
+        who = (f"process {lock['pid']} on {lock['host']}" if lock["pid"]
+               else "a client that does not name itself")
+        held = f"{lock['path']}: held by {who} for {lock['age']:.1f} s, {lock['state']}"
+        if lock["stale_reason"]:
+            held += f" ({lock['stale_reason']})"
+    message = "a complete message waits" if state["message_waiting"] else "none waiting"
+    if state["being_answered"]:
+        message += f"; {state['being_answered']} being answered"
+    return [("buffer", str(state["buffer"])), ("server", running), ("lock", held),
+            ("message", message), ("line", f"{state['waiting_clients']} clients waiting")]
 
 
 def _stop_on_signal(signum: int, frame: object) -> None:
@@ -2166,13 +2483,16 @@ def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) 
     """Run the command line; return the exit status."""
     term = term or Terminal()
     args = build_parser().parse_args(argv)
-    log.stream, log.verbose = term.stderr, args.verbose
+    log.stream, log.verbose = term.stderr, getattr(args, "verbose", False)
+    log.color = term.color
     try:
         if args.command == "server":
             return run_server(args, term)
+        if args.command == "status":
+            return run_status(args, term)
         return run_client(args, term)
     except FilechatError as exc:
-        term.err(f"filechat: error: {exc}")
+        term.error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         term.err()
@@ -2182,7 +2502,7 @@ def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
     finally:
-        log.stream, log.verbose = None, False
+        log.stream, log.verbose, log.color = None, False, False
 
 
 def exit_now(status: int) -> None:
