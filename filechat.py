@@ -2167,9 +2167,7 @@ CLIENT_STATUS = {
 def run_client(args: argparse.Namespace, term: Terminal) -> int:
     """Run the client subcommand."""
     interactive = args.message is None and args.message_file is None and term.stdin_is_tty()
-    message = _client_message(args, term, interactive)
-
-    response = os.path.abspath(args.response or default_response_path(args.buffer))
+    response = args.response or default_response_path(args.buffer)
     lines = dict(CLIENT_STATUS, **{
         "no-server": f"No server is running on {args.buffer}; waiting for one to start..."})
     shown = _StatusLine(term, args.quiet)
@@ -2183,10 +2181,13 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
         suffix = f" ({info['ahead']} ahead of you)" if event == "busy" else ""
         shown.say(lines[event] + suffix)
 
-    record: Dict[str, object] = {"reply": None, "response_path": response, "lock_wait": None,
-              "reply_wait": None, "outcome": "ok", "error": None, "exit_status": EXIT_OK}
+    record: Dict[str, object] = {
+        "reply": None, "response_path": os.path.abspath(response), "lock_wait": None,
+        "reply_wait": None, "outcome": "ok", "error": None, "exit_status": EXIT_OK}
     try:
-        reply = send(args.buffer, message, args.response, timeout=args.timeout,
+        message = _client_message(args, term, interactive)
+        times["start"] = time.monotonic()
+        reply = send(args.buffer, message, response, timeout=args.timeout,
                      lock_timeout=args.lock_timeout, lock_path=args.lock_file,
                      stale_after=args.stale_after, max_bytes=args.max_bytes,
                      durable=args.durable, poll=args.poll, poll_interval=args.poll_interval,

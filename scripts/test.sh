@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make .venv, install the pinned test tools into it, then run every check:
-# ruff, mypy --strict, and the pytest suite against a freshly built filechat.pyz.
+# ruff, mypy --strict, vermin (the code must run on Python 3.8, the oldest the
+# README claims), and the pytest suite against a freshly built filechat.pyz.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -12,4 +13,5 @@ fi
 
 "$venv/bin/ruff" check filechat.py build_zipapp.py
 "$venv/bin/mypy" filechat.py build_zipapp.py
+"$venv/bin/vermin" --no-tips --violations --target=3.8- filechat.py build_zipapp.py
 "$venv/bin/python" -m pytest "$@"

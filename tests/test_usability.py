@@ -1,0 +1,241 @@
+"""Installing, scripting and watching: packaging, status, progress, --json, --log, colour."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import venv
+from pathlib import Path
+from typing import Iterator
+
+import pexpect
+import pytest
+
+import filechat
+from conftest import ROOT, WAIT
+
+HOLDER = """
+import sys, filechat
+lock = filechat.Lock(sys.argv[1])
+assert lock.try_acquire()
+print("held", flush=True)
+sys.stdin.readline()
+"""
+CLIENT_RECORD = {"reply", "response_path", "lock_wait", "reply_wait", "outcome", "error",
+                 "exit_status"}
+LOG_RECORD = {"time", "outcome", "response_path", "message", "reply", "duration", "reason"}
+
+
+@pytest.fixture
+def holder(tmp_path: Path) -> Iterator[subprocess.Popen]:  # type: ignore[type-arg]
+    """A live client holding tmp_path/server.lock."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "server.lock")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+    yield proc
+    proc.kill()
+    proc.wait(WAIT)
+
+
+def spawn(pyz: Path, cwd: Path, *args: str, **env: str) -> pexpect.spawn:
+    return pexpect.spawn(sys.executable, [str(pyz), *args], cwd=str(cwd), encoding="utf-8",
+                         timeout=WAIT, env=dict(os.environ, **env))
+
+
+# --- Installing and running ---
+
+def test_pip_install_gives_a_filechat_command(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("filechat.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    venv.create(tmp_path / "venv", with_pip=True)
+    bin_dir = tmp_path / "venv" / "bin"
+    subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "--quiet", str(source)],
+                   check=True, timeout=300)
+    command = str(bin_dir / "filechat")
+    server = subprocess.Popen([command, "server", "buf.txt", "--auto-reply", "installed",
+                               "--max-messages", "1"], cwd=tmp_path, stdout=subprocess.DEVNULL)
+    reply = subprocess.run([command, "client", "buf.txt", "-m", "hi"], cwd=tmp_path,
+                           capture_output=True, timeout=30)
+    assert reply.stdout == b"installed"
+    assert server.wait(WAIT) == 0
+    version = subprocess.run([command, "--version"], capture_output=True, text=True, timeout=30)
+    assert version.stdout == f"filechat {filechat.__version__}\n"
+
+
+def test_python_m_filechat_from_a_checkout(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "filechat", "status", str(tmp_path / "b")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == filechat.EXIT_NO_SERVER == 5
+    assert "not running" in result.stdout
+
+
+# --- Progress and state at a terminal, and their absence in a pipe ---
+
+def test_client_progress_line_at_a_terminal(holder, pyz: Path, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply-cmd", "sleep 1; cat")
+    client = spawn(pyz, tmp_path, "client", "buf.txt", "-m", "hi")
+    client.expect(r"\rServer busy, please wait\.\.\. \(1 ahead of you\) \d+\.\d s\x1b\[K")
+    client.expect(r"\rServer busy, please wait\.\.\. \(1 ahead of you\) \d+\.\d s\x1b\[K")
+    holder.kill()                     # its lock is stale now, and broken by the client
+    client.expect(r"\rWaiting for server response\.\.\. \d+\.\d s\x1b\[K")
+    client.expect(r"\rWaiting for server response\.\.\.\x1b\[K\r\n")   # timer gone at the end
+    client.expect("hi")
+    client.expect(pexpect.EOF)
+
+
+def test_no_progress_or_colour_when_piped(holder, run, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply-cmd", "sleep 0.5; cat")
+    holder.kill()
+    result = run("client", "buf.txt", "-m", "hi", "--lock-timeout", "5")
+    assert result.stdout == b"hi"
+    assert b"\r" not in result.stderr and b"\x1b" not in result.stderr
+    bad = run("client", "buf.txt", "-m", "a\x1bb")
+    assert bad.stderr.startswith(b"filechat: error: ")
+
+
+def test_server_state_line_at_a_terminal(pyz: Path, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = spawn(pyz, tmp_path, "server", "buf.txt", "--auto-reply", "ok")
+    server.expect(r"\r\[waiting · 0 answered · lock free\]\x1b\[K")
+    assert run("client", "buf.txt", "-m", "hi").stdout == b"ok"
+    server.expect(r"\r\x1b\[K\r\n={60}")             # erased before the transcript
+    server.expect(r"\r\[waiting · 1 answered · lock free\]\x1b\[K")
+    server.sendintr()
+    server.expect(pexpect.EOF)
+
+
+def test_no_state_line_when_piped(server, run) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply", "ok")
+    assert run("client", "buf.txt", "-m", "hi").stdout == b"ok"
+    assert srv.interrupt() == 0
+    assert "[waiting" not in srv.out and "\r" not in srv.out
+
+
+@pytest.mark.parametrize(("no_color", "label"), [("", "\x1b[31merror\x1b[0m"), ("1", "error")])
+def test_colour_at_a_terminal_unless_no_color(no_color: str, label: str, pyz: Path,
+                                              tmp_path: Path) -> None:
+    client = spawn(pyz, tmp_path, "client", "buf.txt", "-m", "a\x1bb", NO_COLOR=no_color)
+    client.expect_exact(f"filechat: {label}: --message contains the ESC character")
+    client.expect(pexpect.EOF)
+
+
+def test_quiet_prints_only_the_reply(server, run) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply", "ok")
+    result = run("client", "buf.txt", "-m", "hi", "--quiet")
+    assert (result.stdout, result.stderr) == (b"ok", b"")
+
+
+# --- JSON for scripts ---
+
+def test_client_json_on_success(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply", "ok")
+    result = run("client", "buf.txt", "r.txt", "-m", "hi", "--json")
+    record = json.loads(result.stdout)
+    assert set(record) == CLIENT_RECORD
+    assert record["reply"] == "ok" and record["outcome"] == "ok" and record["exit_status"] == 0
+    assert record["response_path"] == str(tmp_path / "r.txt") and record["error"] is None
+    assert record["lock_wait"] >= 0 and record["reply_wait"] >= 0
+    assert result.returncode == 0
+
+
+@pytest.mark.parametrize(("args", "outcome", "status"), [
+    (["--timeout", "0.2"], "timeout", 3),
+    (["-m", "a\x1bb"], "bad-input", 2),
+])
+def test_client_json_on_failure(args, outcome: str, status: int, run) -> None:  # type: ignore[no-untyped-def]
+    result = run("client", "buf.txt", "-m", "hi", *args, "--json")
+    record = json.loads(result.stdout)
+    assert set(record) == CLIENT_RECORD
+    assert (record["outcome"], record["exit_status"], result.returncode) == (outcome, status,
+                                                                           status)
+    assert record["error"] and record["reply"] is None
+
+
+def test_client_json_on_an_error_reply(server, run) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply-cmd", "exit 4")
+    record = json.loads(run("client", "buf.txt", "-m", "hi", "--json").stdout)
+    assert record["outcome"] == "error-reply" and record["exit_status"] == 1
+    assert "failed with exit status 4" in record["reply"]
+
+
+def test_server_log_is_json_lines(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply-cmd", "tr a-z A-Z", "--log", "chat.jsonl")
+    assert run("client", "buf.txt", "r.txt", "-m", "first").stdout == b"FIRST"
+    assert run("client", "buf.txt", "-m", "second").stdout == b"SECOND"
+    assert srv.interrupt() == 0
+    records = [json.loads(line) for line in (tmp_path / "chat.jsonl").read_text().splitlines()]
+    assert [set(r) for r in records] == [LOG_RECORD, LOG_RECORD]
+    assert [(r["outcome"], r["message"], r["reply"]) for r in records] == [
+        ("replied", "first", "FIRST"), ("replied", "second", "SECOND")]
+    assert records[0]["response_path"] == str(tmp_path / "r.txt")
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r["time"]) for r in records)
+    assert all(r["duration"] >= 0 and r["reason"] is None for r in records)
+
+
+def test_server_log_in_a_missing_directory(run) -> None:  # type: ignore[no-untyped-def]
+    result = run("server", "buf.txt", "--log", "nodir/chat.jsonl")
+    assert result.returncode == 2
+    assert b"cannot open --log nodir/chat.jsonl: No such file or directory" in result.stderr
+
+
+# --- status ---
+
+def status(run, *args: str):  # type: ignore[no-untyped-def]
+    text = run("status", "buf.txt", *args)
+    data = run("status", "buf.txt", "--json", *args)
+    assert text.returncode == data.returncode
+    return text.returncode, text.stdout.decode(), json.loads(data.stdout)
+
+
+def test_status_without_a_server(run) -> None:  # type: ignore[no-untyped-def]
+    code, text, data = status(run)
+    assert code == 5
+    assert "server   not running" in text and "lock     server.lock: free" in text
+    assert data == {"buffer": "buf.txt", "server": None,
+                    "lock": {"path": "server.lock", "held": False}, "message_waiting": False,
+                    "being_answered": 0, "waiting_clients": 0}
+
+
+def test_status_with_an_idle_server(server, run) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply", "ok")
+    assert run("client", "buf.txt", "-m", "hi").stdout == b"ok"
+    srv.expect("Ready for next client.")
+    code, text, data = status(run)
+    assert code == 0
+    assert f"running, process {srv.popen.pid} on " in text
+    assert data["server"]["pid"] == srv.popen.pid
+    assert data["server"]["answered"] in (0, 1)      # counted within a second
+    assert data["lock"] == {"path": "server.lock", "held": False}
+
+
+def test_status_with_the_lock_held_and_clients_waiting(holder, start, run) -> None:  # type: ignore[no-untyped-def]
+    waiting = start("client", "buf.txt", "-m", "hi")
+    waiting.expect("(1 ahead of you)")
+    code, text, data = status(run)
+    assert code == 5
+    assert f"held by process {holder.pid} on " in text and ", alive" in text
+    assert data["lock"]["pid"] == holder.pid and data["lock"]["state"] == "alive"
+    assert data["waiting_clients"] == 1 and "1 clients waiting" in text
+
+
+def test_status_with_a_stale_lock(holder, run) -> None:  # type: ignore[no-untyped-def]
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(WAIT)
+    code, text, data = status(run)
+    assert data["lock"]["state"] == "stale"
+    assert data["lock"]["stale_reason"] == f"its holder, process {holder.pid}, has ended"
+    assert "stale (its holder" in text
+
+
+def test_status_with_a_message_waiting(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "server.lock").write_text("")
+    (tmp_path / "buf.txt").write_text("r.txt\nhello\x1b")
+    code, text, data = status(run)
+    assert data["message_waiting"] is True and "a complete message waits" in text
+    assert data["lock"]["state"] == "unknown" and data["lock"]["pid"] is None
+    assert "held by a client that does not name itself" in text
