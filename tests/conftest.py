@@ -1,7 +1,6 @@
 """Shared fixtures: the built .pyz, and helpers that run it as a user would."""
 
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -36,9 +35,10 @@ class Proc:
             list(args), cwd=cwd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=dict(os.environ, **(env or {})))
-        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.arrived = threading.Condition()
         self.stdout: List[str] = []
         self.stderr: List[str] = []
+        self.seen = {"out": 0, "err": 0}        # lines of each stream already expected
         self.threads = [
             threading.Thread(target=self._pump, args=(self.popen.stdout, self.stdout)),
             threading.Thread(target=self._pump, args=(self.popen.stderr, self.stderr)),
@@ -53,21 +53,38 @@ class Proc:
 
     def _pump(self, stream, sink: List[str]) -> None:  # type: ignore[no-untyped-def]
         for raw in stream:
-            line = raw.decode("utf-8", "replace")
-            sink.append(line)
-            self.lines.put(line)
+            with self.arrived:
+                sink.append(raw.decode("utf-8", "replace"))
+                self.arrived.notify_all()
 
     def expect(self, text: str, timeout: float = WAIT) -> str:
-        """Return the next line (stdout or stderr) containing text; fail if none comes in time."""
-        while True:
-            try:
-                line = self.lines.get(timeout=timeout)
-            except queue.Empty:
+        """Return the next line containing text, on stdout or on stderr.
+
+        Each stream is searched from its own last match on, so that the
+        order in which two pipes deliver their lines does not matter.
+        """
+        def found() -> Optional[str]:
+            for name, lines in (("out", self.stdout), ("err", self.stderr)):
+                for index in range(self.seen[name], len(lines)):
+                    if text in lines[index]:
+                        self.seen[name] = index + 1
+                        return lines[index]
+            return None
+
+        matched: List[str] = []
+
+        def ready() -> bool:
+            line = found()
+            if line is not None:
+                matched.append(line)
+            return bool(matched)
+
+        with self.arrived:
+            if not self.arrived.wait_for(ready, timeout):
                 raise AssertionError(f"no line with {text!r} within {timeout} s; "
                                      f"stdout={''.join(self.stdout)!r} "
-                                     f"stderr={''.join(self.stderr)!r}") from None
-            if text in line:
-                return line
+                                     f"stderr={''.join(self.stderr)!r}")
+            return matched[0]
 
     def interrupt(self) -> int:
         """Press Ctrl+C and return the exit status."""
