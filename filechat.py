@@ -777,6 +777,8 @@ class Line:
         self.stale_after = stale_after
         self.ticket: Optional[str] = None
         self.fd: Optional[int] = None
+        self.joined = 0.0           # when this client took its ticket, in seconds
+        self.previous = ""          # the ticket just ahead of this one
 
     def tickets(self) -> List[str]:
         """Return the names of the tickets in line, first come first."""
@@ -786,17 +788,22 @@ class Line:
             return []
         return sorted(n for n in names if n.startswith(self.prefix))
 
-    def waiting(self) -> bool:
-        """True if anybody waits in line."""
-        return bool(self.tickets())
+    def waiting(self, before: Optional[int] = None) -> bool:
+        """True if anybody waits in line (who joined before that many ns since the epoch)."""
+        tickets = self.tickets()
+        if before is None:
+            return bool(tickets)
+        stamps = (name[len(self.prefix):].partition("-")[0] for name in tickets)
+        return any(stamp.isdigit() and int(stamp) < before for stamp in stamps)
 
     def join(self) -> None:
         """Take a ticket at the end of the line."""
         while self.ticket is None:
-            name = f"{self.prefix}{time.time_ns():020d}-{os.getpid()}"
+            now = time.time_ns()
+            name = f"{self.prefix}{now:020d}-{os.getpid()}"
             fd = _create_owned(os.path.join(self.directory, name))
             if fd is not None:
-                self.ticket, self.fd = name, fd
+                self.ticket, self.fd, self.joined = name, fd, now / 1e9
 
     def ahead(self) -> int:
         """Return how many live tickets come before this one, clearing a dead one before it."""
@@ -804,10 +811,14 @@ class Line:
         if self.ticket not in tickets:
             return 0            # removed by somebody: behave as the head
         mine = tickets.index(self.ticket)
-        if mine and break_stale_lock(os.path.join(self.directory, tickets[mine - 1]),
-                                     self.stale_after):
+        self.previous = os.path.join(self.directory, tickets[mine - 1]) if mine else ""
+        if mine and break_stale_lock(self.previous, self.stale_after):
             return mine - 1
         return mine
+
+    def before(self) -> str:
+        """Return the path of the ticket just ahead of this one, as ahead() last saw it."""
+        return self.previous
 
     def leave(self) -> None:
         """Give up this ticket."""
@@ -960,12 +971,15 @@ IN_CLOSE_WRITE = 0x008   # a file written in place is complete
 IN_MOVED_TO = 0x080      # os.replace published a file
 IN_CREATE = 0x100        # a file was linked in whole, or a lock or ticket created
 IN_DELETE = 0x200        # a lock, ticket, presence file or claim went away
+IN_ATTRIB = 0x004        # a watched file's link count fell: it was deleted
+IN_DELETE_SELF = 0x400   # a watched file is gone for good
 IN_IGNORED = 0x8000      # a watched directory went away
 
 # What each side wakes for. Events are only hints, so a mask needs just the
 # events that can end a wait; the rest would be needless wake-ups.
 SERVER_EVENTS = IN_CREATE | IN_MOVED_TO | IN_CLOSE_WRITE   # a buffer appears, whole
 CLIENT_EVENTS = IN_CREATE | IN_DELETE      # a reply or note appears; a lock or ticket goes
+FILE_EVENTS = IN_ATTRIB | IN_DELETE_SELF   # the one file watched has been deleted
 
 
 class Waiter:
@@ -990,14 +1004,30 @@ class Waiter:
 
     def wait(self, timeout: float) -> None:
         """Return after an event or after timeout seconds, whichever comes first."""
+        self._wait(self.inotify, timeout)
+
+    def wait_for_deletion(self, path: str, timeout: float) -> None:
+        """Like wait(), but woken only when the file at path is deleted.
+
+        A client in line waits for the ticket just ahead of its own to go:
+        woken by every change in the directory instead, a long line would
+        spend more time waking up than the server spends answering.
+        """
+        files = None if self.inotify is None else _Inotify.for_thread(FILE_EVENTS)
+        if files is not None and not files.watch([path]):
+            return                   # already gone (or unwatchable): look again at once
+        self._wait(files, timeout)
+
+    def _wait(self, inotify: "Optional[_Inotify]", timeout: float) -> None:
+        """Wait for an event of inotify, or poll if it is None."""
         if timeout <= 0:
             return
-        if self.inotify is None:
+        if inotify is None:
             time.sleep(min(timeout, self.poll_interval))
             return
-        ready, _, _ = select.select([self.inotify.fd], [], [], min(timeout, SAFETY_INTERVAL))
+        ready, _, _ = select.select([inotify.fd], [], [], min(timeout, SAFETY_INTERVAL))
         if ready:
-            self.inotify.drain()
+            inotify.drain()
 
     def close(self) -> None:
         """Stop using the waiter (the thread keeps its inotify instance for next time)."""
@@ -1180,7 +1210,8 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     buffer) and deletes the response file. The wait for the lock is
     unbounded unless lock_timeout is given; the wait for the reply is
     bounded by timeout. ``status`` hears "busy" (every lock_retry_interval
-    while another client holds the lock), "locked", "sent", "waiting", and
+    while another client holds the lock), "queued" (with the time it took
+    its place in line, if it had to), "locked", "sent", "waiting", and
     "no-server", "server-stopped", "server-started" as the server comes and
     goes; with progress_interval, also "tick" (phase "lock" or "reply",
     seconds waited) that often while it waits.
@@ -1261,12 +1292,16 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[fl
              retry_interval: float, status: Status, progress: Optional[float]) -> None:
     """Take the lock, waiting in line while others hold it or wait for it."""
     line = Line(lock.path, lock.stale_after)
+    arrived = time.time_ns()
     if not line.waiting() and lock.try_acquire():
-        return                                   # nobody holds it, nobody waits
+        if not line.waiting(before=arrived):
+            return                               # nobody held it, nobody waited
+        lock.release()        # someone began to wait just before: let them go first
     start = time.monotonic()
     next_notice = start
     tick = _Ticker(status, "lock", progress)
     line.join()
+    status("queued", at=line.joined)
     try:
         while True:
             ahead = line.ahead()
@@ -1287,7 +1322,10 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[fl
                 wake = min(wake, retry_interval)    # polling: the spec's retry pace
             if lock_timeout is not None:
                 wake = min(wake, start + lock_timeout - now)
-            waiter.wait(wake)
+            if ahead:
+                waiter.wait_for_deletion(line.before(), wake)
+            else:
+                waiter.wait(wake)
     finally:
         line.leave()
 
@@ -2174,6 +2212,8 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
     times = {"start": time.monotonic()}
 
     def status(event: str, **info: object) -> None:
+        if event == "queued":
+            return
         if event == "tick":
             shown.tick(float(info["waited"]))     # type: ignore[arg-type]
             return
