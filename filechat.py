@@ -55,6 +55,7 @@ from typing import (
     Sequence,
     Set,
     Tuple,
+    Union,
 )
 
 if sys.platform != "win32":
@@ -77,6 +78,8 @@ __all__ = [
     "encode_request",
     "parse_reply",
     "parse_request",
+    "reply_parts",
+    "request_parts",
     "send",
     "serve",
 ]
@@ -286,12 +289,20 @@ def _check_text(text: str, what: str) -> bytes:
         raise FramingError(what, "is not valid UTF-8 text") from None
 
 
-def encode_request(response_path: str, message: str) -> bytes:
-    """Frame a request: response path, newline, message, ESC."""
+# Framing works on lists of parts, and parsing decodes through memoryviews,
+# so that a large message is never copied more than once on its way.
+
+def request_parts(response_path: str, message: str) -> List[bytes]:
+    """Frame a request as parts to write in order: response path, newline, message, ESC."""
     if "\n" in response_path or "\r" in response_path:
         raise FramingError(f"response path {response_path!r}", "contains a line break")
     path = _check_text(response_path, f"response path {response_path!r}")
-    return path + b"\n" + _check_text(message, "message") + END_MARKER.encode()
+    return [path, b"\n", _check_text(message, "message"), END_MARKER.encode()]
+
+
+def encode_request(response_path: str, message: str) -> bytes:
+    """Frame a request: response path, newline, message, ESC."""
+    return b"".join(request_parts(response_path, message))
 
 
 def parse_request(data: bytes) -> Optional[Tuple[str, str]]:
@@ -302,16 +313,22 @@ def parse_request(data: bytes) -> Optional[Tuple[str, str]]:
     end = data.find(END_MARKER.encode())
     if end < 0:
         return None
-    head, newline, body = data[:end].partition(b"\n")
-    if not newline or not head.strip():
+    newline = data.find(b"\n", 0, end)
+    if newline < 0 or not data[:newline].strip():
         raise ValueError("no response path before the message")
-    path = head.decode("utf-8").rstrip("\r")   # a peer on Windows may write CRLF
-    return path, body.decode("utf-8")
+    view = memoryview(data)
+    path = str(view[:newline], "utf-8").rstrip("\r")   # a peer on Windows may write CRLF
+    return path, str(view[newline + 1:end], "utf-8")
+
+
+def reply_parts(text: str, error: bool = False) -> List[bytes]:
+    """Frame a reply as parts: text then ESC, or ESC ESC for an error reply."""
+    return [_check_text(text, "reply"), (ERROR_MARKER if error else END_MARKER).encode()]
 
 
 def encode_reply(text: str, error: bool = False) -> bytes:
     """Frame a reply: text then ESC, or ESC ESC for an error reply."""
-    return _check_text(text, "reply") + (ERROR_MARKER if error else END_MARKER).encode()
+    return b"".join(reply_parts(text, error))
 
 
 def parse_reply(data: bytes) -> Optional[Tuple[str, bool]]:
@@ -320,10 +337,13 @@ def parse_reply(data: bytes) -> Optional[Tuple[str, bool]]:
     if end < 0:
         return None
     is_error = data[end:end + 2] == ERROR_MARKER.encode()
-    return data[:end].decode("utf-8", "replace"), is_error
+    return str(memoryview(data)[:end], "utf-8", "replace"), is_error
 
 
 # --- Filesystem primitives ---
+
+Data = Union[bytes, Sequence[bytes]]     # one bytes object, or parts to write in order
+
 
 def _temp_name(path: str) -> str:
     """Return a unique hidden name beside path that says which process made it.
@@ -335,7 +355,7 @@ def _temp_name(path: str) -> str:
     return os.path.join(head, f".{tail}.{HOST_TAG}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
 
 
-def _write_temp(path: str, data: bytes, durable: bool) -> str:
+def _write_temp(path: str, data: Data, durable: bool) -> str:
     """Write data to a new temp file beside path and return its name."""
     temp = _temp_name(path)
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_BINARY, 0o644)
@@ -349,14 +369,18 @@ def _write_temp(path: str, data: bytes, durable: bool) -> str:
     return temp
 
 
-def _write_all(fd: int, data: bytes, durable: bool) -> None:
+def _write_all(fd: int, data: Data, durable: bool) -> None:
     """Write all of data to fd (and to the disk, if durable)."""
-    view = memoryview(data)
-    if _CRASH_AT == "mid-write":
-        os.write(fd, view[:len(view) // 2])
-        _crash_point("mid-write")
-    while view:
-        view = view[os.write(fd, view):]
+    parts = [data] if isinstance(data, bytes) else data
+    if sum(map(len, parts)) < 65536:
+        parts = [b"".join(parts)]           # one write() for what is small
+    for part in parts:
+        view = memoryview(part)
+        if _CRASH_AT == "mid-write":
+            os.write(fd, view[:len(view) // 2])
+            _crash_point("mid-write")
+        while view:
+            view = view[os.write(fd, view):]
     if durable:
         os.fsync(fd)
 
@@ -450,7 +474,7 @@ def _fsync_directory(path: str, durable: bool) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str, data: bytes, durable: bool = False) -> None:
+def atomic_write(path: str, data: Data, durable: bool = False) -> None:
     """Replace path with data so that readers see the old file or the new, never half."""
     temp = _write_temp(path, data, durable)
     try:
@@ -461,7 +485,7 @@ def atomic_write(path: str, data: bytes, durable: bool = False) -> None:
     _fsync_directory(path, durable)
 
 
-def publish_new(path: str, data: bytes, durable: bool = False) -> None:
+def publish_new(path: str, data: Data, durable: bool = False) -> None:
     """Create path holding data, whole at once; FileExistsError if path exists.
 
     A hard link publishes the complete file under the new name and, unlike
@@ -1226,14 +1250,15 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     paths = Paths.of(buffer, lock_path)
     if response_path is None:
         response_path = default_response_path(buffer)
-    data = encode_request(os.path.abspath(response_path), message)
-    size = len(message.encode("utf-8"))
+    parts = request_parts(os.path.abspath(response_path), message)
+    size = len(parts[2])
     if size > max_bytes:
         raise FramingError("message", f"is {size} bytes, over the limit of {max_bytes} "
                            "(--max-bytes); send less or raise the limit")
     check_buffer_path(buffer, paths.lock)
     check_response_path(response_path)      # errors name the path as the user gave it
     response_path = os.path.abspath(response_path)
+    data = _fingerprint(parts)
     lock = Lock(paths.lock, stale_after, durable)
     with Waiter(paths.directories(response_path), poll, poll_interval) as waiter:
         _acquire(lock, paths, waiter, lock_timeout, lock_retry_interval, status,
@@ -1241,8 +1266,9 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
         try:
             status("locked")
             _crash_point("client-locked")
-            _publish_buffer(buffer, data, durable)
+            _publish_buffer(buffer, parts, durable)
             _crash_point("client-sent")
+            parts = []       # only its fingerprint is kept: a large message is not held twice
             status("sent")
             status("waiting")
             text, is_error = _await_reply(paths, response_path, lock, waiter, timeout, data,
@@ -1262,7 +1288,19 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     return text
 
 
-def _publish_buffer(buffer: str, data: bytes, durable: bool) -> None:
+Fingerprint = Tuple[int, int]        # a request's length and CRC-32: is it still ours?
+
+
+def _fingerprint(data: Data) -> Fingerprint:
+    """Return the length and CRC-32 of data."""
+    parts = [data] if isinstance(data, bytes) else data
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return sum(map(len, parts)), crc
+
+
+def _publish_buffer(buffer: str, data: Data, durable: bool) -> None:
     """Put the request in the buffer, whole, replacing anything left there."""
     try:
         publish_new(buffer, data, durable)
@@ -1350,7 +1388,7 @@ def _message_waiting(buffer: str) -> bool:
 
 
 def _await_reply(paths: Paths, response_path: str, lock: Lock, waiter: Waiter,
-                 timeout: float, data: bytes, status: Status,
+                 timeout: float, data: Fingerprint, status: Status,
                  progress: Optional[float]) -> Tuple[str, bool]:
     """Wait for the complete reply and return (text, is_error)."""
     deadline = time.monotonic() + timeout
@@ -1406,7 +1444,7 @@ def _await_release(lock: Lock, waiter: Waiter) -> None:
         waiter.wait(deadline - time.monotonic())
 
 
-def _give_up(paths: Paths, lock: Lock, data: bytes) -> bool:
+def _give_up(paths: Paths, lock: Lock, data: Fingerprint) -> bool:
     """Withdraw the message if no server is answering it, release the lock; True if withdrawn."""
     withdrawn = _withdraw(paths.buffer, data)
     if not withdrawn and running_server(paths.presence) is None:
@@ -1416,12 +1454,16 @@ def _give_up(paths: Paths, lock: Lock, data: bytes) -> bool:
     return withdrawn
 
 
-def _withdraw(path: str, data: bytes) -> bool:
+def _withdraw(path: str, data: Fingerprint) -> bool:
     """Remove path if it still holds exactly this message; True if removed."""
     identity = _file_id(path)
+    if identity is None:
+        return False
     # A server that follows only the spec empties the buffer in place, so the
     # content, not only the file's identity, tells whether it is still ours.
-    return identity is not None and read_or_none(path) == data and remove_if_same(path, identity)
+    content = read_or_none(path)
+    return (content is not None and _fingerprint(content) == data
+            and remove_if_same(path, identity))
 
 
 # --- Server ---
@@ -1624,11 +1666,11 @@ class _Server:
                 raise HookError(f"the message is {size} bytes, over this server's limit of "
                                 f"{self.max_bytes} (--max-bytes)")
             text = self.responder(request)
-            data = encode_reply(text)
+            data = reply_parts(text)
         except (HookError, FramingError) as exc:
             failure = str(exc)
             text = f"filechat server: {failure}\n"
-            data = encode_reply(text, error=True)
+            data = reply_parts(text, error=True)
         if not client.waiting(self.paths.lock):
             self.report("discarded", reason=f"the client for {request.response_path} has gone",
                         request=request)

@@ -101,6 +101,11 @@ sys.path.insert(0, sys.argv[1])
 import filechat
 buffer, count, poll, size = sys.argv[2], int(sys.argv[3]), sys.argv[4] == "poll", int(sys.argv[5])
 message = "x" * size if size else "hello"
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+filechat.send(buffer, "warm-up", poll=poll)   # what any first exchange loads
+baseline = rss()                  # message made, nothing large sent yet
 times = []
 for i in range(count):
     start = time.perf_counter()
@@ -108,7 +113,8 @@ for i in range(count):
                           poll_interval=filechat.RESPONSE_POLL_INTERVAL)
     times.append(time.perf_counter() - start)
     assert reply == message
-print(json.dumps({"times": times, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+print(json.dumps({"times": times, "baseline": baseline,
+                  "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 LINE_CLIENT = r"""
 import sys, time, json, os
@@ -176,23 +182,29 @@ def measure_floor(directory: str, count: int) -> List[float]:
 
 
 def measure_library(directory: str, count: int, poll: bool, size: int = 0
-                    ) -> Tuple[List[float], int, int]:
-    """Round trips of send() against serve(); returns (times, client and server peak RSS in KiB)."""
+                    ) -> Tuple[List[float], Dict[str, int]]:
+    """Round trips of send() against serve(); returns (times, memory in KiB).
+
+    Memory: each process's peak resident size, and its size before the
+    exchanges (the client with its message already made), in KiB.
+    """
     buffer = os.path.join(directory, "buf.txt")
     mode = "poll" if poll else "events"
     server = start_process(ECHO_SERVER, PYZ, buffer, mode)
+    server_baseline = rss(server.pid, "VmRSS:")
     result = run_json(LIBRARY_CLIENT, PYZ, buffer, str(count), mode, str(size))
-    server_peak = peak_rss(server.pid)
+    memory = {"client_peak": result["maxrss"], "client_baseline": result["baseline"],
+              "server_peak": rss(server.pid, "VmHWM:"), "server_baseline": server_baseline}
     stop(server)
     times = result["times"]
-    return times[count // 10:] if count >= 10 else times, result["maxrss"], server_peak
+    return times[count // 10:] if count >= 10 else times, memory
 
 
-def peak_rss(pid: int) -> int:
-    """Return a running process's peak resident memory in KiB."""
+def rss(pid: int, field: str) -> int:
+    """Return a running process's resident memory (VmRSS:) or its peak (VmHWM:), in KiB."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     return 0
 
@@ -295,9 +307,9 @@ def measure_big(directory: str, size: int, count: int) -> Dict[str, float]:
     with open(source, "wb") as f:
         f.write(b"x" * size)
     cp = timed_runs(["cp", source, os.path.join(directory, "big.dst")], count, directory)
-    times, client_peak, server_peak = measure_library(directory, count, False, size)
+    times, memory = measure_library(directory, count, False, size)
     return {"round_trip": statistics.median(times), "cp": statistics.median(cp),
-            "client_peak": client_peak * 1024, "server_peak": server_peak * 1024}
+            **{key: kib * 1024 for key, kib in memory.items()}}
 
 
 def fmt_ms(seconds: float) -> str:
@@ -320,7 +332,7 @@ def run(quick: bool) -> Dict[str, Any]:
         for _ in range(rounds):
             floor += measure_floor(fresh(f"floor{len(floor)}"), n // rounds)
             library += measure_library(fresh(f"library{len(library)}"), n // rounds, False)[0]
-        spec, _, _ = measure_library(fresh("spec"), 3 if quick else 12, True)
+        spec, _ = measure_library(fresh("spec"), 3 if quick else 12, True)
         cli, python = measure_cli(fresh("cli"), 3 if quick else 30)
         line = measure_line(fresh("line"), 4 if quick else 16, 3 if quick else 20)
         idle = measure_idle(fresh("idle"), 1 if quick else 10)
@@ -373,6 +385,12 @@ def table(r: Dict[str, Any]) -> str:
          f"{big['client_peak'] / MIB:.1f} / {big['server_peak'] / MIB:.1f} MiB",
          f"message {r['big_size'] // MIB} MiB",
          f"{big['client_peak'] / r['big_size']:.1f} / {big['server_peak'] / r['big_size']:.1f} x"),
+        ("  peak memory above each process before the exchange",
+         f"{(big['client_peak'] - big['client_baseline']) / MIB:.1f} / "
+         f"{(big['server_peak'] - big['server_baseline']) / MIB:.1f} MiB",
+         f"message {r['big_size'] // MIB} MiB",
+         f"{(big['client_peak'] - big['client_baseline']) / r['big_size']:.1f} / "
+         f"{(big['server_peak'] - big['server_baseline']) / r['big_size']:.1f} x"),
     ]
     out = ["| measure | filechat | beside | ratio |", "| --- | --- | --- | --- |"]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
