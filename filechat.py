@@ -997,6 +997,7 @@ IN_CREATE = 0x100        # a file was linked in whole, or a lock or ticket creat
 IN_DELETE = 0x200        # a lock, ticket, presence file or claim went away
 IN_ATTRIB = 0x004        # a watched file's link count fell: it was deleted
 IN_DELETE_SELF = 0x400   # a watched file is gone for good
+IN_Q_OVERFLOW = 0x4000   # events were lost: anything may have changed
 IN_IGNORED = 0x8000      # a watched directory went away
 
 # What each side wakes for. Events are only hints, so a mask needs just the
@@ -1026,9 +1027,15 @@ class Waiter:
         self.fd = None if self.inotify is None else self.inotify.fd
         log.debug("waiting with %s", "inotify" if self.fd is not None else "polling")
 
-    def wait(self, timeout: float) -> None:
-        """Return after an event or after timeout seconds, whichever comes first."""
-        self._wait(self.inotify, timeout)
+    def wait(self, timeout: float, names: Optional[Set[str]] = None) -> None:
+        """Return after an event or after timeout seconds, whichever comes first.
+
+        With names, only an event about one of those file names counts: the
+        server waits for its buffer and sleeps through its own replies.
+        """
+        deadline = time.monotonic() + timeout
+        while not self._wait(self.inotify, deadline - time.monotonic(), names):
+            pass
 
     def wait_for_deletion(self, path: str, timeout: float) -> None:
         """Like wait(), but woken only when the file at path is deleted.
@@ -1042,16 +1049,22 @@ class Waiter:
             return                   # already gone (or unwatchable): look again at once
         self._wait(files, timeout)
 
-    def _wait(self, inotify: "Optional[_Inotify]", timeout: float) -> None:
-        """Wait for an event of inotify, or poll if it is None."""
+    def _wait(self, inotify: "Optional[_Inotify]", timeout: float,
+              names: Optional[Set[str]] = None) -> bool:
+        """Wait for an event of inotify (about names, if given), or poll if it is None.
+
+        Returns False only if an event came that did not concern names.
+        """
         if timeout <= 0:
-            return
+            return True
         if inotify is None:
             time.sleep(min(timeout, self.poll_interval))
-            return
+            return True
         ready, _, _ = select.select([inotify.fd], [], [], min(timeout, SAFETY_INTERVAL))
-        if ready:
-            inotify.drain()
+        if not ready:
+            return True
+        seen = inotify.drain()
+        return names is None or seen is None or not seen.isdisjoint(names)
 
     def close(self) -> None:
         """Stop using the waiter (the thread keeps its inotify instance for next time)."""
@@ -1117,22 +1130,30 @@ class _Inotify:
             self.watched.add(directory)
         return True
 
-    def drain(self) -> None:
-        """Discard queued events: that they came matters, not what they say.
+    def drain(self) -> Optional[Set[str]]:
+        """Read the queued events; return the file names they were about.
 
-        Only IN_IGNORED is looked at: a watched directory that went away must
-        be watched afresh if it comes back.
+        None means "anything may have changed": the queue overflowed, or a
+        watched directory went away (and must be watched afresh if it comes back).
         """
+        names: Optional[Set[str]] = set()
         try:
             while True:
                 data = os.read(self.fd, 65536)
                 offset = 0
                 while offset + 16 <= len(data):
-                    if int.from_bytes(data[offset + 4:offset + 8], "little") & IN_IGNORED:
+                    mask = int.from_bytes(data[offset + 4:offset + 8], "little")
+                    size = int.from_bytes(data[offset + 12:offset + 16], "little")
+                    if mask & (IN_IGNORED | IN_Q_OVERFLOW):
                         self.watched.clear()
-                    offset += 16 + int.from_bytes(data[offset + 12:offset + 16], "little")
+                        names = None
+                    elif names is not None:
+                        name = data[offset + 16:offset + 16 + size].rstrip(b"\0")
+                        names.add(os.fsdecode(name))
+                    offset += 16 + size
         except BlockingIOError:
             pass
+        return names
 
     def __del__(self) -> None:
         os.close(self.fd)
@@ -1551,6 +1572,7 @@ class _Server:
         self.unread: List[_Unread] = []
         self.handled = 0
         self.chores_done = 0.0
+        self.buffer_name = {os.path.basename(paths.buffer)}
 
     def next_claim(self, waiter: Waiter, presence: Presence) -> str:
         """Wait for a complete message and claim it by renaming the buffer.
@@ -1577,7 +1599,7 @@ class _Server:
                 self.report("discarded", reason=f"cannot use {exc.filename or self.paths.buffer}: "
                             f"{exc.strerror or exc}")
             self.report("idle", answered=self.handled)
-            waiter.wait(SAFETY_INTERVAL)
+            waiter.wait(SAFETY_INTERVAL, self.buffer_name)
 
     def _chores(self, presence: Presence) -> None:
         """Do what need not delay an answer: orphans, the presence file, stale locks."""
