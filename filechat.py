@@ -1384,7 +1384,7 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[fl
             if ahead:
                 waiter.wait_for_deletion(line.before(), wake)
             else:
-                waiter.wait(wake)
+                waiter.wait(wake, {os.path.basename(lock.path)})   # first in line: the lock
     finally:
         line.leave()
 
@@ -1415,6 +1415,10 @@ def _await_reply(paths: Paths, response_path: str, lock: Lock, waiter: Waiter,
     deadline = time.monotonic() + timeout
     server_up: Optional[bool] = None
     tick = _Ticker(status, "reply", progress)
+    # What can end this wait: the reply, the lock's release, the server
+    # coming or going, or a note saying why the reply will not come.
+    names = {os.path.basename(p) for p in (response_path, lock.path, paths.presence,
+                                           paths.rejection(response_path))}
     while True:
         reply = _read_reply(paths, response_path, lock)
         if reply is not None:
@@ -1431,7 +1435,7 @@ def _await_reply(paths: Paths, response_path: str, lock: Lock, waiter: Waiter,
         if now >= deadline:
             withdrawn = _give_up(paths, lock, data)
             raise ReplyTimeout(response_path, timeout, paths.buffer, withdrawn, up)
-        waiter.wait(min(deadline - now, tick(now)))
+        waiter.wait(min(deadline - now, tick(now)), names)
 
 
 def _read_reply(paths: Paths, response_path: str, lock: Lock) -> Optional[Tuple[str, bool]]:
@@ -1462,7 +1466,7 @@ def _await_release(lock: Lock, waiter: Waiter) -> None:
     """
     deadline = time.monotonic() + RELEASE_GRACE
     while lock.still_held() and time.monotonic() < deadline:
-        waiter.wait(deadline - time.monotonic())
+        waiter.wait(deadline - time.monotonic(), {os.path.basename(lock.path)})
 
 
 def _give_up(paths: Paths, lock: Lock, data: Fingerprint) -> bool:
