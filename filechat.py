@@ -511,12 +511,19 @@ def publish_new(path: str, data: Data, durable: bool = False) -> None:
 
 def read_or_none(path: str) -> Optional[bytes]:
     """Return the bytes of path, or None if it does not exist."""
-    try:
-        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_BINARY)
-    except FileNotFoundError:
+    fd = _open_to_read(path)
+    if fd is None:
         return None
     with os.fdopen(fd, "rb") as f:
         return f.read()
+
+
+def _open_to_read(path: str) -> Optional[int]:
+    """Open path itself (never through a symlink) for reading; None if it does not exist."""
+    try:
+        return os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
+    except FileNotFoundError:
+        return None
 
 
 def _unlink_quietly(path: str) -> None:
@@ -642,9 +649,8 @@ def inspect_holder(path: str) -> Optional[Holder]:
     means the holder has ended. Elsewhere nothing can be checked.
     """
     for _ in range(3):
-        try:
-            fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
-        except FileNotFoundError:
+        fd = _open_to_read(path)
+        if fd is None:
             return None
         try:
             st = os.fstat(fd)
@@ -768,9 +774,8 @@ def break_stale_lock(path: str, stale_after: float) -> Optional[str]:
     reason = None if holder is None else stale_reason(holder, stale_after)
     if holder is None or reason is None:
         return None
-    try:
-        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
-    except FileNotFoundError:
+    fd = _open_to_read(path)
+    if fd is None:
         return None
     try:
         st = os.fstat(fd)
@@ -1712,9 +1717,8 @@ class _Server:
         """Open the lock a message came with, to follow its client while answering."""
         if ref.inode == 0:
             return _Client(-1, False, False)       # sent without a lock: nothing to follow
-        try:
-            fd = os.open(self.paths.lock, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
-        except FileNotFoundError:
+        fd = _open_to_read(self.paths.lock)
+        if fd is None:
             return _Client(-1, False, True)
         owner = read_owner(os.read(fd, 4096))
         if os.fstat(fd).st_ino != ref.inode or (owner.token if owner else "") != ref.token:
@@ -1783,9 +1787,8 @@ class _LockRef(NamedTuple):
     @classmethod
     def of(cls, lock_path: str) -> "_LockRef":
         """Describe the lock now at lock_path (inode 0 if there is none)."""
-        try:
-            fd = os.open(lock_path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
-        except FileNotFoundError:
+        fd = _open_to_read(lock_path)
+        if fd is None:
             return cls(0, "")
         try:
             owner = read_owner(os.read(fd, 4096))

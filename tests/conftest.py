@@ -160,3 +160,35 @@ def leftovers(directory: Path) -> List[str]:
                   if p.name.endswith((".lock", ".tmp", ".stale")) or ".taken." in p.name
                   or ".rejected." in p.name or p.name.startswith("filechat-reply-")
                   or p.name == "buf.txt")
+
+
+HOLDER = """
+import sys, filechat
+lock = filechat.Lock(sys.argv[1])
+assert lock.try_acquire()
+print("held", flush=True)
+sys.stdin.readline()
+lock.release()
+print("released", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def holder(tmp_path: Path) -> Iterator["subprocess.Popen[bytes]"]:
+    """A live client holding tmp_path/server.lock until told (release()) or killed."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "server.lock")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+    yield proc
+    proc.kill()
+    proc.wait(WAIT)
+
+
+def release(holder: "subprocess.Popen[bytes]") -> None:
+    """Have the holder release its lock, as a client given its reply would."""
+    assert holder.stdin is not None and holder.stdout is not None
+    holder.stdin.write(b"\n")
+    holder.stdin.flush()
+    assert holder.stdout.readline() == b"released\n"

@@ -227,7 +227,7 @@ def test_lock_beside_buffer_from_other_directories(start, run, tmp_path: Path) -
 
 
 def test_custom_lock_file(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    srv = server("--auto-reply", "ok", "--lock-file", "my.lock")
+    server("--auto-reply", "ok", "--lock-file", "my.lock")
     srv_lock = tmp_path / "my.lock"
     (tmp_path / "server.lock").write_text("")      # the default lock is not used
     result = run("client", "buf.txt", "-m", "hi", "--lock-file", "my.lock", "--lock-timeout", "5")

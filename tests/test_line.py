@@ -1,45 +1,17 @@
 """The fair line: waiting clients are served in the order they began to wait."""
 
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
-
-import pytest
-
-from conftest import ROOT, WAIT
-
-HOLDER = """
-import sys, filechat
-lock = filechat.Lock(sys.argv[1])
-assert lock.try_acquire()
-print("held", flush=True)
-sys.stdin.readline()
-lock.release()
-print("released", flush=True)
-sys.stdin.readline()
-"""
 
 
-@pytest.fixture
-def holder(tmp_path: Path) -> Iterator[subprocess.Popen]:  # type: ignore[type-arg]
-    """A live client that holds tmp_path/server.lock until told (a line on its stdin)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "server.lock")],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
-    yield proc
-    proc.kill()
-    proc.wait(WAIT)
+from conftest import release
 
 
-def release(holder: subprocess.Popen) -> None:  # type: ignore[type-arg]
-    assert holder.stdin is not None and holder.stdout is not None
-    holder.stdin.write(b"\n")
-    holder.stdin.flush()
-    assert holder.stdout.readline() == b"released\n"
+
+
+
 
 
 def tickets(directory: Path) -> list:  # type: ignore[type-arg]

@@ -9,34 +9,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 import filechat
-from conftest import ROOT, WAIT
+from conftest import WAIT
 from filechat import Lock, Waiter, remove_if_same
 
-HOLDER = """
-import sys, filechat
-lock = filechat.Lock(sys.argv[1])
-assert lock.try_acquire()
-print("held", flush=True)
-sys.stdin.read()
-"""
 
 
-@pytest.fixture
-def holder(tmp_path: Path) -> Iterator[subprocess.Popen]:  # type: ignore[type-arg]
-    """Another process that holds tmp_path/server.lock until killed."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "server.lock")],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == b"held\n"
-    yield proc
-    proc.kill()
-    proc.wait(WAIT)
 
 
 def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:

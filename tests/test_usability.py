@@ -9,7 +9,6 @@ import subprocess
 import sys
 import venv
 from pathlib import Path
-from typing import Iterator
 
 import pexpect
 import pytest
@@ -17,28 +16,11 @@ import pytest
 import filechat
 from conftest import ROOT, WAIT
 
-HOLDER = """
-import sys, filechat
-lock = filechat.Lock(sys.argv[1])
-assert lock.try_acquire()
-print("held", flush=True)
-sys.stdin.readline()
-"""
 CLIENT_RECORD = {"reply", "response_path", "lock_wait", "reply_wait", "outcome", "error",
                  "exit_status"}
 LOG_RECORD = {"time", "outcome", "response_path", "message", "reply", "duration", "reason"}
 
 
-@pytest.fixture
-def holder(tmp_path: Path) -> Iterator[subprocess.Popen]:  # type: ignore[type-arg]
-    """A live client holding tmp_path/server.lock."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "server.lock")],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
-    yield proc
-    proc.kill()
-    proc.wait(WAIT)
 
 
 def spawn(pyz: Path, cwd: Path, *args: str, **env: str) -> pexpect.spawn:
