@@ -3,23 +3,28 @@
 Roles: a *server* runs continuously and answers messages; a *client* runs
 once, sends one message and prints the reply.
 
-Files (the lock defaults to ``server.lock`` beside the buffer):
-  BUFFER       the request: response path, newline, message text, ESC.
-  server.lock  exists while one client's request is in flight.
-  RESPONSE     the reply text, then ESC (ESC ESC marks an error reply).
+Files (all beside the buffer unless told otherwise):
+  BUFFER                 the request: response path, newline, message, ESC.
+  server.lock            exists while one client's request is in flight.
+  RESPONSE               the reply text, then ESC (ESC ESC: an error reply).
+  BUFFER.server          the running server's identity (presence file).
+  BUFFER.taken.<ino>-<t> a claimed message, named after the lock it came with.
+  server.lock.wait-<ns>  a waiting client's ticket: the line, first come first.
 
 Steps of one exchange:
-  1. The client creates the lock with os.open(O_CREAT|O_EXCL); while another
-     client holds it, it prints "Server busy, please wait..." and waits.
-  2. The client publishes BUFFER whole (temp file, then os.replace).
-  3. The server sees a buffer ending in ESC, claims it by renaming it to
-     BUFFER.taken, shows the message and obtains a reply.
-  4. The server publishes RESPONSE whole, deletes BUFFER.taken, then removes
-     the lock, which lets the next client in.
+  1. The client creates the lock, exclusively (the spec's O_CREAT|O_EXCL;
+     filechat's appears whole); while another client holds it, it waits in
+     line, printing "Server busy, please wait...".
+  2. The client publishes BUFFER whole (never seen half-written).
+  3. The server sees a buffer ending in ESC, claims it by renaming it,
+     shows the message and obtains a reply.
+  4. The server publishes RESPONSE whole, then removes the lock, which lets
+     the next client in, and deletes its claim.
   5. The client reads the reply, prints it and deletes RESPONSE.
 
-The lock names its owner (JSON: pid, host, token, time) and the owner holds
-an flock on it, so a lock whose owner died is recognised and reclaimed.
+Locks, tickets and presence files name their owner (JSON: pid, host, token,
+time) and the owner holds an flock on them, so one whose owner died is
+recognised at once and cleared; a live owner's never is.
 
 Exit statuses: 0 ok, 1 error, 2 usage or bad input, 3 reply timeout,
 4 lock timeout, 5 no server (status), 130 client interrupted (Ctrl+C
@@ -27,8 +32,8 @@ stops a server with 0).
 
 Assumptions:
   - every participant sees the same files (one host or one shared directory);
-  - os.open(O_CREAT|O_EXCL), os.replace and os.rename are atomic there;
-  - message and reply text is UTF-8 and contains no ESC character;
+  - creating a file exclusively, os.replace and os.rename are atomic there;
+  - message and reply text is UTF-8 without ESC or NUL characters;
   - a peer that follows only the spec may write files in place and leave the
     lock empty; filechat accepts both.
 """
