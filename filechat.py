@@ -1550,7 +1550,7 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
         report("ready", buffer=buffer, lock_path=paths.lock)
         with Waiter(paths.directories(), poll, poll_interval, SERVER_EVENTS) as waiter:
             # Messages claimed by a server that stopped before answering come first.
-            pending = paths.claims()
+            pending = [_Claim(path, None, None) for path in paths.claims()]
             while max_messages is None or handled < max_messages:
                 server.answer(pending.pop(0) if pending else server.next_claim(waiter, presence))
                 handled += 1
@@ -1588,7 +1588,7 @@ class _Server:
         self.chores_done = 0.0
         self.buffer_name = {os.path.basename(paths.buffer)}
 
-    def next_claim(self, waiter: Waiter, presence: Presence) -> str:
+    def next_claim(self, waiter: Waiter, presence: Presence) -> "_Claim":
         """Wait for a complete message and claim it by renaming the buffer.
 
         The claim's name carries the inode of the lock the message came
@@ -1602,11 +1602,17 @@ class _Server:
             try:
                 data = read_or_none(self.paths.buffer)
                 if data and END_MARKER.encode() in data:
-                    claim = self.paths.claim_prefix + _LockRef.of(self.paths.lock).name()
-                    os.rename(self.paths.buffer, claim)
+                    client, ref = self._hold_lock()
+                    claim = self.paths.claim_prefix + ref.name()
+                    try:
+                        os.rename(self.paths.buffer, claim)
+                    except BaseException:
+                        client.close()
+                        raise
                     _crash_point("server-taken")
                     log.debug("message claimed as %s", claim)
-                    return claim
+                    # A large message is read again rather than held twice.
+                    return _Claim(claim, data if len(data) < 65536 else None, client)
             except FileNotFoundError:
                 continue             # withdrawn by its client an instant ago
             except OSError as exc:
@@ -1640,12 +1646,15 @@ class _Server:
             log.warning("removed stale lock %s: %s", self.paths.lock, reason)
             sweep_leftovers(self.allowed)
 
-    def answer(self, claim: str) -> None:
+    def answer(self, claimed: "_Claim") -> None:
         """Answer one claimed message, then free the lock it came with and the claim."""
-        ref = _LockRef.parse(claim[len(self.paths.claim_prefix):]) or _LockRef(0, "")
-        client = self._client(ref)
+        claim = claimed.path
+        client = claimed.client
+        if client is None:
+            ref = _LockRef.parse(claim[len(self.paths.claim_prefix):]) or _LockRef(0, "")
+            client = self._client(ref)
         try:
-            self._answer(claim, client)
+            self._answer(claimed, client)
         except OSError as exc:
             self.report("discarded", reason=f"cannot use {exc.filename or claim}: "
                         f"{exc.strerror or exc}")
@@ -1653,11 +1662,8 @@ class _Server:
             client.close()
             raise
         # Not on Ctrl+C: a message being answered stays claimed for the next server.
-        # The lock goes first: its client waits for that, not for the claim. The
-        # client's lock is held open meanwhile, so its inode cannot be reused.
-        lock = _file_id(self.paths.lock)
-        if client.fd >= 0 and lock is not None and lock[1] == ref.inode:
-            remove_if_same(self.paths.lock, lock)
+        # The lock goes first: its client waits for that, not for the claim.
+        client.release_lock(self.paths.lock)
         _unlink_quietly(claim)
         if client.watchable and client.reply is not None:
             self.unread.append(_Unread(client.reply[0], client.reply[1], client.fd))
@@ -1666,15 +1672,16 @@ class _Server:
         self.handled += 1
         self.report("released", lock_path=self.paths.lock)
 
-    def _answer(self, claim: str, client: "_Client") -> None:
+    def _answer(self, claimed: "_Claim", client: "_Client") -> None:
         """Check the claimed message, obtain its reply and publish it."""
+        data = claimed.data if claimed.data is not None else read_or_none(claimed.path)
         try:
-            parsed = parse_request(read_or_none(claim) or b"")
+            parsed = parse_request(data or b"")
         except ValueError as exc:
             self.report("discarded", reason=f"malformed message in {self.paths.buffer}: {exc}")
             return
         if parsed is None:
-            self.report("discarded", reason=f"incomplete message in {claim}")
+            self.report("discarded", reason=f"incomplete message in {claimed.path}")
             return
         raw_path, message = parsed
         request = Request(message, os.path.abspath(raw_path), self.paths.buffer)
@@ -1714,9 +1721,20 @@ class _Server:
         publish_new(request.response_path, data, self.durable)
         client.reply = (request.response_path, _file_id(request.response_path))
         _crash_point("server-replied")
+        client.release_lock(self.paths.lock)     # at once: the client waits for this
         log.debug("reply published in %s", request.response_path)
         self.report("failed" if failure else "replied", request=request, reason=failure,
                     reply=text)
+
+    def _hold_lock(self) -> "Tuple[_Client, _LockRef]":
+        """Open the lock a message is about to be claimed with; describe it."""
+        fd = _open_to_read(self.paths.lock)
+        if fd is None:
+            return _Client(-1, False, False), _LockRef(0, "")
+        owner = read_owner(os.read(fd, 4096))
+        local = owner is not None and owner.host == HOST and sys.platform != "win32"
+        ref = _LockRef(os.fstat(fd).st_ino, owner.token if owner else "")
+        return _Client(fd, local, False), ref
 
     def _client(self, ref: "_LockRef") -> "_Client":
         """Open the lock a message came with, to follow its client while answering."""
@@ -1752,7 +1770,8 @@ class _Server:
             return "the path contains a control character"
         if not os.path.isdir(directory):
             return f"directory {directory} does not exist"
-        real = os.path.realpath(directory)
+        # The allowed directories were resolved at start; only others need it.
+        real = directory if directory in self.allowed else os.path.realpath(directory)
         if not any(real == a or real.startswith(a.rstrip(os.sep) + os.sep)
                    for a in self.allowed):
             return (f"it is outside the directories this server writes to "
@@ -1790,18 +1809,6 @@ class _LockRef(NamedTuple):
     token: str
 
     @classmethod
-    def of(cls, lock_path: str) -> "_LockRef":
-        """Describe the lock now at lock_path (inode 0 if there is none)."""
-        fd = _open_to_read(lock_path)
-        if fd is None:
-            return cls(0, "")
-        try:
-            owner = read_owner(os.read(fd, 4096))
-            return cls(os.fstat(fd).st_ino, owner.token if owner else "")
-        finally:
-            os.close(fd)
-
-    @classmethod
     def parse(cls, text: str) -> "Optional[_LockRef]":
         """Read a claim name's suffix, "<inode>-<token>"; None if it is not one."""
         inode, dash, token = text.partition("-")
@@ -1812,6 +1819,14 @@ class _LockRef(NamedTuple):
     def name(self) -> str:
         """Return the claim name's suffix for this lock."""
         return f"{self.inode}-{self.token}"
+
+
+class _Claim(NamedTuple):
+    """A claimed message: its file, and, when just claimed, its bytes and its client."""
+
+    path: str
+    data: Optional[bytes]
+    client: "Optional[_Client]"
 
 
 class _Client:
@@ -1835,6 +1850,15 @@ class _Client:
         elif self.watchable and _flock(self.fd, shared=True):
             self.gone = True          # its flock died with it
         return not self.gone
+
+    def release_lock(self, lock_path: str) -> None:
+        """Remove the client's lock, if it is still the one the message came with.
+
+        Held open, the lock's inode cannot have been reused by another lock.
+        """
+        lock = _file_id(lock_path)
+        if self.fd >= 0 and lock is not None and lock[1] == os.fstat(self.fd).st_ino:
+            remove_if_same(lock_path, lock)
 
     def close(self) -> None:
         """Stop following the client."""
