@@ -519,8 +519,15 @@ def read_or_none(path: str) -> Optional[bytes]:
     fd = _open_to_read(path)
     if fd is None:
         return None
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
+    try:
+        # One read of the whole file where its size is known, and a last
+        # one to see the end: no buffered file object on the hot path.
+        chunks = [os.read(fd, max(os.fstat(fd).st_size, 4096) + 1)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 1 << 20))
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) <= 2 else b"".join(chunks)
 
 
 def _open_to_read(path: str) -> Optional[int]:
@@ -539,13 +546,18 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def _file_id(path: str) -> Optional[Tuple[int, int]]:
-    """Return (device, inode) of path itself, None if it does not exist."""
+def _lstat_or_none(path: str) -> Optional[os.stat_result]:
+    """Return the lstat of path, or None if it does not exist."""
     try:
-        st = os.lstat(path)
+        return os.lstat(path)
     except FileNotFoundError:
         return None
-    return st.st_dev, st.st_ino
+
+
+def _file_id(path: str) -> Optional[Tuple[int, int]]:
+    """Return (device, inode) of path itself, None if it does not exist."""
+    st = _lstat_or_none(path)
+    return None if st is None else (st.st_dev, st.st_ino)
 
 
 def remove_if_same(path: str, identity: Tuple[int, int]) -> bool:
@@ -1220,35 +1232,44 @@ def default_response_path(buffer: str) -> str:
 
 def check_response_path(response_path: str) -> None:
     """Refuse a response path the server could not, or should not, write."""
-    directory = os.path.dirname(response_path) or "."
-    if not os.path.isdir(directory):
-        raise UsageError(f"response file {response_path}: directory {directory} does not "
-                         "exist; create it or choose another path")
-    if os.path.islink(response_path):
+    st = _lstat_or_none(response_path)
+    if st is None:
+        _check_directory(response_path, "response file")
+    elif stat.S_ISLNK(st.st_mode):
         raise UsageError(f"response file {response_path} is a symbolic link, which the server "
                          "never follows; name a new file")
-    if os.path.isdir(response_path):
+    elif stat.S_ISDIR(st.st_mode):
         raise UsageError(f"response file {response_path} is a directory; name a file")
-    if os.path.lexists(response_path):
+    else:
         raise UsageError(f"response file {response_path} already exists; the server will "
                          "not overwrite it: remove it or choose another path")
 
 
 def check_buffer_path(buffer: str, lock_path: str) -> None:
     """Refuse a buffer or lock path that cannot be used."""
+    checked = set()
     for what, path in (("buffer file", buffer), ("lock file", lock_path)):
         directory = os.path.dirname(path) or "."
-        if not os.path.isdir(directory):
-            raise UsageError(f"{what} {path}: directory {directory} does not exist; "
-                             "create it or choose another path")
-        if os.path.islink(path):
+        if directory not in checked:
+            _check_directory(path, what, writable=True)
+            checked.add(directory)
+        st = _lstat_or_none(path)
+        if st is not None and stat.S_ISLNK(st.st_mode):
             raise UsageError(f"{what} {path} is a symbolic link, which filechat never "
                              "follows; name the file itself")
-        if os.path.isdir(path):
+        if st is not None and stat.S_ISDIR(st.st_mode):
             raise UsageError(f"{what} {path} is a directory; name a file")
-        if not os.access(directory, os.W_OK):
-            raise UsageError(f"{what} {path}: directory {directory} is not writable; "
-                             "choose a directory you can write")
+
+
+def _check_directory(path: str, what: str, writable: bool = False) -> None:
+    """Refuse a path whose directory does not exist (or, if asked, cannot be written)."""
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise UsageError(f"{what} {path}: directory {directory} does not exist; "
+                         "create it or choose another path")
+    if writable and not os.access(directory, os.W_OK):
+        raise UsageError(f"{what} {path}: directory {directory} is not writable; "
+                         "choose a directory you can write")
 
 
 def send(buffer: str, message: str, response_path: Optional[str] = None, *,
