@@ -1695,9 +1695,8 @@ class _Server:
 
     def _answer(self, claimed: "_Claim", client: "_Client") -> None:
         """Check the claimed message, obtain its reply and publish it."""
-        data = claimed.data if claimed.data is not None else read_or_none(claimed.path)
         try:
-            parsed = parse_request(data or b"")
+            parsed = parse_request(_claimed_bytes(claimed))    # no reference kept: see below
         except ValueError as exc:
             self.report("discarded", reason=f"malformed message in {self.paths.buffer}: {exc}")
             return
@@ -1840,6 +1839,17 @@ class _LockRef(NamedTuple):
     def name(self) -> str:
         """Return the claim name's suffix for this lock."""
         return f"{self.inode}-{self.token}"
+
+
+def _claimed_bytes(claimed: "_Claim") -> bytes:
+    """Return a claimed message's bytes, read again if they were not kept.
+
+    Returned for parse_request alone, so that a large message's bytes are
+    freed as soon as its text is decoded, before the reply is made.
+    """
+    if claimed.data is not None:
+        return claimed.data
+    return read_or_none(claimed.path) or b""
 
 
 class _Claim(NamedTuple):
