@@ -525,6 +525,8 @@ def read_or_none(path: str) -> Optional[bytes]:
         chunks = [os.read(fd, max(os.fstat(fd).st_size, 4096) + 1)]
         while chunks[-1]:
             chunks.append(os.read(fd, 1 << 20))
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None    # say which file
     finally:
         os.close(fd)
     return chunks[0] if len(chunks) <= 2 else b"".join(chunks)
@@ -2568,6 +2570,8 @@ class _ServerView:
 
 def run_status(args: argparse.Namespace, term: Terminal) -> int:
     """Run the status subcommand: 0 if a server runs, EXIT_NO_SERVER if not."""
+    if os.path.isdir(args.buffer):
+        raise UsageError(f"buffer file {args.buffer} is a directory; name a file")
     state = status(args.buffer, args.lock_file, args.stale_after)
     if args.json:
         term.out(_json(state))
@@ -2672,6 +2676,12 @@ def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) 
     except BrokenPipeError:
         # The reader of stdout went away (e.g. `| head`); nothing left to say.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    except OSError as exc:
+        # A file changed under filechat's feet (say, the buffer replaced by a
+        # directory while it ran): say which and how, never a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        term.error(f"{where}{exc.strerror or exc}; check the files beside the buffer")
         return EXIT_ERROR
     finally:
         log.stream, log.verbose, log.color = None, False, False

@@ -221,3 +221,21 @@ def test_status_with_a_message_waiting(run, tmp_path: Path) -> None:  # type: ig
     assert data["message_waiting"] is True and "a complete message waits" in text
     assert data["lock"]["state"] == "unknown" and data["lock"]["pid"] is None
     assert "held by a client that does not name itself" in text
+
+
+def test_status_of_a_directory_is_a_usage_error(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "adir").mkdir()
+    result = run("status", "adir")
+    assert result.returncode == 2
+    assert result.stderr == b"filechat: error: buffer file adir is a directory; name a file\n"
+
+
+def test_a_buffer_turned_into_a_directory_is_an_error_not_a_traceback(start, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "server.lock").write_text("")          # held: the client waits in line
+    client = start("client", "buf.txt", "-m", "hi")
+    client.expect("Server busy, please wait...")
+    (tmp_path / "buf.txt").mkdir()                       # the buffer, replaced meanwhile
+    assert client.wait() == 1
+    assert "Traceback" not in client.err
+    assert client.err.endswith(
+        "filechat: error: buf.txt: Is a directory; check the files beside the buffer\n")
