@@ -1385,10 +1385,10 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[fl
     """Take the lock, waiting in line while others hold it or wait for it."""
     line = Line(lock.path, lock.stale_after)
     arrived = time.time_ns()
-    if not line.waiting() and lock.try_acquire():
+    if lock.try_acquire():
         if not line.waiting(before=arrived):
             return                               # nobody held it, nobody waited
-        lock.release()        # someone began to wait just before: let them go first
+        lock.release()        # others were waiting for it: let them go first
     start = time.monotonic()
     next_notice = start
     tick = _Ticker(status, "lock", progress)
@@ -1741,9 +1741,9 @@ class _Server:
                         request=request)
             return
         publish_new(request.response_path, data, self.durable)
-        client.reply = (request.response_path, _file_id(request.response_path))
         _crash_point("server-replied")
         client.release_lock(self.paths.lock)     # at once: the client waits for this
+        client.reply = (request.response_path, _file_id(request.response_path))
         log.debug("reply published in %s", request.response_path)
         self.report("failed" if failure else "replied", request=request, reason=failure,
                     reply=text)
