@@ -390,29 +390,57 @@ def _write_all(fd: int, data: Data, durable: bool) -> None:
         os.fsync(fd)
 
 
+class Unnamed(NamedTuple):
+    """A file with no name yet (O_TMPFILE), and its directory, both open."""
+
+    directory: int
+    fd: int
+
+
+def open_unnamed(directory: str) -> Optional[Unnamed]:
+    """Open a new unnamed file in directory; None where the platform or filesystem cannot.
+
+    Creating a file is the slowest step of an exchange on some filesystems,
+    so a server makes the file for its next reply while it waits.
+    """
+    if not _O_TMPFILE:
+        return None
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | O_CLOEXEC)
+    except OSError:
+        return None                  # e.g. a directory one may write but not read
+    try:
+        return Unnamed(fd, os.open(".", _O_TMPFILE | os.O_WRONLY | O_CLOEXEC, 0o644, dir_fd=fd))
+    except OSError:
+        os.close(fd)
+        return None                  # this filesystem has no unnamed files
+
+
+def close_unnamed(unnamed: Optional[Unnamed]) -> None:
+    """Close an unnamed file that will not be used: it vanishes."""
+    if unnamed is not None:
+        os.close(unnamed.fd)
+        os.close(unnamed.directory)
+
+
 def _create_whole(path: str, write: Callable[[int], None], durable: bool,
-                  keep: bool = False) -> Optional[int]:
+                  keep: bool = False, unnamed: Optional[Unnamed] = None) -> Optional[int]:
     """Create path with what write(fd) writes, appearing whole; None where impossible.
 
     On Linux an O_TMPFILE file is written without ever having a name and then
     hard-linked into place, which fails if path exists, as O_CREAT|O_EXCL
     does. So nobody ever sees the file empty or half-written, even if its
     writer is killed half-way, and watchers see one event instead of a temp
-    file coming and going. Returns the open descriptor if keep, else -1;
-    raises FileExistsError if path exists; None where the platform or the
-    filesystem cannot do it, and the caller falls back.
+    file coming and going. unnamed, if given, is such a file made ahead in
+    path's directory; it is used up either way. Returns the open descriptor
+    if keep, else -1; raises FileExistsError if path exists; None where the
+    platform or the filesystem cannot do it, and the caller falls back.
     """
-    if not _O_TMPFILE:
+    unnamed = unnamed or open_unnamed(os.path.dirname(path))
+    if unnamed is None:
         return None
+    directory, fd = unnamed
     try:
-        directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | O_CLOEXEC)
-    except OSError:
-        return None                  # e.g. a directory one may write but not read
-    try:
-        try:
-            fd = os.open(".", _O_TMPFILE | os.O_WRONLY | O_CLOEXEC, 0o644, dir_fd=directory)
-        except OSError:
-            return None              # this filesystem has no unnamed files
         try:
             write(fd)
             # Through /proc, so that linkat follows the descriptor to the file.
@@ -432,12 +460,14 @@ def _create_whole(path: str, write: Callable[[int], None], durable: bool,
         os.close(directory)
 
 
-def _create_owned(path: str, durable: bool = False) -> Optional[int]:
+def _create_owned(path: str, durable: bool = False,
+                  unnamed: Optional[Unnamed] = None) -> Optional[int]:
     """Create path holding this process's identity, flocked; None if it exists.
 
     The flock comes before the identity, and the file appears with both, so
     a complete identity with a free flock always means its holder is gone.
     Where files cannot be created whole, O_CREAT|O_EXCL, as the spec does.
+    unnamed: a file made ahead in path's directory (used up).
     """
     def write(fd: int) -> None:
         _flock(fd, shared=False)
@@ -446,7 +476,7 @@ def _create_owned(path: str, durable: bool = False) -> Optional[int]:
             os.fsync(fd)
 
     try:
-        fd = _create_whole(path, write, durable, keep=True)
+        fd = _create_whole(path, write, durable, keep=True, unnamed=unnamed)
     except FileExistsError:
         return None
     if fd is not None:
@@ -490,13 +520,16 @@ def atomic_write(path: str, data: Data, durable: bool = False) -> None:
     _fsync_directory(path, durable)
 
 
-def publish_new(path: str, data: Data, durable: bool = False) -> None:
+def publish_new(path: str, data: Data, durable: bool = False,
+                unnamed: Optional[Unnamed] = None) -> None:
     """Create path holding data, whole at once; FileExistsError if path exists.
 
     A hard link publishes the complete file under the new name and, unlike
-    os.replace, refuses to overwrite a file, or follow a symlink, already there.
+    os.replace, refuses to overwrite a file, or follow a symlink, already
+    there. unnamed: a file made ahead in path's directory (used up).
     """
-    if _create_whole(path, lambda fd: _write_all(fd, data, durable), durable) is not None:
+    if _create_whole(path, lambda fd: _write_all(fd, data, durable), durable,
+                     unnamed=unnamed) is not None:
         return
     temp = _write_temp(path, data, durable)
     try:
@@ -740,10 +773,16 @@ class Lock:
         self.fd: Optional[int] = None
         self.identity: Optional[Tuple[int, int]] = None
 
-    def try_acquire(self) -> bool:
-        """Create the lock if nobody holds it; True if this process now holds it."""
-        fd = _create_owned(self.path, self.durable)
+    def try_acquire(self, line: "Optional[Line]" = None) -> bool:
+        """Create the lock if nobody holds it; True if this process now holds it.
+
+        A client at the head of the line turns its ticket into the lock
+        instead, which is as exclusive and creates no file: see Line.promote.
+        """
+        fd = None if line is None else line.promote(self.path, self.durable)
         if fd is None:
+            fd = _create_owned(self.path, self.durable)
+        if fd is None or fd < 0:
             return False
         st = os.fstat(fd)
         self.identity = (st.st_dev, st.st_ino)
@@ -813,10 +852,12 @@ class Line:
     A waiting client holds a ticket: a file beside the lock named
     ``LOCK.wait-<nanoseconds>-<pid>``, flocked and naming its owner like the
     lock. Only the client whose ticket comes first tries to take the lock, so
-    nobody is overtaken by a later arrival. A ticket whose owner died is
-    removed by the ticket after it, exactly as a stale lock would be; so a
-    crashed waiter never blocks the line. Peers that follow only the spec
-    take no ticket and simply find the lock free or not.
+    nobody is overtaken by a later arrival; it does so by hard-linking its
+    ticket as the lock, so the file it waited with becomes the lock. A
+    ticket whose owner died is removed by the ticket after it, exactly as a
+    stale lock would be; so a crashed waiter never blocks the line. Peers
+    that follow only the spec take no ticket and simply find the lock free
+    or not.
     """
 
     def __init__(self, lock_path: str, stale_after: float = STALE_AFTER) -> None:
@@ -847,11 +888,38 @@ class Line:
     def join(self) -> None:
         """Take a ticket at the end of the line."""
         while self.ticket is None:
+            # The file is made before the time is read: its place in line is
+            # when it appears, not when its (slow) creation began.
+            unnamed = open_unnamed(self.directory)
             now = time.time_ns()
             name = f"{self.prefix}{now:020d}-{os.getpid()}"
-            fd = _create_owned(os.path.join(self.directory, name))
+            fd = _create_owned(os.path.join(self.directory, name), unnamed=unnamed)
             if fd is not None:
                 self.ticket, self.fd, self.joined = name, fd, now / 1e9
+
+    def promote(self, lock_path: str, durable: bool) -> Optional[int]:
+        """Make this client's ticket the lock; return its descriptor, -1 if the lock exists.
+
+        A hard link is as exclusive as O_CREAT|O_EXCL (it fails if the lock
+        exists) and the file appears whole, already holding this client's
+        identity and flock. None where there is no ticket or no hard links:
+        the caller creates the lock itself.
+        """
+        if self.ticket is None or self.fd is None:
+            return None
+        ticket = os.path.join(self.directory, self.ticket)
+        if os.utime in os.supports_fd:
+            os.utime(self.fd)         # the lock's age counts from now, not from joining
+        try:
+            os.link(ticket, lock_path, follow_symlinks=os.link not in os.supports_follow_symlinks)
+        except FileExistsError:
+            return -1
+        except OSError:
+            return None
+        _fsync_directory(lock_path, durable)
+        fd, self.fd = self.fd, None
+        self.leave()                  # the ticket's name only: its file is the lock now
+        return fd
 
     def ahead(self) -> int:
         """Return how many live tickets come before this one, clearing a dead one before it."""
@@ -1062,14 +1130,11 @@ class Waiter:
             pass
 
     def wait_for_deletion(self, path: str, timeout: float) -> None:
-        """Like wait(), but woken only when the file at path is deleted.
-
-        A client in line waits for the ticket just ahead of its own to go:
-        woken by every change in the directory instead, a long line would
-        spend more time waking up than the server spends answering.
-        """
+        """Like wait(), but woken only when the file at path is deleted (or linked)."""
         files = None if self.inotify is None else _Inotify.for_thread(FILE_EVENTS)
-        if files is not None and not files.watch([path]):
+        # Watched afresh each time: a watch follows a file, and the name may
+        # now be another file's (a new lock).
+        if files is not None and not files.watch([path], again=True):
             return                   # already gone (or unwatchable): look again at once
         self._wait(files, timeout)
 
@@ -1141,11 +1206,14 @@ class _Inotify:
             return None
         return fd if fd >= 0 else None
 
-    def watch(self, directories: Sequence[str]) -> bool:
-        """Watch directories too; False if one cannot be watched."""
+    def watch(self, directories: Sequence[str], again: bool = False) -> bool:
+        """Watch directories (or files) too; False if one cannot be watched.
+
+        again: add the watch even if the name was watched before.
+        """
         for directory in directories:
             directory = directory or "."
-            if directory in self.watched:
+            if directory in self.watched and not again:
                 continue
             if self._libc.inotify_add_watch(  # type: ignore[attr-defined]
                     self.fd, os.fsencode(directory), self.events) < 0:
@@ -1385,7 +1453,9 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[fl
     """Take the lock, waiting in line while others hold it or wait for it."""
     line = Line(lock.path, lock.stale_after)
     arrived = time.time_ns()
-    if lock.try_acquire():
+    # A lock in place is not tried: creating a file only to find the name
+    # taken costs more, on some filesystems, than a whole exchange.
+    if _lstat_or_none(lock.path) is None and lock.try_acquire():
         if not line.waiting(before=arrived):
             return                               # nobody held it, nobody waited
         lock.release()        # others were waiting for it: let them go first
@@ -1398,7 +1468,7 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[fl
         while True:
             ahead = line.ahead()
             if ahead == 0:
-                if lock.try_acquire():
+                if lock.try_acquire(line):
                     return
                 if not _message_waiting(paths.buffer) and _break_stale(lock, paths):
                     continue
@@ -1414,10 +1484,10 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[fl
                 wake = min(wake, retry_interval)    # polling: the spec's retry pace
             if lock_timeout is not None:
                 wake = min(wake, start + lock_timeout - now)
-            if ahead:
-                waiter.wait_for_deletion(line.before(), wake)
-            else:
-                waiter.wait(wake, {os.path.basename(lock.path)})   # first in line: the lock
+            # Woken only when the file just ahead goes: the ticket ahead, or,
+            # first in line, the lock; a directory's every change would wake
+            # a long line more often than the server answers.
+            waiter.wait_for_deletion(line.before() if ahead else lock.path, wake)
     finally:
         line.leave()
 
@@ -1578,7 +1648,7 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
                 server.answer(pending.pop(0) if pending else server.next_claim(waiter, presence))
                 handled += 1
     finally:
-        server.forget_orphans()
+        server.close()
         sweep_leftovers(server.allowed, mine=True)
         presence.withdraw()
     return handled
@@ -1610,6 +1680,8 @@ class _Server:
         self.handled = 0
         self.chores_done = 0.0
         self.buffer_name = {os.path.basename(paths.buffer)}
+        self.home = os.path.dirname(os.path.abspath(paths.buffer))
+        self.spare: Optional[Unnamed] = None      # the next reply's file, made while idle
 
     def next_claim(self, waiter: Waiter, presence: Presence) -> "_Claim":
         """Wait for a complete message and claim it by renaming the buffer.
@@ -1622,6 +1694,8 @@ class _Server:
         while True:
             if time.monotonic() - self.chores_done >= SAFETY_INTERVAL:
                 self._chores(presence)
+            if self.spare is None:
+                self.spare = open_unnamed(self.home)
             try:
                 data = read_or_none(self.paths.buffer)
                 if data and END_MARKER.encode() in data:
@@ -1740,7 +1814,8 @@ class _Server:
             self.report("discarded", reason=f"the client for {request.response_path} has gone",
                         request=request)
             return
-        publish_new(request.response_path, data, self.durable)
+        publish_new(request.response_path, data, self.durable,
+                    self._take_spare(request.response_path))
         _crash_point("server-replied")
         client.release_lock(self.paths.lock)     # at once: the client waits for this
         client.reply = (request.response_path, _file_id(request.response_path))
@@ -1748,15 +1823,36 @@ class _Server:
         self.report("failed" if failure else "replied", request=request, reason=failure,
                     reply=text)
 
+    def _take_spare(self, path: str) -> Optional[Unnamed]:
+        """Return the file made ahead for a reply to path, if it was made where path goes."""
+        spare, self.spare = self.spare, None
+        if spare is not None and os.path.dirname(path) == self.home:
+            # Still the same directory: it may have been replaced while idle.
+            made = os.fstat(spare.directory)
+            try:
+                now = os.stat(self.home)
+            except OSError:
+                now = None
+            if now is not None and (made.st_dev, made.st_ino) == (now.st_dev, now.st_ino):
+                return spare
+        close_unnamed(spare)
+        return None
+
+    def close(self) -> None:
+        """Let go of what the server holds between messages."""
+        close_unnamed(self.spare)
+        self.spare = None
+        self.forget_orphans()
+
     def _hold_lock(self) -> "Tuple[_Client, _LockRef]":
         """Open the lock a message is about to be claimed with; describe it."""
         fd = _open_to_read(self.paths.lock)
         if fd is None:
             return _Client(-1, False, False), _LockRef(0, "")
         owner = read_owner(os.read(fd, 4096))
-        local = owner is not None and owner.host == HOST and sys.platform != "win32"
-        ref = _LockRef(os.fstat(fd).st_ino, owner.token if owner else "")
-        return _Client(fd, local, False), ref
+        client = _Client(fd, owner is not None and owner.host == HOST and sys.platform != "win32",
+                         False)
+        return client, _LockRef(client.inode, owner.token if owner else "")
 
     def _client(self, ref: "_LockRef") -> "_Client":
         """Open the lock a message came with, to follow its client while answering."""
@@ -1869,6 +1965,9 @@ class _Client:
         self.fd = fd                  # its lock, held open (-1 if none)
         self.watchable = watchable    # a local filechat client, whose flock is its life
         self.gone = gone
+        self.released = False
+        # Held open, the lock's inode cannot be reused by another lock.
+        self.inode = os.fstat(fd).st_ino if fd >= 0 else 0
         self.reply: Optional[Tuple[str, Optional[Tuple[int, int]]]] = None
 
     def waiting(self, lock_path: str) -> bool:
@@ -1878,20 +1977,20 @@ class _Client:
         if self.fd < 0:
             return True               # no lock to follow: assume it waits
         lock = _file_id(lock_path)
-        if lock is None or lock[1] != os.fstat(self.fd).st_ino:
+        if lock is None or lock[1] != self.inode:
             self.gone = True
         elif self.watchable and _flock(self.fd, shared=True):
             self.gone = True          # its flock died with it
         return not self.gone
 
     def release_lock(self, lock_path: str) -> None:
-        """Remove the client's lock, if it is still the one the message came with.
-
-        Held open, the lock's inode cannot have been reused by another lock.
-        """
+        """Remove the client's lock, once, if it is still the one the message came with."""
+        if self.fd < 0 or self.released:
+            return
+        self.released = True
         lock = _file_id(lock_path)
-        if self.fd >= 0 and lock is not None and lock[1] == os.fstat(self.fd).st_ino:
-            remove_if_same(lock_path, lock)
+        if lock is not None and lock[1] == self.inode:
+            _unlink_quietly(lock_path)
 
     def close(self) -> None:
         """Stop following the client."""

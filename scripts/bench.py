@@ -334,13 +334,17 @@ def run(quick: bool) -> Dict[str, Any]:
             os.mkdir(path)
             return path
         # Floor and library in alternating rounds, so that a change in the
-        # machine's load during the run weighs on both alike.
+        # machine's load during the run weighs on both alike, and in one
+        # directory: what creating a file costs differs from one directory
+        # to another on some filesystems (ext4 without a journal, here, by
+        # up to 100 x), and both sides create files on every exchange.
         floor: List[float] = []
         library: List[float] = []
-        rounds = 2 if quick else 5
+        rounds = 2 if quick else 10
+        shared = fresh("round-trips")
         for _ in range(rounds):
-            floor += measure_floor(fresh(f"floor{len(floor)}"), n // rounds)
-            library += measure_library(fresh(f"library{len(library)}"), n // rounds, False)[0]
+            floor += measure_floor(shared, n // rounds)
+            library += measure_library(shared, n // rounds, False)[0]
         spec, _ = measure_library(fresh("spec"), 3 if quick else 12, True)
         cli, python = measure_cli(fresh("cli"), 3 if quick else 30)
         line = measure_line(fresh("line"), 4 if quick else 16, 3 if quick else 20,
