@@ -53,6 +53,7 @@ from typing import (
     TYPE_CHECKING,
     Callable,
     Dict,
+    Iterator,
     List,
     Mapping,
     NamedTuple,
@@ -282,27 +283,61 @@ class HookError(FilechatError):
 
 def _check_text(text: str, what: str) -> bytes:
     """Return text as UTF-8, refusing what the framing cannot carry."""
+    check_characters(text, what)
+    return _utf8(text, what)
+
+
+def check_characters(text: str, what: str) -> None:
+    """Refuse text holding a character the framing cannot carry (ESC, NUL)."""
     if END_MARKER in text:
         raise FramingError(what, "contains the ESC character, which marks the end "
                            "of a message and cannot be sent; remove it")
     if "\0" in text:
         raise FramingError(what, "contains a NUL byte, which peers written in C would "
                            "cut the text at; remove it")
+
+
+def _utf8(text: str, what: str) -> bytes:
+    """Return text as UTF-8; FramingError for what has no UTF-8 form (lone surrogates)."""
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
         raise FramingError(what, "is not valid UTF-8 text") from None
 
 
+def _check_path(response_path: str) -> bytes:
+    """Return a response path as UTF-8, refusing one the framing cannot carry."""
+    if "\n" in response_path or "\r" in response_path:
+        raise FramingError(f"response path {response_path!r}", "contains a line break")
+    return _check_text(response_path, f"response path {response_path!r}")
+
+
 # Framing works on lists of parts, and parsing decodes through memoryviews,
-# so that a large message is never copied more than once on its way.
+# so that a large message is never copied more than once on its way; a
+# client encodes a long message a piece at a time (request_pieces).
+
+PIECE = 1 << 20           # characters of a long message encoded at a time
+
 
 def request_parts(response_path: str, message: str) -> List[bytes]:
     """Frame a request as parts to write in order: response path, newline, message, ESC."""
-    if "\n" in response_path or "\r" in response_path:
-        raise FramingError(f"response path {response_path!r}", "contains a line break")
-    path = _check_text(response_path, f"response path {response_path!r}")
-    return [path, b"\n", _check_text(message, "message"), END_MARKER.encode()]
+    return [_check_path(response_path), b"\n", _check_text(message, "message"),
+            END_MARKER.encode()]
+
+
+def request_pieces(response_path: str, message: str) -> Iterator[bytes]:
+    """Frame a request as pieces to write in order, encoding the message PIECE characters at a time.
+
+    Joined, the pieces are encode_request(response_path, message), and the
+    same FramingErrors are raised, a character with no UTF-8 form only when
+    its piece is reached.
+    """
+    path = _check_path(response_path)
+    check_characters(message, "message")
+    yield path + b"\n"
+    for start in range(0, len(message), PIECE):
+        yield _utf8(message[start:start + PIECE], "message")
+    yield END_MARKER.encode()
 
 
 def encode_request(response_path: str, message: str) -> bytes:
@@ -404,7 +439,7 @@ def open_unnamed(directory: str) -> Optional[Unnamed]:
     so a server makes the file for its next reply while it waits.
     """
     if not _O_TMPFILE:
-        return None
+        return None                  # not Linux, or no /proc to name the file through
     try:
         fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | O_CLOEXEC)
     except OSError:
@@ -414,6 +449,12 @@ def open_unnamed(directory: str) -> Optional[Unnamed]:
     except OSError:
         os.close(fd)
         return None                  # this filesystem has no unnamed files
+
+
+def _link_unnamed(unnamed: Unnamed, path: str) -> None:
+    """Give an unnamed file the name path, in its directory; FileExistsError if taken."""
+    # Through /proc, so that linkat follows the descriptor to the file.
+    os.link(f"/proc/self/fd/{unnamed.fd}", os.path.basename(path), dst_dir_fd=unnamed.directory)
 
 
 def close_unnamed(unnamed: Optional[Unnamed]) -> None:
@@ -443,12 +484,9 @@ def _create_whole(path: str, write: Callable[[int], None], durable: bool,
     try:
         try:
             write(fd)
-            # Through /proc, so that linkat follows the descriptor to the file.
-            os.link(f"/proc/self/fd/{fd}", os.path.basename(path), dst_dir_fd=directory)
-        except BaseException as exc:
+            _link_unnamed(unnamed, path)
+        except BaseException:
             os.close(fd)
-            if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
-                return None          # no /proc here
             raise
         if durable:
             os.fsync(directory)
@@ -496,7 +534,8 @@ def _create_owned(path: str, durable: bool = False,
     return fd
 
 
-_O_TMPFILE = getattr(os, "O_TMPFILE", 0) if sys.platform.startswith("linux") else 0
+_O_TMPFILE = (getattr(os, "O_TMPFILE", 0)
+              if sys.platform.startswith("linux") and os.path.isdir("/proc/self/fd") else 0)
 
 
 def _fsync_directory(path: str, durable: bool) -> None:
@@ -553,9 +592,13 @@ def read_or_none(path: str) -> Optional[bytes]:
     if fd is None:
         return None
     try:
-        # One read of the whole file where its size is known, and a last
-        # one to see the end: no buffered file object on the hot path.
-        chunks = [os.read(fd, max(os.fstat(fd).st_size, 4096) + 1)]
+        # One read of a small file, or of a large one into one buffer once
+        # its size is known, and a last one to see the end: no buffered
+        # file object, and no copy of a large file's bytes.
+        chunks = [os.read(fd, 65536)]
+        if len(chunks[0]) == 65536:
+            os.lseek(fd, 0, os.SEEK_SET)
+            chunks = [os.read(fd, os.fstat(fd).st_size + 1)]
         while chunks[-1]:
             chunks.append(os.read(fd, 1 << 20))
     except OSError as exc:
@@ -1119,15 +1162,27 @@ class Waiter:
         self.fd = None if self.inotify is None else self.inotify.fd
         log.debug("waiting with %s", "inotify" if self.fd is not None else "polling")
 
-    def wait(self, timeout: float, names: Optional[Set[str]] = None) -> None:
-        """Return after an event or after timeout seconds, whichever comes first.
+    def wait(self, timeout: float, names: Set[str]) -> Optional[Set[str]]:
+        """Return after an event about one of names, or after timeout seconds.
 
-        With names, only an event about one of those file names counts: the
-        server waits for its buffer and sleeps through its own replies.
+        Only an event about one of those file names counts: the server waits
+        for its buffer and sleeps through its own replies. Returns the names
+        the events were about; None after a timeout, when polling, or when
+        anything may have changed (events were lost).
         """
         deadline = time.monotonic() + timeout
-        while not self._wait(self.inotify, deadline - time.monotonic(), names):
-            pass
+        wanted = {os.fsencode(name) for name in names}
+        while True:
+            seen = self._wait(self.inotify, deadline - time.monotonic())
+            if seen is None:
+                return None
+            if not seen.isdisjoint(wanted):
+                return {os.fsdecode(name) for name in seen & wanted}
+
+    def forget(self) -> None:
+        """Drop the events so far: the caller is about to look at everything anyway."""
+        if self.inotify is not None:
+            self.inotify.drain()
 
     def wait_for_deletion(self, path: str, timeout: float) -> None:
         """Like wait(), but woken only when the file at path is deleted (or linked)."""
@@ -1138,22 +1193,18 @@ class Waiter:
             return                   # already gone (or unwatchable): look again at once
         self._wait(files, timeout)
 
-    def _wait(self, inotify: "Optional[_Inotify]", timeout: float,
-              names: Optional[Set[str]] = None) -> bool:
-        """Wait for an event of inotify (about names, if given), or poll if it is None.
+    def _wait(self, inotify: "Optional[_Inotify]", timeout: float) -> Optional[Set[bytes]]:
+        """Wait for events of inotify, or poll if it is None; return the names they were about.
 
-        Returns False only if an event came that did not concern names.
+        None after a timeout, when polling, or when anything may have changed.
         """
         if timeout <= 0:
-            return True
+            return None
         if inotify is None:
             time.sleep(min(timeout, self.poll_interval))
-            return True
+            return None
         ready, _, _ = select.select([inotify.fd], [], [], min(timeout, SAFETY_INTERVAL))
-        if not ready:
-            return True
-        seen = inotify.drain()
-        return names is None or seen is None or not seen.isdisjoint(names)
+        return inotify.drain() if ready else None
 
     def close(self) -> None:
         """Stop using the waiter (the thread keeps its inotify instance for next time)."""
@@ -1222,15 +1273,17 @@ class _Inotify:
             self.watched.add(directory)
         return True
 
-    def drain(self) -> Optional[Set[str]]:
+    def drain(self) -> Optional[Set[bytes]]:
         """Read the queued events; return the file names they were about.
 
         None means "anything may have changed": the queue overflowed, or a
         watched directory went away (and must be watched afresh if it comes back).
         """
-        names: Optional[Set[str]] = set()
+        names: Optional[Set[bytes]] = set()
+        data = b"\0" * 65536
         try:
-            while True:
+            # A read that leaves room for more events has taken them all.
+            while len(data) > 65536 - 4096:
                 data = os.read(self.fd, 65536)
                 offset = 0
                 while offset + 16 <= len(data):
@@ -1240,8 +1293,7 @@ class _Inotify:
                         self.watched.clear()
                         names = None
                     elif names is not None:
-                        name = data[offset + 16:offset + 16 + size].rstrip(b"\0")
-                        names.add(os.fsdecode(name))
+                        names.add(data[offset + 16:offset + 16 + size].rstrip(b"\0"))
                     offset += 16 + size
         except BlockingIOError:
             pass
@@ -1334,6 +1386,10 @@ def check_buffer_path(buffer: str, lock_path: str) -> None:
 def _check_directory(path: str, what: str, writable: bool = False) -> None:
     """Refuse a path whose directory does not exist (or, if asked, cannot be written)."""
     directory = os.path.dirname(path) or "."
+    # One call in the usual case: with the trailing separator, only a
+    # directory passes.
+    if os.access(os.path.join(directory, ""), os.W_OK if writable else os.F_OK):
+        return
     if not os.path.isdir(directory):
         raise UsageError(f"{what} {path}: directory {directory} does not exist; "
                          "create it or choose another path")
@@ -1372,31 +1428,30 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     paths = Paths.of(buffer, lock_path)
     if response_path is None:
         response_path = default_response_path(buffer)
-    parts = request_parts(os.path.abspath(response_path), message)
-    size = len(parts[2])
-    if size > max_bytes:
-        raise FramingError("message", f"is {size} bytes, over the limit of {max_bytes} "
-                           "(--max-bytes); send less or raise the limit")
+    _check_path(os.path.abspath(response_path))
+    check_characters(message, "message")
+    if len(message) > max_bytes:       # at least a byte a character: too long for sure
+        raise _too_long(message, max_bytes)
     check_buffer_path(buffer, paths.lock)
     check_response_path(response_path)      # errors name the path as the user gave it
     response_path = os.path.abspath(response_path)
-    data = _fingerprint(parts)
     lock = Lock(paths.lock, stale_after, durable)
-    with Waiter(paths.directories(response_path), poll, poll_interval) as waiter:
+    with Waiter(paths.directories(response_path), poll, poll_interval) as waiter, \
+            _Outgoing(buffer, response_path, message, max_bytes, durable) as outgoing:
         _acquire(lock, paths, waiter, lock_timeout, lock_retry_interval, status,
                  progress_interval)
         try:
             status("locked")
             _crash_point("client-locked")
-            _publish_buffer(buffer, parts, durable)
+            outgoing.publish()
+            waiter.forget()      # what happened so far is seen by the first look below
             _crash_point("client-sent")
-            parts = []       # only its fingerprint is kept: a large message is not held twice
             status("sent")
             status("waiting")
-            text, is_error = _await_reply(paths, response_path, lock, waiter, timeout, data,
-                                          status, progress_interval)
+            text, is_error = _await_reply(paths, response_path, lock, waiter, timeout,
+                                          outgoing.fingerprint, status, progress_interval)
         except BaseException:
-            _give_up(paths, lock, data)
+            _give_up(paths, lock, outgoing.fingerprint)
             _unlink_quietly(response_path)
             raise
         _await_release(lock, waiter)
@@ -1422,12 +1477,102 @@ def _fingerprint(data: Data) -> Fingerprint:
     return sum(map(len, parts)), crc
 
 
-def _publish_buffer(buffer: str, data: Data, durable: bool) -> None:
-    """Put the request in the buffer, whole, replacing anything left there."""
-    try:
-        publish_new(buffer, data, durable)
-    except FileExistsError:
-        atomic_write(buffer, data, durable)   # half a message from a client that died
+def _too_long(message: str, max_bytes: int) -> FramingError:
+    """Return the error for a message over max_bytes, saying its size."""
+    size = sum(len(_utf8(message[i:i + PIECE], "message"))
+               for i in range(0, len(message), PIECE))
+    return FramingError("message", f"is {size} bytes, over the limit of {max_bytes} "
+                        "(--max-bytes); send less or raise the limit")
+
+
+class _Outgoing:
+    """A request written ahead into a file that is not the buffer yet.
+
+    It is written before the lock is taken, so that a client waiting in line
+    has its message ready and, once it holds the lock, only puts the file in
+    place. The message is encoded and written a piece at a time: a long one
+    is never held whole as bytes besides the caller's text.
+    """
+
+    def __init__(self, buffer: str, response_path: str, message: str, max_bytes: int,
+                 durable: bool) -> None:
+        self.buffer = buffer
+        self.durable = durable
+        self.unnamed = open_unnamed(os.path.dirname(buffer))
+        self.temp = ""
+        if self.unnamed is not None:
+            fd = self.unnamed.fd
+        else:                         # no unnamed files here: a temp name, linked later
+            self.temp = _temp_name(buffer)
+            fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW
+                         | O_CLOEXEC | O_BINARY, 0o644)
+        written: Optional[Fingerprint] = None
+        try:
+            written = self._write(fd, request_pieces(response_path, message), max_bytes)
+        finally:
+            if self.temp:
+                os.close(fd)
+            if written is None:
+                self.discard()
+        if written is None:
+            raise _too_long(message, max_bytes)
+        self.fingerprint = written
+
+    def _write(self, fd: int, pieces: Iterator[bytes], max_bytes: int) -> Optional[Fingerprint]:
+        """Write the pieces to fd; return their fingerprint, None if the message is too long."""
+        head = next(pieces)                   # the response path and its newline
+        size, crc, small = len(head), zlib.crc32(head), [head]
+        for piece in pieces:
+            size, crc = size + len(piece), zlib.crc32(piece, crc)
+            if size - len(head) - 1 > max_bytes:      # - 1: the ESC that ends it
+                return None
+            if small and size < 65536:
+                small.append(piece)               # written in one go below
+                continue
+            _write_all(fd, [*small, piece], False)
+            small = []
+        _write_all(fd, small, self.durable)
+        return size, crc
+
+    def publish(self) -> None:
+        """Put the request in place as the buffer, replacing what a client that died left."""
+        if self.unnamed is not None:
+            unnamed, self.unnamed = self.unnamed, None
+            try:
+                try:
+                    _link_unnamed(unnamed, self.buffer)
+                except FileExistsError:
+                    # Half a message from a client that died: this client holds
+                    # the lock, so nobody else writes the buffer meanwhile.
+                    _unlink_quietly(self.buffer)
+                    _link_unnamed(unnamed, self.buffer)
+                if self.durable:
+                    os.fsync(unnamed.directory)
+            finally:
+                close_unnamed(unnamed)
+            return
+        temp, self.temp = self.temp, ""
+        try:
+            os.link(temp, self.buffer)
+        except OSError:      # a file left there, or no hard links on this filesystem
+            os.replace(temp, self.buffer)
+        finally:
+            _unlink_quietly(temp)
+        _fsync_directory(self.buffer, self.durable)
+
+    def discard(self) -> None:
+        """Drop the request if it was not put in place."""
+        close_unnamed(self.unnamed)
+        self.unnamed = None
+        if self.temp:
+            _unlink_quietly(self.temp)
+            self.temp = ""
+
+    def __enter__(self) -> "_Outgoing":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
 
 
 class _Ticker:
@@ -1520,25 +1665,31 @@ def _await_reply(paths: Paths, response_path: str, lock: Lock, waiter: Waiter,
     tick = _Ticker(status, "reply", progress)
     # What can end this wait: the reply, the lock's release, the server
     # coming or going, or a note saying why the reply will not come.
+    presence = os.path.basename(paths.presence)
     names = {os.path.basename(p) for p in (response_path, lock.path, paths.presence,
                                            paths.rejection(response_path))}
+    seen: Optional[Set[str]] = None
     while True:
         reply = _read_reply(paths, response_path, lock)
         if reply is not None:
             return reply
-        up = running_server(paths.presence) is not None
-        if up != server_up:
-            if not up:
-                status("no-server" if server_up is None else "server-stopped")
-            elif server_up is not None:
-                status("server-started")
-            server_up = up
+        # A server that starts or stops changes its presence file; one that
+        # is killed only lets go of its flock, which the safety re-check sees.
+        if seen is None or presence in seen:
+            up = running_server(paths.presence) is not None
+            if up != server_up:
+                if not up:
+                    status("no-server" if server_up is None else "server-stopped")
+                elif server_up is not None:
+                    status("server-started")
+                server_up = up
         _crash_point("client-waiting")
         now = time.monotonic()
         if now >= deadline:
             withdrawn = _give_up(paths, lock, data)
+            up = running_server(paths.presence) is not None
             raise ReplyTimeout(response_path, timeout, paths.buffer, withdrawn, up)
-        waiter.wait(min(deadline - now, tick(now)), names)
+        seen = waiter.wait(min(deadline - now, tick(now)), names)
 
 
 def _read_reply(paths: Paths, response_path: str, lock: Lock) -> Optional[Tuple[str, bool]]:

@@ -105,14 +105,27 @@ def test_waiter_is_woken_by_inotify(tmp_path: Path) -> None:
         assert select.select([waiter.fd], [], [], 0)[0] == []
         (tmp_path / "buf.txt").write_text("x")
         assert select.select([waiter.fd], [], [], WAIT)[0] == [waiter.fd]
-        waiter.wait(WAIT)           # drains the queued events
+        assert waiter.wait(WAIT, {"buf.txt"}) == {"buf.txt"}    # drains the queued events
+        assert select.select([waiter.fd], [], [], 0)[0] == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_waiter_sleeps_through_other_names_and_forgets(tmp_path: Path) -> None:
+    with Waiter([str(tmp_path)]) as waiter:
+        waiter.forget()                  # events this thread's instance saw earlier
+        (tmp_path / "other.txt").write_text("x")
+        start = time.monotonic()
+        assert waiter.wait(0.2, {"buf.txt"}) is None      # only a timeout ends it
+        assert time.monotonic() - start >= 0.2
+        (tmp_path / "buf.txt").write_text("x")
+        waiter.forget()
         assert select.select([waiter.fd], [], [], 0)[0] == []
 
 
 def test_waiter_polls_when_asked(tmp_path: Path) -> None:
     with Waiter([str(tmp_path)], poll=True, poll_interval=0.01) as waiter:
         assert waiter.fd is None
-        waiter.wait(0.01)
+        assert waiter.wait(0.01, {"buf.txt"}) is None
 
 
 def test_atomic_write_and_publish_new(tmp_path: Path) -> None:
