@@ -592,6 +592,14 @@ def read_or_none(path: str) -> Optional[bytes]:
     if fd is None:
         return None
     try:
+        return _read_all(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _read_all(fd: int, path: str) -> bytes:
+    """Return the bytes of the file open as fd, at its start (path names it in errors)."""
+    try:
         # One read of a small file, or of a large one into one buffer once
         # its size is known, and a last one to see the end: no buffered
         # file object, and no copy of a large file's bytes.
@@ -603,9 +611,29 @@ def read_or_none(path: str) -> Optional[bytes]:
             chunks.append(os.read(fd, 1 << 20))
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, path) from None    # say which file
+    return chunks[0] if len(chunks) <= 2 else b"".join(chunks)
+
+
+def read_if_ended(path: str, marker: bytes) -> Tuple[bool, Optional[bytes]]:
+    """Return whether path holds marker, and its bytes if it is small.
+
+    A large file is judged by its end, where a complete message has its
+    marker, so that it is not read whole only to be read again once claimed.
+    """
+    fd = _open_to_read(path)
+    if fd is None:
+        return False, None
+    try:
+        size = os.fstat(fd).st_size
+        if size > 65536:
+            os.lseek(fd, size - 65536, os.SEEK_SET)
+            if marker in os.read(fd, 65536):
+                return True, None
+            os.lseek(fd, 0, os.SEEK_SET)
+        data = _read_all(fd, path)
     finally:
         os.close(fd)
-    return chunks[0] if len(chunks) <= 2 else b"".join(chunks)
+    return marker in data, data
 
 
 def _open_to_read(path: str) -> Optional[int]:
@@ -1848,8 +1876,8 @@ class _Server:
             if self.spare is None:
                 self.spare = open_unnamed(self.home)
             try:
-                data = read_or_none(self.paths.buffer)
-                if data and END_MARKER.encode() in data:
+                ended, data = read_if_ended(self.paths.buffer, END_MARKER.encode())
+                if ended:
                     client, ref = self._hold_lock()
                     claim = self.paths.claim_prefix + ref.name()
                     try:
@@ -1859,8 +1887,7 @@ class _Server:
                         raise
                     _crash_point("server-taken")
                     log.debug("message claimed as %s", claim)
-                    # A large message is read again rather than held twice.
-                    return _Claim(claim, data if len(data) < 65536 else None, client)
+                    return _Claim(claim, data, client)     # a large one is read once claimed
             except FileNotFoundError:
                 continue             # withdrawn by its client an instant ago
             except OSError as exc:

@@ -113,6 +113,7 @@ for i in range(count):
                           poll_interval=filechat.RESPONSE_POLL_INTERVAL)
     times.append(time.perf_counter() - start)
     assert reply == message
+    del reply                     # the caller is done with it before the next exchange
 print(json.dumps({"times": times, "baseline": baseline,
                   "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
