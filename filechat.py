@@ -937,7 +937,7 @@ class Line:
         self.stale_after = stale_after
         self.ticket: Optional[str] = None
         self.fd: Optional[int] = None
-        self.joined = 0.0           # when this client took its ticket, in seconds
+        self.joined = 0.0           # when this client's ticket appeared, in seconds
         self.previous = ""          # the ticket just ahead of this one
 
     def tickets(self) -> List[str]:
@@ -957,16 +957,41 @@ class Line:
         return any(stamp.isdigit() and int(stamp) < before for stamp in stamps)
 
     def join(self) -> None:
-        """Take a ticket at the end of the line."""
-        while self.ticket is None:
-            # The file is made before the time is read: its place in line is
-            # when it appears, not when its (slow) creation began.
-            unnamed = open_unnamed(self.directory)
-            now = time.time_ns()
-            name = f"{self.prefix}{now:020d}-{os.getpid()}"
-            fd = _create_owned(os.path.join(self.directory, name), unnamed=unnamed)
-            if fd is not None:
-                self.ticket, self.fd, self.joined = name, fd, now / 1e9
+        """Take a ticket at the end of the line.
+
+        Tickets are named by the time they are taken, and the line is their
+        order; so that it is also the order in which they appear, clients
+        take the time and link their ticket in turn, under an exclusive
+        flock on the directory (the file itself is made before, in parallel).
+        """
+        unnamed = open_unnamed(self.directory)
+        turn = self._take_turn()
+        try:
+            while self.ticket is None:
+                now = time.time_ns()
+                name = f"{self.prefix}{now:020d}-{os.getpid()}"
+                fd = _create_owned(os.path.join(self.directory, name), unnamed=unnamed)
+                unnamed = None                 # used up either way
+                if fd is not None:
+                    # In line from the moment the ticket can be seen.
+                    self.ticket, self.fd, self.joined = name, fd, time.time()
+        finally:
+            if turn is not None:
+                os.close(turn)                 # and with it the flock
+
+    def _take_turn(self) -> Optional[int]:
+        """Flock the line's directory for this client's turn; None where that cannot be done."""
+        if sys.platform == "win32":
+            return None
+        try:
+            fd = os.open(self.directory or ".", os.O_RDONLY | os.O_DIRECTORY | O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)         # held for microseconds by a live client
+        except OSError:
+            pass                                   # e.g. a filesystem without flock
+        return fd
 
     def promote(self, lock_path: str, durable: bool) -> Optional[int]:
         """Make this client's ticket the lock; return its descriptor, -1 if the lock exists.
@@ -1637,9 +1662,11 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[fl
     tick = _Ticker(status, "lock", progress)
     line.join()
     status("queued", at=line.joined)
+    ahead = -1
     try:
         while True:
-            ahead = line.ahead()
+            # Once first, a client stays first: later tickets come after it.
+            ahead = 0 if ahead == 0 else line.ahead()
             if ahead == 0:
                 if lock.try_acquire(line):
                     return
