@@ -98,6 +98,7 @@ END_MARKER = "\x1b"               # ESC ends a message and a reply
 ERROR_MARKER = END_MARKER * 2     # a reply ending in ESC ESC reports a failure
 TAKEN_SUFFIX = ".taken."          # BUFFER + this + lock inode-token: a message being answered
 PRESENCE_SUFFIX = ".server"       # BUFFER + this: the running server's identity
+LINE_SUFFIX = ".line"             # LOCK + this: the directory of waiting clients' tickets
 REJECTED_SUFFIX = ".rejected."    # BUFFER + this + hash: why a reply was not written
 BANNER = "=" * 60
 
@@ -133,6 +134,7 @@ exit status:
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # absent on Windows
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 O_BINARY = getattr(os, "O_BINARY", 0)       # Windows would translate newlines
+O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 HOST = os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
 HOST_TAG = f"{zlib.crc32(HOST.encode()):08x}"     # marks temp files made on this host
@@ -624,12 +626,15 @@ def read_if_ended(path: str, marker: bytes) -> Tuple[bool, Optional[bytes]]:
     if fd is None:
         return False, None
     try:
-        size = os.fstat(fd).st_size
-        if size > 65536:
-            os.lseek(fd, size - 65536, os.SEEK_SET)
+        head = os.read(fd, 65536)
+        if len(head) < 65536:
+            if not os.read(fd, 65536):      # the end: a small file, read whole
+                return marker in head, head
+        else:
+            os.lseek(fd, os.fstat(fd).st_size - 65536, os.SEEK_SET)
             if marker in os.read(fd, 65536):
                 return True, None
-            os.lseek(fd, 0, os.SEEK_SET)
+        os.lseek(fd, 0, os.SEEK_SET)
         data = _read_all(fd, path)
     finally:
         os.close(fd)
@@ -664,6 +669,9 @@ def _file_id(path: str) -> Optional[Tuple[int, int]]:
     """Return (device, inode) of path itself, None if it does not exist."""
     st = _lstat_or_none(path)
     return None if st is None else (st.st_dev, st.st_ino)
+
+
+_TICKET = re.compile(r"\d{20}-\d+\Z")     # a ticket's name: nanoseconds, pid
 
 
 def remove_if_same(path: str, identity: Tuple[int, int]) -> bool:
@@ -920,8 +928,8 @@ def break_stale_lock(path: str, stale_after: float) -> Optional[str]:
 class Line:
     """The queue of clients waiting for one lock, served first come, first served.
 
-    A waiting client holds a ticket: a file beside the lock named
-    ``LOCK.wait-<nanoseconds>-<pid>``, flocked and naming its owner like the
+    A waiting client holds a ticket: a file in the directory LOCK.line,
+    named ``<nanoseconds>-<pid>``, flocked and naming its owner like the
     lock. Only the client whose ticket comes first tries to take the lock, so
     nobody is overtaken by a later arrival; it does so by hard-linking its
     ticket as the lock, so the file it waited with becomes the lock. A
@@ -929,11 +937,17 @@ class Line:
     stale lock would be; so a crashed waiter never blocks the line. Peers
     that follow only the spec take no ticket and simply find the lock free
     or not.
+
+    The directory exists while anybody waits: the first to join makes it,
+    the last to leave removes it (rmdir removes only an empty directory, and
+    a ticket cannot be linked into a removed one, so a client joining at
+    that moment simply makes it again). Kept apart, the tickets cost a
+    client that finds nobody waiting one failed look, and their coming and
+    going wakes nobody who watches the lock's directory.
     """
 
     def __init__(self, lock_path: str, stale_after: float = STALE_AFTER) -> None:
-        self.directory, name = os.path.split(lock_path)
-        self.prefix = name + ".wait-"
+        self.directory = lock_path + LINE_SUFFIX
         self.stale_after = stale_after
         self.ticket: Optional[str] = None
         self.fd: Optional[int] = None
@@ -943,18 +957,17 @@ class Line:
     def tickets(self) -> List[str]:
         """Return the names of the tickets in line, first come first."""
         try:
-            names = os.listdir(self.directory or ".")
+            names = os.listdir(self.directory)
         except OSError:
             return []
-        return sorted(n for n in names if n.startswith(self.prefix))
+        return sorted(n for n in names if _TICKET.match(n))
 
     def waiting(self, before: Optional[int] = None) -> bool:
         """True if anybody waits in line (who joined before that many ns since the epoch)."""
         tickets = self.tickets()
         if before is None:
             return bool(tickets)
-        stamps = (name[len(self.prefix):].partition("-")[0] for name in tickets)
-        return any(stamp.isdigit() and int(stamp) < before for stamp in stamps)
+        return any(int(name.partition("-")[0]) < before for name in tickets)
 
     def join(self) -> None:
         """Take a ticket at the end of the line.
@@ -962,36 +975,42 @@ class Line:
         Tickets are named by the time they are taken, and the line is their
         order; so that it is also the order in which they appear, clients
         take the time and link their ticket in turn, under an exclusive
-        flock on the directory (the file itself is made before, in parallel).
+        flock on the line's directory (the file itself is made before).
         """
-        unnamed = open_unnamed(self.directory)
-        turn = self._take_turn()
-        try:
-            while self.ticket is None:
+        while self.ticket is None:
+            turn = None
+            try:
+                turn = self._take_turn()
+                unnamed = open_unnamed(self.directory)
+                if turn is not None:
+                    _flock_turn(turn)
                 now = time.time_ns()
-                name = f"{self.prefix}{now:020d}-{os.getpid()}"
+                name = f"{now:020d}-{os.getpid()}"
                 fd = _create_owned(os.path.join(self.directory, name), unnamed=unnamed)
-                unnamed = None                 # used up either way
-                if fd is not None:
-                    # In line from the moment the ticket can be seen.
-                    self.ticket, self.fd, self.joined = name, fd, time.time()
-        finally:
-            if turn is not None:
-                os.close(turn)                 # and with it the flock
+                # In line from the moment the ticket can be seen (and before
+                # the next client's turn, so the times keep the line's order).
+                joined = time.time()
+            except FileNotFoundError:
+                fd = None                  # the last to leave removed the directory: again
+            finally:
+                if turn is not None:
+                    os.close(turn)         # and with it the flock
+            if fd is not None:
+                self.ticket, self.fd, self.joined = name, fd, joined
 
     def _take_turn(self) -> Optional[int]:
-        """Flock the line's directory for this client's turn; None where that cannot be done."""
+        """Make the line's directory if need be, and open it to flock (None without flock)."""
+        try:
+            os.mkdir(self.directory)
+        except FileExistsError:
+            pass
+        else:
+            # Whoever may write the lock's directory may join the line.
+            mode = stat.S_IMODE(os.stat(os.path.dirname(self.directory) or ".").st_mode)
+            os.chmod(self.directory, mode)
         if sys.platform == "win32":
             return None
-        try:
-            fd = os.open(self.directory or ".", os.O_RDONLY | os.O_DIRECTORY | O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)         # held for microseconds by a live client
-        except OSError:
-            pass                                   # e.g. a filesystem without flock
-        return fd
+        return os.open(self.directory, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
 
     def promote(self, lock_path: str, durable: bool) -> Optional[int]:
         """Make this client's ticket the lock; return its descriptor, -1 if the lock exists.
@@ -1033,12 +1052,35 @@ class Line:
         return self.previous
 
     def leave(self) -> None:
-        """Give up this ticket."""
+        """Give up this ticket; the last to leave removes the line's directory."""
         if self.ticket is not None:
             _unlink_quietly(os.path.join(self.directory, self.ticket))
+            remove_empty_directory(self.directory)
         if self.fd is not None:
             os.close(self.fd)
         self.ticket = self.fd = None
+
+    def clear(self) -> None:
+        """Remove the tickets of waiters that died, and the directory if nobody waits."""
+        for name in self.tickets():
+            break_stale_lock(os.path.join(self.directory, name), self.stale_after)
+        remove_empty_directory(self.directory)
+
+
+def _flock_turn(fd: int) -> None:
+    """Wait for an exclusive flock on fd: a live holder keeps it for microseconds."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        pass                   # a filesystem without flock: turns are not kept
+
+
+def remove_empty_directory(path: str) -> None:
+    """Remove path if it is an empty directory (rmdir refuses any other)."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass                   # not empty, gone already, or not ours to remove
 
 
 class Presence:
@@ -1749,21 +1791,20 @@ def _await_reply(paths: Paths, response_path: str, lock: Lock, waiter: Waiter,
 
 def _read_reply(paths: Paths, response_path: str, lock: Lock) -> Optional[Tuple[str, bool]]:
     """Return the reply if complete: ended by ESC, or by the server releasing the lock."""
-    # Look at the lock first: a server that writes no ESC writes the reply,
-    # then removes the lock, so a reply read after the release is whole.
-    released = not lock.still_held()
+    data = read_or_none(response_path)
+    reply = None if data is None else parse_reply(data)
+    if reply is not None or lock.still_held():
+        return reply
+    # Read again now: a server that writes no ESC writes the reply, then
+    # removes the lock, so a reply read after the release is whole.
     data = read_or_none(response_path)
     if data is not None:
-        reply = parse_reply(data)
-        if reply is None and released:
-            reply = data.decode("utf-8", "replace"), False
-        return reply
-    if released:
-        note = paths.rejection(response_path)
-        reason = read_or_none(note)
-        if reason is not None:
-            _unlink_quietly(note)
-            raise Rejected(reason.decode("utf-8", "replace"))
+        return parse_reply(data) or (data.decode("utf-8", "replace"), False)
+    note = paths.rejection(response_path)
+    reason = read_or_none(note)
+    if reason is not None:
+        _unlink_quietly(note)
+        raise Rejected(reason.decode("utf-8", "replace"))
     return None
 
 
@@ -1888,6 +1929,7 @@ class _Server:
         self.buffer_name = {os.path.basename(paths.buffer)}
         self.home = os.path.dirname(os.path.abspath(paths.buffer))
         self.spare: Optional[Unnamed] = None      # the next reply's file, made while idle
+        self.spare_home = (0, 0)                  # the directory it was made in
 
     def next_claim(self, waiter: Waiter, presence: Presence) -> "_Claim":
         """Wait for a complete message and claim it by renaming the buffer.
@@ -1902,6 +1944,9 @@ class _Server:
                 self._chores(presence)
             if self.spare is None:
                 self.spare = open_unnamed(self.home)
+                if self.spare is not None:
+                    made = os.fstat(self.spare.directory)
+                    self.spare_home = (made.st_dev, made.st_ino)
             try:
                 ended, data = read_if_ended(self.paths.buffer, END_MARKER.encode())
                 if ended:
@@ -1924,9 +1969,10 @@ class _Server:
             waiter.wait(SAFETY_INTERVAL, self.buffer_name)
 
     def _chores(self, presence: Presence) -> None:
-        """Do what need not delay an answer: orphans, the presence file, stale locks."""
+        """Do what need not delay an answer: orphans, the presence file, stale locks, the line."""
         self.chores_done = time.monotonic()
         self.forget_orphans()
+        Line(self.paths.lock, self.stale_after).clear()
         if presence.answered != self.handled:
             presence.update(self.handled)
         data = read_or_none(self.paths.buffer)
@@ -2033,12 +2079,11 @@ class _Server:
         spare, self.spare = self.spare, None
         if spare is not None and os.path.dirname(path) == self.home:
             # Still the same directory: it may have been replaced while idle.
-            made = os.fstat(spare.directory)
             try:
                 now = os.stat(self.home)
             except OSError:
                 now = None
-            if now is not None and (made.st_dev, made.st_ino) == (now.st_dev, now.st_ino):
+            if now is not None and (now.st_dev, now.st_ino) == self.spare_home:
                 return spare
         close_unnamed(spare)
         return None

@@ -15,7 +15,8 @@ from conftest import release
 
 
 def tickets(directory: Path) -> list:  # type: ignore[type-arg]
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith("server.lock.wait-"))
+    line = directory / "server.lock.line"
+    return sorted(p.name for p in line.iterdir()) if line.exists() else []
 
 
 def test_clients_are_served_in_arrival_order(holder, server, start, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -33,6 +34,7 @@ def test_clients_are_served_in_arrival_order(holder, server, start, tmp_path: Pa
     order = [line for line in srv.out.splitlines() if line.startswith("client ")]
     assert order == [f"client {n}" for n in range(6)]
     assert tickets(tmp_path) == []
+    assert not (tmp_path / "server.lock.line").exists()     # the last to leave removed it
 
 
 def test_a_crashed_waiter_does_not_block_the_line(holder, server, start, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
