@@ -671,9 +671,6 @@ def _file_id(path: str) -> Optional[Tuple[int, int]]:
     return None if st is None else (st.st_dev, st.st_ino)
 
 
-_TICKET = re.compile(r"\d{20}-\d+\Z")     # a ticket's name: nanoseconds, pid
-
-
 def remove_if_same(path: str, identity: Tuple[int, int]) -> bool:
     """Remove path only if it is still the file with this identity; True if removed."""
     if _file_id(path) != identity:
@@ -960,7 +957,7 @@ class Line:
             names = os.listdir(self.directory)
         except OSError:
             return []
-        return sorted(n for n in names if _TICKET.match(n))
+        return sorted(n for n in names if _is_ticket(n))
 
     def waiting(self, before: Optional[int] = None) -> bool:
         """True if anybody waits in line (who joined before that many ns since the epoch)."""
@@ -1065,6 +1062,11 @@ class Line:
         for name in self.tickets():
             break_stale_lock(os.path.join(self.directory, name), self.stale_after)
         remove_empty_directory(self.directory)
+
+
+def _is_ticket(name: str) -> bool:
+    """True for a ticket's name: nanoseconds (20 digits), a dash, a pid."""
+    return len(name) > 21 and name[20] == "-" and name[:20].isdigit() and name[21:].isdigit()
 
 
 def _flock_turn(fd: int) -> None:
