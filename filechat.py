@@ -53,6 +53,7 @@ from typing import (
     TYPE_CHECKING,
     Callable,
     Dict,
+    Iterable,
     Iterator,
     List,
     Mapping,
@@ -61,6 +62,7 @@ from typing import (
     Sequence,
     Set,
     Tuple,
+    TypeVar,
     Union,
 )
 
@@ -112,6 +114,7 @@ HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
 RELEASE_GRACE = 1.0               # seconds a client waits for the server to remove its lock
 PROGRESS_INTERVAL = 0.1           # seconds between updates of a progress line at a terminal
 MAX_BYTES = 1 << 20               # bytes: the largest message a client sends by default
+MAP_FROM = 1 << 20                # bytes: a file this large is parsed through a map
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -368,6 +371,25 @@ def reply_parts(text: str, error: bool = False) -> List[bytes]:
     return [_check_text(text, "reply"), (ERROR_MARKER if error else END_MARKER).encode()]
 
 
+def reply_pieces(text: str) -> Iterable[bytes]:
+    """Frame a reply as reply_parts does; a long ASCII one encoded as it is written.
+
+    Checked now either way: ASCII text has a UTF-8 form, so once its
+    characters are checked nothing can fail half-way through writing it.
+    """
+    if len(text) <= PIECE or not text.isascii():
+        return reply_parts(text)
+    check_characters(text, "reply")
+    return _ascii_pieces(text)
+
+
+def _ascii_pieces(text: str) -> Iterator[bytes]:
+    """Yield ASCII text encoded PIECE characters at a time, then ESC."""
+    for start in range(0, len(text), PIECE):
+        yield text[start:start + PIECE].encode("ascii")
+    yield END_MARKER.encode()
+
+
 def encode_reply(text: str, error: bool = False) -> bytes:
     """Frame a reply: text then ESC, or ESC ESC for an error reply."""
     return b"".join(reply_parts(text, error))
@@ -384,7 +406,7 @@ def parse_reply(data: bytes) -> Optional[Tuple[str, bool]]:
 
 # --- Filesystem primitives ---
 
-Data = Union[bytes, Sequence[bytes]]     # one bytes object, or parts to write in order
+Data = Union[bytes, Iterable[bytes]]     # one bytes object, or parts to write in order
 
 
 def _temp_name(path: str) -> str:
@@ -414,7 +436,7 @@ def _write_temp(path: str, data: Data, durable: bool) -> str:
 def _write_all(fd: int, data: Data, durable: bool) -> None:
     """Write all of data to fd (and to the disk, if durable)."""
     parts = [data] if isinstance(data, bytes) else data
-    if sum(map(len, parts)) < 65536:
+    if isinstance(parts, (list, tuple)) and sum(map(len, parts)) < 65536:
         parts = [b"".join(parts)]           # one write() for what is small
     for part in parts:
         view = memoryview(part)
@@ -614,6 +636,30 @@ def _read_all(fd: int, path: str) -> bytes:
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, path) from None    # say which file
     return chunks[0] if len(chunks) <= 2 else b"".join(chunks)
+
+
+Parsed = TypeVar("Parsed")
+
+
+def parse_file(path: str, parse: "Callable[[bytes], Parsed]") -> "Optional[Parsed]":
+    """Return parse(bytes of path), None if path does not exist.
+
+    A large file is parsed through a read-only map of it rather than read
+    into memory: its text is decoded straight from the page cache, and no
+    copy of its bytes is made.
+    """
+    fd = _open_to_read(path)
+    if fd is None:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size < MAP_FROM:
+            return parse(_read_all(fd, path))
+        import mmap  # only a large file needs it
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+            return parse(mapped)        # type: ignore[arg-type]   # a buffer, as bytes go
+    finally:
+        os.close(fd)
 
 
 def read_if_ended(path: str, marker: bytes) -> Tuple[bool, Optional[bytes]]:
@@ -1565,13 +1611,9 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
 Fingerprint = Tuple[int, int]        # a request's length and CRC-32: is it still ours?
 
 
-def _fingerprint(data: Data) -> Fingerprint:
+def _fingerprint(data: bytes) -> Fingerprint:
     """Return the length and CRC-32 of data."""
-    parts = [data] if isinstance(data, bytes) else data
-    crc = 0
-    for part in parts:
-        crc = zlib.crc32(part, crc)
-    return sum(map(len, parts)), crc
+    return len(data), zlib.crc32(data)
 
 
 def _too_long(message: str, max_bytes: int) -> FramingError:
@@ -1793,8 +1835,7 @@ def _await_reply(paths: Paths, response_path: str, lock: Lock, waiter: Waiter,
 
 def _read_reply(paths: Paths, response_path: str, lock: Lock) -> Optional[Tuple[str, bool]]:
     """Return the reply if complete: ended by ESC, or by the server releasing the lock."""
-    data = read_or_none(response_path)
-    reply = None if data is None else parse_reply(data)
+    reply = parse_file(response_path, parse_reply)
     if reply is not None or lock.still_held():
         return reply
     # Read again now: a server that writes no ESC writes the reply, then
@@ -2025,7 +2066,8 @@ class _Server:
     def _answer(self, claimed: "_Claim", client: "_Client") -> None:
         """Check the claimed message, obtain its reply and publish it."""
         try:
-            parsed = parse_request(_claimed_bytes(claimed))    # no reference kept: see below
+            parsed = (parse_request(claimed.data) if claimed.data is not None
+                      else parse_file(claimed.path, parse_request))
         except ValueError as exc:
             self.report("discarded", reason=f"malformed message in {self.paths.buffer}: {exc}")
             return
@@ -2052,13 +2094,14 @@ class _Server:
     def _reply(self, request: Request, client: "_Client") -> None:
         """Obtain the reply and publish it, unless its client has gone meanwhile."""
         failure = None
-        size = len(request.message.encode("utf-8"))
+        message = request.message
+        size = len(message) if message.isascii() else len(message.encode("utf-8"))
         try:
             if size > self.max_bytes:
                 raise HookError(f"the message is {size} bytes, over this server's limit of "
                                 f"{self.max_bytes} (--max-bytes)")
             text = self.responder(request)
-            data = reply_parts(text)
+            data = reply_pieces(text)
         except (HookError, FramingError) as exc:
             failure = str(exc)
             text = f"filechat server: {failure}\n"
@@ -2189,17 +2232,6 @@ class _LockRef(NamedTuple):
     def name(self) -> str:
         """Return the claim name's suffix for this lock."""
         return f"{self.inode}-{self.token}"
-
-
-def _claimed_bytes(claimed: "_Claim") -> bytes:
-    """Return a claimed message's bytes, read again if they were not kept.
-
-    Returned for parse_request alone, so that a large message's bytes are
-    freed as soon as its text is decoded, before the reply is made.
-    """
-    if claimed.data is not None:
-        return claimed.data
-    return read_or_none(claimed.path) or b""
 
 
 class _Claim(NamedTuple):
