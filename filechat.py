@@ -9,13 +9,15 @@ Files (all beside the buffer unless told otherwise):
   RESPONSE               the reply text, then ESC (ESC ESC: an error reply).
   BUFFER.server          the running server's identity (presence file).
   BUFFER.taken.<ino>-<t> a claimed message, named after the lock it came with.
-  server.lock.wait-<ns>  a waiting client's ticket: the line, first come first.
+  server.lock.line/<ns>  waiting clients' tickets: the line, first come first;
+                         the first in line turns its ticket into the lock.
 
 Steps of one exchange:
-  1. The client creates the lock, exclusively (the spec's O_CREAT|O_EXCL;
-     filechat's appears whole); while another client holds it, it waits in
-     line, printing "Server busy, please wait...".
-  2. The client publishes BUFFER whole (never seen half-written).
+  1. The client writes its request into a file with no name yet, then
+     creates the lock, exclusively (the spec's O_CREAT|O_EXCL; filechat's
+     appears whole); while another client holds it, it waits in line,
+     printing "Server busy, please wait...".
+  2. The client puts BUFFER in place, whole (never seen half-written).
   3. The server sees a buffer ending in ESC, claims it by renaming it,
      shows the message and obtains a reply.
   4. The server publishes RESPONSE whole, then removes the lock, which lets
@@ -87,7 +89,9 @@ __all__ = [
     "parse_reply",
     "parse_request",
     "reply_parts",
+    "reply_pieces",
     "request_parts",
+    "request_pieces",
     "send",
     "serve",
 ]
