@@ -1560,7 +1560,8 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     unbounded unless lock_timeout is given; the wait for the reply is
     bounded by timeout. ``status`` hears "busy" (every lock_retry_interval
     while another client holds the lock), "queued" (with the time it took
-    its place in line, if it had to), "locked", "sent", "waiting", and
+    its place in line, if it had to), "locked" (with the time it asked for
+    the lock), "sent", "waiting", and
     "no-server", "server-stopped", "server-started" as the server comes and
     goes; with progress_interval, also "tick" (phase "lock" or "reply",
     seconds waited) that often while it waits.
@@ -1585,10 +1586,10 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     lock = Lock(paths.lock, stale_after, durable)
     with Waiter(paths.directories(response_path), poll, poll_interval) as waiter, \
             _Outgoing(buffer, response_path, message, max_bytes, durable) as outgoing:
-        _acquire(lock, paths, waiter, lock_timeout, lock_retry_interval, status,
-                 progress_interval)
+        asked = _acquire(lock, paths, waiter, lock_timeout, lock_retry_interval, status,
+                         progress_interval)
         try:
-            status("locked")
+            status("locked", asked=asked)
             _crash_point("client-locked")
             outgoing.publish()
             waiter.forget()      # what happened so far is seen by the first look below
@@ -1737,15 +1738,18 @@ class _Ticker:
 
 
 def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[float],
-             retry_interval: float, status: Status, progress: Optional[float]) -> None:
-    """Take the lock, waiting in line while others hold it or wait for it."""
+             retry_interval: float, status: Status, progress: Optional[float]) -> float:
+    """Take the lock, waiting in line while others hold it or wait for it.
+
+    Returns when it asked for the lock, in seconds since the epoch.
+    """
     line = Line(lock.path, lock.stale_after)
     arrived = time.time_ns()
     # A lock in place is not tried: creating a file only to find the name
     # taken costs more, on some filesystems, than a whole exchange.
     if _lstat_or_none(lock.path) is None and lock.try_acquire():
         if not line.waiting(before=arrived):
-            return                               # nobody held it, nobody waited
+            return arrived / 1e9                 # nobody held it, nobody waited
         lock.release()        # others were waiting for it: let them go first
     start = time.monotonic()
     next_notice = start
@@ -1759,7 +1763,7 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[fl
             ahead = 0 if ahead == 0 else line.ahead()
             if ahead == 0:
                 if lock.try_acquire(line):
-                    return
+                    return arrived / 1e9
                 if not _message_waiting(paths.buffer) and _break_stale(lock, paths):
                     continue
             now = time.monotonic()

@@ -135,6 +135,7 @@ for i in range(count):
             record["queued"] = info["at"]          # when it took its place in line
         elif event == "locked":
             record["locked"] = time.time()
+            record["asked"] = info["asked"]         # when it asked for the lock
     record["arrived"] = time.time()
     message = f"{name}-{i}"
     assert filechat.send(buffer, message, status=status) == message
@@ -282,10 +283,11 @@ def measure_line(directory: str, clients: int, messages: int, alone: float
     service = statistics.median(r["done"] - r["locked"] for r in records)
     # Order of service against order of arrival in line: a client arrives
     # when its ticket appears, or, if it found the lock free and nobody
-    # waiting, when it asked for the lock. A pair counts as overtaken when
-    # one arrived before the other yet was served after it.
+    # waiting, when it asked for the lock (after writing its request). A
+    # pair counts as overtaken when one arrived before the other yet was
+    # served after it.
     for r in records:
-        r["in_line"] = r.get("queued", r["arrived"])
+        r["in_line"] = r.get("queued", r["asked"])
     waits = [r["locked"] - r["in_line"] for r in records]        # time spent in line
     by_arrival = sorted(records, key=lambda r: r["in_line"])
     overtaken = sum(1 for i, a in enumerate(by_arrival) for b in by_arrival[i + 1:]
