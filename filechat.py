@@ -1062,25 +1062,39 @@ class Line:
     def promote(self, lock_path: str, durable: bool) -> Optional[int]:
         """Make this client's ticket the lock; return its descriptor, -1 if the lock exists.
 
-        A hard link is as exclusive as O_CREAT|O_EXCL (it fails if the lock
-        exists) and the file appears whole, already holding this client's
-        identity and flock. None where there is no ticket or no hard links:
-        the caller creates the lock itself.
+        The ticket is renamed to the lock, on Linux with RENAME_NOREPLACE,
+        which like O_CREAT|O_EXCL fails if the lock exists; elsewhere it is
+        hard-linked as the lock, as exclusive, and then unlinked. Either way
+        the lock appears whole, already holding this client's identity and
+        flock. None where there is no ticket, or neither can be done: the
+        caller creates the lock itself.
         """
         if self.ticket is None or self.fd is None:
             return None
         ticket = os.path.join(self.directory, self.ticket)
-        if os.utime in os.supports_fd:
-            os.utime(self.fd)         # the lock's age counts from now, not from joining
-        try:
-            os.link(ticket, lock_path, follow_symlinks=os.link not in os.supports_follow_symlinks)
-        except FileExistsError:
+        # A lock's age tells other hosts when it is stale: it must count
+        # from now, not from joining. Touched only if that differs by more
+        # than a trifle: the touch would wake the client behind this one.
+        if (time.time() - self.joined > min(1.0, self.stale_after / 10)
+                and os.utime in os.supports_fd):
+            os.utime(self.fd)
+        moved = _rename_exclusive(ticket, lock_path)
+        if moved is None:
+            try:
+                os.link(ticket, lock_path,
+                        follow_symlinks=os.link not in os.supports_follow_symlinks)
+            except FileExistsError:
+                return -1
+            except OSError:
+                return None
+        elif not moved:
             return -1
-        except OSError:
-            return None
         _fsync_directory(lock_path, durable)
         fd, self.fd = self.fd, None
-        self.leave()                  # the ticket's name only: its file is the lock now
+        if moved:
+            self.ticket = None        # its name is the lock's now
+            remove_empty_directory(self.directory)
+        self.leave()                  # a linked ticket's name goes; its file is the lock
         return fd
 
     def ahead(self) -> int:
@@ -1117,6 +1131,38 @@ class Line:
 def _is_ticket(name: str) -> bool:
     """True for a ticket's name: nanoseconds (20 digits), a dash, a pid."""
     return len(name) > 21 and name[20] == "-" and name[:20].isdigit() and name[21:].isdigit()
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _rename_exclusive(source: str, target: str) -> Optional[bool]:
+    """Rename source to target unless target exists: True if renamed, False if it exists.
+
+    None where the system or the filesystem cannot (renameat2 is Linux's).
+    The rename moves a file without changing its link count, which watchers
+    of its link count would take for its going.
+    """
+    libc = _Inotify.libc()
+    rename = getattr(libc, "renameat2", None)
+    if rename is None:
+        return None
+    if rename(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
+              _RENAME_NOREPLACE) == 0:
+        return True
+    err = _ctypes_errno()
+    if err == errno.EEXIST:
+        return False
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return None                   # not on this filesystem
+    raise OSError(err, os.strerror(err), source)
+
+
+def _ctypes_errno() -> int:
+    """Return the errno a ctypes call left."""
+    import ctypes
+    return ctypes.get_errno()
 
 
 def _flock_turn(fd: int) -> None:
@@ -1279,6 +1325,7 @@ IN_CREATE = 0x100        # a file was linked in whole, or a lock or ticket creat
 IN_DELETE = 0x200        # a lock, ticket, presence file or claim went away
 IN_ATTRIB = 0x004        # a watched file's link count fell: it was deleted
 IN_DELETE_SELF = 0x400   # a watched file is gone for good
+IN_MOVE_SELF = 0x800     # a watched file was renamed (a ticket became the lock)
 IN_Q_OVERFLOW = 0x4000   # events were lost: anything may have changed
 IN_IGNORED = 0x8000      # a watched directory went away
 
@@ -1286,7 +1333,7 @@ IN_IGNORED = 0x8000      # a watched directory went away
 # events that can end a wait; the rest would be needless wake-ups.
 SERVER_EVENTS = IN_CREATE | IN_MOVED_TO | IN_CLOSE_WRITE   # a buffer appears, whole
 CLIENT_EVENTS = IN_CREATE | IN_DELETE      # a reply or note appears; a lock or ticket goes
-FILE_EVENTS = IN_ATTRIB | IN_DELETE_SELF   # the one file watched has been deleted
+FILE_EVENTS = IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF   # the file watched went
 
 
 class Waiter:
@@ -1391,15 +1438,21 @@ class _Inotify:
         return instances[events]  # type: ignore[no-any-return]
 
     @classmethod
+    def libc(cls) -> object:
+        """Return the C library through ctypes (None where it is not Linux's)."""
+        if cls._libc is None and sys.platform.startswith("linux"):
+            import ctypes
+            try:
+                cls._libc = ctypes.CDLL(None, use_errno=True)
+            except OSError:
+                pass
+        return cls._libc
+
+    @classmethod
     def _init(cls) -> Optional[int]:
         """Create an inotify descriptor, None where there is no inotify."""
-        if not sys.platform.startswith("linux"):
-            return None
         try:
-            if cls._libc is None:
-                import ctypes
-                cls._libc = ctypes.CDLL(None, use_errno=True)
-            fd = int(cls._libc.inotify_init1(os.O_NONBLOCK | O_CLOEXEC))  # type: ignore[attr-defined]
+            fd = int(cls.libc().inotify_init1(os.O_NONBLOCK | O_CLOEXEC))  # type: ignore[attr-defined]
         except (OSError, AttributeError):
             return None
         return fd if fd >= 0 else None
