@@ -1097,14 +1097,21 @@ class Line:
         self.leave()                  # a linked ticket's name goes; its file is the lock
         return fd
 
-    def ahead(self) -> int:
-        """Return how many live tickets come before this one, clearing a dead one before it."""
+    def ahead(self, recheck: bool = True) -> int:
+        """Return how many live tickets come before this one, clearing a dead one before it.
+
+        The ticket just ahead is checked when it is new, and else only if
+        recheck: its holder's death makes no event, so a wait that ended
+        with one has nothing to look for.
+        """
         tickets = self.tickets()
         if self.ticket not in tickets:
             return 0            # removed by somebody: behave as the head
         mine = tickets.index(self.ticket)
-        self.previous = os.path.join(self.directory, tickets[mine - 1]) if mine else ""
-        if mine and break_stale_lock(self.previous, self.stale_after):
+        previous = os.path.join(self.directory, tickets[mine - 1]) if mine else ""
+        recheck = recheck or previous != self.previous
+        self.previous = previous
+        if mine and recheck and break_stale_lock(previous, self.stale_after):
             return mine - 1
         return mine
 
@@ -1378,14 +1385,17 @@ class Waiter:
         if self.inotify is not None:
             self.inotify.drain()
 
-    def wait_for_deletion(self, path: str, timeout: float) -> None:
-        """Like wait(), but woken only when the file at path is deleted (or linked)."""
+    def wait_for_deletion(self, path: str, timeout: float) -> bool:
+        """Like wait(), but woken only when the file at path goes (or is linked, or touched).
+
+        Returns True if an event ended the wait (or the file had gone already).
+        """
         files = None if self.inotify is None else _Inotify.for_thread(FILE_EVENTS)
         # Watched afresh each time: a watch follows a file, and the name may
         # now be another file's (a new lock).
         if files is not None and not files.watch([path], again=True):
-            return                   # already gone (or unwatchable): look again at once
-        self._wait(files, timeout)
+            return True              # already gone (or unwatchable): look again at once
+        return self._wait(files, timeout) is not None
 
     def _wait(self, inotify: "Optional[_Inotify]", timeout: float) -> Optional[Set[bytes]]:
         """Wait for events of inotify, or poll if it is None; return the names they were about.
@@ -1809,11 +1819,11 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[fl
     tick = _Ticker(status, "lock", progress)
     line.join()
     status("queued", at=line.joined)
-    ahead = -1
+    ahead, woken = -1, False
     try:
         while True:
             # Once first, a client stays first: later tickets come after it.
-            ahead = 0 if ahead == 0 else line.ahead()
+            ahead = 0 if ahead == 0 else line.ahead(recheck=not woken)
             if ahead == 0:
                 if lock.try_acquire(line):
                     return arrived / 1e9
@@ -1834,7 +1844,7 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[fl
             # Woken only when the file just ahead goes: the ticket ahead, or,
             # first in line, the lock; a directory's every change would wake
             # a long line more often than the server answers.
-            waiter.wait_for_deletion(line.before() if ahead else lock.path, wake)
+            woken = waiter.wait_for_deletion(line.before() if ahead else lock.path, wake)
     finally:
         line.leave()
 
