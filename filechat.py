@@ -780,7 +780,7 @@ _OWNER = re.compile(rb'\{"pid": (\d+), "host": "([A-Za-z0-9._-]*)", "token": "([
 def _owner_record(answered: Optional[int] = None, started: float = 0.0) -> bytes:
     """Return this process's identity as one line of JSON (with a server's count)."""
     token, now = os.urandom(8).hex(), time.time()
-    if not (HOST.isascii() and HOST.replace(".", "").replace("-", "").replace("_", "").isalnum()):
+    if not _PLAIN_HOST:
         import json
         record = {"pid": os.getpid(), "host": HOST, "token": token, "created": now}
         if answered is not None:
@@ -789,6 +789,9 @@ def _owner_record(answered: Optional[int] = None, started: float = 0.0) -> bytes
     extra = "" if answered is None else f', "answered": {answered}, "started": {started!r}'
     return (f'{{"pid": {os.getpid()}, "host": "{HOST}", "token": "{token}", '
             f'"created": {now!r}{extra}}}\n').encode()
+
+
+_PLAIN_HOST = HOST.isascii() and HOST.replace(".", "").replace("-", "").replace("_", "").isalnum()
 
 
 def read_owner(data: bytes) -> Optional[Owner]:
@@ -1637,6 +1640,7 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     released.
     """
     paths = Paths.of(buffer, lock_path)
+    chosen = response_path is not None
     if response_path is None:
         response_path = default_response_path(buffer)
     _check_path(os.path.abspath(response_path))
@@ -1644,7 +1648,8 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     if len(message) > max_bytes:       # at least a byte a character: too long for sure
         raise _too_long(message, max_bytes)
     check_buffer_path(buffer, paths.lock)
-    check_response_path(response_path)      # errors name the path as the user gave it
+    if chosen:      # a fresh name beside the buffer needs no checking
+        check_response_path(response_path)  # errors name the path as the user gave it
     response_path = os.path.abspath(response_path)
     lock = Lock(paths.lock, stale_after, durable)
     with Waiter(paths.directories(response_path), poll, poll_interval) as waiter, \
