@@ -458,6 +458,7 @@ class Unnamed(NamedTuple):
 
     directory: int
     fd: int
+    identified: bool = False     # it holds this process's identity and flock already
 
 
 def open_unnamed(directory: str) -> Optional[Unnamed]:
@@ -508,7 +509,7 @@ def _create_whole(path: str, write: Callable[[int], None], durable: bool,
     unnamed = unnamed or open_unnamed(os.path.dirname(path))
     if unnamed is None:
         return None
-    directory, fd = unnamed
+    directory, fd, _ = unnamed
     try:
         try:
             write(fd)
@@ -533,11 +534,12 @@ def _create_owned(path: str, durable: bool = False,
     The flock comes before the identity, and the file appears with both, so
     a complete identity with a free flock always means its holder is gone.
     Where files cannot be created whole, O_CREAT|O_EXCL, as the spec does.
-    unnamed: a file made ahead in path's directory (used up).
+    unnamed: a file made ahead in path's directory (used up), maybe already
+    holding the identity (see _owned_unnamed).
     """
     def write(fd: int) -> None:
-        _flock(fd, shared=False)
-        os.write(fd, _owner_record())     # one small write: readers see all or nothing
+        if unnamed is None or not unnamed.identified:
+            _identify(fd)
         if durable:
             os.fsync(fd)
 
@@ -560,6 +562,21 @@ def _create_owned(path: str, durable: bool = False,
     write(fd)
     _fsync_directory(path, durable)
     return fd
+
+
+def _identify(fd: int) -> None:
+    """Flock fd, then write this process's identity into it."""
+    _flock(fd, shared=False)
+    os.write(fd, _owner_record())     # one small write: readers see all or nothing
+
+
+def _owned_unnamed(directory: str) -> Optional[Unnamed]:
+    """Return an unnamed file in directory already holding this process's identity, flocked."""
+    unnamed = open_unnamed(directory)
+    if unnamed is None:
+        return None
+    _identify(unnamed.fd)
+    return unnamed._replace(identified=True)
 
 
 _O_TMPFILE = (getattr(os, "O_TMPFILE", 0)
@@ -1031,7 +1048,9 @@ class Line:
             turn = None
             try:
                 turn = self._take_turn()
-                unnamed = open_unnamed(self.directory)
+                # Made and identified before this client's turn, which is
+                # then only the time and a link: others wait on it.
+                unnamed = _owned_unnamed(self.directory)
                 if turn is not None:
                     _flock_turn(turn)
                 now = time.time_ns()
