@@ -1,7 +1,9 @@
 """Long texts written a piece at a time and parsed through a map; the line's ticket becoming the lock."""
 
+import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -95,3 +97,33 @@ def test_the_head_of_the_line_turns_its_ticket_into_the_lock(tmp_path: Path) -> 
     assert not os.path.exists(line.directory)         # the last to leave removed it
     os.close(fd)
     os.unlink(lock)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="hard links and flock")
+def test_a_ticket_is_linked_as_the_lock_where_it_cannot_be_renamed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(filechat, "_rename_exclusive", lambda source, target: None)
+    lock = str(tmp_path / "server.lock")
+    line = Line(lock)
+    line.join()
+    ticket_inode = os.stat(os.path.join(line.directory, str(line.ticket))).st_ino
+    fd = line.promote(lock, durable=False)
+    assert fd is not None and fd >= 0
+    assert os.stat(lock).st_ino == ticket_inode
+    assert os.stat(lock).st_nlink == 1                 # the ticket's own name is gone
+    assert not os.path.exists(line.directory)
+    os.close(fd)
+    os.unlink(lock)
+
+
+def test_the_server_clears_a_dead_waiters_ticket_and_the_line(tmp_path: Path, server) -> None:  # type: ignore[no-untyped-def]
+    line = tmp_path / "server.lock.line"
+    line.mkdir()
+    record = {"pid": 999999, "host": filechat.HOST, "token": "ab", "created": 1.0}
+    (line / f"{1:020d}-999999").write_text(json.dumps(record) + "\n")   # nobody flocks it
+    srv = server("--auto-reply", "ok")
+    deadline = time.monotonic() + WAIT        # the server's chores run once a second
+    while line.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not line.exists()
+    assert srv.interrupt() == 0
