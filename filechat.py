@@ -1851,7 +1851,9 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[fl
             if ahead == 0:
                 if lock.try_acquire(line):
                     return arrived / 1e9
-                if not _message_waiting(paths.buffer) and _break_stale(lock, paths):
+                # A holder's death makes no event: only a wait that timed
+                # out (or the first look) has reason to suspect one.
+                if not woken and not _message_waiting(paths.buffer) and _break_stale(lock, paths):
                     continue
             now = time.monotonic()
             if lock_timeout is not None and now - start >= lock_timeout:
