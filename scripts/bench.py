@@ -122,6 +122,7 @@ import sys, time, json, os
 sys.path.insert(0, sys.argv[1])
 import filechat
 buffer, name, count = sys.argv[2], sys.argv[3], int(sys.argv[4])
+filechat.send(buffer, "warm-up")          # what any first exchange loads, as alone
 print("ready", flush=True)
 sys.stdin.readline()                      # all start together
 records = []
@@ -141,7 +142,8 @@ for i in range(count):
     assert filechat.send(buffer, message, status=status) == message
     record["done"] = time.time()
     records.append(record)
-print(json.dumps(records))
+print(json.dumps(records), flush=True)
+sys.stdin.readline()                      # exit only once all are done
 """
 
 
@@ -274,9 +276,11 @@ def measure_line(directory: str, clients: int, messages: int, alone: float
         proc.stdin.write("go\n")
         proc.stdin.flush()
     records = []
+    for proc in procs:                        # an exiting interpreter would slow the rest
+        assert proc.stdout is not None
+        records += json.loads(proc.stdout.readline())
     for proc in procs:
-        out, _ = proc.communicate(timeout=600)
-        records += json.loads(out)
+        proc.communicate("bye\n", timeout=60)
     stop(server)
     wall = max(r["done"] for r in records) - min(r["arrived"] for r in records)
     latencies = [r["done"] - r["arrived"] for r in records]
