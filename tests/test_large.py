@@ -1,4 +1,4 @@
-"""Long texts written a piece at a time and parsed through a map; the line's ticket becoming the lock."""
+"""Long texts written in pieces and parsed through a map; the ticket that becomes the lock."""
 
 import json
 import os
