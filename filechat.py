@@ -72,7 +72,6 @@ if sys.platform != "win32":
     import fcntl  # flock, the liveness signal of a lock's holder; Windows uses the pid
 if TYPE_CHECKING:
     from subprocess import Popen  # imported where hooks run: clients never need it
-    from threading import Condition  # imported by the server alone
 
 __all__ = [
     "AlreadyServing",
@@ -2082,6 +2081,7 @@ class _Server:
         while True:
             if time.monotonic() - self.chores_done >= SAFETY_INTERVAL:
                 self._chores(presence)
+            self.spares.make()
             try:
                 ended, data = read_if_ended(self.paths.buffer, END_MARKER.encode())
                 if ended:
@@ -2289,73 +2289,46 @@ class _Server:
 
 
 class _Spares:
-    """The file of the server's next reply, made ahead by a helper thread.
+    """The file of the server's next reply, made ahead while the server is idle.
 
     Creating a file is the slowest step of an exchange on some filesystems
-    (up to half a millisecond on ext4 without a journal), so a thread keeps
-    the next reply's file ready (an unnamed file, O_TMPFILE, in the buffer's
-    directory) while the server answers: it is made while the server waits,
-    or, answering message after message, alongside. Where there are no
-    unnamed files there is no thread, and replies are created as they go.
+    (up to half a millisecond on ext4 without a journal), so the server
+    makes the next reply's file (an unnamed file, O_TMPFILE, in the buffer's
+    directory) between messages, rather than while a client waits for it.
+    Where there are no unnamed files, replies are created as they go.
     """
 
     def __init__(self, home: str) -> None:
         self.home = home
         self.ready: Optional[Unnamed] = None
         self.made_in = (0, 0)            # the directory the ready file was made in
-        self.closed = False
-        self.changed: Optional[Condition] = None
-        if _O_TMPFILE:
-            import threading  # only a server needs it
-            self.changed = threading.Condition()
-            threading.Thread(target=self._make, name="filechat-spares", daemon=True).start()
+
+    def make(self) -> None:
+        """Make the next reply's file, unless it is made already."""
+        if self.ready is None:
+            self.ready = open_unnamed(self.home)
+            if self.ready is not None:
+                directory = os.fstat(self.ready.directory)
+                self.made_in = (directory.st_dev, directory.st_ino)
 
     def take(self, path: str) -> Optional[Unnamed]:
         """Return the ready file if it was made where path goes (None: create one)."""
-        if self.changed is None or os.path.dirname(path) != self.home:
-            return None
-        with self.changed:
-            spare, made_in, self.ready = self.ready, self.made_in, None
-            self.changed.notify()
-        if spare is None:
-            return None
-        # Still the same directory: it may have been replaced while idle.
-        try:
-            now = os.stat(self.home)
-        except OSError:
-            now = None
-        if now is not None and (now.st_dev, now.st_ino) == made_in:
-            return spare
+        spare, self.ready = self.ready, None
+        if spare is not None and os.path.dirname(path) == self.home:
+            # Still the same directory: it may have been replaced while idle.
+            try:
+                now = os.stat(self.home)
+            except OSError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == self.made_in:
+                return spare
         close_unnamed(spare)
         return None
 
     def close(self) -> None:
-        """Stop making files, and drop the ready one."""
-        if self.changed is not None:
-            with self.changed:
-                self.closed = True
-                close_unnamed(self.ready)
-                self.ready = None
-                self.changed.notify()
-
-    def _make(self) -> None:
-        """Keep one file ready until closed (the helper thread)."""
-        assert self.changed is not None
-        while True:
-            with self.changed:
-                while self.ready is not None and not self.closed:
-                    self.changed.wait()
-                if self.closed:
-                    return
-            made = open_unnamed(self.home)
-            if made is None:
-                return                   # this filesystem has none: replies are created
-            directory = os.fstat(made.directory)
-            with self.changed:
-                if self.closed:
-                    close_unnamed(made)
-                    return
-                self.ready, self.made_in = made, (directory.st_dev, directory.st_ino)
+        """Drop the ready file."""
+        close_unnamed(self.ready)
+        self.ready = None
 
 
 class _LockRef(NamedTuple):

@@ -129,27 +129,20 @@ def test_the_server_clears_a_dead_waiters_ticket_and_the_line(tmp_path: Path, se
     assert srv.interrupt() == 0
 
 
-def ready(spares: "filechat._Spares") -> None:
-    """Wait until the helper thread has the next file ready."""
-    deadline = time.monotonic() + WAIT
-    while spares.ready is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert spares.ready is not None
-
-
 @pytest.mark.skipif(not filechat._O_TMPFILE, reason="unnamed files are Linux's")
 def test_the_server_keeps_its_next_reply_file_ready(tmp_path: Path) -> None:
     home = tmp_path / "chat"
     home.mkdir()
     spares = filechat._Spares(str(home))
     try:
-        ready(spares)
+        spares.make()
         assert spares.take(str(tmp_path / "r.txt")) is None      # not where it was made
+        spares.make()
         spare = spares.take(str(home / "r.txt"))
         assert spare is not None
         filechat.publish_new(str(home / "r.txt"), b"pong\x1b", unnamed=spare)
         assert (home / "r.txt").read_bytes() == b"pong\x1b"
-        ready(spares)                                              # made again at once
+        spares.make()
         home.rename(tmp_path / "old")                              # replaced while idle
         home.mkdir()
         assert spares.take(str(home / "s.txt")) is None
