@@ -653,7 +653,7 @@ def _read_all(fd: int, path: str) -> bytes:
             os.lseek(fd, 0, os.SEEK_SET)
             chunks = [os.read(fd, os.fstat(fd).st_size + 1)]
         while chunks[-1]:
-            chunks.append(os.read(fd, 1 << 20))
+            chunks.append(os.read(fd, 65536))     # the end, or what a writer added since
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, path) from None    # say which file
     return chunks[0] if len(chunks) <= 2 else b"".join(chunks)
@@ -998,8 +998,8 @@ class Line:
     A waiting client holds a ticket: a file in the directory LOCK.line,
     named ``<nanoseconds>-<pid>``, flocked and naming its owner like the
     lock. Only the client whose ticket comes first tries to take the lock, so
-    nobody is overtaken by a later arrival; it does so by hard-linking its
-    ticket as the lock, so the file it waited with becomes the lock. A
+    nobody is overtaken by a later arrival; it does so by renaming its
+    ticket to the lock, so the file it waited with becomes the lock. A
     ticket whose owner died is removed by the ticket after it, exactly as a
     stale lock would be; so a crashed waiter never blocks the line. Peers
     that follow only the spec take no ticket and simply find the lock free
@@ -1180,12 +1180,10 @@ def _rename_exclusive(source: str, target: str) -> Optional[bool]:
     if rename(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
               _RENAME_NOREPLACE) == 0:
         return True
-    err = _ctypes_errno()
-    if err == errno.EEXIST:
-        return False
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
-        return None                   # not on this filesystem
-    raise OSError(err, os.strerror(err), source)
+    # Any other failure (no renameat2 on this filesystem, a ticket gone)
+    # leaves the caller to take the lock the ordinary way, which says what
+    # is wrong if anything is.
+    return False if _ctypes_errno() == errno.EEXIST else None
 
 
 def _ctypes_errno() -> int:
