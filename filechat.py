@@ -461,16 +461,18 @@ class Unnamed(NamedTuple):
     identified: bool = False     # it holds this process's identity and flock already
 
 
-def open_unnamed(directory: str) -> Optional[Unnamed]:
-    """Open a new unnamed file in directory; None where the platform or filesystem cannot.
+def open_unnamed(directory: Union[str, int]) -> Optional[Unnamed]:
+    """Open a new unnamed file in directory (a path, or an open one to use, not take).
 
-    Creating a file is the slowest step of an exchange on some filesystems,
-    so a server makes the file for its next reply while it waits.
+    None where the platform or the filesystem cannot. Creating a file is the
+    slowest step of an exchange on some filesystems, so filechat makes its
+    files ahead where it can.
     """
     if not _O_TMPFILE:
         return None                  # not Linux, or no /proc to name the file through
     try:
-        fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | O_CLOEXEC)
+        fd = (os.dup(directory) if isinstance(directory, int) else
+              os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | O_CLOEXEC))
     except OSError:
         return None                  # e.g. a directory one may write but not read
     try:
@@ -570,7 +572,7 @@ def _identify(fd: int) -> None:
     os.write(fd, _owner_record())     # one small write: readers see all or nothing
 
 
-def _owned_unnamed(directory: str) -> Optional[Unnamed]:
+def _owned_unnamed(directory: Union[str, int]) -> Optional[Unnamed]:
     """Return an unnamed file in directory already holding this process's identity, flocked."""
     unnamed = open_unnamed(directory)
     if unnamed is None:
@@ -1049,8 +1051,10 @@ class Line:
             try:
                 turn = self._take_turn()
                 # Made and identified before this client's turn, which is
-                # then only the time and a link: others wait on it.
-                unnamed = _owned_unnamed(self.directory)
+                # then only the time and a link: others wait on it. Made in
+                # the very directory flocked, even if the name was removed
+                # and made again meanwhile.
+                unnamed = _owned_unnamed(self.directory if turn is None else turn)
                 if turn is not None:
                     _flock_turn(turn)
                 now = time.time_ns()
