@@ -121,10 +121,11 @@ def test_the_server_clears_a_dead_waiters_ticket_and_the_line(tmp_path: Path, se
     line.mkdir()
     record = {"pid": 999999, "host": filechat.HOST, "token": "ab", "created": 1.0}
     (line / f"{1:020d}-999999").write_text(json.dumps(record) + "\n")   # nobody flocks it
-    srv = server("--auto-reply", "ok")
-    deadline = time.monotonic() + WAIT        # the server's chores run once a second
-    while line.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    with filechat.Waiter([str(tmp_path)]) as waiter:       # watching before it can happen
+        srv = server("--auto-reply", "ok")
+        deadline = time.monotonic() + WAIT    # the server's chores run once a second
+        while line.exists() and time.monotonic() < deadline:
+            waiter.wait(deadline - time.monotonic(), {line.name})
     assert not line.exists()
     assert srv.interrupt() == 0
 
