@@ -105,6 +105,7 @@ ERROR_MARKER = END_MARKER * 2     # a reply ending in ESC ESC reports a failure
 TAKEN_SUFFIX = ".taken."          # BUFFER + this + lock inode-token: a message being answered
 PRESENCE_SUFFIX = ".server"       # BUFFER + this: the running server's identity
 LINE_SUFFIX = ".line"             # LOCK + this: the directory of waiting clients' tickets
+OFFER_SUFFIX = ".request"         # TICKET + this: its client's request, ready to put in place
 REJECTED_SUFFIX = ".rejected."    # BUFFER + this + hash: why a reply was not written
 BANNER = "=" * 60
 
@@ -932,6 +933,11 @@ class Lock:
             fd = _create_owned(self.path, self.durable)
         if fd is None or fd < 0:
             return False
+        self.hold(fd)
+        return True
+
+    def hold(self, fd: int) -> None:
+        """Hold the lock whose file is open as fd (created, or handed by the server)."""
         st = os.fstat(fd)
         self.identity = (st.st_dev, st.st_ino)
         if sys.platform == "win32":
@@ -939,7 +945,6 @@ class Lock:
         else:
             self.fd = fd
         log.debug("lock %s acquired", self.path)
-        return True
 
     def still_held(self) -> bool:
         """True while the lock file this process created is still in place."""
@@ -1007,6 +1012,14 @@ class Line:
     that follow only the spec take no ticket and simply find the lock free
     or not.
 
+    Beside its ticket a client leaves its request, ``<ticket>.request``, so
+    that a filechat server, having answered one client, hands the lock to
+    the next at once: it renames the first ticket to the lock and that
+    request to the buffer, as the client itself would, and goes on to
+    answer it without waiting for that client to be woken and scheduled.
+    Under a server that does not, or if the client is woken first, the
+    client does both itself; either way each rename happens once.
+
     The directory exists while anybody waits: the first to join makes it,
     the last to leave removes it (rmdir removes only an empty directory, and
     a ticket cannot be linked into a removed one, so a client joining at
@@ -1020,6 +1033,8 @@ class Line:
         self.stale_after = stale_after
         self.ticket: Optional[str] = None
         self.fd: Optional[int] = None
+        self.identity: Optional[Tuple[int, int]] = None    # the ticket's file
+        self.offer = ""             # the path of the request beside it, if any
         self.joined = 0.0           # when this client's ticket appeared, in seconds
         self.previous = ""          # the ticket just ahead of this one
 
@@ -1038,13 +1053,16 @@ class Line:
             return bool(tickets)
         return any(int(name.partition("-")[0]) < before for name in tickets)
 
-    def join(self) -> None:
+    def join(self, offer: "Optional[Callable[[int, str], bool]]" = None) -> None:
         """Take a ticket at the end of the line.
 
         Tickets are named by the time they are taken, and the line is their
         order; so that it is also the order in which they appear, clients
         take the time and link their ticket in turn, under an exclusive
         flock on the line's directory (the file itself is made before).
+        offer(directory, path), if given, names the client's request
+        ``<ticket>.request`` (in the line's directory, open), before the
+        ticket appears; it returns False where it cannot.
         """
         while self.ticket is None:
             turn = None
@@ -1059,6 +1077,9 @@ class Line:
                     _flock_turn(turn)
                 now = time.time_ns()
                 name = f"{now:020d}-{os.getpid()}"
+                request = os.path.join(self.directory, name + OFFER_SUFFIX)
+                if offer is None or turn is None or not offer(turn, request):
+                    request = ""
                 fd = _create_owned(os.path.join(self.directory, name), unnamed=unnamed)
                 # In line from the moment the ticket can be seen (and before
                 # the next client's turn, so the times keep the line's order).
@@ -1069,7 +1090,9 @@ class Line:
                 if turn is not None:
                     os.close(turn)         # and with it the flock
             if fd is not None:
+                st = os.fstat(fd)
                 self.ticket, self.fd, self.joined = name, fd, joined
+                self.identity, self.offer = (st.st_dev, st.st_ino), request
 
     def _take_turn(self) -> Optional[int]:
         """Make the line's directory if need be, and open it to flock (None without flock)."""
@@ -1110,17 +1133,42 @@ class Line:
                 os.link(ticket, lock_path,
                         follow_symlinks=os.link not in os.supports_follow_symlinks)
             except FileExistsError:
-                return -1
+                moved = False
             except OSError:
-                return None
-        elif not moved:
-            return -1
+                fd = self.handed(lock_path)
+                if fd is None and self.fd is not None and os.fstat(self.fd).st_nlink == 0:
+                    self.leave()      # removed by somebody: wait on without a ticket
+                return fd             # None: the caller creates the lock
+        if moved is False:
+            fd = self.handed(lock_path)
+            return -1 if fd is None else fd
         _fsync_directory(lock_path, durable)
-        fd, self.fd = self.fd, None
         if moved:
             self.ticket = None        # its name is the lock's now
             remove_empty_directory(self.directory)
-        self.leave()                  # a linked ticket's name goes; its file is the lock
+        return self._take_ticket()    # a linked ticket's name goes; its file is the lock
+
+    def handed(self, lock_path: str) -> Optional[int]:
+        """Return the ticket's descriptor if a server has made it the lock, else None.
+
+        The server may even have answered and removed it already, if this
+        client was slow to wake: then the ticket has no name left, and the
+        request, which only such a server moves, has left the line too.
+        """
+        if self.fd is None or self.identity is None:
+            return None
+        if _file_id(lock_path) != self.identity and (
+                not self.offer or os.fstat(self.fd).st_nlink
+                or _lstat_or_none(self.offer) is not None):
+            return None
+        self.ticket = None            # its name is the lock's now, or gone
+        return self._take_ticket()
+
+    def _take_ticket(self) -> int:
+        """Keep the ticket's file (the lock now) open for the caller; leave the line."""
+        fd, self.fd = self.fd, None
+        assert fd is not None
+        self.leave()
         return fd
 
     def ahead(self, recheck: bool = True) -> int:
@@ -1137,9 +1185,13 @@ class Line:
         previous = os.path.join(self.directory, tickets[mine - 1]) if mine else ""
         recheck = recheck or previous != self.previous
         self.previous = previous
-        if mine and recheck and break_stale_lock(previous, self.stale_after):
+        if mine and recheck and self._clear_ticket(previous):
             return mine - 1
         return mine
+
+    def mine(self) -> str:
+        """Return the path of this client's ticket ("" if it has none)."""
+        return "" if self.ticket is None else os.path.join(self.directory, self.ticket)
 
     def before(self) -> str:
         """Return the path of the ticket just ahead of this one, as ahead() last saw it."""
@@ -1155,10 +1207,78 @@ class Line:
         self.ticket = self.fd = None
 
     def clear(self) -> None:
-        """Remove the tickets of waiters that died, and the directory if nobody waits."""
-        for name in self.tickets():
-            break_stale_lock(os.path.join(self.directory, name), self.stale_after)
+        """Remove the tickets and requests of waiters that died, and the directory if empty."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self.directory, name)
+            if _is_ticket(name):
+                self._clear_ticket(path)
+            elif name.endswith(OFFER_SUFFIX) and _is_ticket(name[:-len(OFFER_SUFFIX)]):
+                _remove_abandoned(path)
         remove_empty_directory(self.directory)
+
+    def _clear_ticket(self, path: str) -> bool:
+        """Remove the ticket at path, and its request, if its waiter died; True if removed."""
+        if not break_stale_lock(path, self.stale_after):
+            return False
+        _remove_abandoned(path + OFFER_SUFFIX)
+        return True
+
+    def hand_over(self, lock_path: str, buffer: str, durable: bool) -> bool:
+        """Make the first live ticket the lock and put its request in place; True if done.
+
+        For a server that has just let go of a client's lock. Only a ticket
+        whose request waits beside it is handed the lock, and only if the
+        lock is free (the rename is as exclusive as O_CREAT|O_EXCL); the
+        tickets of waiters that died on the way are removed. If the request
+        cannot be moved, its client, woken by the lock's release, moves it.
+        """
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return False              # nobody waits
+        present = set(names)
+        for name in sorted(n for n in names if _is_ticket(n)):
+            ticket = os.path.join(self.directory, name)
+            holder = inspect_holder(ticket)
+            if holder is not None and stale_reason(holder, self.stale_after):
+                self._clear_ticket(ticket)
+                continue
+            if holder is None or name + OFFER_SUFFIX not in present:
+                return False          # it takes the lock itself
+            if holder.age > min(1.0, self.stale_after / 10):
+                _touch(ticket)        # the lock's age counts from now, for other hosts
+            if _rename_exclusive(ticket, lock_path) is not True:
+                return False
+            _fsync_directory(lock_path, durable)
+            if _rename_exclusive(ticket + OFFER_SUFFIX, buffer):
+                _fsync_directory(buffer, durable)
+            return True
+        return False
+
+
+def _remove_abandoned(path: str) -> None:
+    """Remove path if nobody holds its flock: a request whose waiter died."""
+    fd = _open_to_read(path)
+    if fd is None:
+        return
+    try:
+        st = os.fstat(fd)
+        if _flock(fd, shared=False):
+            remove_if_same(path, (st.st_dev, st.st_ino))
+    finally:
+        os.close(fd)
+
+
+def _touch(path: str) -> None:
+    """Set path's modification time to now, if this process may."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass                   # another user's file: its age stays
 
 
 def _is_ticket(name: str) -> bool:
@@ -1188,6 +1308,11 @@ def _rename_exclusive(source: str, target: str) -> Optional[bool]:
     # leaves the caller to take the lock the ordinary way, which says what
     # is wrong if anything is.
     return False if _ctypes_errno() == errno.EEXIST else None
+
+
+def _can_rename_exclusive() -> bool:
+    """True if this system has renameat2 (its filesystems may still refuse it)."""
+    return getattr(_Inotify.libc(), "renameat2", None) is not None
 
 
 def _ctypes_errno() -> int:
@@ -1409,15 +1534,15 @@ class Waiter:
         if self.inotify is not None:
             self.inotify.drain()
 
-    def wait_for_deletion(self, path: str, timeout: float) -> bool:
-        """Like wait(), but woken only when the file at path goes (or is linked, or touched).
+    def wait_for_deletion(self, paths: Sequence[str], timeout: float) -> bool:
+        """Like wait(), but woken only when a file at paths goes (or is linked, or touched).
 
-        Returns True if an event ended the wait (or the file had gone already).
+        Returns True if an event ended the wait (or a file had gone already).
         """
         files = None if self.inotify is None else _Inotify.for_thread(FILE_EVENTS)
         # Watched afresh each time: a watch follows a file, and the name may
         # now be another file's (a new lock).
-        if files is not None and not files.watch([path], again=True):
+        if files is not None and not files.watch_files(paths):
             return True              # already gone (or unwatchable): look again at once
         return self._wait(files, timeout) is not None
 
@@ -1459,6 +1584,7 @@ class _Inotify:
         self.fd = fd
         self.events = events
         self.watched: Set[str] = set()
+        self.files: List[int] = []       # the watches of watch_files, by descriptor
 
     @classmethod
     def for_thread(cls, events: int) -> "Optional[_Inotify]":
@@ -1507,6 +1633,24 @@ class _Inotify:
             self.watched.add(directory)
         return True
 
+    def watch_files(self, paths: Sequence[str]) -> bool:
+        """Watch just these files, dropping earlier ones and their events; False if one is gone.
+
+        A watch follows a file, not its name: an earlier one would go on
+        reporting a file this thread no longer waits for.
+        """
+        for wd in self.files:
+            self._libc.inotify_rm_watch(self.fd, wd)  # type: ignore[attr-defined]
+        self.files = []
+        self.drain()
+        for path in paths:
+            wd = self._libc.inotify_add_watch(  # type: ignore[attr-defined]
+                self.fd, os.fsencode(path), self.events)
+            if wd < 0:
+                return False
+            self.files.append(wd)
+        return True
+
     def drain(self) -> Optional[Set[bytes]]:
         """Read the queued events; return the file names they were about.
 
@@ -1523,7 +1667,7 @@ class _Inotify:
                 while offset + 16 <= len(data):
                     mask = int.from_bytes(data[offset + 4:offset + 8], "little")
                     size = int.from_bytes(data[offset + 12:offset + 16], "little")
-                    if mask & (IN_IGNORED | IN_Q_OVERFLOW):
+                    if mask & IN_Q_OVERFLOW or (mask & IN_IGNORED and self.watched):
                         self.watched.clear()
                         names = None
                     elif names is not None:
@@ -1675,8 +1819,8 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     lock = Lock(paths.lock, stale_after, durable)
     with Waiter(paths.directories(response_path), poll, poll_interval) as waiter, \
             _Outgoing(buffer, response_path, message, max_bytes, durable) as outgoing:
-        asked = _acquire(lock, paths, waiter, lock_timeout, lock_retry_interval, status,
-                         progress_interval)
+        asked = _acquire(lock, paths, waiter, outgoing, lock_timeout, lock_retry_interval,
+                         status, progress_interval)
         try:
             status("locked", asked=asked)
             _crash_point("client-locked")
@@ -1733,6 +1877,8 @@ class _Outgoing:
         self.durable = durable
         self.unnamed = open_unnamed(os.path.dirname(buffer))
         self.temp = ""
+        self.offered = ""             # the request's name in line, if it has one
+        self.offered_id = (0, 0)
         if self.unnamed is not None:
             fd = self.unnamed.fd
         else:                         # no unnamed files here: a temp name, linked later
@@ -1767,8 +1913,54 @@ class _Outgoing:
         _write_all(fd, small, self.durable)
         return size, crc
 
+    def offer(self, directory: int, path: str) -> bool:
+        """Name the request path too (in that open directory), for a server to put in place.
+
+        The file is flocked first: a request nobody holds is a dead waiter's.
+        False where it cannot be (not an unnamed file, another filesystem).
+        """
+        unnamed = self.unnamed
+        if unnamed is None or not _can_rename_exclusive():
+            return False
+        try:
+            _flock(unnamed.fd, shared=False)
+            os.link(f"/proc/self/fd/{unnamed.fd}", os.path.basename(path), dst_dir_fd=directory)
+            st = os.fstat(unnamed.fd)
+        except OSError:
+            return False
+        self.offered = path
+        self.offered_id = (st.st_dev, st.st_ino)
+        return True
+
+    def withdraw_offer(self) -> None:
+        """Take the request's name out of line, if nobody has put it in place."""
+        if self.offered:
+            remove_if_same(self.offered, self.offered_id)
+            remove_empty_directory(os.path.dirname(self.offered))
+            self.offered = ""
+
+    def _place_offered(self) -> bool:
+        """Move the request from the line into place; True if there (moved by a server too)."""
+        offered, self.offered = self.offered, ""
+        moved = _rename_exclusive(offered, self.buffer)
+        if moved is False:
+            # Half a message from a client that died: this client holds
+            # the lock, so nobody else writes the buffer meanwhile.
+            _unlink_quietly(self.buffer)
+            moved = _rename_exclusive(offered, self.buffer)
+        placed = moved or _file_id(offered) != self.offered_id   # else where it was
+        if not placed:
+            remove_if_same(offered, self.offered_id)      # put in place below instead
+        remove_empty_directory(os.path.dirname(offered))
+        return bool(placed)
+
     def publish(self) -> None:
         """Put the request in place as the buffer, replacing what a client that died left."""
+        if self.offered and self._place_offered():
+            if self.durable and self.unnamed is not None:
+                os.fsync(self.unnamed.directory)
+            self.discard()
+            return
         if self.unnamed is not None:
             unnamed, self.unnamed = self.unnamed, None
             try:
@@ -1795,6 +1987,7 @@ class _Outgoing:
 
     def discard(self) -> None:
         """Drop the request if it was not put in place."""
+        self.withdraw_offer()
         close_unnamed(self.unnamed)
         self.unnamed = None
         if self.temp:
@@ -1826,11 +2019,14 @@ class _Ticker:
         return self.next - now
 
 
-def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[float],
-             retry_interval: float, status: Status, progress: Optional[float]) -> float:
+def _acquire(lock: Lock, paths: Paths, waiter: Waiter, outgoing: _Outgoing,
+             lock_timeout: Optional[float], retry_interval: float, status: Status,
+             progress: Optional[float]) -> float:
     """Take the lock, waiting in line while others hold it or wait for it.
 
-    Returns when it asked for the lock, in seconds since the epoch.
+    Returns when it asked for the lock, in seconds since the epoch. The
+    request waits in line beside the ticket, and may be in place already,
+    put there by the server that handed this client the lock.
     """
     line = Line(lock.path, lock.stale_after)
     arrived = time.time_ns()
@@ -1843,7 +2039,7 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[fl
     start = time.monotonic()
     next_notice = start
     tick = _Ticker(status, "lock", progress)
-    line.join()
+    line.join(outgoing.offer)
     status("queued", at=line.joined)
     ahead, woken = -1, False
     try:
@@ -1870,9 +2066,20 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, lock_timeout: Optional[fl
             if lock_timeout is not None:
                 wake = min(wake, start + lock_timeout - now)
             # Woken only when the file just ahead goes: the ticket ahead, or,
-            # first in line, the lock; a directory's every change would wake
-            # a long line more often than the server answers.
-            woken = waiter.wait_for_deletion(line.before() if ahead else lock.path, wake)
+            # first in line, the lock, or its own ticket, made the lock by the
+            # server; a directory's every change would wake a long line more
+            # often than the server answers.
+            watched = [line.before()] if ahead else [lock.path, line.mine()]
+            woken = waiter.wait_for_deletion([p for p in watched if p], wake)
+    except BaseException:
+        # First out of the server's reach, then, if it handed this client the
+        # lock meanwhile, out of the buffer, with the lock let go.
+        outgoing.withdraw_offer()
+        handed = line.handed(lock.path)
+        if handed is not None:
+            lock.hold(handed)
+            _give_up(paths, lock, outgoing.fingerprint)
+        raise
     finally:
         line.leave()
 
@@ -2071,6 +2278,7 @@ class _Server:
         self.buffer_name = {os.path.basename(paths.buffer)}
         self.home = os.path.dirname(os.path.abspath(paths.buffer))
         self.spares = _Spares(self.home)
+        self.line = Line(paths.lock, stale_after)
 
     def next_claim(self, waiter: Waiter, presence: Presence) -> "_Claim":
         """Wait for a complete message and claim it by renaming the buffer.
@@ -2109,7 +2317,7 @@ class _Server:
         """Do what need not delay an answer: orphans, the presence file, stale locks, the line."""
         self.chores_done = time.monotonic()
         self.forget_orphans()
-        Line(self.paths.lock, self.stale_after).clear()
+        self.line.clear()
         if presence.answered != self.handled:
             presence.update(self.handled)
         data = read_or_none(self.paths.buffer)
@@ -2148,7 +2356,7 @@ class _Server:
             raise
         # Not on Ctrl+C: a message being answered stays claimed for the next server.
         # The lock goes first: its client waits for that, not for the claim.
-        client.release_lock(self.paths.lock)
+        self._release(client)
         _unlink_quietly(claim)
         if client.watchable and client.reply is not None:
             self.unread.append(_Unread(client.reply[0], client.reply[1], client.fd))
@@ -2207,11 +2415,18 @@ class _Server:
         publish_new(request.response_path, data, self.durable,
                     self.spares.take(request.response_path))
         _crash_point("server-replied")
-        client.release_lock(self.paths.lock)     # at once: the client waits for this
+        self._release(client)                    # at once: the client waits for this
         client.reply = (request.response_path, _file_id(request.response_path))
         log.debug("reply published in %s", request.response_path)
         self.report("failed" if failure else "replied", request=request, reason=failure,
                     reply=text)
+
+    def _release(self, client: "_Client") -> None:
+        """Remove the client's lock and hand it to the next in line, once per message."""
+        if not client.released:
+            client.release_lock(self.paths.lock)
+            if self.line.hand_over(self.paths.lock, self.paths.buffer, self.durable):
+                log.debug("lock %s handed to the next in line", self.paths.lock)
 
     def close(self) -> None:
         """Let go of what the server holds between messages."""
@@ -2391,9 +2606,11 @@ class _Client:
 
     def release_lock(self, lock_path: str) -> None:
         """Remove the client's lock, once, if it is still the one the message came with."""
-        if self.fd < 0 or self.released:
+        if self.released:
             return
         self.released = True
+        if self.fd < 0:
+            return
         lock = _file_id(lock_path)
         if lock is not None and lock[1] == self.inode:
             _unlink_quietly(lock_path)

@@ -14,9 +14,13 @@ from conftest import release
 
 
 
-def tickets(directory: Path) -> list:  # type: ignore[type-arg]
+def in_line(directory: Path) -> list:  # type: ignore[type-arg]
     line = directory / "server.lock.line"
     return sorted(p.name for p in line.iterdir()) if line.exists() else []
+
+
+def tickets(directory: Path) -> list:  # type: ignore[type-arg]
+    return [name for name in in_line(directory) if not name.endswith(".request")]
 
 
 def test_clients_are_served_in_arrival_order(holder, server, start, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -26,7 +30,10 @@ def test_clients_are_served_in_arrival_order(holder, server, start, tmp_path: Pa
         client = start("client", "buf.txt", "-m", f"client {n}")
         client.expect(f"Server busy, please wait... ({n + 1} ahead of you)")
         clients.append(client)
-    assert len(tickets(tmp_path)) == 6
+    waiting = tickets(tmp_path)
+    assert len(waiting) == 6
+    # Each request waits beside its ticket, for the server to put in place.
+    assert sorted(waiting + [t + ".request" for t in waiting]) == in_line(tmp_path)
     release(holder)
     for n, client in enumerate(clients):
         assert client.wait() == 0
@@ -52,7 +59,7 @@ def test_a_crashed_waiter_does_not_block_the_line(holder, server, start, tmp_pat
     assert last.out == "last"
     order = [line for line in srv.out.splitlines() if line in ("first", "doomed", "last")]
     assert order == ["first", "last"]
-    assert tickets(tmp_path) == []
+    assert in_line(tmp_path) == []          # the dead waiter's ticket and request too
 
 
 def test_a_spec_peer_still_gets_its_turn(holder, server, start, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,134 @@
+"""The server hands the lock, with the request waiting beside the ticket, to the first in line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Tuple
+
+import pytest
+
+import filechat
+from conftest import WAIT, release
+from filechat import MAX_BYTES, Line, Lock, _Outgoing, encode_request
+
+pytestmark = pytest.mark.skipif(not (filechat._O_TMPFILE and filechat._can_rename_exclusive()),
+                                reason="requests wait in line as unnamed files, moved by renameat2")
+
+PEER = str(Path(__file__).with_name("spec_peer.py"))
+
+
+def waiting_client(tmp_path: Path, message: str = "hello") -> Tuple[Line, _Outgoing, str, str]:
+    """A client in line, its request beside its ticket; returns it, the lock and the buffer."""
+    buffer, lock = str(tmp_path / "buf.txt"), str(tmp_path / "server.lock")
+    outgoing = _Outgoing(buffer, str(tmp_path / "r.txt"), message, MAX_BYTES, durable=False)
+    line = Line(lock)
+    line.join(outgoing.offer)
+    assert line.offer == os.path.join(line.directory, f"{line.ticket}.request")
+    assert Path(line.offer).read_bytes() == encode_request(str(tmp_path / "r.txt"), message)
+    return line, outgoing, lock, buffer
+
+
+def dead_waiter(tmp_path: Path, name: str) -> Path:
+    """Leave the ticket and request of a waiter that died (nobody flocks them)."""
+    line = tmp_path / "server.lock.line"
+    line.mkdir(exist_ok=True)
+    record = {"pid": 999999, "host": filechat.HOST, "token": "ab", "created": 1.0}
+    (line / name).write_text(json.dumps(record) + "\n")
+    (line / f"{name}.request").write_bytes(b"/elsewhere/r.txt\nfrom the dead\x1b")
+    return line
+
+
+def test_the_lock_and_the_request_are_handed_over_once_the_lock_is_free(tmp_path: Path) -> None:
+    line, outgoing, lock, buffer = waiting_client(tmp_path)
+    ticket_inode = os.stat(line.mine()).st_ino
+    Path(lock).write_text("")                           # somebody else holds it
+    server_side = Line(lock)
+    assert not server_side.hand_over(lock, buffer, durable=False)     # never over a lock
+    assert Path(line.offer).exists()
+    os.unlink(lock)                                     # the server removed it, answered
+    assert server_side.hand_over(lock, buffer, durable=False)
+    assert os.stat(lock).st_ino == ticket_inode         # the ticket is the lock
+    request = os.stat(buffer).st_ino
+    # The client, woken, finds it holds the lock and its request sent.
+    fd = line.promote(lock, durable=False)
+    assert fd is not None and fd >= 0
+    taken = Lock(lock)
+    taken.hold(fd)
+    assert taken.still_held()
+    outgoing.publish()
+    assert os.stat(buffer).st_ino == request            # not written a second time
+    assert not os.path.exists(line.directory)           # the line is empty: gone
+    taken.release()
+    os.unlink(buffer)
+
+
+def test_a_client_answered_before_it_woke_does_not_send_again(tmp_path: Path) -> None:
+    line, outgoing, lock, buffer = waiting_client(tmp_path)
+    assert Line(lock).hand_over(lock, buffer, durable=False)
+    os.unlink(buffer)                                   # the server took the message,
+    Path(tmp_path / "r.txt").write_bytes(b"hi\x1b")     # answered it,
+    os.unlink(lock)                                     # and removed the lock
+    fd = line.promote(lock, durable=False)
+    assert fd is not None and fd >= 0                   # it had held the lock
+    outgoing.publish()
+    assert not os.path.exists(buffer) and not os.path.exists(lock)
+    assert not os.path.exists(line.directory)
+    os.close(fd)
+
+
+def test_a_waiter_interrupted_as_it_is_handed_the_lock_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    buffer, lock = str(tmp_path / "buf.txt"), str(tmp_path / "server.lock")
+    Path(lock).write_text("")                           # a holder that follows only the spec
+
+    def handed_then_interrupted(self: filechat.Waiter, paths: object, timeout: float) -> bool:
+        os.unlink(lock)                                 # released, and at that instant
+        assert Line(lock).hand_over(lock, buffer, durable=False)
+        assert os.path.exists(buffer)
+        raise KeyboardInterrupt                         # Ctrl+C
+
+    monkeypatch.setattr(filechat.Waiter, "wait_for_deletion", handed_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        filechat.send(buffer, "never mind", str(tmp_path / "r.txt"))
+    assert sorted(os.listdir(tmp_path)) == []           # request withdrawn, lock let go
+
+
+def test_the_first_live_waiter_gets_the_lock_past_a_dead_one(tmp_path: Path) -> None:
+    line_dir = dead_waiter(tmp_path, f"{1:020d}-999999")        # first in line, but dead
+    line, outgoing, lock, buffer = waiting_client(tmp_path, "alive")
+    assert line.ahead() == 0                            # its ticket removed on the way
+    assert Line(lock).hand_over(lock, buffer, durable=False)
+    assert Path(buffer).read_bytes() == encode_request(str(tmp_path / "r.txt"), "alive")
+    assert sorted(os.listdir(line_dir)) == []           # dead ticket and request gone too
+    fd = line.promote(lock, durable=False)
+    assert fd is not None and fd >= 0
+    outgoing.publish()
+    os.close(fd)
+
+
+def test_clearing_the_line_removes_dead_requests_only(tmp_path: Path) -> None:
+    line_dir = dead_waiter(tmp_path, f"{1:020d}-999999")
+    line, outgoing, lock, buffer = waiting_client(tmp_path)
+    Line(lock).clear()
+    assert sorted(os.listdir(line_dir)) == [line.ticket, f"{line.ticket}.request"]
+    outgoing.discard()
+    line.leave()
+    assert not line_dir.exists()
+
+
+def test_clients_queued_under_a_spec_server_send_their_own_requests(  # type: ignore[no-untyped-def]
+        holder, start, tmp_path: Path) -> None:
+    client = start("client", "buf.txt", "resp.txt", "-m", "hello")
+    client.expect("(1 ahead of you)")
+    requests = [p.name for p in (tmp_path / "server.lock.line").iterdir()
+                if p.name.endswith(".request")]
+    assert len(requests) == 1
+    peer = subprocess.Popen([sys.executable, PEER, "server", "buf.txt", "from the peer\n"],
+                            cwd=tmp_path, stdout=subprocess.PIPE)
+    release(holder)               # the peer hands nothing over: the client moves it itself
+    assert client.wait() == 0
+    assert client.out == "from the peer\n"
+    assert peer.wait(WAIT) == 0
+    assert not (tmp_path / "server.lock.line").exists()
