@@ -1120,6 +1120,11 @@ class Line:
         """
         if self.ticket is None or self.fd is None:
             return None
+        # Looked at first: a rename between directories, even one that
+        # fails, waits for every other such rename on the filesystem.
+        if _file_id(lock_path) is not None:
+            fd = self.handed(lock_path)
+            return -1 if fd is None else fd
         ticket = os.path.join(self.directory, self.ticket)
         # A lock's age tells other hosts when it is stale: it must count
         # from now, not from joining. Touched only if that differs by more
@@ -1942,15 +1947,18 @@ class _Outgoing:
     def _place_offered(self) -> bool:
         """Move the request from the line into place; True if there (moved by a server too)."""
         offered, self.offered = self.offered, ""
-        moved = _rename_exclusive(offered, self.buffer)
-        if moved is False:
-            # Half a message from a client that died: this client holds
-            # the lock, so nobody else writes the buffer meanwhile.
-            _unlink_quietly(self.buffer)
-            moved = _rename_exclusive(offered, self.buffer)
-        placed = moved or _file_id(offered) != self.offered_id   # else where it was
+        # Gone if the server that handed over the lock moved it already.
+        placed = _file_id(offered) != self.offered_id
         if not placed:
-            remove_if_same(offered, self.offered_id)      # put in place below instead
+            moved = _rename_exclusive(offered, self.buffer)
+            if moved is False:
+                # Half a message from a client that died: this client holds
+                # the lock, so nobody else writes the buffer meanwhile.
+                _unlink_quietly(self.buffer)
+                moved = _rename_exclusive(offered, self.buffer)
+            placed = moved or _file_id(offered) != self.offered_id   # else where it was
+            if not placed:
+                remove_if_same(offered, self.offered_id)      # put in place below instead
         remove_empty_directory(os.path.dirname(offered))
         return bool(placed)
 

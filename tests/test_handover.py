@@ -64,16 +64,20 @@ def test_the_lock_and_the_request_are_handed_over_once_the_lock_is_free(tmp_path
     os.unlink(buffer)
 
 
-def test_a_client_answered_before_it_woke_does_not_send_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize("next_holder", [False, True])
+def test_a_client_answered_before_it_woke_does_not_send_again(tmp_path: Path,
+                                                              next_holder: bool) -> None:
     line, outgoing, lock, buffer = waiting_client(tmp_path)
     assert Line(lock).hand_over(lock, buffer, durable=False)
     os.unlink(buffer)                                   # the server took the message,
     Path(tmp_path / "r.txt").write_bytes(b"hi\x1b")     # answered it,
-    os.unlink(lock)                                     # and removed the lock
+    os.unlink(lock)                                     # and removed the lock,
+    if next_holder:
+        Path(lock).write_text("")                       # which somebody else holds now
     fd = line.promote(lock, durable=False)
     assert fd is not None and fd >= 0                   # it had held the lock
     outgoing.publish()
-    assert not os.path.exists(buffer) and not os.path.exists(lock)
+    assert not os.path.exists(buffer) and os.path.exists(lock) == next_holder
     assert not os.path.exists(line.directory)
     os.close(fd)
 
