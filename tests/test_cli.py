@@ -37,6 +37,18 @@ def test_reply_on_stdout_is_byte_exact(name: str, server, run, tmp_path: Path) -
     assert leftovers(tmp_path) == []
 
 
+def test_a_client_imports_only_what_an_exchange_needs(server, pyz: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply", "pong")
+    result = subprocess.run([sys.executable, "-X", "importtime", str(pyz), "client", "buf.txt",
+                             "-m", "ping"], cwd=tmp_path, capture_output=True, timeout=WAIT)
+    assert result.returncode == 0 and result.stdout == b"pong"
+    imported = {line.rpartition("|")[2].strip()
+                for line in result.stderr.decode().splitlines() if line.startswith("import time:")}
+    assert {"filechat", "argparse", "select"} <= imported            # what it does need
+    # Start-up is most of a client's run: the slow imports of other jobs stay out.
+    assert imported.isdisjoint({"shutil", "subprocess", "json", "mmap", "signal", "tempfile"})
+
+
 def test_status_lines_go_to_stderr(server, run) -> None:  # type: ignore[no-untyped-def]
     server("--auto-reply", "pong")
     result = run("client", "buf.txt", "--message", "ping")
