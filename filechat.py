@@ -1511,11 +1511,25 @@ class Waiter:
     def __init__(self, directories: Sequence[str], poll: bool = False,
                  poll_interval: float = POLL_INTERVAL, events: int = CLIENT_EVENTS) -> None:
         self.poll_interval = poll_interval
+        self.directories = list(directories)
         self.inotify = None if poll else _Inotify.for_thread(events)
-        if self.inotify is not None and not self.inotify.watch(directories):
+        self.resume()
+        log.debug("waiting with %s", "inotify" if self.fd is not None else "polling")
+
+    def pause(self) -> None:
+        """Stop watching the directories for a while (waiting in line, for one).
+
+        Their events would otherwise pile up unread, a long line's many
+        changes each to be read and skipped once the wait is over.
+        """
+        if self.inotify is not None:
+            self.inotify.unwatch()
+
+    def resume(self) -> None:
+        """Watch the directories (again); where they cannot be, poll."""
+        if self.inotify is not None and not self.inotify.watch(self.directories):
             self.inotify = None
         self.fd = None if self.inotify is None else self.inotify.fd
-        log.debug("waiting with %s", "inotify" if self.fd is not None else "polling")
 
     def wait(self, timeout: float, names: Set[str]) -> Optional[Set[str]]:
         """Return after an event about one of names, or after timeout seconds.
@@ -1588,7 +1602,7 @@ class _Inotify:
     def __init__(self, fd: int, events: int) -> None:
         self.fd = fd
         self.events = events
-        self.watched: Set[str] = set()
+        self.watched: Dict[str, int] = {}    # directory: its watch descriptor
         self.files: List[int] = []       # the watches of watch_files, by descriptor
 
     @classmethod
@@ -1631,12 +1645,24 @@ class _Inotify:
             directory = directory or "."
             if directory in self.watched and not again:
                 continue
-            if self._libc.inotify_add_watch(  # type: ignore[attr-defined]
-                    self.fd, os.fsencode(directory), self.events) < 0:
+            wd = self._libc.inotify_add_watch(  # type: ignore[attr-defined]
+                self.fd, os.fsencode(directory), self.events)
+            if wd < 0:
                 log.debug("inotify cannot watch %s", directory)
                 return False
-            self.watched.add(directory)
+            self.watched[directory] = wd
         return True
+
+    def unwatch(self) -> None:
+        """Stop watching the directories, and drop the events queued so far unread."""
+        for wd in self.watched.values():
+            self._libc.inotify_rm_watch(self.fd, wd)  # type: ignore[attr-defined]
+        self.watched.clear()
+        try:
+            while len(os.read(self.fd, 65536)) > 65536 - 4096:
+                pass
+        except BlockingIOError:
+            pass
 
     def watch_files(self, paths: Sequence[str]) -> bool:
         """Watch just these files, dropping earlier ones and their events; False if one is gone.
@@ -2048,6 +2074,7 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, outgoing: _Outgoing,
     next_notice = start
     tick = _Ticker(status, "lock", progress)
     line.join(outgoing.offer)
+    waiter.pause()                   # until this client holds the lock
     status("queued", at=line.joined)
     ahead, woken = -1, False
     try:
@@ -2090,6 +2117,7 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, outgoing: _Outgoing,
         raise
     finally:
         line.leave()
+        waiter.resume()     # for the reply (one that came already is seen by the first look)
 
 
 def _break_stale(lock: Lock, paths: Paths) -> bool:

@@ -122,6 +122,19 @@ def test_waiter_sleeps_through_other_names_and_forgets(tmp_path: Path) -> None:
         assert select.select([waiter.fd], [], [], 0)[0] == []
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_a_paused_waiter_queues_nothing_and_sees_changes_once_resumed(tmp_path: Path) -> None:
+    with Waiter([str(tmp_path)]) as waiter:
+        waiter.pause()                   # waiting in line: the directory's changes pile up not
+        for n in range(100):
+            (tmp_path / f"{n}.txt").write_text("x")
+        assert select.select([waiter.fd], [], [], 0)[0] == []
+        waiter.resume()
+        assert select.select([waiter.fd], [], [], 0)[0] == []
+        (tmp_path / "buf.txt").write_text("x")
+        assert waiter.wait(WAIT, {"buf.txt"}) == {"buf.txt"}
+
+
 def test_waiter_polls_when_asked(tmp_path: Path) -> None:
     with Waiter([str(tmp_path)], poll=True, poll_interval=0.01) as waiter:
         assert waiter.fd is None
