@@ -2391,9 +2391,7 @@ class _Server:
             client.close()
             raise
         # Not on Ctrl+C: a message being answered stays claimed for the next server.
-        # The lock goes first: its client waits for that, not for the claim.
-        self._release(client)
-        _unlink_quietly(claim)
+        self._release(client, claim)
         if client.watchable and client.reply is not None:
             self.unread.append(_Unread(client.reply[0], client.reply[1], client.fd))
         else:
@@ -2427,9 +2425,9 @@ class _Server:
                         request=request)
             return
         self.report("received", request=request)
-        self._reply(request, client)
+        self._reply(request, client, claimed.path)
 
-    def _reply(self, request: Request, client: "_Client") -> None:
+    def _reply(self, request: Request, client: "_Client", claim: str) -> None:
         """Obtain the reply and publish it, unless its client has gone meanwhile."""
         failure = None
         message = request.message
@@ -2451,16 +2449,22 @@ class _Server:
         publish_new(request.response_path, data, self.durable,
                     self.spares.take(request.response_path))
         _crash_point("server-replied")
-        self._release(client)                    # at once: the client waits for this
+        self._release(client, claim)             # at once: the client waits for this
         client.reply = (request.response_path, _file_id(request.response_path))
         log.debug("reply published in %s", request.response_path)
         self.report("failed" if failure else "replied", request=request, reason=failure,
                     reply=text)
 
-    def _release(self, client: "_Client") -> None:
-        """Remove the client's lock and hand it to the next in line, once per message."""
+    def _release(self, client: "_Client", claim: str) -> None:
+        """Remove the client's lock and the claim, and hand the lock on, once per message.
+
+        The lock goes first: its client waits for that. The claim goes at
+        once after it, so that a Ctrl+C now leaves no answered message to
+        be taken up again by the next server.
+        """
         if not client.released:
             client.release_lock(self.paths.lock)
+            _unlink_quietly(claim)
             if self.line.hand_over(self.paths.lock, self.paths.buffer, self.durable):
                 log.debug("lock %s handed to the next in line", self.paths.lock)
 
