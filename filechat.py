@@ -1249,10 +1249,12 @@ class Line:
         for name in sorted(n for n in names if _is_ticket(n)):
             ticket = os.path.join(self.directory, name)
             holder = inspect_holder(ticket)
-            if holder is not None and stale_reason(holder, self.stale_after):
+            if holder is None:
+                continue              # left meanwhile
+            if stale_reason(holder, self.stale_after):
                 self._clear_ticket(ticket)
                 continue
-            if holder is None or name + OFFER_SUFFIX not in present:
+            if name + OFFER_SUFFIX not in present:
                 return False          # it takes the lock itself
             if holder.age > min(1.0, self.stale_after / 10):
                 _touch(ticket)        # the lock's age counts from now, for other hosts
@@ -1951,8 +1953,8 @@ class _Outgoing:
         False where it cannot be (not an unnamed file, another filesystem).
         """
         unnamed = self.unnamed
-        if unnamed is None or not _can_rename_exclusive():
-            return False
+        if unnamed is None or self.offered or not _can_rename_exclusive():
+            return False              # (one name in line is enough)
         try:
             _flock(unnamed.fd, shared=False)
             os.link(f"/proc/self/fd/{unnamed.fd}", os.path.basename(path), dst_dir_fd=directory)

@@ -136,3 +136,19 @@ def test_clients_queued_under_a_spec_server_send_their_own_requests(  # type: ig
     assert client.out == "from the peer\n"
     assert peer.wait(WAIT) == 0
     assert not (tmp_path / "server.lock.line").exists()
+
+
+def test_a_waiter_that_left_meanwhile_is_passed_over(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    line, outgoing, lock, buffer = waiting_client(tmp_path, "still here")
+    gone = f"{1:020d}-999999"                           # listed, then gone before looked at
+    listdir = os.listdir
+    monkeypatch.setattr(filechat.os, "listdir",
+                        lambda path: [gone, gone + ".request", *listdir(path)])
+    assert Line(lock).hand_over(lock, buffer, durable=False)
+    assert Path(buffer).read_bytes() == encode_request(str(tmp_path / "r.txt"), "still here")
+    monkeypatch.undo()
+    fd = line.promote(lock, durable=False)
+    assert fd is not None and fd >= 0
+    outgoing.publish()
+    os.close(fd)
