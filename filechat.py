@@ -40,6 +40,8 @@ Assumptions:
     lock empty; filechat accepts both.
 """
 
+from __future__ import annotations  # annotations unevaluated: typing is not imported
+
 import argparse
 import errno
 import os
@@ -50,28 +52,49 @@ import sys
 import time
 import zlib
 from _thread import _local as _thread_local
-from typing import (
-    IO,
-    TYPE_CHECKING,
-    Callable,
-    Dict,
-    Iterable,
-    Iterator,
-    List,
-    Mapping,
-    NamedTuple,
-    Optional,
-    Sequence,
-    Set,
-    Tuple,
-    TypeVar,
-    Union,
-)
 
 if sys.platform != "win32":
     import fcntl  # flock, the liveness signal of a lock's holder; Windows uses the pid
+
+# True for type checkers only. Importing typing would cost a client about a
+# tenth of its run: annotations are left unevaluated, and the named tuples
+# are made by collections.namedtuple, which typing.NamedTuple uses anyway.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from subprocess import Popen  # imported where hooks run: clients never need it
+    from typing import (
+        IO,
+        Callable,
+        Dict,
+        Iterable,
+        Iterator,
+        List,
+        Mapping,
+        NamedTuple,
+        Optional,
+        Sequence,
+        Set,
+        Tuple,
+        TypeVar,
+        Union,
+    )
+elif sys.version_info >= (3, 14):
+    from typing import NamedTuple  # class annotations are kept differently from 3.14 on
+else:
+    from collections import namedtuple as _namedtuple
+
+    class _NamedTupleType(type):
+        """Makes ``class X(NamedTuple): field: type = default`` a named tuple."""
+
+        def __new__(cls, name, bases, namespace):
+            if not bases:
+                return super().__new__(cls, name, bases, namespace)   # NamedTuple itself
+            fields = list(namespace.pop("__annotations__", ()))
+            defaults = [namespace.pop(field) for field in fields if field in namespace]
+            base = _namedtuple(name, fields, defaults=defaults, module=namespace["__module__"])
+            return type(name, (base,), dict(namespace, __slots__=()))
+
+    NamedTuple = _NamedTupleType("NamedTuple", (), {})
 
 __all__ = [
     "AlreadyServing",
@@ -274,7 +297,7 @@ class Rejected(UsageError):
 class AlreadyServing(FilechatError):
     """Another live server already serves the buffer."""
 
-    def __init__(self, presence_path: str, owner: "Optional[Owner]") -> None:
+    def __init__(self, presence_path: str, owner: Optional[Owner]) -> None:
         super().__init__(presence_path, owner)
         self.presence_path = presence_path
         self.owner = owner
@@ -411,7 +434,8 @@ def parse_reply(data: bytes) -> Optional[Tuple[str, bool]]:
 
 # --- Filesystem primitives ---
 
-Data = Union[bytes, Iterable[bytes]]     # one bytes object, or parts to write in order
+if TYPE_CHECKING:
+    Data = Union[bytes, Iterable[bytes]]     # one bytes object, or parts to write in order
 
 
 def _temp_name(path: str) -> str:
@@ -662,10 +686,11 @@ def _read_all(fd: int, path: str) -> bytes:
     return chunks[0] if len(chunks) <= 2 else b"".join(chunks)
 
 
-Parsed = TypeVar("Parsed")
+if TYPE_CHECKING:
+    Parsed = TypeVar("Parsed")
 
 
-def parse_file(path: str, parse: "Callable[[bytes], Parsed]") -> "Optional[Parsed]":
+def parse_file(path: str, parse: Callable[[bytes], Parsed]) -> Optional[Parsed]:
     """Return parse(bytes of path), None if path does not exist.
 
     A large file is parsed through a read-only map of it rather than read
@@ -922,7 +947,7 @@ class Lock:
         self.fd: Optional[int] = None
         self.identity: Optional[Tuple[int, int]] = None
 
-    def try_acquire(self, line: "Optional[Line]" = None) -> bool:
+    def try_acquire(self, line: Optional[Line] = None) -> bool:
         """Create the lock if nobody holds it; True if this process now holds it.
 
         A client at the head of the line turns its ticket into the lock
@@ -1053,7 +1078,7 @@ class Line:
             return bool(tickets)
         return any(int(name.partition("-")[0]) < before for name in tickets)
 
-    def join(self, offer: "Optional[Callable[[int, str], bool]]" = None) -> None:
+    def join(self, offer: Optional[Callable[[int, str], bool]] = None) -> None:
         """Take a ticket at the end of the line.
 
         Tickets are named by the time they are taken, and the line is their
@@ -1567,7 +1592,7 @@ class Waiter:
             return True              # already gone (or unwatchable): look again at once
         return self._wait(files, timeout) is not None
 
-    def _wait(self, inotify: "Optional[_Inotify]", timeout: float) -> Optional[Set[bytes]]:
+    def _wait(self, inotify: Optional[_Inotify], timeout: float) -> Optional[Set[bytes]]:
         """Wait for events of inotify, or poll if it is None; return the names they were about.
 
         None after a timeout, when polling, or when anything may have changed.
@@ -1584,7 +1609,7 @@ class Waiter:
         """Stop using the waiter (the thread keeps its inotify instance for next time)."""
         self.inotify = None
 
-    def __enter__(self) -> "Waiter":
+    def __enter__(self) -> Waiter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1608,7 +1633,7 @@ class _Inotify:
         self.files: List[int] = []       # the watches of watch_files, by descriptor
 
     @classmethod
-    def for_thread(cls, events: int) -> "Optional[_Inotify]":
+    def for_thread(cls, events: int) -> Optional[_Inotify]:
         """Return this thread's instance for events; None where inotify is unavailable."""
         instances = cls._threads.__dict__.setdefault("instances", {})
         if events not in instances:
@@ -1716,7 +1741,8 @@ class _Inotify:
 
 # --- Client API ---
 
-Status = Callable[..., None]
+if TYPE_CHECKING:
+    Status = Callable[..., None]
 
 
 def _quiet(event: str, **info: object) -> None:
@@ -1732,7 +1758,7 @@ class Paths(NamedTuple):
     claim_prefix: str    # BUFFER.taken.<lock inode>-<lock token>: a message being answered
 
     @classmethod
-    def of(cls, buffer: str, lock: Optional[str] = None) -> "Paths":
+    def of(cls, buffer: str, lock: Optional[str] = None) -> Paths:
         """Return the paths for buffer, with the lock beside it unless given."""
         return cls(buffer, lock or default_lock_path(buffer), buffer + PRESENCE_SUFFIX,
                    buffer + TAKEN_SUFFIX)
@@ -1879,7 +1905,8 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     return text
 
 
-Fingerprint = Tuple[int, int]        # a request's length and CRC-32: is it still ours?
+if TYPE_CHECKING:
+    Fingerprint = Tuple[int, int]        # a request's length and CRC-32: is it still ours?
 
 
 def _fingerprint(data: bytes) -> Fingerprint:
@@ -2030,7 +2057,7 @@ class _Outgoing:
             _unlink_quietly(self.temp)
             self.temp = ""
 
-    def __enter__(self) -> "_Outgoing":
+    def __enter__(self) -> _Outgoing:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -2238,8 +2265,9 @@ class Request(NamedTuple):
     buffer: str
 
 
-Responder = Callable[[Request], str]
-Report = Callable[..., None]
+if TYPE_CHECKING:
+    Responder = Callable[[Request], str]
+    Report = Callable[..., None]
 
 
 def _ignore(event: str, **info: object) -> None:
@@ -2318,7 +2346,7 @@ class _Server:
         self.spares = _Spares(self.home)
         self.line = Line(paths.lock, stale_after)
 
-    def next_claim(self, waiter: Waiter, presence: Presence) -> "_Claim":
+    def next_claim(self, waiter: Waiter, presence: Presence) -> _Claim:
         """Wait for a complete message and claim it by renaming the buffer.
 
         The claim's name carries the inode of the lock the message came
@@ -2377,7 +2405,7 @@ class _Server:
             log.warning("removed stale lock %s: %s", self.paths.lock, reason)
             sweep_leftovers(self.allowed)
 
-    def answer(self, claimed: "_Claim") -> None:
+    def answer(self, claimed: _Claim) -> None:
         """Answer one claimed message, then free the lock it came with and the claim."""
         claim = claimed.path
         client = claimed.client
@@ -2401,7 +2429,7 @@ class _Server:
         self.handled += 1
         self.report("released", lock_path=self.paths.lock)
 
-    def _answer(self, claimed: "_Claim", client: "_Client") -> None:
+    def _answer(self, claimed: _Claim, client: _Client) -> None:
         """Check the claimed message, obtain its reply and publish it."""
         try:
             parsed = (parse_request(claimed.data) if claimed.data is not None
@@ -2429,7 +2457,7 @@ class _Server:
         self.report("received", request=request)
         self._reply(request, client, claimed.path)
 
-    def _reply(self, request: Request, client: "_Client", claim: str) -> None:
+    def _reply(self, request: Request, client: _Client, claim: str) -> None:
         """Obtain the reply and publish it, unless its client has gone meanwhile."""
         failure = None
         message = request.message
@@ -2457,7 +2485,7 @@ class _Server:
         self.report("failed" if failure else "replied", request=request, reason=failure,
                     reply=text)
 
-    def _release(self, client: "_Client", claim: str) -> None:
+    def _release(self, client: _Client, claim: str) -> None:
         """Remove the client's lock and the claim, and hand the lock on, once per message.
 
         The lock goes first: its client waits for that. The claim goes at
@@ -2475,7 +2503,7 @@ class _Server:
         self.spares.close()
         self.forget_orphans()
 
-    def _hold_lock(self) -> "Tuple[_Client, _LockRef]":
+    def _hold_lock(self) -> Tuple[_Client, _LockRef]:
         """Open the lock a message is about to be claimed with; describe it."""
         fd = _open_to_read(self.paths.lock)
         if fd is None:
@@ -2485,7 +2513,7 @@ class _Server:
                          False)
         return client, _LockRef(client.inode, owner.token if owner else "")
 
-    def _client(self, ref: "_LockRef") -> "_Client":
+    def _client(self, ref: _LockRef) -> _Client:
         """Open the lock a message came with, to follow its client while answering."""
         if ref.inode == 0:
             return _Client(-1, False, False)       # sent without a lock: nothing to follow
@@ -2601,7 +2629,7 @@ class _LockRef(NamedTuple):
     token: str
 
     @classmethod
-    def parse(cls, text: str) -> "Optional[_LockRef]":
+    def parse(cls, text: str) -> Optional[_LockRef]:
         """Read a claim name's suffix, "<inode>-<token>"; None if it is not one."""
         inode, dash, token = text.partition("-")
         if not (inode.isdigit() and dash and all(c in "0123456789abcdef" for c in token)):
@@ -2618,7 +2646,7 @@ class _Claim(NamedTuple):
 
     path: str
     data: Optional[bytes]
-    client: "Optional[_Client]"
+    client: Optional[_Client]
 
 
 class _Client:
@@ -2774,7 +2802,7 @@ def _restore_handlers(saved: Dict[int, object]) -> None:
         signal.signal(signum, handler)  # type: ignore[arg-type]
 
 
-def _kill_hook(proc: "Popen[bytes]", posix: bool) -> None:
+def _kill_hook(proc: Popen[bytes], posix: bool) -> None:
     """Stop a hook and everything it started."""
     try:
         if posix:

@@ -47,6 +47,8 @@ def test_a_client_imports_only_what_an_exchange_needs(server, pyz: Path, tmp_pat
     assert {"filechat", "argparse", "select"} <= imported            # what it does need
     # Start-up is most of a client's run: the slow imports of other jobs stay out.
     assert imported.isdisjoint({"shutil", "subprocess", "json", "mmap", "signal", "tempfile"})
+    if sys.version_info < (3, 14):
+        assert "typing" not in imported            # annotations are for type checkers
 
 
 def test_status_lines_go_to_stderr(server, run) -> None:  # type: ignore[no-untyped-def]
