@@ -947,15 +947,17 @@ class Lock:
         self.fd: Optional[int] = None
         self.identity: Optional[Tuple[int, int]] = None
 
-    def try_acquire(self, line: Optional[Line] = None) -> bool:
+    def try_acquire(self, line: Optional[Line] = None,
+                    unnamed: Optional[Unnamed] = None) -> bool:
         """Create the lock if nobody holds it; True if this process now holds it.
 
         A client at the head of the line turns its ticket into the lock
         instead, which is as exclusive and creates no file: see Line.promote.
+        unnamed: the lock's file made ahead (see _owned_unnamed), used up.
         """
         fd = None if line is None else line.promote(self.path, self.durable)
         if fd is None:
-            fd = _create_owned(self.path, self.durable)
+            fd = _create_owned(self.path, self.durable, unnamed=unnamed)
         if fd is None or fd < 0:
             return False
         self.hold(fd)
@@ -2092,13 +2094,19 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, outgoing: _Outgoing,
     put there by the server that handed this client the lock.
     """
     line = Line(lock.path, lock.stale_after)
-    arrived = time.time_ns()
     # A lock in place is not tried: creating a file only to find the name
     # taken costs more, on some filesystems, than a whole exchange.
-    if _lstat_or_none(lock.path) is None and lock.try_acquire():
-        if not line.waiting(before=arrived):
-            return arrived / 1e9                 # nobody held it, nobody waited
-        lock.release()        # others were waiting for it: let them go first
+    if _lstat_or_none(lock.path) is None:
+        # Made ahead, so that asking is a single link: a client slow to make
+        # a file must not count as asking before those who then took turns.
+        ready = _owned_unnamed(os.path.dirname(lock.path) or ".")
+        arrived = time.time_ns()
+        if lock.try_acquire(unnamed=ready):
+            if not line.waiting(before=arrived):
+                return arrived / 1e9             # nobody held it, nobody waited
+            lock.release()    # others were waiting for it: let them go first
+    else:
+        arrived = time.time_ns()
     start = time.monotonic()
     next_notice = start
     tick = _Ticker(status, "lock", progress)
@@ -2499,9 +2507,10 @@ class _Server:
                 log.debug("lock %s handed to the next in line", self.paths.lock)
 
     def close(self) -> None:
-        """Let go of what the server holds between messages."""
+        """Let go of what the server holds between messages; clear dead waiters' tickets."""
         self.spares.close()
         self.forget_orphans()
+        self.line.clear()
 
     def _hold_lock(self) -> Tuple[_Client, _LockRef]:
         """Open the lock a message is about to be claimed with; describe it."""

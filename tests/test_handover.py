@@ -152,3 +152,10 @@ def test_a_waiter_that_left_meanwhile_is_passed_over(tmp_path: Path,
     assert fd is not None and fd >= 0
     outgoing.publish()
     os.close(fd)
+
+
+def test_a_stopping_server_clears_a_dead_waiters_ticket(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply", "ok")          # its chores have run, once, at the start
+    line = dead_waiter(tmp_path, f"{1:020d}-999999")
+    assert srv.interrupt() == 0                 # well within the second before they run again
+    assert not line.exists()

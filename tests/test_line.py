@@ -3,10 +3,14 @@
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import pytest
 
-from conftest import release
+import filechat
+from conftest import WAIT, release
 
 
 
@@ -87,3 +91,28 @@ def test_polling_clients_wait_at_the_retry_pace(holder, server, start, tmp_path:
     release(holder)
     assert client.wait() == 0
     assert client.out == "ok"
+
+
+def test_a_client_asks_for_a_free_lock_once_its_file_is_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A client slow to make the lock's file must not count as asking before
+    # clients that took their turns meanwhile: it asks with the link.
+    made: list = []  # type: ignore[type-arg]
+    owned_unnamed = filechat._owned_unnamed
+
+    def slowly(directory):  # type: ignore[no-untyped-def]
+        time.sleep(0.05)
+        made.append(time.time())
+        return owned_unnamed(directory)
+
+    monkeypatch.setattr(filechat, "_owned_unnamed", slowly)
+    buffer = str(tmp_path / "buf.txt")
+    server = threading.Thread(target=filechat.serve, args=(buffer, lambda r: r.message),
+                              kwargs={"max_messages": 1})
+    server.start()
+    asked: list = []  # type: ignore[type-arg]
+    reply = filechat.send(buffer, "hi", status=lambda event, **info: asked.extend(
+        [info["asked"]] if event == "locked" else []))
+    server.join(WAIT)
+    assert reply == "hi" and len(made) >= 1 and len(asked) == 1
+    assert asked[0] >= made[0]
