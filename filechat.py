@@ -1063,6 +1063,7 @@ class Line:
         self.identity: Optional[Tuple[int, int]] = None    # the ticket's file
         self.offer = ""             # the path of the request beside it, if any
         self.joined = 0.0           # when this client's ticket appeared, in seconds
+        self.named = 0.0            # when its name was taken, just before
         self.previous = ""          # the ticket just ahead of this one
 
     def tickets(self) -> List[str]:
@@ -1118,7 +1119,7 @@ class Line:
                     os.close(turn)         # and with it the flock
             if fd is not None:
                 st = os.fstat(fd)
-                self.ticket, self.fd, self.joined = name, fd, joined
+                self.ticket, self.fd, self.joined, self.named = name, fd, joined, now / 1e9
                 self.identity, self.offer = (st.st_dev, st.st_ino), request
 
     def _take_turn(self) -> Optional[int]:
@@ -1851,9 +1852,9 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     buffer) and deletes the response file. The wait for the lock is
     unbounded unless lock_timeout is given; the wait for the reply is
     bounded by timeout. ``status`` hears "busy" (every lock_retry_interval
-    while another client holds the lock), "queued" (with the time it took
-    its place in line, if it had to), "locked" (with the time it asked for
-    the lock), "sent", "waiting", and
+    while another client holds the lock), "queued" (if it had to wait: with
+    the time its ticket appeared in line, and the time it was named, just
+    before), "locked" (with the time it asked for the lock), "sent", "waiting", and
     "no-server", "server-stopped", "server-started" as the server comes and
     goes; with progress_interval, also "tick" (phase "lock" or "reply",
     seconds waited) that often while it waits.
@@ -2112,7 +2113,7 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, outgoing: _Outgoing,
     tick = _Ticker(status, "lock", progress)
     line.join(outgoing.offer)
     waiter.pause()                   # until this client holds the lock
-    status("queued", at=line.joined)
+    status("queued", at=line.joined, named=line.named)
     ahead, woken = -1, False
     try:
         while True:

@@ -138,9 +138,11 @@ for i in range(count):
             record["first_busy"] = True
             record["ahead"] = info["ahead"]
         elif event == "queued":
-            record["queued"] = info["at"]          # when it took its place in line
+            record["queued"] = info["at"]          # when its ticket appeared in line
+            record["named"] = info["named"]        # when it was named, just before
         elif event == "locked":
             record["asked"] = info["asked"]         # when it asked for the lock
+            record["locked"] = time.time()
     record["arrived"] = time.time()
     message = record["message"] = f"{name}-{i}"
     assert filechat.send(buffer, message, status=status) == message
@@ -296,15 +298,19 @@ def measure_line(directory: str, clients: int, messages: int, alone: float
     service = statistics.median(r["done"] - r["served"] for r in records)
     # Order of service against order of arrival in line: a client arrives
     # when its ticket appears, or, if it found the lock free and nobody
-    # waiting, when it asked for the lock (after writing its request). A
-    # pair counts as overtaken when one arrived before the other yet was
-    # served after it.
+    # waiting, when it takes the lock (after writing its request). Neither
+    # can be timed from outside the file system exactly, so each arrival is
+    # the span between a timestamp taken just before (the ticket's name; the
+    # ask) and one taken just after; a process descheduled in between widens
+    # it. A pair counts as overtaken when one surely arrived before the
+    # other (its span ended before the other's began) yet was served after.
     for r in records:
-        r["in_line"] = r.get("queued", r["asked"])
+        r["in_line"], r["in_line_by"] = ((r["named"], r["queued"]) if "queued" in r
+                                         else (r["asked"], r["locked"]))
     waits = [r["served"] - r["in_line"] for r in records]        # time spent in line
     by_arrival = sorted(records, key=lambda r: r["in_line"])
     overtaken = sum(1 for i, a in enumerate(by_arrival) for b in by_arrival[i + 1:]
-                    if b["in_line"] > a["in_line"] and b["served"] < a["served"])
+                    if b["in_line"] > a["in_line_by"] and b["served"] < a["served"])
     # A client's place in line: how many others had arrived before it and
     # were not done yet (the one being served included), from the timestamps,
     # which unlike a count taken on arrival cannot race with other arrivals.
