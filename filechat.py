@@ -2002,27 +2002,43 @@ class _Outgoing:
             remove_empty_directory(os.path.dirname(self.offered))
             self.offered = ""
 
-    def _place_offered(self) -> bool:
-        """Move the request from the line into place; True if there (moved by a server too)."""
+    def _place_offered(self) -> None:
+        """Move the request from the line into place, unless the server has moved it."""
         offered, self.offered = self.offered, ""
-        # Gone if the server that handed over the lock moved it already.
-        placed = _file_id(offered) != self.offered_id
-        if not placed:
+        for attempt in range(3):
+            if _file_id(offered) != self.offered_id:
+                break             # moved by the server that handed this client the lock
             moved = _rename_exclusive(offered, self.buffer)
-            if moved is False:
-                # Half a message from a client that died: this client holds
-                # the lock, so nobody else writes the buffer meanwhile.
+            if moved is None and _file_id(offered) == self.offered_id:
+                moved = self._link_offered(offered)    # renameat2 refused here
+            if moved is not False:
+                break
+            # Half a message from a client that died: this client holds the
+            # lock, so nobody else writes the buffer meanwhile.
+            if attempt == 0:
                 _unlink_quietly(self.buffer)
-                moved = _rename_exclusive(offered, self.buffer)
-            placed = moved or _file_id(offered) != self.offered_id   # else where it was
-            if not placed:
-                remove_if_same(offered, self.offered_id)      # put in place below instead
+            else:
+                os.replace(offered, self.buffer)       # a writer that ignores the lock
         remove_empty_directory(os.path.dirname(offered))
-        return bool(placed)
+
+    def _link_offered(self, offered: str) -> bool:
+        """Hard-link the request as the buffer, then drop its name in line; False if taken.
+
+        Not through the descriptor: a file once given a name cannot be given
+        one again through it after that name is gone.
+        """
+        try:
+            os.link(offered, self.buffer,
+                    follow_symlinks=os.link not in os.supports_follow_symlinks)
+        except FileExistsError:
+            return False
+        remove_if_same(offered, self.offered_id)
+        return True
 
     def publish(self) -> None:
         """Put the request in place as the buffer, replacing what a client that died left."""
-        if self.offered and self._place_offered():
+        if self.offered:
+            self._place_offered()
             if self.durable and self.unnamed is not None:
                 os.fsync(self.unnamed.directory)
             self.discard()

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Tuple
 
@@ -159,3 +160,47 @@ def test_a_stopping_server_clears_a_dead_waiters_ticket(server, tmp_path: Path) 
     line = dead_waiter(tmp_path, f"{1:020d}-999999")
     assert srv.interrupt() == 0                 # well within the second before they run again
     assert not line.exists()
+
+
+def test_where_files_cannot_be_renamed_exclusively_the_client_does_it_all(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A filesystem refusing RENAME_NOREPLACE (renameat2 fails): the server
+    # hands nothing over, and the client links its ticket and its request.
+    monkeypatch.setattr(filechat, "_rename_exclusive", lambda source, target: None)
+    buffer, lock = str(tmp_path / "buf.txt"), tmp_path / "server.lock"
+    lock.write_text("")                                 # held by a spec-following client
+    server = threading.Thread(target=filechat.serve, args=(buffer, lambda r: r.message.upper()),
+                              kwargs={"max_messages": 1})
+    server.start()
+    queued = threading.Event()
+    replies = []
+
+    def client() -> None:
+        replies.append(filechat.send(buffer, "hello", str(tmp_path / "r.txt"),
+                                     status=lambda event, **info: event == "queued"
+                                     and queued.set()))
+
+    sender = threading.Thread(target=client)
+    sender.start()
+    assert queued.wait(WAIT)
+    assert any(p.name.endswith(".request") for p in (tmp_path / "server.lock.line").iterdir())
+    lock.unlink()                                       # its holder is done
+    sender.join(WAIT)
+    server.join(WAIT)
+    assert replies == ["HELLO"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("renames", [True, False])
+def test_a_request_from_the_line_replaces_half_a_message_left_in_the_buffer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renames: bool) -> None:
+    if not renames:
+        monkeypatch.setattr(filechat, "_rename_exclusive", lambda source, target: None)
+    line, outgoing, lock, buffer = waiting_client(tmp_path)
+    Path(buffer).write_bytes(b"/x/r.txt\nhalf a mess")   # from a client that died writing
+    fd = line.promote(lock, durable=False)                # the lock was free
+    assert fd is not None and fd >= 0
+    outgoing.publish()
+    assert Path(buffer).read_bytes() == encode_request(str(tmp_path / "r.txt"), "hello")
+    assert not os.path.exists(line.directory)
+    os.close(fd)
