@@ -507,10 +507,15 @@ def open_unnamed(directory: Union[str, int]) -> Optional[Unnamed]:
         return None                  # this filesystem has no unnamed files
 
 
-def _link_unnamed(unnamed: Unnamed, path: str) -> None:
-    """Give an unnamed file the name path, in its directory; FileExistsError if taken."""
+def _link_unnamed(unnamed: Unnamed, path: str, directory: Optional[int] = None) -> None:
+    """Give an unnamed file the name path; FileExistsError if taken.
+
+    The name goes in the file's own directory, or in directory (open, on
+    the same filesystem) if given.
+    """
     # Through /proc, so that linkat follows the descriptor to the file.
-    os.link(f"/proc/self/fd/{unnamed.fd}", os.path.basename(path), dst_dir_fd=unnamed.directory)
+    os.link(f"/proc/self/fd/{unnamed.fd}", os.path.basename(path),
+            dst_dir_fd=unnamed.directory if directory is None else directory)
 
 
 def close_unnamed(unnamed: Optional[Unnamed]) -> None:
@@ -1065,6 +1070,10 @@ class Line:
         self.joined = 0.0           # when this client's ticket appeared, in seconds
         self.named = 0.0            # when its name was taken, just before
         self.previous = ""          # the ticket just ahead of this one
+        # A lock's age tells other hosts when it is stale, so a ticket that
+        # becomes the lock is touched if it waited longer than this; not
+        # always, as a touch wakes the client behind it.
+        self.touch_after = min(1.0, stale_after / 10)
 
     def tickets(self) -> List[str]:
         """Return the names of the tickets in line, first come first."""
@@ -1154,11 +1163,7 @@ class Line:
             fd = self.handed(lock_path)
             return -1 if fd is None else fd
         ticket = os.path.join(self.directory, self.ticket)
-        # A lock's age tells other hosts when it is stale: it must count
-        # from now, not from joining. Touched only if that differs by more
-        # than a trifle: the touch would wake the client behind this one.
-        if (time.time() - self.joined > min(1.0, self.stale_after / 10)
-                and os.utime in os.supports_fd):
+        if time.time() - self.joined > self.touch_after and os.utime in os.supports_fd:
             os.utime(self.fd)
         moved = _rename_exclusive(ticket, lock_path)
         if moved is None:
@@ -1284,8 +1289,8 @@ class Line:
                 continue
             if name + OFFER_SUFFIX not in present:
                 return False          # it takes the lock itself
-            if holder.age > min(1.0, self.stale_after / 10):
-                _touch(ticket)        # the lock's age counts from now, for other hosts
+            if holder.age > self.touch_after:
+                _touch(ticket)
             if _rename_exclusive(ticket, lock_path) is not True:
                 return False
             _fsync_directory(lock_path, durable)
@@ -1332,12 +1337,11 @@ def _rename_exclusive(source: str, target: str) -> Optional[bool]:
     The rename moves a file without changing its link count, which watchers
     of its link count would take for its going.
     """
-    libc = _Inotify.libc()
-    rename = getattr(libc, "renameat2", None)
-    if rename is None:
+    if not _can_rename_exclusive():
         return None
-    if rename(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
-              _RENAME_NOREPLACE) == 0:
+    libc = _Inotify.libc()
+    if libc.renameat2(_AT_FDCWD, os.fsencode(source),  # type: ignore[attr-defined]
+                      _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
         return True
     # Any other failure (no renameat2 on this filesystem, a ticket gone)
     # leaves the caller to take the lock the ordinary way, which says what
@@ -1666,14 +1670,11 @@ class _Inotify:
             return None
         return fd if fd >= 0 else None
 
-    def watch(self, directories: Sequence[str], again: bool = False) -> bool:
-        """Watch directories (or files) too; False if one cannot be watched.
-
-        again: add the watch even if the name was watched before.
-        """
+    def watch(self, directories: Sequence[str]) -> bool:
+        """Watch directories too (each once); False if one cannot be watched."""
         for directory in directories:
             directory = directory or "."
-            if directory in self.watched and not again:
+            if directory in self.watched:
                 continue
             wd = self._libc.inotify_add_watch(  # type: ignore[attr-defined]
                 self.fd, os.fsencode(directory), self.events)
@@ -1987,7 +1988,7 @@ class _Outgoing:
             return False              # (one name in line is enough)
         try:
             _flock(unnamed.fd, shared=False)
-            os.link(f"/proc/self/fd/{unnamed.fd}", os.path.basename(path), dst_dir_fd=directory)
+            _link_unnamed(unnamed, path, directory)
             st = os.fstat(unnamed.fd)
         except OSError:
             return False
@@ -2517,8 +2518,7 @@ class _Server:
         once after it, so that a Ctrl+C now leaves no answered message to
         be taken up again by the next server.
         """
-        if not client.released:
-            client.release_lock(self.paths.lock)
+        if client.release_lock(self.paths.lock):
             _unlink_quietly(claim)
             if self.line.hand_over(self.paths.lock, self.paths.buffer, self.durable):
                 log.debug("lock %s handed to the next in line", self.paths.lock)
@@ -2700,16 +2700,18 @@ class _Client:
             self.gone = True          # its flock died with it
         return not self.gone
 
-    def release_lock(self, lock_path: str) -> None:
-        """Remove the client's lock, once, if it is still the one the message came with."""
+    def release_lock(self, lock_path: str) -> bool:
+        """Remove the client's lock if it is still the one the message came with.
+
+        Once: True the first time, when the lock is let go (or had none).
+        """
         if self.released:
-            return
+            return False
         self.released = True
-        if self.fd < 0:
-            return
-        lock = _file_id(lock_path)
+        lock = _file_id(lock_path) if self.fd >= 0 else None
         if lock is not None and lock[1] == self.inode:
             _unlink_quietly(lock_path)
+        return True
 
     def close(self) -> None:
         """Stop following the client."""
