@@ -43,6 +43,7 @@ Assumptions:
 from __future__ import annotations  # annotations unevaluated: typing is not imported
 
 import argparse
+import codecs
 import errno
 import os
 import re
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
     from subprocess import Popen  # imported where hooks run: clients never need it
     from typing import (
         IO,
+        BinaryIO,
         Callable,
         Dict,
         Iterable,
@@ -142,7 +144,9 @@ HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
 RELEASE_GRACE = 1.0               # seconds a client waits for the server to remove its lock
 PROGRESS_INTERVAL = 0.1           # seconds between updates of a progress line at a terminal
 MAX_BYTES = 1 << 20               # bytes: the largest message a client sends by default
-MAP_FROM = 1 << 20                # bytes: a file this large is parsed through a map
+LARGE_FILE = 1 << 20              # bytes: a file this large is read a piece at a time
+READ_SIZE = 1 << 18               # bytes in such a piece: small enough for the allocator to
+                                  # reuse, where each larger one would take fresh memory
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -320,14 +324,19 @@ def _check_text(text: str, what: str) -> bytes:
     return _utf8(text, what)
 
 
-def check_characters(text: str, what: str) -> None:
-    """Refuse text holding a character the framing cannot carry (ESC, NUL)."""
-    if END_MARKER in text:
-        raise FramingError(what, "contains the ESC character, which marks the end "
-                           "of a message and cannot be sent; remove it")
-    if "\0" in text:
-        raise FramingError(what, "contains a NUL byte, which peers written in C would "
-                           "cut the text at; remove it")
+# What the framing cannot carry, and why.
+_CANNOT_CARRY = (
+    (END_MARKER, "contains the ESC character, which marks the end of a message and cannot "
+                 "be sent; remove it"),
+    ("\0", "contains a NUL byte, which peers written in C would cut the text at; remove it"),
+)
+
+
+def check_characters(text: Union[str, bytes], what: str) -> None:
+    """Refuse text (or its UTF-8 bytes) holding a character the framing cannot carry."""
+    for char, reason in _CANNOT_CARRY:
+        if (char in text) if isinstance(text, str) else (char.encode() in text):
+            raise FramingError(what, reason)
 
 
 def _utf8(text: str, what: str) -> bytes:
@@ -346,8 +355,9 @@ def _check_path(response_path: str) -> bytes:
 
 
 # Framing works on lists of parts, and parsing decodes through memoryviews,
-# so that a large message is never copied more than once on its way; a
-# client encodes a long message a piece at a time (request_pieces).
+# so that a message is never copied more than once on its way; a long one is
+# encoded (request_pieces) and a large file decoded (_parse_large_request) a
+# piece at a time, never held whole as bytes besides its text.
 
 PIECE = 1 << 20           # characters of a long message encoded at a time
 
@@ -373,6 +383,31 @@ def request_pieces(response_path: str, message: str) -> Iterator[bytes]:
     yield END_MARKER.encode()
 
 
+def file_request_pieces(response_path: str, source: BinaryIO, what: str) -> Iterator[bytes]:
+    """Frame a request as request_pieces does, its message read from the binary file source.
+
+    The message is read READ_SIZE bytes at a time and each piece checked as it
+    comes (UTF-8 text, no ESC or NUL), so that a file of any size is sent
+    without being held whole. Errors name the file as what.
+    """
+    yield _check_path(response_path) + b"\n"
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    while True:
+        try:
+            piece = source.read(READ_SIZE)
+        except OSError as exc:
+            raise UsageError(f"cannot read {what}: {exc.strerror or exc}") from None
+        check_characters(piece, what)
+        try:
+            decoder.decode(piece, final=not piece)
+        except UnicodeDecodeError:
+            raise FramingError(what, "is not valid UTF-8 text") from None
+        if not piece:
+            break
+        yield piece
+    yield END_MARKER.encode()
+
+
 def encode_request(response_path: str, message: str) -> bytes:
     """Frame a request: response path, newline, message, ESC."""
     return b"".join(request_parts(response_path, message))
@@ -392,6 +427,20 @@ def parse_request(data: bytes) -> Optional[Tuple[str, str]]:
     view = memoryview(data)
     path = str(view[:newline], "utf-8").rstrip("\r")   # a peer on Windows may write CRLF
     return path, str(view[newline + 1:end], "utf-8")
+
+
+def _parse_large_request(fd: int) -> Optional[Tuple[str, str]]:
+    """parse_request for a large file open as fd, read a piece at a time."""
+    end = _find_marker(fd)
+    if end < 0:
+        return None
+    os.lseek(fd, 0, os.SEEK_SET)
+    head = os.read(fd, min(end, 65536))      # a path is far shorter
+    newline = head.find(b"\n")
+    if newline < 0 or not head[:newline].strip():
+        raise ValueError("no response path before the message")
+    path = str(head[:newline], "utf-8").rstrip("\r")
+    return path, _decode_range(fd, newline + 1, end, "strict")
 
 
 def reply_parts(text: str, error: bool = False) -> List[bytes]:
@@ -430,6 +479,23 @@ def parse_reply(data: bytes) -> Optional[Tuple[str, bool]]:
         return None
     is_error = data[end:end + 2] == ERROR_MARKER.encode()
     return str(memoryview(data)[:end], "utf-8", "replace"), is_error
+
+
+def _parse_large_reply(fd: int) -> Optional[Tuple[str, bool]]:
+    """parse_reply for a large file open as fd, read a piece at a time."""
+    extent = _large_reply_extent(fd)
+    if extent is None:
+        return None
+    return _decode_range(fd, 0, extent[0], "replace"), extent[1]
+
+
+def _large_reply_extent(fd: int) -> Optional[Tuple[int, bool]]:
+    """Return (length of the text, is_error) of the reply in the file open as fd, if complete."""
+    end = _find_marker(fd)
+    if end < 0:
+        return None
+    os.lseek(fd, end, os.SEEK_SET)
+    return end, os.read(fd, 2) == ERROR_MARKER.encode()
 
 
 # --- Filesystem primitives ---
@@ -695,25 +761,62 @@ if TYPE_CHECKING:
     Parsed = TypeVar("Parsed")
 
 
-def parse_file(path: str, parse: Callable[[bytes], Parsed]) -> Optional[Parsed]:
-    """Return parse(bytes of path), None if path does not exist.
+def parse_file(path: str, parse: Callable[[bytes], Parsed],
+               parse_large: Callable[[int], Parsed]) -> Optional[Parsed]:
+    """Return parse(bytes of path), or parse_large(its descriptor) if it is large.
 
-    A large file is parsed through a read-only map of it rather than read
-    into memory: its text is decoded straight from the page cache, and no
-    copy of its bytes is made.
+    None if path does not exist. A large file is read a piece at a time
+    (see _decoded) rather than whole: its bytes are never held in memory.
     """
     fd = _open_to_read(path)
     if fd is None:
         return None
     try:
-        size = os.fstat(fd).st_size
-        if size < MAP_FROM:
+        if os.fstat(fd).st_size < LARGE_FILE:
             return parse(_read_all(fd, path))
-        import mmap  # only a large file needs it
-        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
-            return parse(mapped)        # type: ignore[arg-type]   # a buffer, as bytes go
+        return parse_large(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None    # say which file
     finally:
         os.close(fd)
+
+
+def _find_marker(fd: int) -> int:
+    """Return the offset of the first ESC in the file open as fd, -1 if it has none."""
+    marker = END_MARKER.encode()
+    offset = os.lseek(fd, 0, os.SEEK_SET)
+    for piece in iter(lambda: os.read(fd, READ_SIZE), b""):
+        found = piece.find(marker)
+        if found >= 0:
+            return offset + found
+        offset += len(piece)
+    return -1
+
+
+def _decoded(fd: int, start: int, end: int, errors: str) -> Iterator[str]:
+    """Decode the UTF-8 bytes from start to end of the file open as fd, a piece at a time.
+
+    A caller joining the pieces by ``text += piece`` holds the text and one
+    piece at most: CPython grows a string held only there in place.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    os.lseek(fd, start, os.SEEK_SET)
+    left = end - start
+    while left > 0:
+        piece = os.read(fd, min(READ_SIZE, left))
+        if not piece:
+            break                 # cut short since it was measured: decoded as far as it goes
+        left -= len(piece)
+        yield decoder.decode(piece)
+    yield decoder.decode(b"", final=True)
+
+
+def _decode_range(fd: int, start: int, end: int, errors: str) -> str:
+    """Return the text from start to end of the file open as fd (see _decoded)."""
+    text = ""
+    for piece in _decoded(fd, start, end, errors):
+        text += piece
+    return text
 
 
 def read_if_ended(path: str, marker: bytes) -> Tuple[bool, Optional[bytes]]:
@@ -1839,13 +1942,13 @@ def _check_directory(path: str, what: str, writable: bool = False) -> None:
                          "choose a directory you can write")
 
 
-def send(buffer: str, message: str, response_path: Optional[str] = None, *,
+def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str] = None, *,
          timeout: float = RESPONSE_TIMEOUT, lock_timeout: Optional[float] = None,
          lock_path: Optional[str] = None, stale_after: float = STALE_AFTER,
          max_bytes: int = MAX_BYTES, durable: bool = False, poll: bool = False,
          poll_interval: float = RESPONSE_POLL_INTERVAL,
          lock_retry_interval: float = LOCK_RETRY_INTERVAL, status: Status = _quiet,
-         progress_interval: Optional[float] = None) -> str:
+         progress_interval: Optional[float] = None, reply_to: Optional[IO[str]] = None) -> str:
     """Send one message to the server on buffer and return its reply.
 
     Does what the spec's client does: takes the lock, writes the buffer,
@@ -1855,10 +1958,16 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     bounded by timeout. ``status`` hears "busy" (every lock_retry_interval
     while another client holds the lock), "queued" (if it had to wait: with
     the time its ticket appeared in line, and the time it was named, just
-    before), "locked" (with the time it asked for the lock), "sent", "waiting", and
-    "no-server", "server-stopped", "server-started" as the server comes and
-    goes; with progress_interval, also "tick" (phase "lock" or "reply",
+    before), "locked" (with the time it asked for the lock), "sent", "waiting",
+    "received" (the reply is complete, just before it is written to
+    reply_to), and "no-server", "server-stopped", "server-started" as the
+    server comes and goes; with progress_interval, also "tick" (phase "lock" or "reply",
     seconds waited) that often while it waits.
+
+    The message is text, or a binary file to read it from (UTF-8); with
+    reply_to, a text file, the reply is written there instead of returned
+    (and "" returned). Either way a large message or reply is handled a
+    piece at a time, never held whole.
 
     Raises FramingError (ESC, NUL or non-UTF-8 text, a message over
     max_bytes), UsageError (unusable paths), Rejected (the server will not
@@ -1872,8 +1981,9 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
     if response_path is None:
         response_path = default_response_path(buffer)
     _check_path(os.path.abspath(response_path))
-    check_characters(message, "message")
-    if len(message) > max_bytes:       # at least a byte a character: too long for sure
+    if isinstance(message, str):
+        check_characters(message, "message")
+    if _least_size(message) > max_bytes:
         raise _too_long(message, max_bytes)
     check_buffer_path(buffer, paths.lock)
     if chosen:      # a fresh name beside the buffer needs no checking
@@ -1893,7 +2003,8 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
             status("sent")
             status("waiting")
             text, is_error = _await_reply(paths, response_path, lock, waiter, timeout,
-                                          outgoing.fingerprint, status, progress_interval)
+                                          outgoing.fingerprint, status, progress_interval,
+                                          stream=reply_to is not None)
         except BaseException:
             _give_up(paths, lock, outgoing.fingerprint)
             _unlink_quietly(response_path)
@@ -1902,8 +2013,13 @@ def send(buffer: str, message: str, response_path: Optional[str] = None, *,
         # The response file goes after the release, so that a server restarted
         # before it sees the message was answered; and before the flock, or a
         # server would see a reply whose client ended and delete it as orphaned.
-        _unlink_quietly(response_path)
-        lock.close()
+        status("received")
+        try:
+            if reply_to is not None:
+                text, is_error = _copy_reply(response_path, reply_to)
+        finally:
+            _unlink_quietly(response_path)
+            lock.close()
     if is_error:
         raise ServerError(text)
     return text
@@ -1918,12 +2034,33 @@ def _fingerprint(data: bytes) -> Fingerprint:
     return len(data), zlib.crc32(data)
 
 
-def _too_long(message: str, max_bytes: int) -> FramingError:
-    """Return the error for a message over max_bytes, saying its size."""
-    size = sum(len(_utf8(message[i:i + PIECE], "message"))
-               for i in range(0, len(message), PIECE))
-    return FramingError("message", f"is {size} bytes, over the limit of {max_bytes} "
+def _least_size(message: Union[str, BinaryIO]) -> int:
+    """Return the fewest bytes message can take: a byte a character, or its file's size."""
+    if isinstance(message, str):
+        return len(message)
+    try:
+        st = os.fstat(message.fileno())
+    except (OSError, ValueError, AttributeError):
+        return 0                   # not a file of its own: its size shows as it is read
+    return st.st_size - message.tell() if stat.S_ISREG(st.st_mode) else 0
+
+
+def _too_long(message: Union[str, BinaryIO], max_bytes: int) -> FramingError:
+    """Return the error for a message over max_bytes, saying its size if it is known."""
+    if isinstance(message, str):
+        size = sum(len(_utf8(message[i:i + PIECE], "message"))
+                   for i in range(0, len(message), PIECE))
+    else:
+        size = _least_size(message)
+    says = f"is {size} bytes, over" if size > max_bytes else "is over"
+    return FramingError(_message_name(message), f"{says} the limit of {max_bytes} "
                         "(--max-bytes); send less or raise the limit")
+
+
+def _message_name(message: Union[str, BinaryIO]) -> str:
+    """Name the message in errors: as a file if it is read from a named one."""
+    name = getattr(message, "name", None)
+    return f"message file {name}" if isinstance(name, str) else "message"
 
 
 class _Outgoing:
@@ -1935,8 +2072,8 @@ class _Outgoing:
     is never held whole as bytes besides the caller's text.
     """
 
-    def __init__(self, buffer: str, response_path: str, message: str, max_bytes: int,
-                 durable: bool) -> None:
+    def __init__(self, buffer: str, response_path: str, message: Union[str, BinaryIO],
+                 max_bytes: int, durable: bool) -> None:
         self.buffer = buffer
         self.durable = durable
         self.unnamed = open_unnamed(os.path.dirname(buffer))
@@ -1951,7 +2088,9 @@ class _Outgoing:
                          | O_CLOEXEC | O_BINARY, 0o644)
         written: Optional[Fingerprint] = None
         try:
-            written = self._write(fd, request_pieces(response_path, message), max_bytes)
+            pieces = (request_pieces(response_path, message) if isinstance(message, str)
+                      else file_request_pieces(response_path, message, _message_name(message)))
+            written = self._write(fd, pieces, max_bytes)
         finally:
             if self.temp:
                 os.close(fd)
@@ -2196,8 +2335,8 @@ def _message_waiting(buffer: str) -> bool:
 
 def _await_reply(paths: Paths, response_path: str, lock: Lock, waiter: Waiter,
                  timeout: float, data: Fingerprint, status: Status,
-                 progress: Optional[float]) -> Tuple[str, bool]:
-    """Wait for the complete reply and return (text, is_error)."""
+                 progress: Optional[float], stream: bool) -> Tuple[str, bool]:
+    """Wait for the complete reply and return it (see _read_reply)."""
     deadline = time.monotonic() + timeout
     server_up: Optional[bool] = None
     tick = _Ticker(status, "reply", progress)
@@ -2208,7 +2347,7 @@ def _await_reply(paths: Paths, response_path: str, lock: Lock, waiter: Waiter,
                                            paths.rejection(response_path))}
     seen: Optional[Set[str]] = None
     while True:
-        reply = _read_reply(paths, response_path, lock)
+        reply = _read_reply(paths, response_path, lock, stream)
         if reply is not None:
             return reply
         # A server that starts or stops changes its presence file; one that
@@ -2230,22 +2369,66 @@ def _await_reply(paths: Paths, response_path: str, lock: Lock, waiter: Waiter,
         seen = waiter.wait(min(deadline - now, tick(now)), names)
 
 
-def _read_reply(paths: Paths, response_path: str, lock: Lock) -> Optional[Tuple[str, bool]]:
-    """Return the reply if complete: ended by ESC, or by the server releasing the lock."""
-    reply = parse_file(response_path, parse_reply)
+def _read_reply(paths: Paths, response_path: str, lock: Lock,
+                stream: bool) -> Optional[Tuple[str, bool]]:
+    """Return the reply if complete: ended by ESC, or by the server releasing the lock.
+
+    As (text, is_error); with stream, as ("", False) once it is complete,
+    for _copy_reply to read when the exchange is over.
+    """
+    reply = _parse_reply_file(response_path, stream)
     if reply is not None or lock.still_held():
         return reply
     # Read again now: a server that writes no ESC writes the reply, then
     # removes the lock, so a reply read after the release is whole.
-    data = read_or_none(response_path)
-    if data is not None:
-        return parse_reply(data) or (data.decode("utf-8", "replace"), False)
+    reply = _parse_reply_file(response_path, stream) or _unended_reply(response_path, stream)
+    if reply is not None:
+        return reply
     note = paths.rejection(response_path)
     reason = read_or_none(note)
     if reason is not None:
         _unlink_quietly(note)
         raise Rejected(reason.decode("utf-8", "replace"))
     return None
+
+
+def _parse_reply_file(path: str, stream: bool) -> Optional[Tuple[str, bool]]:
+    """Return the reply in path if it is ended by ESC (see _read_reply)."""
+    if not stream:
+        return parse_file(path, parse_reply, _parse_large_reply)
+    ended = parse_file(path, lambda data: END_MARKER.encode() in data,
+                       lambda fd: _find_marker(fd) >= 0)
+    return ("", False) if ended else None
+
+
+def _unended_reply(path: str, stream: bool) -> Optional[Tuple[str, bool]]:
+    """Return a reply with no end marker, the whole file, as _read_reply does."""
+    fd = _open_to_read(path)
+    if fd is None:
+        return None
+    try:
+        return "" if stream else _decode_range(fd, 0, os.fstat(fd).st_size, "replace"), False
+    finally:
+        os.close(fd)
+
+
+def _copy_reply(path: str, sink: IO[str]) -> Tuple[str, bool]:
+    """Write the reply _read_reply found complete to sink; return ("", False).
+
+    An error reply is not written but returned, as (its text, True).
+    """
+    fd = _open_to_read(path)
+    if fd is None:
+        raise FileNotFoundError(errno.ENOENT, "the reply was removed before it was read", path)
+    try:
+        end, is_error = _large_reply_extent(fd) or (os.fstat(fd).st_size, False)
+        if is_error:
+            return _decode_range(fd, 0, end, "replace"), True
+        for piece in _decoded(fd, 0, end, "replace"):
+            sink.write(piece)
+        return "", False
+    finally:
+        os.close(fd)
 
 
 def _await_release(lock: Lock, waiter: Waiter) -> None:
@@ -2459,7 +2642,7 @@ class _Server:
         """Check the claimed message, obtain its reply and publish it."""
         try:
             parsed = (parse_request(claimed.data) if claimed.data is not None
-                      else parse_file(claimed.path, parse_request))
+                      else parse_file(claimed.path, parse_request, _parse_large_request))
         except ValueError as exc:
             self.report("discarded", reason=f"malformed message in {self.paths.buffer}: {exc}")
             return
@@ -3192,7 +3375,9 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
     times = {"start": time.monotonic()}
 
     def status(event: str, **info: object) -> None:
-        if event == "queued":
+        if event == "received":
+            shown.done()          # the reply is printed next
+        if event in ("queued", "received"):
             return
         if event == "tick":
             shown.tick(float(info["waited"]))     # type: ignore[arg-type]
@@ -3204,15 +3389,23 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
     record: Dict[str, object] = {
         "reply": None, "response_path": os.path.abspath(response), "lock_wait": None,
         "reply_wait": None, "outcome": "ok", "error": None, "exit_status": EXIT_OK}
+    # Printed as it is read, unless it is shown between banners or in JSON:
+    # a long reply is then never held whole, nor a long --message-file.
+    reply_to = None if interactive or args.json else term.stdout
     try:
         message = _client_message(args, term, interactive)
         times["start"] = time.monotonic()
-        reply = send(args.buffer, message, response, timeout=args.timeout,
-                     lock_timeout=args.lock_timeout, lock_path=args.lock_file,
-                     stale_after=args.stale_after, max_bytes=args.max_bytes,
-                     durable=args.durable, poll=args.poll, poll_interval=args.poll_interval,
-                     lock_retry_interval=args.lock_retry_interval, status=status,
-                     progress_interval=PROGRESS_INTERVAL if shown.live else None)
+        try:
+            reply = send(args.buffer, message, response, timeout=args.timeout,
+                         lock_timeout=args.lock_timeout, lock_path=args.lock_file,
+                         stale_after=args.stale_after, max_bytes=args.max_bytes,
+                         durable=args.durable, poll=args.poll, poll_interval=args.poll_interval,
+                         lock_retry_interval=args.lock_retry_interval, status=status,
+                         progress_interval=PROGRESS_INTERVAL if shown.live else None,
+                         reply_to=reply_to)
+        finally:
+            if not isinstance(message, str):
+                message.close()
     except (FilechatError, KeyboardInterrupt) as exc:
         shown.done()
         if args.json:
@@ -3233,9 +3426,7 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
         term.out(BANNER)
         term.stdout.write(_display(reply))
         term.out(BANNER)
-    else:
-        term.stdout.write(reply)
-        term.stdout.flush()
+    term.stdout.flush()
     return EXIT_OK
 
 
@@ -3263,32 +3454,24 @@ def _json(record: Mapping[str, object]) -> str:
     return json.dumps(record, ensure_ascii=False)
 
 
-def _client_message(args: argparse.Namespace, term: Terminal, interactive: bool) -> str:
-    """Return the message to send, from --message, --message-file or stdin."""
+def _client_message(args: argparse.Namespace, term: Terminal,
+                    interactive: bool) -> Union[str, BinaryIO]:
+    """Return the message to send, from --message or stdin, or the --message-file open."""
     if args.message is not None:
         _check_text(args.message, "--message")
         return str(args.message)
     if args.message_file not in (None, "-"):
-        return _read_text_file(args.message_file, "--message-file")
+        try:
+            return open(args.message_file, "rb")
+        except OSError as exc:
+            raise UsageError(f"cannot read --message-file {args.message_file}: "
+                             f"{exc.strerror or exc}") from None
     if interactive:
         term.err("Enter your message (press Ctrl+D or Ctrl+Z when done):")
     text, mid_line = term.read_text("message on stdin")
     if mid_line:
         term.err()      # Ctrl+D left the cursor after the text
     return text
-
-
-def _read_text_file(path: str, what: str) -> str:
-    """Return the UTF-8 text of a file named on the command line."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise FramingError(f"{what} {path}", "is not valid UTF-8 text") from None
 
 
 def run_server(args: argparse.Namespace, term: Terminal) -> int:

@@ -151,7 +151,7 @@ def test_lock_timeout(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-d
 
 @pytest.mark.parametrize(("source", "what"), [
     (["-m", "a\x1bb"], "--message contains the ESC character"),
-    (["--message-file", "esc.txt"], "message contains the ESC character"),
+    (["--message-file", "esc.txt"], "message file esc.txt contains the ESC character"),
     (["--message-file", "-"], "message contains the ESC character"),
     ([], "message contains the ESC character"),
 ])

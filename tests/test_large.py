@@ -1,8 +1,11 @@
-"""Long texts written in pieces and parsed through a map; the ticket that becomes the lock."""
+"""Long texts written and large files read in pieces; the ticket that becomes the lock."""
 
+import io
 import json
 import os
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -11,8 +14,9 @@ import pytest
 
 import filechat
 from conftest import WAIT, Proc
-from filechat import (MAP_FROM, PIECE, FramingError, Line, encode_reply, encode_request,
-                      parse_file, parse_reply, read_if_ended, reply_pieces, request_pieces)
+from filechat import (LARGE_FILE, PIECE, FramingError, Line, encode_reply, encode_request,
+                      parse_file, parse_reply, parse_request, read_if_ended, reply_pieces,
+                      request_pieces)
 
 ESC = "\x1b"
 LONG = ["", "hi\n", "x" * (2 * PIECE + 5), "é" * (PIECE + 3), "mixed 世界\n" * (PIECE // 5)]
@@ -36,13 +40,54 @@ def test_reply_pieces_refuse_a_long_text_at_once(bad: str) -> None:
         reply_pieces("a" * (PIECE + 1) + bad)       # before anything is written
 
 
-def test_parse_file_maps_a_large_file(tmp_path: Path) -> None:
-    large, small = tmp_path / "large", tmp_path / "small"
-    large.write_bytes(encode_reply("y" * (MAP_FROM + 10)))
+# Large files as both sides may find them: characters of 1 to 4 bytes across
+# the pieces they are read in, ESC inside, bytes that are not UTF-8, no end yet.
+BIG = LARGE_FILE + 10
+LARGE_REPLIES = [
+    encode_reply("y" * BIG), encode_reply("é" * BIG, error=True), encode_reply("€" * BIG),
+    encode_reply("a🙂" * (BIG // 4)), b"z" * BIG, b"x" * BIG + b"\x1bmore\x1b\x1b",
+    b"\xff\xfe" * BIG + b"\x1b", "é".encode() * BIG + b"\xc3\x1b",
+]
+LARGE_REQUESTS = [
+    encode_request("/r.txt", "y" * BIG), encode_request("/é.txt", "€" * BIG),
+    b"/r.txt\r\n" + ("a🙂" * (BIG // 4)).encode() + b"\x1b", b"/r.txt\n" + b"z" * BIG,
+    b"/r.txt\n" + b"q" * BIG + b"\x1b\x1b", b"/r.txt\n" + b"\xff" * BIG + b"\x1b",
+    b"no path" * BIG + b"\x1b", b"\n" + b"x" * BIG + b"\x1b", b"\x1b" + b"\n" * BIG,
+]
+
+
+def _parsed(parse, data: bytes):  # type: ignore[no-untyped-def]
+    try:
+        return parse(data)
+    except ValueError:
+        return ValueError
+
+
+@pytest.mark.parametrize("data", LARGE_REPLIES, ids=range(len(LARGE_REPLIES)))
+def test_a_large_reply_file_parses_as_its_bytes(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "reply"
+    path.write_bytes(data)
+    assert parse_file(str(path), parse_reply, filechat._parse_large_reply) == parse_reply(data)
+
+
+@pytest.mark.parametrize("data", LARGE_REQUESTS, ids=range(len(LARGE_REQUESTS)))
+def test_a_large_request_file_parses_as_its_bytes(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "buf.txt"
+    path.write_bytes(data)
+    large = filechat._parse_large_request
+    assert (_parsed(lambda _: parse_file(str(path), parse_request, large), data)
+            == _parsed(parse_request, data))
+
+
+def test_parse_file_reads_a_small_file_whole(tmp_path: Path) -> None:
+    small = tmp_path / "small"
     small.write_bytes(encode_reply("tiny", error=True))
-    assert parse_file(str(large), parse_reply) == ("y" * (MAP_FROM + 10), False)
-    assert parse_file(str(small), parse_reply) == ("tiny", True)
-    assert parse_file(str(tmp_path / "absent"), parse_reply) is None
+
+    def never(fd: int) -> None:
+        raise AssertionError("a small file is parsed from its bytes")
+
+    assert parse_file(str(small), parse_reply, never) == ("tiny", True)
+    assert parse_file(str(tmp_path / "absent"), parse_reply, never) is None
 
 
 def test_read_if_ended_judges_a_large_file_by_its_end(tmp_path: Path) -> None:
@@ -70,6 +115,89 @@ def big_echo(pyz: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
 @pytest.mark.parametrize("message", LONG[2:], ids=range(3))
 def test_long_messages_survive_a_round_trip(big_echo: str, message: str) -> None:
     assert filechat.send(big_echo, message, timeout=WAIT, max_bytes=64 << 20) == message
+
+
+@pytest.mark.parametrize("message", LONG[2:], ids=range(3))
+def test_a_message_file_and_a_reply_sink_survive_a_round_trip(
+        big_echo: str, message: str, tmp_path: Path) -> None:
+    source = tmp_path / "message.txt"
+    source.write_bytes(message.encode())
+    sink = io.StringIO()
+    with open(source, "rb") as f:
+        assert filechat.send(big_echo, f, timeout=WAIT, max_bytes=64 << 20,
+                             reply_to=sink) == ""
+    assert sink.getvalue() == message
+
+
+def test_the_cli_sends_a_large_file_and_prints_the_reply(
+        big_echo: str, pyz: Path, tmp_path: Path) -> None:
+    source = tmp_path / "message.txt"
+    source.write_bytes(("mixed 世界 é\n" * (LARGE_FILE // 8)).encode())
+    result = subprocess.run([sys.executable, str(pyz), "client", big_echo, "--message-file",
+                             str(source), "--max-bytes", str(64 << 20)],
+                            capture_output=True, timeout=WAIT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == source.read_bytes()
+
+
+def test_pieces_of_a_message_file_are_checked_across_their_joins(tmp_path: Path) -> None:
+    # A character cut by the edge of a piece is whole text; ESC after many
+    # pieces is refused before anything is sent.
+    for text in ("é" * filechat.READ_SIZE, "€" * filechat.READ_SIZE, "a🙂" * 70000):
+        data = text.encode()
+        assert b"".join(filechat.file_request_pieces("/r", io.BytesIO(data), "m")) == \
+            encode_request("/r", text)
+    late_esc = io.BytesIO(b"x" * (3 * filechat.READ_SIZE) + b"\x1b")
+    with pytest.raises(FramingError, match="^m contains the ESC character"):
+        list(filechat.file_request_pieces("/r", late_esc, "m"))
+    cut = io.BytesIO("é".encode() * filechat.READ_SIZE + b"\xc3")
+    with pytest.raises(FramingError, match="^m is not valid UTF-8 text"):
+        list(filechat.file_request_pieces("/r", cut, "m"))
+
+
+@pytest.mark.parametrize("content, error", [
+    (b"bad \x1b" + b"x" * (LARGE_FILE + 1), "contains the ESC character"),
+    (b"x" * LARGE_FILE + b"\0", "contains a NUL byte"),
+    (b"x" * LARGE_FILE + b"\xff", "is not valid UTF-8 text"),
+    (b"x" * 1001, "is 1001 bytes, over the limit of 1000"),
+])
+def test_a_bad_message_file_is_named_and_leaves_nothing(
+        tmp_path: Path, content: bytes, error: str) -> None:
+    source = tmp_path / "in" / "message.txt"
+    source.parent.mkdir()
+    source.write_bytes(content)
+    buffer = tmp_path / "chat" / "buf.txt"
+    buffer.parent.mkdir()
+    with open(source, "rb") as f, pytest.raises(FramingError) as raised:
+        filechat.send(str(buffer), f, max_bytes=1000 if len(content) < 2000 else 64 << 20)
+    assert str(raised.value) == f"message file {source} {raised.value.reason}"
+    assert error in raised.value.reason
+    assert list(buffer.parent.iterdir()) == []
+
+
+def test_a_message_from_a_pipe_is_refused_once_it_grows_too_long(tmp_path: Path) -> None:
+    read, write = os.pipe()
+    os.write(write, b"x" * 3000)
+    os.close(write)
+    with open(read, "rb") as f, pytest.raises(FramingError, match="^message is over the limit"):
+        filechat.send(str(tmp_path / "buf.txt"), f, max_bytes=1000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_reply_is_raised_not_written(tmp_path: Path) -> None:
+    buffer = str(tmp_path / "buf.txt")
+
+    def failing(request: filechat.Request) -> str:
+        raise filechat.HookError("the hook failed")
+
+    server = threading.Thread(target=filechat.serve, args=(buffer, failing),
+                              kwargs={"max_messages": 1}, daemon=True)
+    server.start()
+    sink = io.StringIO()
+    with pytest.raises(filechat.ServerError, match="the hook failed"):
+        filechat.send(buffer, io.BytesIO(b"hello"), timeout=WAIT, reply_to=sink)
+    server.join(WAIT)
+    assert sink.getvalue() == ""
 
 
 def test_a_message_over_max_bytes_says_its_size_and_leaves_nothing(tmp_path: Path) -> None:
