@@ -2060,7 +2060,9 @@ def _too_long(message: Union[str, BinaryIO], max_bytes: int) -> FramingError:
 def _message_name(message: Union[str, BinaryIO]) -> str:
     """Name the message in errors: as a file if it is read from a named one."""
     name = getattr(message, "name", None)
-    return f"message file {name}" if isinstance(name, str) else "message"
+    if not isinstance(name, str):
+        return "message"
+    return "message on stdin" if name == "<stdin>" else f"message file {name}"
 
 
 class _Outgoing:
@@ -3404,7 +3406,7 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
                          progress_interval=PROGRESS_INTERVAL if shown.live else None,
                          reply_to=reply_to)
         finally:
-            if not isinstance(message, str):
+            if args.message_file not in (None, "-") and not isinstance(message, str):
                 message.close()
     except (FilechatError, KeyboardInterrupt) as exc:
         shown.done()
@@ -3456,7 +3458,11 @@ def _json(record: Mapping[str, object]) -> str:
 
 def _client_message(args: argparse.Namespace, term: Terminal,
                     interactive: bool) -> Union[str, BinaryIO]:
-    """Return the message to send, from --message or stdin, or the --message-file open."""
+    """Return the message to send: text, or a file to send it from a piece at a time.
+
+    From --message, --message-file, or stdin: as a file unless it is a
+    terminal, where Ctrl+D has to be read as typed.
+    """
     if args.message is not None:
         _check_text(args.message, "--message")
         return str(args.message)
@@ -3466,6 +3472,9 @@ def _client_message(args: argparse.Namespace, term: Terminal,
         except OSError as exc:
             raise UsageError(f"cannot read --message-file {args.message_file}: "
                              f"{exc.strerror or exc}") from None
+    stdin = getattr(term.stdin, "buffer", None)
+    if stdin is not None and not term.stdin_is_tty():
+        return stdin          # type: ignore[no-any-return]
     if interactive:
         term.err("Enter your message (press Ctrl+D or Ctrl+Z when done):")
     text, mid_line = term.read_text("message on stdin")

@@ -152,8 +152,8 @@ def test_lock_timeout(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-d
 @pytest.mark.parametrize(("source", "what"), [
     (["-m", "a\x1bb"], "--message contains the ESC character"),
     (["--message-file", "esc.txt"], "message file esc.txt contains the ESC character"),
-    (["--message-file", "-"], "message contains the ESC character"),
-    ([], "message contains the ESC character"),
+    (["--message-file", "-"], "message on stdin contains the ESC character"),
+    ([], "message on stdin contains the ESC character"),
 ])
 def test_esc_is_refused_before_the_lock(source, what: str, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "esc.txt").write_bytes(b"bad \x1b inside")

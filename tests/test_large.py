@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List
 
 import pytest
 
@@ -129,15 +129,22 @@ def test_a_message_file_and_a_reply_sink_survive_a_round_trip(
     assert sink.getvalue() == message
 
 
+@pytest.mark.parametrize("source", [["--message-file", "message.txt"], ["--message-file", "-"], []])
 def test_the_cli_sends_a_large_file_and_prints_the_reply(
-        big_echo: str, pyz: Path, tmp_path: Path) -> None:
-    source = tmp_path / "message.txt"
-    source.write_bytes(("mixed 世界 é\n" * (LARGE_FILE // 8)).encode())
-    result = subprocess.run([sys.executable, str(pyz), "client", big_echo, "--message-file",
-                             str(source), "--max-bytes", str(64 << 20)],
+        big_echo: str, pyz: Path, tmp_path: Path, source: List[str]) -> None:
+    data = ("mixed 世界 é\n" * (LARGE_FILE // 8)).encode()
+    (tmp_path / "message.txt").write_bytes(data)
+    client = [sys.executable, str(pyz), "client", big_echo, *source]
+    result = subprocess.run([*client, "--max-bytes", str(64 << 20)], input=data, cwd=tmp_path,
                             capture_output=True, timeout=WAIT)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == source.read_bytes()
+    assert result.stdout == data
+    refused = subprocess.run([*client, "--max-bytes", str(LARGE_FILE)], input=data,
+                             cwd=tmp_path, capture_output=True, timeout=WAIT)
+    assert refused.returncode == 2
+    what = "message file message.txt is" if source[-1:] == ["message.txt"] else "message on stdin is"
+    assert refused.stderr.decode().startswith(f"filechat: error: {what} ")
+    assert f"over the limit of {LARGE_FILE}" in refused.stderr.decode()
 
 
 def test_pieces_of_a_message_file_are_checked_across_their_joins(tmp_path: Path) -> None:
