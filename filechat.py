@@ -3071,6 +3071,8 @@ class Terminal:
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
         self.stdout_tty = _isatty(self.stdout)
+        if stdout is None:
+            _speak_utf8(self.stdout, self.stdout_tty)
         self.stderr_tty = _isatty(self.stderr)
         # https://no-color.org: any non-empty NO_COLOR turns colour off.
         self.color = (self.stderr_tty and not os.environ.get("NO_COLOR")
@@ -3118,6 +3120,24 @@ class Terminal:
             if tty and not chunk.endswith(b"\n"):
                 return _decode_input(b"".join(chunks), what), True
         return _decode_input(b"".join(chunks), what), False
+
+
+def _speak_utf8(stream: IO[str], tty: bool) -> None:
+    """Make stdout write replies as UTF-8, whatever the locale says.
+
+    Into a pipe or a file the reply then goes byte for byte as it came; a
+    terminal keeps its own encoding, with what it cannot show replaced.
+    """
+    encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+    if encoding == "utf8":
+        return
+    try:
+        if tty:
+            stream.reconfigure(errors="replace")         # type: ignore[attr-defined]
+        else:
+            stream.reconfigure(encoding="utf-8")         # type: ignore[attr-defined]
+    except (AttributeError, ValueError, OSError):
+        pass                  # not a text file of the usual kind: left as it is
 
 
 def _isatty(stream: IO[str]) -> bool:

@@ -37,6 +37,16 @@ def test_reply_on_stdout_is_byte_exact(name: str, server, run, tmp_path: Path) -
     assert leftovers(tmp_path) == []
 
 
+def test_the_reply_is_utf8_whatever_the_locale_says(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply-cmd", "cat")
+    ascii_only = {"PYTHONIOENCODING": "ascii", "LC_ALL": "C"}
+    result = run("client", "buf.txt", input=BYTE_EXACT["unicode"], env=ascii_only)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == BYTE_EXACT["unicode"]
+    record = run("client", "buf.txt", "--json", "-m", "héllo", env=ascii_only)
+    assert json.loads(record.stdout.decode("utf-8"))["reply"] == "héllo"
+
+
 def test_a_client_imports_only_what_an_exchange_needs(server, pyz: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server("--auto-reply", "pong")
     result = subprocess.run([sys.executable, "-X", "importtime", str(pyz), "client", "buf.txt",
