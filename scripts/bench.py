@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipapp
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,23 +260,35 @@ def timed_runs(command: Sequence[str], count: int, cwd: str) -> List[float]:
     return times
 
 
-def measure_cli(directory: str, count: int) -> Tuple[List[float], List[float]]:
-    """CLI exchanges against an auto-reply server, beside `python3 -c pass`."""
+def measure_cli(directory: str, count: int) -> Tuple[List[float], List[float], List[float]]:
+    """CLI exchanges against an auto-reply server, beside `python3 -c pass` and an empty zipapp.
+
+    The empty zipapp shows what running any zipapp costs before its code
+    runs (the interpreter's runpy and what it imports).
+    """
     server = subprocess.Popen([sys.executable, PYZ, "server", "buf.txt", "--auto-reply", "pong"],
                               cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True)
     assert server.stdout is not None
     while "Waiting for clients" not in server.stdout.readline():
         pass
+    empty = os.path.join(directory, "empty")
+    os.mkdir(empty)
+    with open(os.path.join(empty, "__main__.py"), "w"):
+        pass
+    zipapp.create_archive(empty, empty + ".pyz")
     client = [sys.executable, PYZ, "client", "buf.txt", "--message", "ping"]
     bare = [sys.executable, "-c", "pass"]
-    cli, python = [], []
-    for _ in range(count):                    # interleaved, so that load hits both alike
+    cli: List[float] = []
+    python: List[float] = []
+    zipped: List[float] = []
+    for _ in range(count):                    # interleaved, so that load hits all alike
         cli += timed_runs(client, 1, directory)
         python += timed_runs(bare, 1, directory)
+        zipped += timed_runs([sys.executable, empty + ".pyz"], 1, directory)
     server.terminate()
     server.wait(10)
-    return cli, python
+    return cli, python, zipped
 
 
 def measure_line(directory: str, clients: int, messages: int, alone: float
@@ -429,7 +442,7 @@ def run(quick: bool, where: Optional[str] = None) -> Dict[str, Any]:
             floor += measure_floor(shared, n // rounds)
             library += measure_library(shared, n // rounds, False)[0]
         spec, _ = measure_library(fresh("spec"), 3 if quick else 12, True)
-        cli, python = measure_cli(fresh("cli"), 3 if quick else 30)
+        cli, python, zipped = measure_cli(fresh("cli"), 3 if quick else 30)
         line = measure_line(fresh("line"), 4 if quick else 16, 3 if quick else 20,
                             statistics.median(library))
         idle = measure_idle(fresh("idle"), 1 if quick else 10)
@@ -444,6 +457,7 @@ def run(quick: bool, where: Optional[str] = None) -> Dict[str, Any]:
         "library_per_s": len(library) / sum(library),
         "spec_median": statistics.median(spec),
         "cli_median": statistics.median(cli), "python_median": statistics.median(python),
+        "empty_zipapp_median": statistics.median(zipped),
         "line": line, "idle_cpu_10s": idle * (10 if quick else 1),
         "big": big, "big_size": (1 if quick else 10) * MIB,
     }
@@ -467,6 +481,9 @@ def table(r: Dict[str, Any]) -> str:
         ("CLI exchange (python filechat.pyz client), median", fmt_ms(r["cli_median"]),
          f"python3 -c pass {fmt_ms(r['python_median'])}",
          f"{r['cli_median'] / r['python_median']:.2f} x"),
+        ("  start-up of an empty zipapp (python empty.pyz), median",
+         fmt_ms(r["empty_zipapp_median"]), f"python3 -c pass {fmt_ms(r['python_median'])}",
+         f"{r['empty_zipapp_median'] / r['python_median']:.2f} x"),
         (f"{line['count']} messages from concurrent clients, exchanges/s",
          f"{line['exchanges_per_s']:.0f}/s", f"one client {r['library_per_s']:.0f}/s",
          f"{100 * line['exchanges_per_s'] / r['library_per_s']:.0f} %"),
