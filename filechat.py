@@ -397,6 +397,8 @@ def file_request_pieces(response_path: str, source: BinaryIO, what: str) -> Iter
             piece = source.read(READ_SIZE)
         except OSError as exc:
             raise UsageError(f"cannot read {what}: {exc.strerror or exc}") from None
+        if not isinstance(piece, bytes):
+            raise UsageError(f"{what} is open as text; open it in binary mode ('rb')")
         check_characters(piece, what)
         try:
             decoder.decode(piece, final=not piece)

@@ -182,6 +182,14 @@ def test_a_bad_message_file_is_named_and_leaves_nothing(
     assert list(buffer.parent.iterdir()) == []
 
 
+def test_a_message_file_open_as_text_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "message.txt").write_text("hello")
+    with open(tmp_path / "message.txt") as f, pytest.raises(filechat.UsageError,
+                                                            match="open it in binary mode"):
+        filechat.send(str(tmp_path / "buf.txt"), f)     # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["message.txt"]
+
+
 def test_a_message_from_a_pipe_is_refused_once_it_grows_too_long(tmp_path: Path) -> None:
     read, write = os.pipe()
     os.write(write, b"x" * 3000)
