@@ -433,16 +433,17 @@ def parse_request(data: bytes) -> Optional[Tuple[str, str]]:
 
 def _parse_large_request(fd: int) -> Optional[Tuple[str, str]]:
     """parse_request for a large file open as fd, read a piece at a time."""
-    end = _find_marker(fd)
-    if end < 0:
-        return None
-    os.lseek(fd, 0, os.SEEK_SET)
-    head = os.read(fd, min(end, 65536))      # a path is far shorter
-    newline = head.find(b"\n")
+    head = os.read(fd, 65536)                # a path is far shorter
+    end = head.find(END_MARKER.encode())
+    newline = head.find(b"\n", 0, end if end >= 0 else len(head))
     if newline < 0 or not head[:newline].strip():
+        if end < 0 and _find_marker(fd) < 0:
+            return None
         raise ValueError("no response path before the message")
     path = str(head[:newline], "utf-8").rstrip("\r")
-    return path, _decode_range(fd, newline + 1, end, "strict")
+    message = _TextToMarker(fd, newline + 1, "strict")
+    text = message.join()
+    return None if message.end < 0 else (path, text)
 
 
 def reply_parts(text: str, error: bool = False) -> List[bytes]:
@@ -485,10 +486,12 @@ def parse_reply(data: bytes) -> Optional[Tuple[str, bool]]:
 
 def _parse_large_reply(fd: int) -> Optional[Tuple[str, bool]]:
     """parse_reply for a large file open as fd, read a piece at a time."""
-    extent = _large_reply_extent(fd)
-    if extent is None:
+    reply = _TextToMarker(fd, 0, "replace")
+    text = reply.join()
+    if reply.end < 0:
         return None
-    return _decode_range(fd, 0, extent[0], "replace"), extent[1]
+    os.lseek(fd, reply.end, os.SEEK_SET)
+    return text, os.read(fd, 2) == ERROR_MARKER.encode()
 
 
 def _large_reply_extent(fd: int) -> Optional[Tuple[int, bool]]:
@@ -768,7 +771,7 @@ def parse_file(path: str, parse: Callable[[bytes], Parsed],
     """Return parse(bytes of path), or parse_large(its descriptor) if it is large.
 
     None if path does not exist. A large file is read a piece at a time
-    (see _decoded) rather than whole: its bytes are never held in memory.
+    (see _TextToMarker) rather than whole: its bytes are never held in memory.
     """
     fd = _open_to_read(path)
     if fd is None:
@@ -795,30 +798,45 @@ def _find_marker(fd: int) -> int:
     return -1
 
 
-def _decoded(fd: int, start: int, end: int, errors: str) -> Iterator[str]:
-    """Decode the UTF-8 bytes from start to end of the file open as fd, a piece at a time.
+class _TextToMarker:
+    """The UTF-8 text of a file open as fd, from start up to its first ESC, a piece at a time.
 
-    A caller joining the pieces by ``text += piece`` holds the text and one
-    piece at most: CPython grows a string held only there in place.
+    Iterating yields the decoded pieces, in one pass over the file; after
+    that, ``end`` is the ESC's offset, -1 if the file has none (the text
+    then runs to the end of the file).
     """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors)
-    os.lseek(fd, start, os.SEEK_SET)
-    left = end - start
-    while left > 0:
-        piece = os.read(fd, min(READ_SIZE, left))
-        if not piece:
-            break                 # cut short since it was measured: decoded as far as it goes
-        left -= len(piece)
-        yield decoder.decode(piece)
-    yield decoder.decode(b"", final=True)
 
+    def __init__(self, fd: int, start: int, errors: str) -> None:
+        self.fd = fd
+        self.start = start
+        self.errors = errors
+        self.end = -1
 
-def _decode_range(fd: int, start: int, end: int, errors: str) -> str:
-    """Return the text from start to end of the file open as fd (see _decoded)."""
-    text = ""
-    for piece in _decoded(fd, start, end, errors):
-        text += piece
-    return text
+    def __iter__(self) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")(self.errors)
+        offset = os.lseek(self.fd, self.start, os.SEEK_SET)
+        while True:
+            piece = os.read(self.fd, READ_SIZE)
+            found = piece.find(END_MARKER.encode())
+            if found >= 0:
+                self.end = offset + found
+                yield decoder.decode(memoryview(piece)[:found], final=True)
+                return
+            yield decoder.decode(piece, final=not piece)
+            if not piece:
+                return
+            offset += len(piece)
+
+    def join(self) -> str:
+        """Return the whole text.
+
+        Joined by ``text += piece``, it holds the text and one piece at most:
+        CPython grows a string held only here in place.
+        """
+        text = ""
+        for piece in self:
+            text += piece
+        return text
 
 
 def read_if_ended(path: str, marker: bytes) -> Tuple[bool, Optional[bytes]]:
@@ -2411,7 +2429,7 @@ def _unended_reply(path: str, stream: bool) -> Optional[Tuple[str, bool]]:
     if fd is None:
         return None
     try:
-        return "" if stream else _decode_range(fd, 0, os.fstat(fd).st_size, "replace"), False
+        return "" if stream else _TextToMarker(fd, 0, "replace").join(), False
     finally:
         os.close(fd)
 
@@ -2425,10 +2443,10 @@ def _copy_reply(path: str, sink: IO[str]) -> Tuple[str, bool]:
     if fd is None:
         raise FileNotFoundError(errno.ENOENT, "the reply was removed before it was read", path)
     try:
-        end, is_error = _large_reply_extent(fd) or (os.fstat(fd).st_size, False)
-        if is_error:
-            return _decode_range(fd, 0, end, "replace"), True
-        for piece in _decoded(fd, 0, end, "replace"):
+        extent = _large_reply_extent(fd)
+        if extent is not None and extent[1]:
+            return _TextToMarker(fd, 0, "replace").join(), True
+        for piece in _TextToMarker(fd, 0, "replace"):
             sink.write(piece)
         return "", False
     finally:
