@@ -401,7 +401,8 @@ def file_request_pieces(response_path: str, source: BinaryIO, what: str) -> Iter
             raise UsageError(f"{what} is open as text; open it in binary mode ('rb')")
         check_characters(piece, what)
         try:
-            decoder.decode(piece, final=not piece)
+            if not piece.isascii() or decoder.getstate()[0]:   # ASCII needs no decoding
+                decoder.decode(piece, final=not piece)
         except UnicodeDecodeError:
             raise FramingError(what, "is not valid UTF-8 text") from None
         if not piece:

@@ -157,9 +157,11 @@ def test_pieces_of_a_message_file_are_checked_across_their_joins(tmp_path: Path)
     late_esc = io.BytesIO(b"x" * (3 * filechat.READ_SIZE) + b"\x1b")
     with pytest.raises(FramingError, match="^m contains the ESC character"):
         list(filechat.file_request_pieces("/r", late_esc, "m"))
-    cut = io.BytesIO("é".encode() * filechat.READ_SIZE + b"\xc3")
-    with pytest.raises(FramingError, match="^m is not valid UTF-8 text"):
-        list(filechat.file_request_pieces("/r", cut, "m"))
+    size = filechat.READ_SIZE
+    for cut in ("é".encode() * size + b"\xc3",                  # cut at the very end
+                b"x" * (size - 1) + b"\xc3" + b"x" * size):      # cut, then ASCII
+        with pytest.raises(FramingError, match="^m is not valid UTF-8 text"):
+            list(filechat.file_request_pieces("/r", io.BytesIO(cut), "m"))
 
 
 @pytest.mark.parametrize("content, error", [
