@@ -1982,8 +1982,8 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     before), "locked" (with the time it asked for the lock), "sent", "waiting",
     "received" (the reply is complete, just before it is written to
     reply_to), and "no-server", "server-stopped", "server-started" as the
-    server comes and goes; with progress_interval, also "tick" (phase "lock" or "reply",
-    seconds waited) that often while it waits.
+    server comes and goes; with progress_interval, also "tick" (phase "lock"
+    or "reply", seconds waited) that often while it waits.
 
     The message is text, or a binary file to read it from (UTF-8); with
     reply_to, a text file, the reply is written there instead of returned
@@ -2031,10 +2031,10 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
             _unlink_quietly(response_path)
             raise
         _await_release(lock, waiter)
+        status("received")
         # The response file goes after the release, so that a server restarted
         # before it sees the message was answered; and before the flock, or a
         # server would see a reply whose client ended and delete it as orphaned.
-        status("received")
         try:
             if reply_to is not None:
                 text, is_error = _copy_reply(response_path, reply_to)
@@ -2091,8 +2091,8 @@ class _Outgoing:
 
     It is written before the lock is taken, so that a client waiting in line
     has its message ready and, once it holds the lock, only puts the file in
-    place. The message is encoded and written a piece at a time: a long one
-    is never held whole as bytes besides the caller's text.
+    place. The message is encoded (or read from its file) and written a
+    piece at a time: a long one is never held whole as bytes.
     """
 
     def __init__(self, buffer: str, response_path: str, message: Union[str, BinaryIO],
