@@ -142,6 +142,8 @@ SAFETY_INTERVAL = 1.0             # seconds: longest sleep even when events are 
 STALE_AFTER = 300.0               # seconds before an unidentifiable lock counts as stale
 HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
 RELEASE_GRACE = 1.0               # seconds a client waits for the server to remove its lock
+HAND_OVER_GRACE = 0.005           # seconds the first in line waits for the server to hand it
+                                  # the lock it has just let go, before taking it itself
 PROGRESS_INTERVAL = 0.1           # seconds between updates of a progress line at a terminal
 MAX_BYTES = 1 << 20               # bytes: the largest message a client sends by default
 LARGE_FILE = 1 << 20              # bytes: a file this large is read a piece at a time
@@ -2275,8 +2277,10 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, outgoing: _Outgoing,
     """
     line = Line(lock.path, lock.stale_after)
     # A lock in place is not tried: creating a file only to find the name
-    # taken costs more, on some filesystems, than a whole exchange.
-    if _lstat_or_none(lock.path) is None:
+    # taken costs more, on some filesystems, than a whole exchange. Nor is a
+    # free one with a line: it is free for the server to hand to the first
+    # in line, and taking it even for a moment would spoil that.
+    if _lstat_or_none(lock.path) is None and not os.path.lexists(line.directory):
         # Made ahead, so that asking is a single link: a client slow to make
         # a file must not count as asking before those who then took turns.
         ready = _owned_unnamed(os.path.dirname(lock.path) or ".")
@@ -2299,6 +2303,11 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, outgoing: _Outgoing,
             # Once first, a client stays first: later tickets come after it.
             ahead = 0 if ahead == 0 else line.ahead(recheck=not woken)
             if ahead == 0:
+                if woken and line.offer and _serving_hand_over(lock.path, paths):
+                    # The server hands the lock on itself a moment after letting
+                    # it go: racing it would leave this client to put its own
+                    # request in place, and the server a wake-up behind.
+                    waiter.wait_for_deletion([line.mine()], HAND_OVER_GRACE)
                 if lock.try_acquire(line):
                     return arrived / 1e9
                 # A holder's death makes no event: only a wait that timed
@@ -2335,6 +2344,11 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, outgoing: _Outgoing,
     finally:
         line.leave()
         waiter.resume()     # for the reply (one that came already is seen by the first look)
+
+
+def _serving_hand_over(lock_path: str, paths: Paths) -> bool:
+    """True if the lock is free and a filechat server, which hands it on, is running."""
+    return _lstat_or_none(lock_path) is None and running_server(paths.presence) is not None
 
 
 def _break_stale(lock: Lock, paths: Paths) -> bool:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Tuple
+from typing import List, Tuple
 
 import pytest
 
@@ -204,3 +204,63 @@ def test_a_request_from_the_line_replaces_half_a_message_left_in_the_buffer(
     assert Path(buffer).read_bytes() == encode_request(str(tmp_path / "r.txt"), "hello")
     assert not os.path.exists(line.directory)
     os.close(fd)
+
+
+def test_a_newcomer_leaves_a_free_lock_to_the_line(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    line, outgoing, lock, buffer = waiting_client(tmp_path)      # waits; the lock is free
+    tried = []
+    try_acquire = Lock.try_acquire
+    monkeypatch.setattr(Lock, "try_acquire",
+                        lambda self, *a, **k: tried.append(a or k) or try_acquire(self, *a, **k))
+    with pytest.raises(filechat.LockTimeout):
+        filechat.send(buffer, "late", str(tmp_path / "late.txt"), lock_timeout=0.2)
+    assert tried == [] and not os.path.exists(lock)    # never taken, not even for a moment
+    outgoing.discard()
+    line.leave()
+
+
+@pytest.mark.parametrize("serving", [True, False])
+def test_the_first_in_line_lets_a_running_server_hand_it_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serving: bool) -> None:
+    buffer, lock = str(tmp_path / "buf.txt"), str(tmp_path / "server.lock")
+    presence = filechat.Presence(buffer + filechat.PRESENCE_SUFFIX)
+    if serving:
+        presence.start()
+    holder = Lock(lock)
+    assert holder.try_acquire()
+    waits = []
+    wait_for_deletion = filechat.Waiter.wait_for_deletion
+
+    def waiting(self: filechat.Waiter, paths: List[str], timeout: float) -> bool:
+        if not os.path.exists(lock) and timeout == filechat.HAND_OVER_GRACE:
+            waits.append(paths)         # the server's part, just after the release:
+            assert Line(lock).hand_over(lock, buffer, durable=False)
+            os.rename(buffer, buffer + ".taken")
+            Path(tmp_path / "r.txt").write_bytes(b"handed\x1b")
+            os.unlink(lock)
+        return wait_for_deletion(self, paths, timeout)
+
+    monkeypatch.setattr(filechat.Waiter, "wait_for_deletion", waiting)
+    queued = threading.Event()
+    replies: List[str] = []
+
+    def client() -> None:
+        try:
+            replies.append(filechat.send(
+                buffer, "hello", str(tmp_path / "r.txt"), timeout=0.5,
+                status=lambda event, **info: event == "queued" and queued.set()))
+        except filechat.ReplyTimeout:
+            replies.append("no reply")
+
+    sender = threading.Thread(target=client)
+    sender.start()
+    assert queued.wait(WAIT)
+    holder.release()                    # the holder's exchange is over
+    sender.join(WAIT)
+    # With a server running, the client waited for it to hand the lock on;
+    # without one, it took the lock at once, and nobody answered.
+    assert replies == (["handed"] if serving else ["no reply"])
+    assert len(waits) == serving
+    presence.withdraw()
+    assert sorted(os.listdir(tmp_path)) == (["buf.txt.taken"] if serving else [])
