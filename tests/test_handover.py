@@ -231,8 +231,11 @@ def test_the_first_in_line_lets_a_running_server_hand_it_the_lock(
     assert holder.try_acquire()
     waits = []
     wait_for_deletion = filechat.Waiter.wait_for_deletion
+    waits_for_the_lock = threading.Event()
 
     def waiting(self: filechat.Waiter, paths: List[str], timeout: float) -> bool:
+        if lock in paths:
+            waits_for_the_lock.set()
         if not os.path.exists(lock) and timeout == filechat.HAND_OVER_GRACE:
             waits.append(paths)         # the server's part, just after the release:
             assert Line(lock).hand_over(lock, buffer, durable=False)
@@ -242,20 +245,17 @@ def test_the_first_in_line_lets_a_running_server_hand_it_the_lock(
         return wait_for_deletion(self, paths, timeout)
 
     monkeypatch.setattr(filechat.Waiter, "wait_for_deletion", waiting)
-    queued = threading.Event()
     replies: List[str] = []
 
     def client() -> None:
         try:
-            replies.append(filechat.send(
-                buffer, "hello", str(tmp_path / "r.txt"), timeout=0.5,
-                status=lambda event, **info: event == "queued" and queued.set()))
+            replies.append(filechat.send(buffer, "hello", str(tmp_path / "r.txt"), timeout=0.5))
         except filechat.ReplyTimeout:
             replies.append("no reply")
 
     sender = threading.Thread(target=client)
     sender.start()
-    assert queued.wait(WAIT)
+    assert waits_for_the_lock.wait(WAIT)
     holder.release()                    # the holder's exchange is over
     sender.join(WAIT)
     # With a server running, the client waited for it to hand the lock on;
