@@ -10,9 +10,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, WAIT, leftovers
 
 import filechat
-from conftest import ROOT, WAIT, leftovers
 
 PEER = str(Path(__file__).with_name("spec_peer.py"))
 BYTE_EXACT = {

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, WAIT, leftovers
 
 NEXT = ("--timeout", "3", "--lock-timeout", "3")     # "served within 3 s"

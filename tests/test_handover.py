@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import List, Tuple
 
 import pytest
+from conftest import WAIT, release
 
 import filechat
-from conftest import WAIT, release
 from filechat import MAX_BYTES, Line, Lock, _Outgoing, encode_request
 
 pytestmark = pytest.mark.skipif(not (filechat._O_TMPFILE and filechat._can_rename_exclusive()),
@@ -115,7 +115,7 @@ def test_the_first_live_waiter_gets_the_lock_past_a_dead_one(tmp_path: Path) -> 
 
 def test_clearing_the_line_removes_dead_requests_only(tmp_path: Path) -> None:
     line_dir = dead_waiter(tmp_path, f"{1:020d}-999999")
-    line, outgoing, lock, buffer = waiting_client(tmp_path)
+    line, outgoing, lock, _ = waiting_client(tmp_path)
     Line(lock).clear()
     assert sorted(os.listdir(line_dir)) == [line.ticket, f"{line.ticket}.request"]
     outgoing.discard()

@@ -1,4 +1,4 @@
-"""Bad and hostile input: each case a clear error and exit status, nothing lost, the server serving."""
+"""Bad and hostile input: a clear error and exit status, nothing lost, the server serving on."""
 
 import json
 import os
@@ -12,9 +12,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, WAIT, leftovers
 
 import filechat
-from conftest import ROOT, WAIT, leftovers
 
 ESC_NUL_UTF8 = [("ESC", b"a\x1bb", "contains the ESC character"),
                 ("NUL", b"a\x00b", "contains a NUL byte"),
@@ -142,7 +142,8 @@ def test_response_path_with_a_line_break(run, tmp_path: Path) -> None:  # type: 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_reply_outside_the_allowed_directories_is_refused_at_once(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_reply_outside_the_allowed_directories_is_refused_at_once(  # type: ignore[no-untyped-def]
+        server, run, tmp_path: Path) -> None:
     srv = server("--auto-reply-cmd", "cat", cwd=tmp_path)
     other = tmp_path.parent / (tmp_path.name + "-other")
     other.mkdir()
@@ -204,7 +205,8 @@ def test_bad_response_paths_from_spec_clients(make: str, problem: str, server, r
     still_serves(run)
 
 
-def test_relative_path_is_resolved_against_the_servers_directory(start, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_relative_path_is_resolved_against_the_servers_directory(  # type: ignore[no-untyped-def]
+        start, run, tmp_path: Path) -> None:
     shared, home = tmp_path / "shared", tmp_path / "home"
     shared.mkdir()
     home.mkdir()
@@ -252,7 +254,8 @@ def test_presence_file_says_who_serves(server, tmp_path: Path) -> None:  # type:
     assert filechat.running_server(str(tmp_path / "buf.txt.server")) is None
 
 
-def test_durable_fsyncs_files_and_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_durable_fsyncs_files_and_directories(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     synced = []
     real_fsync = os.fsync
 

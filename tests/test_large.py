@@ -11,12 +11,23 @@ from pathlib import Path
 from typing import Iterator, List
 
 import pytest
+from conftest import WAIT, Proc
 
 import filechat
-from conftest import WAIT, Proc
-from filechat import (LARGE_FILE, PIECE, FramingError, Line, encode_reply, encode_request,
-                      parse_file, parse_reply, parse_request, read_if_ended, reply_pieces,
-                      request_pieces)
+from filechat import (
+    LARGE_FILE,
+    PIECE,
+    FramingError,
+    Line,
+    encode_reply,
+    encode_request,
+    parse_file,
+    parse_reply,
+    parse_request,
+    read_if_ended,
+    reply_pieces,
+    request_pieces,
+)
 
 ESC = "\x1b"
 LONG = ["", "hi\n", "x" * (2 * PIECE + 5), "é" * (PIECE + 3), "mixed 世界\n" * (PIECE // 5)]
@@ -142,7 +153,8 @@ def test_the_cli_sends_a_large_file_and_prints_the_reply(
     refused = subprocess.run([*client, "--max-bytes", str(LARGE_FILE)], input=data,
                              cwd=tmp_path, capture_output=True, timeout=WAIT)
     assert refused.returncode == 2
-    what = "message file message.txt is" if source[-1:] == ["message.txt"] else "message on stdin is"
+    named = source[-1:] == ["message.txt"]
+    what = "message file message.txt is" if named else "message on stdin is"
     assert refused.stderr.decode().startswith(f"filechat: error: {what} ")
     assert f"over the limit of {LARGE_FILE}" in refused.stderr.decode()
 
@@ -155,12 +167,12 @@ def test_pieces_of_a_message_file_are_checked_across_their_joins(tmp_path: Path)
         assert b"".join(filechat.file_request_pieces("/r", io.BytesIO(data), "m")) == \
             encode_request("/r", text)
     late_esc = io.BytesIO(b"x" * (3 * filechat.READ_SIZE) + b"\x1b")
-    with pytest.raises(FramingError, match="^m contains the ESC character"):
+    with pytest.raises(FramingError, match=r"^m contains the ESC character"):
         list(filechat.file_request_pieces("/r", late_esc, "m"))
     size = filechat.READ_SIZE
     for cut in ("é".encode() * size + b"\xc3",                  # cut at the very end
                 b"x" * (size - 1) + b"\xc3" + b"x" * size):      # cut, then ASCII
-        with pytest.raises(FramingError, match="^m is not valid UTF-8 text"):
+        with pytest.raises(FramingError, match=r"^m is not valid UTF-8 text"):
             list(filechat.file_request_pieces("/r", io.BytesIO(cut), "m"))
 
 
@@ -196,7 +208,7 @@ def test_a_message_from_a_pipe_is_refused_once_it_grows_too_long(tmp_path: Path)
     read, write = os.pipe()
     os.write(write, b"x" * 3000)
     os.close(write)
-    with open(read, "rb") as f, pytest.raises(FramingError, match="^message is over the limit"):
+    with open(read, "rb") as f, pytest.raises(FramingError, match=r"^message is over the limit"):
         filechat.send(str(tmp_path / "buf.txt"), f, max_bytes=1000)
     assert list(tmp_path.iterdir()) == []
 

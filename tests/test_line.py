@@ -8,14 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-import filechat
 from conftest import WAIT, release
 
-
-
-
-
+import filechat
 
 
 def in_line(directory: Path) -> list:  # type: ignore[type-arg]
@@ -74,7 +69,7 @@ def test_a_spec_peer_still_gets_its_turn(holder, server, start, tmp_path: Path) 
     assert peer.stdout is not None
     assert peer.stdout.readline() == b"Server busy, please wait...\n"
     queued = [start("client", "buf.txt", "-m", f"c{n}") for n in range(3)]
-    for n, client in enumerate(queued):
+    for client in queued:
         client.expect("ahead of you")
     release(holder)
     assert peer.wait(30) == 0

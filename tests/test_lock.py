@@ -11,13 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import WAIT
 
 import filechat
-from conftest import WAIT
 from filechat import Lock, Waiter, remove_if_same
-
-
-
 
 
 def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:

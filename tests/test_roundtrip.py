@@ -5,11 +5,11 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from conftest import WAIT, Proc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import filechat
-from conftest import WAIT, Proc
 
 text = st.text(st.characters(blacklist_characters="\x1b\0", blacklist_categories=("Cs",)),
                max_size=2000)

@@ -5,9 +5,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 import build_zipapp
-from conftest import ROOT
 
 SCRIPTS = ROOT / "scripts"
 

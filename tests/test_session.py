@@ -7,7 +7,6 @@ from typing import List
 
 import pexpect
 import pytest
-
 from conftest import WAIT
 
 BANNER = "=" * 60

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from conftest import ROOT, WAIT
 
 import filechat
-from conftest import ROOT, WAIT
 
 CLIENT_RECORD = {"reply", "response_path", "lock_wait", "reply_wait", "outcome", "error",
                  "exit_status"}
@@ -208,7 +208,7 @@ def test_status_with_the_lock_held_and_clients_waiting(holder, start, run) -> No
 def test_status_with_a_stale_lock(holder, run) -> None:  # type: ignore[no-untyped-def]
     holder.send_signal(signal.SIGKILL)
     holder.wait(WAIT)
-    code, text, data = status(run)
+    _, text, data = status(run)
     assert data["lock"]["state"] == "stale"
     assert data["lock"]["stale_reason"] == f"its holder, process {holder.pid}, has ended"
     assert "stale (its holder" in text
@@ -217,7 +217,7 @@ def test_status_with_a_stale_lock(holder, run) -> None:  # type: ignore[no-untyp
 def test_status_with_a_message_waiting(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "server.lock").write_text("")
     (tmp_path / "buf.txt").write_text("r.txt\nhello\x1b")
-    code, text, data = status(run)
+    _, text, data = status(run)
     assert data["message_waiting"] is True and "a complete message waits" in text
     assert data["lock"]["state"] == "unknown" and data["lock"]["pid"] is None
     assert "held by a client that does not name itself" in text
@@ -230,7 +230,8 @@ def test_status_of_a_directory_is_a_usage_error(run, tmp_path: Path) -> None:  #
     assert result.stderr == b"filechat: error: buffer file adir is a directory; name a file\n"
 
 
-def test_a_buffer_turned_into_a_directory_is_an_error_not_a_traceback(start, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_buffer_turned_into_a_directory_is_an_error_not_a_traceback(  # type: ignore[no-untyped-def]
+        start, tmp_path: Path) -> None:
     (tmp_path / "server.lock").write_text("")          # held: the client waits in line
     client = start("client", "buf.txt", "-m", "hi")
     client.expect("Server busy, please wait...")

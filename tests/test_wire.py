@@ -5,8 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import filechat
-from filechat import (FramingError, encode_reply, encode_request, parse_reply,
-                      parse_request)
+from filechat import FramingError, encode_reply, encode_request, parse_reply, parse_request
 
 ESC = "\x1b"
 TEXTS = ["", "Hello server!\nThis is a test message.\n", "no final newline",
