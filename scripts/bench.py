@@ -134,8 +134,11 @@ out = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
 start = time.perf_counter()
 pid = os.fork()
 if pid == 0:
-    os.dup2(out, 1)
-    os.execv(sys.argv[2], sys.argv[2:])
+    try:
+        os.dup2(out, 1)
+        os.execv(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)             # not started: say so through the status
 _, status, usage = os.wait4(pid, 0)
 took = time.perf_counter() - start
 print('{"time": %r, "status": %d, "maxrss": %d, "spawner": %d}'
