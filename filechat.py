@@ -480,30 +480,35 @@ def encode_reply(text: str, error: bool = False) -> bytes:
 
 def parse_reply(data: bytes) -> Optional[Tuple[str, bool]]:
     """Return (text, is_error) of a complete reply, None if it has no end marker yet."""
-    end = data.find(END_MARKER.encode())
-    if end < 0:
+    extent = _reply_extent(data)
+    if extent is None:
         return None
-    is_error = data[end:end + 2] == ERROR_MARKER.encode()
-    return str(memoryview(data)[:end], "utf-8", "replace"), is_error
+    return str(memoryview(data)[:extent[0]], "utf-8", "replace"), extent[1]
+
+
+def _reply_extent(data: bytes) -> Optional[Tuple[int, bool]]:
+    """Return (length of the text, is_error) of a complete reply, None if it has no end yet."""
+    end = data.find(END_MARKER.encode())
+    return None if end < 0 else (end, data[end:end + 2] == ERROR_MARKER.encode())
 
 
 def _parse_large_reply(fd: int) -> Optional[Tuple[str, bool]]:
     """parse_reply for a large file open as fd, read a piece at a time."""
     reply = _TextToMarker(fd, 0, "replace")
     text = reply.join()
-    if reply.end < 0:
-        return None
-    os.lseek(fd, reply.end, os.SEEK_SET)
-    return text, os.read(fd, 2) == ERROR_MARKER.encode()
+    return None if reply.end < 0 else (text, _error_marker_at(fd, reply.end))
 
 
 def _large_reply_extent(fd: int) -> Optional[Tuple[int, bool]]:
-    """Return (length of the text, is_error) of the reply in the file open as fd, if complete."""
+    """_reply_extent for a large file open as fd, read a piece at a time."""
     end = _find_marker(fd)
-    if end < 0:
-        return None
+    return None if end < 0 else (end, _error_marker_at(fd, end))
+
+
+def _error_marker_at(fd: int, end: int) -> bool:
+    """True if the reply in the file open as fd, ended at offset end, is an error reply."""
     os.lseek(fd, end, os.SEEK_SET)
-    return end, os.read(fd, 2) == ERROR_MARKER.encode()
+    return os.read(fd, 2) == ERROR_MARKER.encode()
 
 
 # --- Filesystem primitives ---
@@ -2039,7 +2044,7 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
         # server would see a reply whose client ended and delete it as orphaned.
         try:
             if reply_to is not None:
-                text, is_error = _copy_reply(response_path, reply_to)
+                text, is_error = _copy_reply(response_path, reply_to, is_error)
         finally:
             _unlink_quietly(response_path)
             lock.close()
@@ -2410,8 +2415,8 @@ def _read_reply(paths: Paths, response_path: str, lock: Lock,
                 stream: bool) -> Optional[Tuple[str, bool]]:
     """Return the reply if complete: ended by ESC, or by the server releasing the lock.
 
-    As (text, is_error); with stream, as ("", False) once it is complete,
-    for _copy_reply to read when the exchange is over.
+    As (text, is_error); with stream, as ("", is_error) once it is
+    complete, for _copy_reply to read when the exchange is over.
     """
     reply = _parse_reply_file(response_path, stream)
     if reply is not None or lock.still_held():
@@ -2433,9 +2438,8 @@ def _parse_reply_file(path: str, stream: bool) -> Optional[Tuple[str, bool]]:
     """Return the reply in path if it is ended by ESC (see _read_reply)."""
     if not stream:
         return parse_file(path, parse_reply, _parse_large_reply)
-    ended = parse_file(path, lambda data: END_MARKER.encode() in data,
-                       lambda fd: _find_marker(fd) >= 0)
-    return ("", False) if ended else None
+    extent = parse_file(path, _reply_extent, _large_reply_extent)
+    return None if extent is None else ("", extent[1])
 
 
 def _unended_reply(path: str, stream: bool) -> Optional[Tuple[str, bool]]:
@@ -2449,7 +2453,7 @@ def _unended_reply(path: str, stream: bool) -> Optional[Tuple[str, bool]]:
         os.close(fd)
 
 
-def _copy_reply(path: str, sink: IO[str]) -> Tuple[str, bool]:
+def _copy_reply(path: str, sink: IO[str], is_error: bool) -> Tuple[str, bool]:
     """Write the reply _read_reply found complete to sink; return ("", False).
 
     An error reply is not written but returned, as (its text, True).
@@ -2458,8 +2462,7 @@ def _copy_reply(path: str, sink: IO[str]) -> Tuple[str, bool]:
     if fd is None:
         raise FileNotFoundError(errno.ENOENT, "the reply was removed before it was read", path)
     try:
-        extent = _large_reply_extent(fd)
-        if extent is not None and extent[1]:
+        if is_error:
             return _TextToMarker(fd, 0, "replace").join(), True
         for piece in _TextToMarker(fd, 0, "replace"):
             sink.write(piece)
