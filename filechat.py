@@ -1939,9 +1939,13 @@ def check_response_path(response_path: str) -> None:
                          "not overwrite it: remove it or choose another path")
 
 
-def check_buffer_path(buffer: str, lock_path: str) -> None:
-    """Refuse a buffer or lock path that cannot be used."""
+def check_buffer_path(buffer: str, lock_path: str) -> Optional[os.stat_result]:
+    """Refuse a buffer or lock path that cannot be used; return the lock's lstat.
+
+    None if there is no lock: a client then asks for it without looking again.
+    """
     checked = set()
+    st = None
     for what, path in (("buffer file", buffer), ("lock file", lock_path)):
         directory = os.path.dirname(path) or "."
         if directory not in checked:
@@ -1953,6 +1957,7 @@ def check_buffer_path(buffer: str, lock_path: str) -> None:
                              "follows; name the file itself")
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise UsageError(f"{what} {path} is a directory; name a file")
+    return st
 
 
 def _check_directory(path: str, what: str, writable: bool = False) -> None:
@@ -2013,7 +2018,7 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
         check_characters(message, "message")
     if _least_size(message) > max_bytes:
         raise _too_long(message, max_bytes)
-    check_buffer_path(buffer, paths.lock)
+    lock_seen = check_buffer_path(buffer, paths.lock)
     if chosen:      # a fresh name beside the buffer needs no checking
         check_response_path(response_path)  # errors name the path as the user gave it
     response_path = os.path.abspath(response_path)
@@ -2021,7 +2026,7 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     with Waiter(paths.directories(response_path), poll, poll_interval) as waiter, \
             _Outgoing(buffer, response_path, message, max_bytes, durable) as outgoing:
         asked = _acquire(lock, paths, waiter, outgoing, lock_timeout, lock_retry_interval,
-                         status, progress_interval)
+                         status, progress_interval, lock_seen is None)
         try:
             status("locked", asked=asked)
             _crash_point("client-locked")
@@ -2145,6 +2150,13 @@ class _Outgoing:
             small = []
         _write_all(fd, small, self.durable)
         return size, crc
+
+    def directory_of(self, path: str) -> Union[str, int]:
+        """Return path's directory: the request's, open, if it is the same (as for the lock)."""
+        directory = os.path.dirname(path)
+        if self.unnamed is not None and directory == os.path.dirname(self.buffer):
+            return self.unnamed.directory     # opened once for both files
+        return directory or "."
 
     def offer(self, directory: int, path: str) -> bool:
         """Name the request path too (in that open directory), for a server to put in place.
@@ -2273,22 +2285,25 @@ class _Ticker:
 
 def _acquire(lock: Lock, paths: Paths, waiter: Waiter, outgoing: _Outgoing,
              lock_timeout: Optional[float], retry_interval: float, status: Status,
-             progress: Optional[float]) -> float:
+             progress: Optional[float], lock_free: bool) -> float:
     """Take the lock, waiting in line while others hold it or wait for it.
 
     Returns when it asked for the lock, in seconds since the epoch. The
     request waits in line beside the ticket, and may be in place already,
-    put there by the server that handed this client the lock.
+    put there by the server that handed this client the lock. lock_free:
+    no lock was there a moment ago (when the paths were checked).
     """
     line = Line(lock.path, lock.stale_after)
     # A lock in place is not tried: creating a file only to find the name
     # taken costs more, on some filesystems, than a whole exchange. Nor is a
     # free one with a line: it is free for the server to hand to the first
-    # in line, and taking it even for a moment would spoil that.
-    if _lstat_or_none(lock.path) is None and not os.path.lexists(line.directory):
+    # in line, and taking it even for a moment would spoil that. (A lock
+    # taken since it was seen free is found taken when asked for; one let go
+    # since it was seen is waited for in line, as the first in it.)
+    if lock_free and not os.path.lexists(line.directory):
         # Made ahead, so that asking is a single link: a client slow to make
         # a file must not count as asking before those who then took turns.
-        ready = _owned_unnamed(os.path.dirname(lock.path) or ".")
+        ready = _owned_unnamed(outgoing.directory_of(lock.path))
         arrived = time.time_ns()
         if lock.try_acquire(unnamed=ready):
             if not line.waiting(before=arrived):
