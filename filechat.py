@@ -753,13 +753,16 @@ def read_or_none(path: str) -> Optional[bytes]:
         os.close(fd)
 
 
-def _read_all(fd: int, path: str) -> bytes:
-    """Return the bytes of the file open as fd, at its start (path names it in errors)."""
+def _read_all(fd: int, path: str, head: Optional[bytes] = None) -> bytes:
+    """Return the bytes of the file open as fd, at its start (path names it in errors).
+
+    head: its first 64 KiB (or all of a shorter file), read already.
+    """
     try:
         # One read of a small file, or of a large one into one buffer once
         # its size is known, and a last one to see the end: no buffered
         # file object, and no copy of a large file's bytes.
-        chunks = [os.read(fd, 65536)]
+        chunks = [os.read(fd, 65536) if head is None else head]
         if len(chunks[0]) == 65536:
             os.lseek(fd, 0, os.SEEK_SET)
             chunks = [os.read(fd, os.fstat(fd).st_size + 1)]
@@ -785,8 +788,11 @@ def parse_file(path: str, parse: Callable[[bytes], Parsed],
     if fd is None:
         return None
     try:
-        if os.fstat(fd).st_size < LARGE_FILE:
-            return parse(_read_all(fd, path))
+        # A file shorter than its first read is small, with no need to ask its size.
+        head = os.read(fd, 65536)
+        if len(head) < 65536 or os.fstat(fd).st_size < LARGE_FILE:
+            return parse(_read_all(fd, path, head))
+        os.lseek(fd, 0, os.SEEK_SET)
         return parse_large(fd)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, path) from None    # say which file
@@ -2809,7 +2815,8 @@ class _Server:
         directory = os.path.dirname(path)
         if "\r" in path or "\0" in path:
             return "the path contains a control character"
-        if not os.path.isdir(directory):
+        # The server's own directory is not looked at: it cannot serve without it.
+        if directory != self.home and not os.path.isdir(directory):
             return f"directory {directory} does not exist"
         # The allowed directories were resolved at start; only others need it.
         real = directory if directory in self.allowed else os.path.realpath(directory)
