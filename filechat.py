@@ -2029,15 +2029,17 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
         check_response_path(response_path)  # errors name the path as the user gave it
     response_path = os.path.abspath(response_path)
     lock = Lock(paths.lock, stale_after, durable)
-    with Waiter(paths.directories(response_path), poll, poll_interval) as waiter, \
-            _Outgoing(buffer, response_path, message, max_bytes, durable) as outgoing:
-        asked = _acquire(lock, paths, waiter, outgoing, lock_timeout, lock_retry_interval,
-                         status, progress_interval, lock_seen is None)
+    with _Outgoing(buffer, response_path, message, max_bytes, durable) as outgoing:
+        asked = _acquire(lock, paths, outgoing, Waiter([], poll, poll_interval), lock_timeout,
+                         lock_retry_interval, status, progress_interval, lock_seen is None)
         try:
             status("locked", asked=asked)
             _crash_point("client-locked")
             outgoing.publish()
-            waiter.forget()      # what happened so far is seen by the first look below
+            # Set up once the request is out, while the server answers: what
+            # came before is seen by the first look below.
+            waiter = Waiter(paths.directories(response_path), poll, poll_interval)
+            waiter.forget()
             _crash_point("client-sent")
             status("sent")
             status("waiting")
@@ -2289,15 +2291,17 @@ class _Ticker:
         return self.next - now
 
 
-def _acquire(lock: Lock, paths: Paths, waiter: Waiter, outgoing: _Outgoing,
+def _acquire(lock: Lock, paths: Paths, outgoing: _Outgoing, waiter: Waiter,
              lock_timeout: Optional[float], retry_interval: float, status: Status,
              progress: Optional[float], lock_free: bool) -> float:
     """Take the lock, waiting in line while others hold it or wait for it.
 
     Returns when it asked for the lock, in seconds since the epoch. The
     request waits in line beside the ticket, and may be in place already,
-    put there by the server that handed this client the lock. lock_free:
-    no lock was there a moment ago (when the paths were checked).
+    put there by the server that handed this client the lock. waiter
+    sleeps in line (watching no directory: the thread's watches are dropped
+    while it waits). lock_free: no lock was there a moment ago (when the
+    paths were checked).
     """
     line = Line(lock.path, lock.stale_after)
     # A lock in place is not tried: creating a file only to find the name
@@ -2321,7 +2325,7 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, outgoing: _Outgoing,
     next_notice = start
     tick = _Ticker(status, "lock", progress)
     line.join(outgoing.offer)
-    waiter.pause()                   # until this client holds the lock
+    waiter.pause()                   # the directories: watched again for the reply
     status("queued", at=line.joined, named=line.named)
     ahead, woken = -1, False
     try:
@@ -2369,7 +2373,6 @@ def _acquire(lock: Lock, paths: Paths, waiter: Waiter, outgoing: _Outgoing,
         raise
     finally:
         line.leave()
-        waiter.resume()     # for the reply (one that came already is seen by the first look)
 
 
 def _serving_hand_over(lock_path: str, paths: Paths) -> bool:
