@@ -2731,7 +2731,7 @@ class _Server:
         self._reply(request, client, claimed.path)
 
     def _reply(self, request: Request, client: _Client, claim: str) -> None:
-        """Obtain the reply and publish it, unless its client has gone meanwhile."""
+        """Obtain the reply and publish it, taking it back if its client has gone meanwhile."""
         failure = None
         message = request.message
         size = len(message) if message.isascii() else len(message.encode("utf-8"))
@@ -2745,15 +2745,20 @@ class _Server:
             failure = str(exc)
             text = f"filechat server: {failure}\n"
             data = reply_parts(text, error=True)
-        if not client.waiting(self.paths.lock):
-            self.report("discarded", reason=f"the client for {request.response_path} has gone",
-                        request=request)
-            return
         publish_new(request.response_path, data, self.durable,
                     self.spares.take(request.response_path))
         _crash_point("server-replied")
+        reply = _file_id(request.response_path)
+        # Looked at once the reply is out, not before: the client reads it
+        # meanwhile. One whose client has gone is taken back.
+        if not client.waiting(self.paths.lock):
+            if reply is not None:
+                remove_if_same(request.response_path, reply)
+            self.report("discarded", reason=f"the client for {request.response_path} has gone",
+                        request=request)
+            return
         self._release(client, claim)             # at once: the client waits for this
-        client.reply = (request.response_path, _file_id(request.response_path))
+        client.reply = (request.response_path, reply)
         log.debug("reply published in %s", request.response_path)
         self.report("failed" if failure else "replied", request=request, reason=failure,
                     reply=text)

@@ -91,6 +91,20 @@ def test_client_told_when_the_server_stops_then_times_out(start, server, tmp_pat
     assert list(tmp_path.iterdir()) == []            # nothing wedges the next client
 
 
+def test_reply_taken_back_when_its_client_gave_up_meanwhile(start, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    os.mkfifo(tmp_path / "go")
+    srv = server("--auto-reply-cmd", "read x < go; cat", "--hook-timeout", "60")
+    client = start("client", "buf.txt", "-m", "A", "--timeout", "1")
+    srv.expect("Message received")                  # and the hook waits to be let go
+    assert client.wait() == 3                       # gave up waiting, its lock let go
+    with open(tmp_path / "go", "w") as go:
+        go.write("\n")
+    srv.expect("the client for")                    # replied, saw it gone, took it back
+    assert "has gone" in srv.err
+    assert leftovers(tmp_path) == []                # no reply left for nobody
+    assert srv.interrupt() == 0
+
+
 def test_client_without_server_says_so_and_waits(start, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     client = start("client", "buf.txt", "-m", "early", "--timeout", "20")
     client.expect("No server is running on buf.txt; waiting for one to start...")
