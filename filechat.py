@@ -2615,6 +2615,10 @@ class _Server:
         self.handled = 0
         self.chores_done = 0.0
         self.buffer_name = {os.path.basename(paths.buffer)}
+        self.lock_name = os.path.basename(paths.lock)
+        # A new lock, opened as it appeared, and what it was then (device,
+        # inode, size): its message comes a moment later.
+        self.looked: Optional[Tuple[Tuple[_Client, _LockRef], Tuple[int, int, int]]] = None
         self.home = os.path.dirname(os.path.abspath(paths.buffer))
         self.spares = _Spares(self.home)
         self.line = Line(paths.lock, stale_after)
@@ -2650,7 +2654,9 @@ class _Server:
                 self.report("discarded", reason=f"cannot use {exc.filename or self.paths.buffer}: "
                             f"{exc.strerror or exc}")
             self.report("idle", answered=self.handled)
-            waiter.wait(SAFETY_INTERVAL, self.buffer_name)
+            seen = waiter.wait(SAFETY_INTERVAL, self.buffer_name | {self.lock_name})
+            if seen is not None and self.lock_name in seen and not seen & self.buffer_name:
+                self._look_at_lock()
 
     def _chores(self, presence: Presence) -> None:
         """Do what need not delay an answer: orphans, the presence file, stale locks, the line."""
@@ -2778,14 +2784,44 @@ class _Server:
     def close(self) -> None:
         """Let go of what the server holds between messages; clear dead waiters' tickets."""
         self.spares.close()
+        self._forget_look()
         self.forget_orphans()
         self.line.clear()
 
+    def _look_at_lock(self) -> None:
+        """Open a lock that has just appeared, while its client writes its message."""
+        self._forget_look()
+        fd = _open_to_read(self.paths.lock)
+        if fd is not None:
+            st = os.fstat(fd)
+            self.looked = self._describe(fd), (st.st_dev, st.st_ino, st.st_size)
+
+    def _forget_look(self) -> None:
+        """Close the lock opened ahead, if any."""
+        if self.looked is not None:
+            self.looked[0][0].close()
+            self.looked = None
+
     def _hold_lock(self) -> Tuple[_Client, _LockRef]:
-        """Open the lock a message is about to be claimed with; describe it."""
+        """Open the lock a message is about to be claimed with; describe it.
+
+        One opened as it appeared is used if it is still the file in place,
+        unchanged: the exchange is spared opening and reading it.
+        """
+        if self.looked is not None:
+            looked, seen = self.looked
+            self.looked = None
+            st = _lstat_or_none(self.paths.lock)
+            if st is not None and (st.st_dev, st.st_ino, st.st_size) == seen:
+                return looked
+            looked[0].close()
         fd = _open_to_read(self.paths.lock)
         if fd is None:
             return _Client(-1, False, False), _LockRef(0, "")
+        return self._describe(fd)
+
+    def _describe(self, fd: int) -> Tuple[_Client, _LockRef]:
+        """Return the client whose lock is open as fd, and the lock's reference."""
         owner = read_owner(os.read(fd, 4096))
         client = _Client(fd, owner is not None and owner.host == HOST and sys.platform != "win32",
                          False)

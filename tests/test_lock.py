@@ -149,3 +149,49 @@ def test_atomic_write_and_publish_new(tmp_path: Path) -> None:
         filechat.publish_new(reply, b"again\x1b")
     assert Path(reply).read_bytes() == b"reply\x1b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt", "r.txt"]
+
+
+def _server(tmp_path: Path) -> "filechat._Server":
+    paths = filechat.Paths.of(str(tmp_path / "buf.txt"))
+    return filechat._Server(paths, lambda request: request.message, [str(tmp_path)],
+                            filechat.MAX_BYTES, filechat.STALE_AFTER, False,
+                            lambda event, **info: None)
+
+
+def test_a_lock_opened_as_it_appeared_is_the_one_its_message_goes_with(tmp_path: Path) -> None:
+    server = _server(tmp_path)
+    lock = Lock(server.paths.lock)
+    assert lock.try_acquire()
+    server._look_at_lock()                           # woken by the lock, before the message
+    assert server.looked is not None
+    opened = server.looked[0][0].fd
+    client, ref = server._hold_lock()
+    assert client.fd == opened                       # not opened and read again
+    assert ref.inode == os.stat(lock.path).st_ino
+    assert ref.token == json.loads(Path(lock.path).read_text())["token"]
+    client.close()
+    lock.release()
+
+
+@pytest.mark.parametrize("change", ["replaced", "written"])
+def test_a_lock_changed_since_it_was_opened_is_read_again(change: str, tmp_path: Path) -> None:
+    server = _server(tmp_path)
+    path = Path(server.paths.lock)
+    first = Lock(str(path))
+    if change == "replaced":
+        assert first.try_acquire()
+    else:
+        path.write_text("")                          # a peer that writes its lock after making it
+    server._look_at_lock()
+    assert server.looked is not None and server.looked[0][1].token == (
+        "" if change == "written" else json.loads(path.read_text())["token"])
+    if change == "replaced":
+        first.release()                              # gave up; another client took the lock
+        second = Lock(str(path))
+        assert second.try_acquire()
+    else:
+        path.write_bytes(filechat._owner_record())
+    client, ref = server._hold_lock()
+    assert ref.inode == path.stat().st_ino
+    assert ref.token == json.loads(path.read_text())["token"]    # the lock as it is now
+    client.close()
