@@ -2030,7 +2030,7 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     response_path = os.path.abspath(response_path)
     lock = Lock(paths.lock, stale_after, durable)
     with _Outgoing(buffer, response_path, message, max_bytes, durable) as outgoing:
-        asked = _acquire(lock, paths, outgoing, Waiter([], poll, poll_interval), lock_timeout,
+        asked = _acquire(lock, paths, outgoing, poll, poll_interval, lock_timeout,
                          lock_retry_interval, status, progress_interval, lock_seen is None)
         try:
             status("locked", asked=asked)
@@ -2291,17 +2291,17 @@ class _Ticker:
         return self.next - now
 
 
-def _acquire(lock: Lock, paths: Paths, outgoing: _Outgoing, waiter: Waiter,
+def _acquire(lock: Lock, paths: Paths, outgoing: _Outgoing, poll: bool, poll_interval: float,
              lock_timeout: Optional[float], retry_interval: float, status: Status,
              progress: Optional[float], lock_free: bool) -> float:
     """Take the lock, waiting in line while others hold it or wait for it.
 
     Returns when it asked for the lock, in seconds since the epoch. The
     request waits in line beside the ticket, and may be in place already,
-    put there by the server that handed this client the lock. waiter
-    sleeps in line (watching no directory: the thread's watches are dropped
-    while it waits). lock_free: no lock was there a moment ago (when the
-    paths were checked).
+    put there by the server that handed this client the lock. In line it
+    sleeps watching no directory (the thread's watches are dropped while it
+    waits), polling if poll. lock_free: no lock was there a moment ago (when
+    the paths were checked).
     """
     line = Line(lock.path, lock.stale_after)
     # A lock in place is not tried: creating a file only to find the name
@@ -2325,6 +2325,7 @@ def _acquire(lock: Lock, paths: Paths, outgoing: _Outgoing, waiter: Waiter,
     next_notice = start
     tick = _Ticker(status, "lock", progress)
     line.join(outgoing.offer)
+    waiter = Waiter([], poll, poll_interval)
     waiter.pause()                   # the directories: watched again for the reply
     status("queued", at=line.joined, named=line.named)
     ahead, woken = -1, False
@@ -2616,9 +2617,7 @@ class _Server:
         self.chores_done = 0.0
         self.buffer_name = {os.path.basename(paths.buffer)}
         self.lock_name = os.path.basename(paths.lock)
-        # A new lock, opened as it appeared, and what it was then (device,
-        # inode, size): its message comes a moment later.
-        self.looked: Optional[Tuple[Tuple[_Client, _LockRef], Tuple[int, int, int]]] = None
+        self.looked: Optional[_Looked] = None    # a new lock: its message comes a moment later
         self.home = os.path.dirname(os.path.abspath(paths.buffer))
         self.spares = _Spares(self.home)
         self.line = Line(paths.lock, stale_after)
@@ -2794,12 +2793,12 @@ class _Server:
         fd = _open_to_read(self.paths.lock)
         if fd is not None:
             st = os.fstat(fd)
-            self.looked = self._describe(fd), (st.st_dev, st.st_ino, st.st_size)
+            self.looked = _Looked(*self._describe(fd), (st.st_dev, st.st_ino, st.st_size))
 
     def _forget_look(self) -> None:
         """Close the lock opened ahead, if any."""
         if self.looked is not None:
-            self.looked[0][0].close()
+            self.looked.client.close()
             self.looked = None
 
     def _hold_lock(self) -> Tuple[_Client, _LockRef]:
@@ -2808,13 +2807,12 @@ class _Server:
         One opened as it appeared is used if it is still the file in place,
         unchanged: the exchange is spared opening and reading it.
         """
-        if self.looked is not None:
-            looked, seen = self.looked
-            self.looked = None
+        looked, self.looked = self.looked, None
+        if looked is not None:
             st = _lstat_or_none(self.paths.lock)
-            if st is not None and (st.st_dev, st.st_ino, st.st_size) == seen:
-                return looked
-            looked[0].close()
+            if st is not None and (st.st_dev, st.st_ino, st.st_size) == looked.was:
+                return looked.client, looked.ref
+            looked.client.close()
         fd = _open_to_read(self.paths.lock)
         if fd is None:
             return _Client(-1, False, False), _LockRef(0, "")
@@ -2834,12 +2832,11 @@ class _Server:
         fd = _open_to_read(self.paths.lock)
         if fd is None:
             return _Client(-1, False, True)
-        owner = read_owner(os.read(fd, 4096))
-        if os.fstat(fd).st_ino != ref.inode or (owner.token if owner else "") != ref.token:
-            os.close(fd)
+        client, found = self._describe(fd)
+        if found != ref:
+            client.close()
             return _Client(-1, False, True)        # the client gave up: another's lock now
-        local = owner is not None and owner.host == HOST and sys.platform != "win32"
-        return _Client(fd, local, False)
+        return client
 
     def forget_orphans(self) -> None:
         """Delete replies whose clients died before reading them."""
@@ -2954,6 +2951,14 @@ class _LockRef(NamedTuple):
     def name(self) -> str:
         """Return the claim name's suffix for this lock."""
         return f"{self.inode}-{self.token}"
+
+
+class _Looked(NamedTuple):
+    """A lock opened as it appeared, ahead of its message."""
+
+    client: _Client
+    ref: _LockRef
+    was: Tuple[int, int, int]     # its device, inode and size then: is it still the lock?
 
 
 class _Claim(NamedTuple):

@@ -164,7 +164,7 @@ def test_a_lock_opened_as_it_appeared_is_the_one_its_message_goes_with(tmp_path:
     assert lock.try_acquire()
     server._look_at_lock()                           # woken by the lock, before the message
     assert server.looked is not None
-    opened = server.looked[0][0].fd
+    opened = server.looked.client.fd
     client, ref = server._hold_lock()
     assert client.fd == opened                       # not opened and read again
     assert ref.inode == os.stat(lock.path).st_ino
@@ -183,7 +183,7 @@ def test_a_lock_changed_since_it_was_opened_is_read_again(change: str, tmp_path:
     else:
         path.write_text("")                          # a peer that writes its lock after making it
     server._look_at_lock()
-    assert server.looked is not None and server.looked[0][1].token == (
+    assert server.looked is not None and server.looked.ref.token == (
         "" if change == "written" else json.loads(path.read_text())["token"])
     if change == "replaced":
         first.release()                              # gave up; another client took the lock
