@@ -2423,7 +2423,10 @@ def _await_reply(paths: Paths, response_path: str, lock: Lock, waiter: Waiter,
             up = running_server(paths.presence) is not None
             if up != server_up:
                 if not up:
-                    status("no-server" if server_up is None else "server-stopped")
+                    # Gone already at the first look, it may still have taken
+                    # the message first (its claim is left): it ran, and stopped.
+                    ran = server_up is not None or bool(paths.claims())
+                    status("server-stopped" if ran else "no-server")
                 elif server_up is not None:
                     status("server-started")
                 server_up = up
