@@ -101,8 +101,8 @@ def test_reply_taken_back_when_its_client_gave_up_meanwhile(start, server, tmp_p
         go.write("\n")
     srv.expect("the client for")                    # replied, saw it gone, took it back
     assert "has gone" in srv.err
+    assert srv.interrupt() == 0                     # its presence file's updates done too
     assert leftovers(tmp_path) == []                # no reply left for nobody
-    assert srv.interrupt() == 0
 
 
 def test_client_without_server_says_so_and_waits(start, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
