@@ -4,20 +4,20 @@ Roles: a *server* runs continuously and answers messages; a *client* runs
 once, sends one message and prints the reply.
 
 Files (all beside the buffer unless told otherwise):
-  BUFFER                 the request: response path, newline, message, ESC.
-  server.lock            exists while one client's request is in flight.
-  RESPONSE               the reply text, then ESC (ESC ESC: an error reply).
-  BUFFER.server          the running server's identity (presence file).
-  BUFFER.taken.<ino>-<t> a claimed message, named after the lock it came with.
-  server.lock.line/<ns>  waiting clients' tickets: the line, first come first;
-                         the first in line turns its ticket into the lock.
+  BUFFER                  the request: response path, newline, message, ESC.
+  server.lock             exists while one client's request is in flight.
+  RESPONSE                the reply text, then ESC (ESC ESC: an error reply).
+  BUFFER.server           the running server's identity (presence file).
+  BUFFER.taken.<ino>-<t>  a claimed message, named after the lock it came with.
+  BUFFER.rejected.<crc>   why the server will not write a client's reply.
+  server.lock.line/<ns>-<pid>  waiting clients' tickets, first come first.
 
 Steps of one exchange:
-  1. The client writes its request into a file with no name yet, then
-     creates the lock, exclusively (the spec's O_CREAT|O_EXCL; filechat's
-     appears whole); while another client holds it, it waits in line,
-     printing "Server busy, please wait...".
-  2. The client puts BUFFER in place, whole (never seen half-written).
+  1. The client creates the lock, exclusively: a temp file holding its
+     identity, hard-linked as server.lock, which fails if the lock exists,
+     as the spec's O_CREAT|O_EXCL does. While another client holds it, the
+     client waits in line, printing "Server busy, please wait...".
+  2. Holding the lock, it renames its request, written beforehand, to BUFFER.
   3. The server sees a buffer ending in ESC, claims it by renaming it,
      shows the message and obtains a reply.
   4. The server publishes RESPONSE whole, then removes the lock, which lets
@@ -34,7 +34,7 @@ stops a server with 0).
 
 Assumptions:
   - every participant sees the same files (one host or one shared directory);
-  - creating a file exclusively, os.replace and os.rename are atomic there;
+  - os.link fails if the name exists, and os.replace and os.rename are atomic;
   - message and reply text is UTF-8 without ESC or NUL characters;
   - a peer that follows only the spec may write files in place and leave the
     lock empty; filechat accepts both.
@@ -52,75 +52,53 @@ import stat
 import sys
 import time
 import zlib
-from _thread import _local as _thread_local
 
 if sys.platform != "win32":
-    import fcntl  # flock, the liveness signal of a lock's holder; Windows uses the pid
+    import fcntl  # flock, the liveness signal of a file's holder; Windows uses the pid
 
-# True for type checkers only. Importing typing would cost a client about a
-# tenth of its run: annotations are left unevaluated, and the named tuples
-# are made by collections.namedtuple, which typing.NamedTuple uses anyway.
+# True for type checkers only: importing typing would cost a client a tenth
+# of its run, and annotations are never evaluated.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from subprocess import Popen  # imported where hooks run: clients never need it
     from typing import (
         IO,
+        Any,
         BinaryIO,
         Callable,
         Dict,
         Iterable,
-        Iterator,
         List,
         Mapping,
-        NamedTuple,
         Optional,
         Sequence,
         Set,
         Tuple,
-        TypeVar,
         Union,
     )
-elif sys.version_info >= (3, 14):
-    from typing import NamedTuple  # class annotations are kept differently from 3.14 on
-else:
-    from collections import namedtuple as _namedtuple
-
-    class _NamedTupleType(type):
-        """Makes ``class X(NamedTuple): field: type = default`` a named tuple."""
-
-        def __new__(cls, name, bases, namespace):
-            if not bases:
-                return super().__new__(cls, name, bases, namespace)   # NamedTuple itself
-            fields = list(namespace.pop("__annotations__", ()))
-            defaults = [namespace.pop(field) for field in fields if field in namespace]
-            base = _namedtuple(name, fields, defaults=defaults, module=namespace["__module__"])
-            return type(name, (base,), dict(namespace, __slots__=()))
-
-    NamedTuple = _NamedTupleType("NamedTuple", (), {})
 
 __all__ = [
     "AlreadyServing",
     "FilechatError",
     "FramingError",
     "HookError",
+    "Lock",
     "LockTimeout",
     "Rejected",
     "ReplyTimeout",
     "Request",
     "ServerError",
     "UsageError",
+    "Waiter",
     "encode_reply",
     "encode_request",
     "parse_reply",
     "parse_request",
-    "reply_parts",
-    "reply_pieces",
-    "request_parts",
-    "request_pieces",
     "send",
     "serve",
+    "status",
 ]
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 # --- Constants ---
 
@@ -130,7 +108,6 @@ ERROR_MARKER = END_MARKER * 2     # a reply ending in ESC ESC reports a failure
 TAKEN_SUFFIX = ".taken."          # BUFFER + this + lock inode-token: a message being answered
 PRESENCE_SUFFIX = ".server"       # BUFFER + this: the running server's identity
 LINE_SUFFIX = ".line"             # LOCK + this: the directory of waiting clients' tickets
-OFFER_SUFFIX = ".request"         # TICKET + this: its client's request, ready to put in place
 REJECTED_SUFFIX = ".rejected."    # BUFFER + this + hash: why a reply was not written
 BANNER = "=" * 60
 
@@ -142,13 +119,13 @@ SAFETY_INTERVAL = 1.0             # seconds: longest sleep even when events are 
 STALE_AFTER = 300.0               # seconds before an unidentifiable lock counts as stale
 HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
 RELEASE_GRACE = 1.0               # seconds a client waits for the server to remove its lock
-HAND_OVER_GRACE = 0.005           # seconds the first in line waits for the server to hand it
-                                  # the lock it has just let go, before taking it itself
+CONSUME_GRACE = 1.0               # seconds the server watches a delivered reply for its
+                                  # client dying before reading it
+PRESENCE_INTERVAL = 1.0           # seconds between updates of the presence file's count
 PROGRESS_INTERVAL = 0.1           # seconds between updates of a progress line at a terminal
 MAX_BYTES = 1 << 20               # bytes: the largest message a client sends by default
-LARGE_FILE = 1 << 20              # bytes: a file this large is read a piece at a time
-READ_SIZE = 1 << 18               # bytes in such a piece: small enough for the allocator to
-                                  # reuse, where each larger one would take fresh memory
+MAX_PATH = 4096                   # bytes: the longest response path a server reads
+READ_SIZE = 1 << 18               # bytes read at a time by a streaming copy
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -169,14 +146,13 @@ exit status:
   130  client interrupted by Ctrl+C"""
 
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # absent on Windows
-O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)   # a FIFO planted at a protocol path must not hang
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)     # hooks and children must not inherit a flock
 O_BINARY = getattr(os, "O_BINARY", 0)       # Windows would translate newlines
-O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 HOST = os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
 HOST_TAG = f"{zlib.crc32(HOST.encode()):08x}"     # marks temp files made on this host
 _CRASH_AT = os.environ.get("FILECHAT_CRASH_AT")   # tests only: the step at which to die
-
 
 
 class _Log:
@@ -217,6 +193,10 @@ class _Log:
 
 
 log = _Log()
+
+
+def _ignore(event: str, **info: object) -> None:
+    """Ignore a status or server event."""
 
 
 # --- Exceptions ---
@@ -320,12 +300,6 @@ class HookError(FilechatError):
 
 # --- Wire format ---
 
-def _check_text(text: str, what: str) -> bytes:
-    """Return text as UTF-8, refusing what the framing cannot carry."""
-    check_characters(text, what)
-    return _utf8(text, what)
-
-
 # What the framing cannot carry, and why.
 _CANNOT_CARRY = (
     (END_MARKER, "contains the ESC character, which marks the end of a message and cannot "
@@ -349,6 +323,12 @@ def _utf8(text: str, what: str) -> bytes:
         raise FramingError(what, "is not valid UTF-8 text") from None
 
 
+def _check_text(text: str, what: str) -> bytes:
+    """Return text as UTF-8, refusing what the framing cannot carry."""
+    check_characters(text, what)
+    return _utf8(text, what)
+
+
 def _check_path(response_path: str) -> bytes:
     """Return a response path as UTF-8, refusing one the framing cannot carry."""
     if "\n" in response_path or "\r" in response_path:
@@ -356,66 +336,10 @@ def _check_path(response_path: str) -> bytes:
     return _check_text(response_path, f"response path {response_path!r}")
 
 
-# Framing works on lists of parts, and parsing decodes through memoryviews,
-# so that a message is never copied more than once on its way; a long one is
-# encoded (request_pieces) and a large file decoded (_parse_large_request) a
-# piece at a time, never held whole as bytes besides its text.
-
-PIECE = 1 << 20           # characters of a long message encoded at a time
-
-
-def request_parts(response_path: str, message: str) -> List[bytes]:
-    """Frame a request as parts to write in order: response path, newline, message, ESC."""
-    return [_check_path(response_path), b"\n", _check_text(message, "message"),
-            END_MARKER.encode()]
-
-
-def request_pieces(response_path: str, message: str) -> Iterator[bytes]:
-    """Frame a request as pieces to write in order, encoding the message PIECE characters at a time.
-
-    Joined, the pieces are encode_request(response_path, message), and the
-    same FramingErrors are raised, a character with no UTF-8 form only when
-    its piece is reached.
-    """
-    path = _check_path(response_path)
-    check_characters(message, "message")
-    yield path + b"\n"
-    for start in range(0, len(message), PIECE):
-        yield _utf8(message[start:start + PIECE], "message")
-    yield END_MARKER.encode()
-
-
-def file_request_pieces(response_path: str, source: BinaryIO, what: str) -> Iterator[bytes]:
-    """Frame a request as request_pieces does, its message read from the binary file source.
-
-    The message is read READ_SIZE bytes at a time and each piece checked as it
-    comes (UTF-8 text, no ESC or NUL), so that a file of any size is sent
-    without being held whole. Errors name the file as what.
-    """
-    yield _check_path(response_path) + b"\n"
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    while True:
-        try:
-            piece = source.read(READ_SIZE)
-        except OSError as exc:
-            raise UsageError(f"cannot read {what}: {exc.strerror or exc}") from None
-        if not isinstance(piece, bytes):
-            raise UsageError(f"{what} is open as text; open it in binary mode ('rb')")
-        check_characters(piece, what)
-        try:
-            if not piece.isascii() or decoder.getstate()[0]:   # ASCII needs no decoding
-                decoder.decode(piece, final=not piece)
-        except UnicodeDecodeError:
-            raise FramingError(what, "is not valid UTF-8 text") from None
-        if not piece:
-            break
-        yield piece
-    yield END_MARKER.encode()
-
-
 def encode_request(response_path: str, message: str) -> bytes:
     """Frame a request: response path, newline, message, ESC."""
-    return b"".join(request_parts(response_path, message))
+    return b"".join([_check_path(response_path), b"\n", _check_text(message, "message"),
+                     END_MARKER.encode()])
 
 
 def parse_request(data: bytes) -> Optional[Tuple[str, str]]:
@@ -434,87 +358,27 @@ def parse_request(data: bytes) -> Optional[Tuple[str, str]]:
     return path, str(view[newline + 1:end], "utf-8")
 
 
-def _parse_large_request(fd: int) -> Optional[Tuple[str, str]]:
-    """parse_request for a large file open as fd, read a piece at a time."""
-    head = os.read(fd, 65536)                # a path is far shorter
-    end = head.find(END_MARKER.encode())
-    newline = head.find(b"\n", 0, end if end >= 0 else len(head))
-    if newline < 0 or not head[:newline].strip():
-        if end < 0 and _find_marker(fd) < 0:
-            return None
-        raise ValueError("no response path before the message")
-    path = str(head[:newline], "utf-8").rstrip("\r")
-    message = _TextToMarker(fd, newline + 1, "strict")
-    text = message.join()
-    return None if message.end < 0 else (path, text)
-
-
-def reply_parts(text: str, error: bool = False) -> List[bytes]:
-    """Frame a reply as parts: text then ESC, or ESC ESC for an error reply."""
-    return [_check_text(text, "reply"), (ERROR_MARKER if error else END_MARKER).encode()]
-
-
-def reply_pieces(text: str) -> Iterable[bytes]:
-    """Frame a reply as reply_parts does; a long ASCII one encoded as it is written.
-
-    Checked now either way: ASCII text has a UTF-8 form, so once its
-    characters are checked nothing can fail half-way through writing it.
-    """
-    if len(text) <= PIECE or not text.isascii():
-        return reply_parts(text)
-    check_characters(text, "reply")
-    return _ascii_pieces(text)
-
-
-def _ascii_pieces(text: str) -> Iterator[bytes]:
-    """Yield ASCII text encoded PIECE characters at a time, then ESC."""
-    for start in range(0, len(text), PIECE):
-        yield text[start:start + PIECE].encode("ascii")
-    yield END_MARKER.encode()
-
-
 def encode_reply(text: str, error: bool = False) -> bytes:
     """Frame a reply: text then ESC, or ESC ESC for an error reply."""
-    return b"".join(reply_parts(text, error))
+    return _check_text(text, "reply") + (ERROR_MARKER if error else END_MARKER).encode()
 
 
 def parse_reply(data: bytes) -> Optional[Tuple[str, bool]]:
     """Return (text, is_error) of a complete reply, None if it has no end marker yet."""
-    extent = _reply_extent(data)
-    if extent is None:
-        return None
-    return str(memoryview(data)[:extent[0]], "utf-8", "replace"), extent[1]
-
-
-def _reply_extent(data: bytes) -> Optional[Tuple[int, bool]]:
-    """Return (length of the text, is_error) of a complete reply, None if it has no end yet."""
     end = data.find(END_MARKER.encode())
-    return None if end < 0 else (end, data[end:end + 2] == ERROR_MARKER.encode())
-
-
-def _parse_large_reply(fd: int) -> Optional[Tuple[str, bool]]:
-    """parse_reply for a large file open as fd, read a piece at a time."""
-    reply = _TextToMarker(fd, 0, "replace")
-    text = reply.join()
-    return None if reply.end < 0 else (text, _error_marker_at(fd, reply.end))
-
-
-def _large_reply_extent(fd: int) -> Optional[Tuple[int, bool]]:
-    """_reply_extent for a large file open as fd, read a piece at a time."""
-    end = _find_marker(fd)
-    return None if end < 0 else (end, _error_marker_at(fd, end))
-
-
-def _error_marker_at(fd: int, end: int) -> bool:
-    """True if the reply in the file open as fd, ended at offset end, is an error reply."""
-    os.lseek(fd, end, os.SEEK_SET)
-    return os.read(fd, 2) == ERROR_MARKER.encode()
+    if end < 0:
+        return None
+    return (str(memoryview(data)[:end], "utf-8", "replace"),
+            data[end:end + 2] == ERROR_MARKER.encode())
 
 
 # --- Filesystem primitives ---
 
 if TYPE_CHECKING:
-    Data = Union[bytes, Iterable[bytes]]     # one bytes object, or parts to write in order
+    Data = Union[bytes, Iterable[bytes]]     # one bytes object, or pieces to write in order
+
+# Errors from os.link that mean "this filesystem has no hard links".
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}
 
 
 def _temp_name(path: str) -> str:
@@ -527,26 +391,21 @@ def _temp_name(path: str) -> str:
     return os.path.join(head, f".{tail}.{HOST_TAG}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
 
 
-def _write_temp(path: str, data: Data, durable: bool) -> str:
-    """Write data to a new temp file beside path and return its name."""
-    temp = _temp_name(path)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_BINARY, 0o644)
-    try:
-        _write_all(fd, data, durable)
-    except BaseException:
-        os.close(fd)
-        _unlink_quietly(temp)
-        raise
-    os.close(fd)
-    return temp
+def _create(path: str) -> int:
+    """Create path for writing, failing with FileExistsError if it exists."""
+    return os.open(path,
+                   os.O_WRONLY      # written by its creator only
+                   | os.O_CREAT     # create it...
+                   | os.O_EXCL      # ...only if absent: the spec's atomic test-and-set
+                   | O_NOFOLLOW     # never through a planted symlink
+                   | O_CLOEXEC      # hooks and children must not inherit a flock on it
+                   | O_BINARY,
+                   0o644)
 
 
 def _write_all(fd: int, data: Data, durable: bool) -> None:
     """Write all of data to fd (and to the disk, if durable)."""
-    parts = [data] if isinstance(data, bytes) else data
-    if isinstance(parts, (list, tuple)) and sum(map(len, parts)) < 65536:
-        parts = [b"".join(parts)]           # one write() for what is small
-    for part in parts:
+    for part in [data] if isinstance(data, bytes) else data:
         view = memoryview(part)
         if _CRASH_AT == "mid-write":
             os.write(fd, view[:len(view) // 2])
@@ -557,141 +416,83 @@ def _write_all(fd: int, data: Data, durable: bool) -> None:
         os.fsync(fd)
 
 
-class Unnamed(NamedTuple):
-    """A file with no name yet (O_TMPFILE), and its directory, both open."""
+class _Staged:
+    """A file written under a temp name in its path's directory, to be put in place whole.
 
-    directory: int
-    fd: int
-    identified: bool = False     # it holds this process's identity and flock already
-
-
-def open_unnamed(directory: Union[str, int]) -> Optional[Unnamed]:
-    """Open a new unnamed file in directory (a path, or an open one to use, not take).
-
-    None where the platform or the filesystem cannot. Creating a file is the
-    slowest step of an exchange on some filesystems, so filechat makes its
-    files ahead where it can.
+    This is how filechat publishes every file another process reads: the
+    buffer, replies, locks, tickets and the presence file. Readers see no
+    file, or the old one, or the whole new one, never a half-written one,
+    even if the writer is killed half-way. With hold the file is flocked
+    before it is written and kept open, so a complete file with a free
+    flock means its holder has ended.
     """
-    if not _O_TMPFILE:
-        return None                  # not Linux, or no /proc to name the file through
-    try:
-        fd = (os.dup(directory) if isinstance(directory, int) else
-              os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | O_CLOEXEC))
-    except OSError:
-        return None                  # e.g. a directory one may write but not read
-    try:
-        return Unnamed(fd, os.open(".", _O_TMPFILE | os.O_WRONLY | O_CLOEXEC, 0o644, dir_fd=fd))
-    except OSError:
-        os.close(fd)
-        return None                  # this filesystem has no unnamed files
 
-
-def _link_unnamed(unnamed: Unnamed, path: str, directory: Optional[int] = None) -> None:
-    """Give an unnamed file the name path; FileExistsError if taken.
-
-    The name goes in the file's own directory, or in directory (open, on
-    the same filesystem) if given.
-    """
-    # Through /proc, so that linkat follows the descriptor to the file.
-    os.link(f"/proc/self/fd/{unnamed.fd}", os.path.basename(path),
-            dst_dir_fd=unnamed.directory if directory is None else directory)
-
-
-def close_unnamed(unnamed: Optional[Unnamed]) -> None:
-    """Close an unnamed file that will not be used: it vanishes."""
-    if unnamed is not None:
-        os.close(unnamed.fd)
-        os.close(unnamed.directory)
-
-
-def _create_whole(path: str, write: Callable[[int], None], durable: bool,
-                  keep: bool = False, unnamed: Optional[Unnamed] = None) -> Optional[int]:
-    """Create path with what write(fd) writes, appearing whole; None where impossible.
-
-    On Linux an O_TMPFILE file is written without ever having a name and then
-    hard-linked into place, which fails if path exists, as O_CREAT|O_EXCL
-    does. So nobody ever sees the file empty or half-written, even if its
-    writer is killed half-way, and watchers see one event instead of a temp
-    file coming and going. unnamed, if given, is such a file made ahead in
-    path's directory; it is used up either way. Returns the open descriptor
-    if keep, else -1; raises FileExistsError if path exists; None where the
-    platform or the filesystem cannot do it, and the caller falls back.
-    """
-    unnamed = unnamed or open_unnamed(os.path.dirname(path))
-    if unnamed is None:
-        return None
-    directory, fd, _ = unnamed
-    try:
+    def __init__(self, path: str, data: Data, durable: bool = False, hold: bool = False) -> None:
+        self.path = path
+        self.durable = durable
+        self.temp = _temp_name(path)
+        self.fd = _create(self.temp)
         try:
-            write(fd)
-            _link_unnamed(unnamed, path)
+            if hold:
+                _flock(self.fd, shared=False)
+            _write_all(self.fd, data, durable)
         except BaseException:
-            os.close(fd)
+            self.discard()
             raise
-        if durable:
-            os.fsync(directory)
-        if keep:
-            return fd
-        os.close(fd)
-        return -1
-    finally:
-        os.close(directory)
+        if not hold:
+            self.close()
+
+    def put(self, replace: bool = False) -> None:
+        """Give the file its name: os.replace, or a hard link, FileExistsError if taken.
+
+        A hard link fails if the name exists, as O_CREAT|O_EXCL does, and the
+        file it names is complete. Where the filesystem has no hard links the
+        name is taken with O_CREAT|O_EXCL and the complete file renamed over
+        it, so it is as exclusive, and empty only for that moment.
+        """
+        if replace:
+            os.replace(self.temp, self.path)
+        else:
+            try:
+                os.link(self.temp, self.path)
+            except FileExistsError:
+                raise
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                os.close(_create(self.path))
+                os.replace(self.temp, self.path)
+            _unlink_quietly(self.temp)
+        self.temp = ""
+        _fsync_directory(self.path, self.durable)
+
+    def close(self) -> None:
+        """Close the file's descriptor, letting go of its flock."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        """Drop the file if it was not put in place."""
+        self.close()
+        if self.temp:
+            _unlink_quietly(self.temp)
+            self.temp = ""
 
 
-def _create_owned(path: str, durable: bool = False,
-                  unnamed: Optional[Unnamed] = None) -> Optional[int]:
-    """Create path holding this process's identity, flocked; None if it exists.
+def publish(path: str, data: Data, *, replace: bool = False, durable: bool = False,
+            hold: bool = False) -> int:
+    """Publish data as path, whole (see _Staged); FileExistsError if it exists, unless replace.
 
-    The flock comes before the identity, and the file appears with both, so
-    a complete identity with a free flock always means its holder is gone.
-    Where files cannot be created whole, O_CREAT|O_EXCL, as the spec does.
-    unnamed: a file made ahead in path's directory (used up), maybe already
-    holding the identity (see _owned_unnamed).
+    Returns the file's descriptor, flocked, if hold; else -1.
     """
-    def write(fd: int) -> None:
-        if unnamed is None or not unnamed.identified:
-            _identify(fd)
-        if durable:
-            os.fsync(fd)
-
+    staged = _Staged(path, data, durable, hold)
     try:
-        fd = _create_whole(path, write, durable, keep=True, unnamed=unnamed)
-    except FileExistsError:
-        return None
-    if fd is not None:
-        return fd
-    try:
-        fd = os.open(path,
-                     os.O_WRONLY      # the holder writes its identity
-                     | os.O_CREAT     # create it...
-                     | os.O_EXCL      # ...only if absent: the atomic test-and-set
-                     | O_NOFOLLOW     # never through a planted symlink
-                     | O_CLOEXEC,     # hooks and children must not inherit the flock
-                     0o644)
-    except FileExistsError:
-        return None
-    write(fd)
-    _fsync_directory(path, durable)
-    return fd
-
-
-def _identify(fd: int) -> None:
-    """Flock fd, then write this process's identity into it."""
-    _flock(fd, shared=False)
-    os.write(fd, _owner_record())     # one small write: readers see all or nothing
-
-
-def _owned_unnamed(directory: Union[str, int]) -> Optional[Unnamed]:
-    """Return an unnamed file in directory already holding this process's identity, flocked."""
-    unnamed = open_unnamed(directory)
-    if unnamed is None:
-        return None
-    _identify(unnamed.fd)
-    return unnamed._replace(identified=True)
-
-
-_O_TMPFILE = (getattr(os, "O_TMPFILE", 0)
-              if sys.platform.startswith("linux") and os.path.isdir("/proc/self/fd") else 0)
+        staged.put(replace)
+    except BaseException:
+        staged.discard()
+        raise
+    return staged.fd
 
 
 def _fsync_directory(path: str, durable: bool) -> None:
@@ -704,186 +505,58 @@ def _fsync_directory(path: str, durable: bool) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str, data: Data, durable: bool = False) -> None:
-    """Replace path with data so that readers see the old file or the new, never half."""
-    temp = _write_temp(path, data, durable)
-    try:
-        os.replace(temp, path)
-    except BaseException:
-        _unlink_quietly(temp)
-        raise
-    _fsync_directory(path, durable)
-
-
-def publish_new(path: str, data: Data, durable: bool = False,
-                unnamed: Optional[Unnamed] = None) -> None:
-    """Create path holding data, whole at once; FileExistsError if path exists.
-
-    A hard link publishes the complete file under the new name and, unlike
-    os.replace, refuses to overwrite a file, or follow a symlink, already
-    there. unnamed: a file made ahead in path's directory (used up).
-    """
-    if _create_whole(path, lambda fd: _write_all(fd, data, durable), durable,
-                     unnamed=unnamed) is not None:
-        return
-    temp = _write_temp(path, data, durable)
-    try:
-        try:
-            os.link(temp, path)
-        except FileExistsError:
-            raise
-        except OSError:
-            # Filesystems without hard links: check, then replace.
-            if os.path.lexists(path):
-                raise FileExistsError(errno.EEXIST, "file exists", path) from None
-            os.replace(temp, path)
-    finally:
-        _unlink_quietly(temp)
-    _fsync_directory(path, durable)
-
-
-def read_or_none(path: str) -> Optional[bytes]:
-    """Return the bytes of path, or None if it does not exist."""
-    fd = _open_to_read(path)
-    if fd is None:
-        return None
-    try:
-        return _read_all(fd, path)
-    finally:
-        os.close(fd)
-
-
-def _read_all(fd: int, path: str, head: Optional[bytes] = None) -> bytes:
-    """Return the bytes of the file open as fd, at its start (path names it in errors).
-
-    head: its first 64 KiB (or all of a shorter file), read already.
-    """
-    try:
-        # One read of a small file, or of a large one into one buffer once
-        # its size is known, and a last one to see the end: no buffered
-        # file object, and no copy of a large file's bytes.
-        chunks = [os.read(fd, 65536) if head is None else head]
-        if len(chunks[0]) == 65536:
-            os.lseek(fd, 0, os.SEEK_SET)
-            chunks = [os.read(fd, os.fstat(fd).st_size + 1)]
-        while chunks[-1]:
-            chunks.append(os.read(fd, 65536))     # the end, or what a writer added since
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, path) from None    # say which file
-    return chunks[0] if len(chunks) <= 2 else b"".join(chunks)
-
-
-if TYPE_CHECKING:
-    Parsed = TypeVar("Parsed")
-
-
-def parse_file(path: str, parse: Callable[[bytes], Parsed],
-               parse_large: Callable[[int], Parsed]) -> Optional[Parsed]:
-    """Return parse(bytes of path), or parse_large(its descriptor) if it is large.
-
-    None if path does not exist. A large file is read a piece at a time
-    (see _TextToMarker) rather than whole: its bytes are never held in memory.
-    """
-    fd = _open_to_read(path)
-    if fd is None:
-        return None
-    try:
-        # A file shorter than its first read is small, with no need to ask its size.
-        head = os.read(fd, 65536)
-        if len(head) < 65536 or os.fstat(fd).st_size < LARGE_FILE:
-            return parse(_read_all(fd, path, head))
-        os.lseek(fd, 0, os.SEEK_SET)
-        return parse_large(fd)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, path) from None    # say which file
-    finally:
-        os.close(fd)
-
-
-def _find_marker(fd: int) -> int:
-    """Return the offset of the first ESC in the file open as fd, -1 if it has none."""
-    marker = END_MARKER.encode()
-    offset = os.lseek(fd, 0, os.SEEK_SET)
-    for piece in iter(lambda: os.read(fd, READ_SIZE), b""):
-        found = piece.find(marker)
-        if found >= 0:
-            return offset + found
-        offset += len(piece)
-    return -1
-
-
-class _TextToMarker:
-    """The UTF-8 text of a file open as fd, from start up to its first ESC, a piece at a time.
-
-    Iterating yields the decoded pieces, in one pass over the file; after
-    that, ``end`` is the ESC's offset, -1 if the file has none (the text
-    then runs to the end of the file).
-    """
-
-    def __init__(self, fd: int, start: int, errors: str) -> None:
-        self.fd = fd
-        self.start = start
-        self.errors = errors
-        self.end = -1
-
-    def __iter__(self) -> Iterator[str]:
-        decoder = codecs.getincrementaldecoder("utf-8")(self.errors)
-        offset = os.lseek(self.fd, self.start, os.SEEK_SET)
-        while True:
-            piece = os.read(self.fd, READ_SIZE)
-            found = piece.find(END_MARKER.encode())
-            if found >= 0:
-                self.end = offset + found
-                yield decoder.decode(memoryview(piece)[:found], final=True)
-                return
-            yield decoder.decode(piece, final=not piece)
-            if not piece:
-                return
-            offset += len(piece)
-
-    def join(self) -> str:
-        """Return the whole text.
-
-        Joined by ``text += piece``, it holds the text and one piece at most:
-        CPython grows a string held only here in place.
-        """
-        text = ""
-        for piece in self:
-            text += piece
-        return text
-
-
-def read_if_ended(path: str, marker: bytes) -> Tuple[bool, Optional[bytes]]:
-    """Return whether path holds marker, and its bytes if it is small.
-
-    A large file is judged by its end, where a complete message has its
-    marker, so that it is not read whole only to be read again once claimed.
-    """
-    fd = _open_to_read(path)
-    if fd is None:
-        return False, None
-    try:
-        head = os.read(fd, 65536)
-        if len(head) < 65536:
-            if not os.read(fd, 65536):      # the end: a small file, read whole
-                return marker in head, head
-        else:
-            os.lseek(fd, os.fstat(fd).st_size - 65536, os.SEEK_SET)
-            if marker in os.read(fd, 65536):
-                return True, None
-        os.lseek(fd, 0, os.SEEK_SET)
-        data = _read_all(fd, path)
-    finally:
-        os.close(fd)
-    return marker in data, data
-
-
 def _open_to_read(path: str) -> Optional[int]:
-    """Open path itself (never through a symlink) for reading; None if it does not exist."""
+    """Open the regular file path for reading; None if it does not exist.
+
+    Never through a symlink, and never blocking on a FIFO planted there:
+    anything but a regular file raises OSError naming path.
+    """
     try:
-        return os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_BINARY)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "Is a symbolic link, which filechat never follows",
+                          path) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
+        raise OSError(errno.EINVAL, "Not a regular file", path)
+    return fd
+
+
+def _read_fd(fd: int, limit: Optional[int] = None) -> Optional[bytes]:
+    """Return the rest of the file open as fd; None once it is longer than limit."""
+    size = os.fstat(fd).st_size - os.lseek(fd, 0, os.SEEK_CUR)
+    if limit is not None and size > limit:
+        return None
+    chunks = [os.read(fd, max(size, 0) + 1)]     # all of it, and a byte to see the end
+    total = len(chunks[0])
+    while chunks[-1]:                            # or what a writer added since
+        if limit is not None and total > limit:
+            return None
+        chunks.append(os.read(fd, READ_SIZE))
+        total += len(chunks[-1])
+    if limit is not None and total > limit:
+        return None
+    return chunks[0] if len(chunks) == 2 else b"".join(chunks)
+
+
+def read_or_none(path: str, limit: Optional[int] = None) -> Optional[bytes]:
+    """Return the bytes of path, None if it does not exist (or is longer than limit)."""
+    fd = _open_to_read(path)
+    if fd is None:
+        return None
+    try:
+        return _read_fd(fd, limit)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None    # say which file
+    finally:
+        os.close(fd)
 
 
 def _unlink_quietly(path: str) -> None:
@@ -919,7 +592,15 @@ def remove_if_same(path: str, identity: Tuple[int, int]) -> bool:
     return True
 
 
-_LEFTOVER = r"\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]{8}\.tmp\Z"   # compiled by re on first use
+def remove_empty_directory(path: str) -> None:
+    """Remove path if it is an empty directory (rmdir refuses any other)."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass                   # not empty, gone already, or not ours to remove
+
+
+_LEFTOVER = re.compile(r"\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]{8}\.tmp\Z")
 
 
 def sweep_leftovers(directories: Sequence[str], mine: bool = False) -> List[str]:
@@ -935,662 +616,13 @@ def sweep_leftovers(directories: Sequence[str], mine: bool = False) -> List[str]
         except OSError:
             continue
         for name in names:
-            match = re.search(_LEFTOVER, name)
+            match = _LEFTOVER.search(name)
             if (name.startswith(".") and match and match.group(1) == HOST_TAG
                     and (not _pid_alive(int(match.group(2)))
                          or (mine and int(match.group(2)) == os.getpid()))):
                 _unlink_quietly(os.path.join(directory, name))
                 removed.append(name)
     return removed
-
-
-# --- Holders: the lock, the line and the presence file ---
-
-class Owner(NamedTuple):
-    """What a lock or presence file says about the process that holds it."""
-
-    pid: int
-    host: str
-    token: str
-    created: float
-    answered: int = 0    # presence files only: messages the server has handled
-    started: float = 0.0  # presence files only: when the server started
-
-
-# Owner records are JSON. Clients write and read them on every exchange, so
-# the usual shape is formatted and matched here, and the json module, slow to
-# import next to a client's whole run, is used only for any other shape.
-_OWNER = re.compile(rb'\{"pid": (\d+), "host": "([A-Za-z0-9._-]*)", "token": "([0-9a-f]*)", '
-                    rb'"created": ([0-9.]+)(?:, "answered": (\d+), "started": ([0-9.]+))?\}\n?\Z')
-
-
-def _owner_record(answered: Optional[int] = None, started: float = 0.0) -> bytes:
-    """Return this process's identity as one line of JSON (with a server's count)."""
-    token, now = os.urandom(8).hex(), time.time()
-    if not _PLAIN_HOST:
-        import json
-        record = {"pid": os.getpid(), "host": HOST, "token": token, "created": now}
-        if answered is not None:
-            record.update(answered=answered, started=started)
-        return (json.dumps(record) + "\n").encode()
-    extra = "" if answered is None else f', "answered": {answered}, "started": {started!r}'
-    return (f'{{"pid": {os.getpid()}, "host": "{HOST}", "token": "{token}", '
-            f'"created": {now!r}{extra}}}\n').encode()
-
-
-_PLAIN_HOST = HOST.isascii() and HOST.replace(".", "").replace("-", "").replace("_", "").isalnum()
-
-
-def read_owner(data: bytes) -> Optional[Owner]:
-    """Parse a lock or presence file; None for an empty or foreign one."""
-    match = _OWNER.match(data)
-    if match:
-        pid, host, token, created, answered, started = match.groups()
-        return Owner(int(pid), host.decode(), token.decode(), float(created),
-                     int(answered or 0), float(started or 0.0))
-    if not data.strip():
-        return None
-    import json
-    try:
-        raw = json.loads(data.decode("utf-8"))
-        return Owner(int(raw["pid"]), str(raw["host"]), str(raw["token"]),
-                     float(raw["created"]), int(raw.get("answered", 0)),
-                     float(raw.get("started", 0.0)))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-class Holder(NamedTuple):
-    """A lock or presence file as found on disk."""
-
-    identity: Tuple[int, int]
-    owner: Optional[Owner]     # None: empty, or written by a spec-following peer
-    gone: Optional[str]        # why its holder is known to have ended
-    age: float                 # seconds since it was written
-
-
-def inspect_holder(path: str) -> Optional[Holder]:
-    """Return what the file at path says about its holder; None if there is no file.
-
-    A holder on this host keeps an flock on its file from before it writes
-    its identity until it dies, so a complete identity with a free flock
-    means the holder has ended. Elsewhere nothing can be checked.
-    """
-    for _ in range(3):
-        fd = _open_to_read(path)
-        if fd is None:
-            return None
-        try:
-            st = os.fstat(fd)
-            identity = (st.st_dev, st.st_ino)
-            owner = read_owner(os.read(fd, 4096))
-            gone = None
-            if owner is not None and owner.host == HOST:
-                gone = _local_owner_gone(fd, owner)
-            # A presence file is replaced while its server runs: an flock
-            # freed by that replacement is not a death.
-            if gone is None or _file_id(path) == identity:
-                return Holder(identity, owner, gone, time.time() - st.st_mtime)
-        finally:
-            os.close(fd)
-    return Holder(identity, owner, None, 0.0)
-
-
-def _local_owner_gone(fd: int, owner: Owner) -> Optional[str]:
-    """Return why the file's holder on this host has ended, or None if it lives."""
-    if sys.platform != "win32":
-        if _flock(fd, shared=True):
-            return f"its holder, process {owner.pid}, has ended"
-        return None
-    if not _pid_alive(owner.pid):
-        return f"its holder, process {owner.pid}, has ended"
-    return None
-
-
-def stale_reason(holder: Holder, stale_after: float) -> Optional[str]:
-    """Return why a lock is stale: its holder ended, or it cannot be checked and is old."""
-    if holder.gone:
-        return holder.gone
-    if holder.owner is not None and holder.owner.host == HOST:
-        return None               # a live holder is never broken, however long it holds
-    if holder.age > stale_after:
-        who = "an unidentified holder" if holder.owner is None else f"host {holder.owner.host}"
-        return f"held by {who} for {holder.age:.0f} s (over {stale_after:g} s)"
-    return None
-
-
-def default_lock_path(buffer: str) -> str:
-    """Return the lock beside the buffer: the spec's server.lock when run from there."""
-    return os.path.join(os.path.dirname(buffer), LOCKFILE_NAME)
-
-
-class Lock:
-    """The spec's lockfile: whoever creates it may use the buffer.
-
-    Creating it is the atomic test-and-set: exclusive like the spec's
-    O_CREAT|O_EXCL, which peers may use. filechat's lock appears already
-    holding its holder's identity (one line of JSON) and flock, so that it
-    is never seen empty, even if its holder is killed while creating it; the
-    kernel releases the flock the moment the holder dies. The server, not
-    the holder, removes a lock after answering, as the spec says.
-
-    Staleness is decided in one place, ``stale_reason``: a holder on this
-    host whose flock is free (or, without flock, whose pid is gone); or a
-    lock that names no holder on this host and is older than
-    ``stale_after``. A lock is only ever removed after checking that it is
-    the very file (device and inode) that was judged.
-    """
-
-    def __init__(self, path: str, stale_after: float = STALE_AFTER,
-                 durable: bool = False) -> None:
-        self.path = path
-        self.stale_after = stale_after
-        self.durable = durable
-        self.fd: Optional[int] = None
-        self.identity: Optional[Tuple[int, int]] = None
-
-    def try_acquire(self, line: Optional[Line] = None,
-                    unnamed: Optional[Unnamed] = None) -> bool:
-        """Create the lock if nobody holds it; True if this process now holds it.
-
-        A client at the head of the line turns its ticket into the lock
-        instead, which is as exclusive and creates no file: see Line.promote.
-        unnamed: the lock's file made ahead (see _owned_unnamed), used up.
-        """
-        fd = None if line is None else line.promote(self.path, self.durable)
-        if fd is None:
-            fd = _create_owned(self.path, self.durable, unnamed=unnamed)
-        if fd is None or fd < 0:
-            return False
-        self.hold(fd)
-        return True
-
-    def hold(self, fd: int) -> None:
-        """Hold the lock whose file is open as fd (created, or handed by the server)."""
-        st = os.fstat(fd)
-        self.identity = (st.st_dev, st.st_ino)
-        if sys.platform == "win32":
-            os.close(fd)     # without flock, an open file only blocks its deletion
-        else:
-            self.fd = fd
-        log.debug("lock %s acquired", self.path)
-
-    def still_held(self) -> bool:
-        """True while the lock file this process created is still in place."""
-        return self.identity is not None and _file_id(self.path) == self.identity
-
-    def release(self) -> None:
-        """Remove the lock if it is still the one this process created."""
-        if self.identity is not None and remove_if_same(self.path, self.identity):
-            log.debug("lock %s released", self.path)
-        self.close()
-
-    def close(self) -> None:
-        """Drop this process's hold (its flock) without touching the file."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        self.identity = None
-
-    def stale_reason(self) -> Optional[str]:
-        """Return why the current lock file is stale, or None if it is live or absent."""
-        holder = inspect_holder(self.path)
-        return None if holder is None else stale_reason(holder, self.stale_after)
-
-    def break_stale(self) -> Optional[str]:
-        """Remove the current lock file if stale; return why, or None if left alone."""
-        return break_stale_lock(self.path, self.stale_after)
-
-
-def break_stale_lock(path: str, stale_after: float) -> Optional[str]:
-    """Remove the lock at path if it is stale; return why, or None if it was left alone.
-
-    Whoever breaks a lock first takes an exclusive flock on it, which a live
-    holder's flock refuses, and which makes every other waiter that found the
-    same stale lock wait its turn and then see that the name now belongs to
-    another file. Only then is the name, checked once more, removed.
-    """
-    holder = inspect_holder(path)
-    reason = None if holder is None else stale_reason(holder, stale_after)
-    if holder is None or reason is None:
-        return None
-    fd = _open_to_read(path)
-    if fd is None:
-        return None
-    try:
-        st = os.fstat(fd)
-        if ((st.st_dev, st.st_ino) != holder.identity
-                or (sys.platform != "win32" and not _flock(fd, shared=False))
-                or not remove_if_same(path, holder.identity)):
-            return None
-    finally:
-        os.close(fd)
-    return reason
-
-
-class Line:
-    """The queue of clients waiting for one lock, served first come, first served.
-
-    A waiting client holds a ticket: a file in the directory LOCK.line,
-    named ``<nanoseconds>-<pid>``, flocked and naming its owner like the
-    lock. Only the client whose ticket comes first tries to take the lock, so
-    nobody is overtaken by a later arrival; it does so by renaming its
-    ticket to the lock, so the file it waited with becomes the lock. A
-    ticket whose owner died is removed by the ticket after it, exactly as a
-    stale lock would be; so a crashed waiter never blocks the line. Peers
-    that follow only the spec take no ticket and simply find the lock free
-    or not.
-
-    Beside its ticket a client leaves its request, ``<ticket>.request``, so
-    that a filechat server, having answered one client, hands the lock to
-    the next at once: it renames the first ticket to the lock and that
-    request to the buffer, as the client itself would, and goes on to
-    answer it without waiting for that client to be woken and scheduled.
-    Under a server that does not, or if the client is woken first, the
-    client does both itself; either way each rename happens once.
-
-    The directory exists while anybody waits: the first to join makes it,
-    the last to leave removes it (rmdir removes only an empty directory, and
-    a ticket cannot be linked into a removed one, so a client joining at
-    that moment simply makes it again). Kept apart, the tickets cost a
-    client that finds nobody waiting one failed look, and their coming and
-    going wakes nobody who watches the lock's directory.
-    """
-
-    def __init__(self, lock_path: str, stale_after: float = STALE_AFTER) -> None:
-        self.directory = lock_path + LINE_SUFFIX
-        self.stale_after = stale_after
-        self.ticket: Optional[str] = None
-        self.fd: Optional[int] = None
-        self.identity: Optional[Tuple[int, int]] = None    # the ticket's file
-        self.offer = ""             # the path of the request beside it, if any
-        self.joined = 0.0           # when this client's ticket appeared, in seconds
-        self.named = 0.0            # when its name was taken, just before
-        self.previous = ""          # the ticket just ahead of this one
-        # A lock's age tells other hosts when it is stale, so a ticket that
-        # becomes the lock is touched if it waited longer than this; not
-        # always, as a touch wakes the client behind it.
-        self.touch_after = min(1.0, stale_after / 10)
-
-    def tickets(self) -> List[str]:
-        """Return the names of the tickets in line, first come first."""
-        try:
-            names = os.listdir(self.directory)
-        except OSError:
-            return []
-        return sorted(n for n in names if _is_ticket(n))
-
-    def waiting(self, before: Optional[int] = None) -> bool:
-        """True if anybody waits in line (who joined before that many ns since the epoch)."""
-        tickets = self.tickets()
-        if before is None:
-            return bool(tickets)
-        return any(int(name.partition("-")[0]) < before for name in tickets)
-
-    def join(self, offer: Optional[Callable[[int, str], bool]] = None) -> None:
-        """Take a ticket at the end of the line.
-
-        Tickets are named by the time they are taken, and the line is their
-        order; so that it is also the order in which they appear, clients
-        take the time and link their ticket in turn, under an exclusive
-        flock on the line's directory (the file itself is made before).
-        offer(directory, path), if given, names the client's request
-        ``<ticket>.request`` (in the line's directory, open), before the
-        ticket appears; it returns False where it cannot.
-        """
-        while self.ticket is None:
-            turn = None
-            try:
-                turn = self._take_turn()
-                # Made and identified before this client's turn, which is
-                # then only the time and a link: others wait on it. Made in
-                # the very directory flocked, even if the name was removed
-                # and made again meanwhile.
-                unnamed = _owned_unnamed(self.directory if turn is None else turn)
-                if turn is not None:
-                    _flock_turn(turn)
-                now = time.time_ns()
-                name = f"{now:020d}-{os.getpid()}"
-                request = os.path.join(self.directory, name + OFFER_SUFFIX)
-                if offer is None or turn is None or not offer(turn, request):
-                    request = ""
-                fd = _create_owned(os.path.join(self.directory, name), unnamed=unnamed)
-                # In line from the moment the ticket can be seen (and before
-                # the next client's turn, so the times keep the line's order).
-                joined = time.time()
-            except FileNotFoundError:
-                fd = None                  # the last to leave removed the directory: again
-            finally:
-                if turn is not None:
-                    os.close(turn)         # and with it the flock
-            if fd is not None:
-                st = os.fstat(fd)
-                self.ticket, self.fd, self.joined, self.named = name, fd, joined, now / 1e9
-                self.identity, self.offer = (st.st_dev, st.st_ino), request
-
-    def _take_turn(self) -> Optional[int]:
-        """Make the line's directory if need be, and open it to flock (None without flock)."""
-        try:
-            os.mkdir(self.directory)
-        except FileExistsError:
-            pass
-        else:
-            # Whoever may write the lock's directory may join the line.
-            mode = stat.S_IMODE(os.stat(os.path.dirname(self.directory) or ".").st_mode)
-            os.chmod(self.directory, mode)
-        if sys.platform == "win32":
-            return None
-        return os.open(self.directory, os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
-
-    def promote(self, lock_path: str, durable: bool) -> Optional[int]:
-        """Make this client's ticket the lock; return its descriptor, -1 if the lock exists.
-
-        The ticket is renamed to the lock, on Linux with RENAME_NOREPLACE,
-        which like O_CREAT|O_EXCL fails if the lock exists; elsewhere it is
-        hard-linked as the lock, as exclusive, and then unlinked. Either way
-        the lock appears whole, already holding this client's identity and
-        flock. None where there is no ticket, or neither can be done: the
-        caller creates the lock itself.
-        """
-        if self.ticket is None or self.fd is None:
-            return None
-        # Looked at first: a rename between directories, even one that
-        # fails, waits for every other such rename on the filesystem.
-        if _file_id(lock_path) is not None:
-            fd = self.handed(lock_path)
-            return -1 if fd is None else fd
-        ticket = os.path.join(self.directory, self.ticket)
-        if time.time() - self.joined > self.touch_after and os.utime in os.supports_fd:
-            os.utime(self.fd)
-        moved = _rename_exclusive(ticket, lock_path)
-        if moved is None:
-            try:
-                os.link(ticket, lock_path,
-                        follow_symlinks=os.link not in os.supports_follow_symlinks)
-            except FileExistsError:
-                moved = False
-            except OSError:
-                fd = self.handed(lock_path)
-                if fd is None and self.fd is not None and os.fstat(self.fd).st_nlink == 0:
-                    self.leave()      # removed by somebody: wait on without a ticket
-                return fd             # None: the caller creates the lock
-        if moved is False:
-            fd = self.handed(lock_path)
-            return -1 if fd is None else fd
-        _fsync_directory(lock_path, durable)
-        if moved:
-            self.ticket = None        # its name is the lock's now
-            remove_empty_directory(self.directory)
-        return self._take_ticket()    # a linked ticket's name goes; its file is the lock
-
-    def handed(self, lock_path: str) -> Optional[int]:
-        """Return the ticket's descriptor if a server has made it the lock, else None.
-
-        The server may even have answered and removed it already, if this
-        client was slow to wake: then the ticket has no name left, and the
-        request, which only such a server moves, has left the line too.
-        """
-        if self.fd is None or self.identity is None:
-            return None
-        if _file_id(lock_path) != self.identity and (
-                not self.offer or os.fstat(self.fd).st_nlink
-                or _lstat_or_none(self.offer) is not None):
-            return None
-        self.ticket = None            # its name is the lock's now, or gone
-        return self._take_ticket()
-
-    def _take_ticket(self) -> int:
-        """Keep the ticket's file (the lock now) open for the caller; leave the line."""
-        fd, self.fd = self.fd, None
-        assert fd is not None
-        self.leave()
-        return fd
-
-    def ahead(self, recheck: bool = True) -> int:
-        """Return how many live tickets come before this one, clearing a dead one before it.
-
-        The ticket just ahead is checked when it is new, and else only if
-        recheck: its holder's death makes no event, so a wait that ended
-        with one has nothing to look for.
-        """
-        tickets = self.tickets()
-        if self.ticket not in tickets:
-            return 0            # removed by somebody: behave as the head
-        mine = tickets.index(self.ticket)
-        previous = os.path.join(self.directory, tickets[mine - 1]) if mine else ""
-        recheck = recheck or previous != self.previous
-        self.previous = previous
-        if mine and recheck and self._clear_ticket(previous):
-            return mine - 1
-        return mine
-
-    def mine(self) -> str:
-        """Return the path of this client's ticket ("" if it has none)."""
-        return "" if self.ticket is None else os.path.join(self.directory, self.ticket)
-
-    def before(self) -> str:
-        """Return the path of the ticket just ahead of this one, as ahead() last saw it."""
-        return self.previous
-
-    def leave(self) -> None:
-        """Give up this ticket; the last to leave removes the line's directory."""
-        if self.ticket is not None:
-            _unlink_quietly(os.path.join(self.directory, self.ticket))
-            remove_empty_directory(self.directory)
-        if self.fd is not None:
-            os.close(self.fd)
-        self.ticket = self.fd = None
-
-    def clear(self) -> None:
-        """Remove the tickets and requests of waiters that died, and the directory if empty."""
-        try:
-            names = os.listdir(self.directory)
-        except OSError:
-            return
-        for name in names:
-            path = os.path.join(self.directory, name)
-            if _is_ticket(name):
-                self._clear_ticket(path)
-            elif name.endswith(OFFER_SUFFIX) and _is_ticket(name[:-len(OFFER_SUFFIX)]):
-                _remove_abandoned(path)
-        remove_empty_directory(self.directory)
-
-    def _clear_ticket(self, path: str) -> bool:
-        """Remove the ticket at path, and its request, if its waiter died; True if removed."""
-        if not break_stale_lock(path, self.stale_after):
-            return False
-        _remove_abandoned(path + OFFER_SUFFIX)
-        return True
-
-    def hand_over(self, lock_path: str, buffer: str, durable: bool) -> bool:
-        """Make the first live ticket the lock and put its request in place; True if done.
-
-        For a server that has just let go of a client's lock. Only a ticket
-        whose request waits beside it is handed the lock, and only if the
-        lock is free (the rename is as exclusive as O_CREAT|O_EXCL); the
-        tickets of waiters that died on the way are removed. If the request
-        cannot be moved, its client, woken by the lock's release, moves it.
-        """
-        try:
-            names = os.listdir(self.directory)
-        except OSError:
-            return False              # nobody waits
-        present = set(names)
-        for name in sorted(n for n in names if _is_ticket(n)):
-            ticket = os.path.join(self.directory, name)
-            holder = inspect_holder(ticket)
-            if holder is None:
-                continue              # left meanwhile
-            if stale_reason(holder, self.stale_after):
-                self._clear_ticket(ticket)
-                continue
-            if name + OFFER_SUFFIX not in present:
-                return False          # it takes the lock itself
-            if holder.age > self.touch_after:
-                _touch(ticket)
-            if _rename_exclusive(ticket, lock_path) is not True:
-                return False
-            _fsync_directory(lock_path, durable)
-            if _rename_exclusive(ticket + OFFER_SUFFIX, buffer):
-                _fsync_directory(buffer, durable)
-            return True
-        return False
-
-
-def _remove_abandoned(path: str) -> None:
-    """Remove path if nobody holds its flock: a request whose waiter died."""
-    fd = _open_to_read(path)
-    if fd is None:
-        return
-    try:
-        st = os.fstat(fd)
-        if _flock(fd, shared=False):
-            remove_if_same(path, (st.st_dev, st.st_ino))
-    finally:
-        os.close(fd)
-
-
-def _touch(path: str) -> None:
-    """Set path's modification time to now, if this process may."""
-    try:
-        os.utime(path)
-    except OSError:
-        pass                   # another user's file: its age stays
-
-
-def _is_ticket(name: str) -> bool:
-    """True for a ticket's name: nanoseconds (20 digits), a dash, a pid."""
-    return len(name) > 21 and name[20] == "-" and name[:20].isdigit() and name[21:].isdigit()
-
-
-_RENAME_NOREPLACE = 1
-_AT_FDCWD = -100
-
-
-def _rename_exclusive(source: str, target: str) -> Optional[bool]:
-    """Rename source to target unless target exists: True if renamed, False if it exists.
-
-    None where the system or the filesystem cannot (renameat2 is Linux's).
-    The rename moves a file without changing its link count, which watchers
-    of its link count would take for its going.
-    """
-    if not _can_rename_exclusive():
-        return None
-    libc = _Inotify.libc()
-    if libc.renameat2(_AT_FDCWD, os.fsencode(source),  # type: ignore[attr-defined]
-                      _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
-        return True
-    # Any other failure (no renameat2 on this filesystem, a ticket gone)
-    # leaves the caller to take the lock the ordinary way, which says what
-    # is wrong if anything is.
-    return False if _ctypes_errno() == errno.EEXIST else None
-
-
-def _can_rename_exclusive() -> bool:
-    """True if this system has renameat2 (its filesystems may still refuse it)."""
-    return getattr(_Inotify.libc(), "renameat2", None) is not None
-
-
-def _ctypes_errno() -> int:
-    """Return the errno a ctypes call left."""
-    import ctypes
-    return ctypes.get_errno()
-
-
-def _flock_turn(fd: int) -> None:
-    """Wait for an exclusive flock on fd: a live holder keeps it for microseconds."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError:
-        pass                   # a filesystem without flock: turns are not kept
-
-
-def remove_empty_directory(path: str) -> None:
-    """Remove path if it is an empty directory (rmdir refuses any other)."""
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass                   # not empty, gone already, or not ours to remove
-
-
-class Presence:
-    """The server's presence file, BUFFER.server: which server runs, since when.
-
-    It holds the server's identity and its count of handled messages, and the
-    server keeps an flock on it, so clients and ``status`` can tell a running
-    server from one that was killed. It is published whole (a hard link of a
-    complete temp file, which also makes starting exclusive) and updated by
-    replacing it whole.
-    """
-
-    def __init__(self, path: str, durable: bool = False) -> None:
-        self.path = path
-        self.durable = durable
-        self.fd: Optional[int] = None
-        self.identity: Optional[Tuple[int, int]] = None
-        self.started = time.time()
-        self.answered = 0
-
-    def start(self) -> None:
-        """Publish this server's presence; AlreadyServing if a live server has one."""
-        while True:
-            temp, fd = self._write(0)
-            try:
-                os.link(temp, self.path)
-            except FileExistsError:
-                os.close(fd)
-                holder = inspect_holder(self.path)
-                if holder is not None and holder.gone is None:
-                    raise AlreadyServing(self.path, holder.owner) from None
-                if holder is not None:
-                    remove_if_same(self.path, holder.identity)   # left by a killed server
-                continue
-            except OSError:
-                os.replace(temp, self.path)    # no hard links here: the check above is all
-            finally:
-                _unlink_quietly(temp)
-            self._hold(fd)
-            return
-
-    def update(self, answered: int) -> None:
-        """Replace the presence file with one that counts answered messages."""
-        temp, fd = self._write(answered)
-        os.replace(temp, self.path)
-        self._hold(fd)
-        self.answered = answered
-
-    def _write(self, answered: int) -> Tuple[str, int]:
-        """Write a complete, flocked presence file under a temp name."""
-        temp = _temp_name(self.path)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-                     0o644)
-        _flock(fd, shared=False)
-        os.write(fd, _owner_record(answered=answered, started=self.started))
-        return temp, fd
-
-    def _hold(self, fd: int) -> None:
-        """Keep fd, the presence file now in place, and let go of the previous one."""
-        _fsync_directory(self.path, self.durable)
-        if self.fd is not None:
-            os.close(self.fd)
-        st = os.fstat(fd)
-        self.fd, self.identity = fd, (st.st_dev, st.st_ino)
-
-    def withdraw(self) -> None:
-        """Remove the presence file if it is still this server's."""
-        if self.identity is not None:
-            remove_if_same(self.path, self.identity)
-        if self.fd is not None:
-            os.close(self.fd)
-        self.fd = self.identity = None
-
-
-def running_server(presence_path: str) -> Optional[Owner]:
-    """Return the identity of the server whose presence file is live, else None."""
-    holder = inspect_holder(presence_path)
-    if holder is None or holder.gone:
-        return None
-    return holder.owner or Owner(0, "", "", 0.0)
 
 
 def _flock(fd: int, shared: bool) -> bool:
@@ -1649,109 +681,534 @@ def _crash_point(step: str) -> None:
         os._exit(137)
 
 
+# --- Holders: the lock, the line and the presence file ---
+
+class Owner:
+    """What a lock, ticket or presence file says about the process that holds it."""
+
+    __slots__ = ("answered", "created", "host", "pid", "started", "token")
+
+    def __init__(self, pid: int, host: str, token: str, created: float, answered: int = 0,
+                 started: float = 0.0) -> None:
+        self.pid = pid
+        self.host = host
+        self.token = token
+        self.created = created
+        self.answered = answered    # presence files only: messages the server has handled
+        self.started = started      # presence files only: when the server started
+
+    def __repr__(self) -> str:
+        return f"Owner(pid={self.pid}, host={self.host!r}, token={self.token!r})"
+
+
+# Owner records are one line of JSON. Clients write and read them on every
+# exchange, so the usual shape is formatted and matched here, and the json
+# module, slow to import next to a client's whole run, is used only for any
+# other shape (a host name that needs escaping, a record from another tool).
+_OWNER = re.compile(rb'\{"pid": (\d+), "host": "([A-Za-z0-9._-]*)", "token": "([0-9a-f]*)", '
+                    rb'"created": ([0-9.]+)(?:, "answered": (\d+), "started": ([0-9.]+))?\}\n?\Z')
+_PLAIN_HOST = re.fullmatch(r"[A-Za-z0-9._-]*", HOST) is not None
+
+
+def _owner_record(answered: Optional[int] = None, started: float = 0.0) -> bytes:
+    """Return this process's identity as one line of JSON (with a server's count)."""
+    record: Dict[str, object] = {"pid": os.getpid(), "host": HOST,
+                                 "token": os.urandom(8).hex(), "created": time.time()}
+    if answered is not None:
+        record.update(answered=answered, started=started)
+    if not _PLAIN_HOST:
+        import json
+        return (json.dumps(record) + "\n").encode()
+    fields = ", ".join(f'"{key}": ' + (f'"{value}"' if isinstance(value, str) else repr(value))
+                       for key, value in record.items())
+    return ("{" + fields + "}\n").encode()
+
+
+def read_owner(data: bytes) -> Optional[Owner]:
+    """Parse a lock, ticket or presence file; None for an empty or foreign one."""
+    match = _OWNER.match(data)
+    if match:
+        pid, host, token, created, answered, started = match.groups()
+        return Owner(int(pid), host.decode(), token.decode(), float(created),
+                     int(answered or 0), float(started or 0.0))
+    if not data.strip():
+        return None
+    import json
+    try:
+        raw = json.loads(data.decode("utf-8"))
+        return Owner(int(raw["pid"]), str(raw["host"]), str(raw["token"]),
+                     float(raw["created"]), int(raw.get("answered", 0)),
+                     float(raw.get("started", 0.0)))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+class Holder:
+    """A lock, ticket or presence file as found on disk."""
+
+    __slots__ = ("age", "gone", "identity", "owner")
+
+    def __init__(self, identity: Tuple[int, int], owner: Optional[Owner], gone: Optional[str],
+                 age: float) -> None:
+        self.identity = identity
+        self.owner = owner      # None: empty, or written by a spec-following peer
+        self.gone = gone        # why its holder is known to have ended
+        self.age = age          # seconds since it was written
+
+
+def inspect_holder(path: str) -> Optional[Holder]:
+    """Return what the file at path says about its holder; None if there is no file.
+
+    A holder on this host keeps an flock on its file from before it writes
+    its identity until it dies, so a complete identity with a free flock
+    means the holder has ended. Elsewhere nothing can be checked.
+    """
+    for _ in range(3):
+        fd = _open_to_read(path)
+        if fd is None:
+            return None
+        try:
+            st = os.fstat(fd)
+            identity = (st.st_dev, st.st_ino)
+            owner = read_owner(os.read(fd, 4096))
+            gone = None
+            if owner is not None and owner.host == HOST and _holder_gone(fd, owner):
+                gone = f"its holder, process {owner.pid}, has ended"
+            # A presence file is replaced while its server runs: an flock
+            # freed by that replacement is not a death.
+            if gone is None or _file_id(path) == identity:
+                return Holder(identity, owner, gone, time.time() - st.st_mtime)
+        finally:
+            os.close(fd)
+    return Holder(identity, owner, None, 0.0)
+
+
+def _holder_gone(fd: int, owner: Owner) -> bool:
+    """True if the holder on this host of the file open as fd has ended."""
+    if sys.platform == "win32":
+        return not _pid_alive(owner.pid)
+    return _flock(fd, shared=True)
+
+
+def stale_reason(holder: Holder, stale_after: float) -> Optional[str]:
+    """Return why a lock is stale: its holder ended, or it cannot be checked and is old."""
+    if holder.gone:
+        return holder.gone
+    if holder.owner is not None and holder.owner.host == HOST:
+        return None               # a live holder is never broken, however long it holds
+    if holder.age > stale_after:
+        who = "an unidentified holder" if holder.owner is None else f"host {holder.owner.host}"
+        return f"held by {who} for {holder.age:.0f} s (over {stale_after:g} s)"
+    return None
+
+
+def break_stale_lock(path: str, stale_after: float) -> Optional[str]:
+    """Remove the lock (or ticket) at path if it is stale; return why, or None if left alone.
+
+    Whoever breaks a lock first takes an exclusive flock on it, which a live
+    holder's flock refuses, and which makes every other waiter that found the
+    same stale lock wait its turn and then see that the name now belongs to
+    another file. Only then is the name, checked once more, removed.
+    """
+    holder = inspect_holder(path)
+    reason = None if holder is None else stale_reason(holder, stale_after)
+    if holder is None or reason is None:
+        return None
+    fd = _open_to_read(path)
+    if fd is None:
+        return None
+    try:
+        st = os.fstat(fd)
+        if ((st.st_dev, st.st_ino) != holder.identity
+                or (sys.platform != "win32" and not _flock(fd, shared=False))
+                or not remove_if_same(path, holder.identity)):
+            return None
+    finally:
+        os.close(fd)
+    return reason
+
+
+def default_lock_path(buffer: str) -> str:
+    """Return the lock beside the buffer: the spec's server.lock when run from there."""
+    return os.path.join(os.path.dirname(buffer), LOCKFILE_NAME)
+
+
+class Lock:
+    """The spec's lockfile: whoever creates it may use the buffer.
+
+    Creating it is the atomic test-and-set, as exclusive as the spec's
+    O_CREAT|O_EXCL, which peers may use: filechat publishes it whole
+    (_Staged), already holding its holder's identity (one line of JSON) and
+    flock, so that it is never seen empty, even if its holder is killed
+    while creating it; the kernel releases the flock the moment the holder
+    dies. The server, not the holder, removes a lock after answering, as
+    the spec says.
+
+    Staleness is decided in one place, ``stale_reason``: a holder on this
+    host whose flock is free (or, without flock, whose pid is gone); or a
+    lock that names no holder on this host and is older than
+    ``stale_after``. A lock is only ever removed after checking that it is
+    the very file (device and inode) that was judged.
+    """
+
+    def __init__(self, path: str, stale_after: float = STALE_AFTER,
+                 durable: bool = False) -> None:
+        self.path = path
+        self.stale_after = stale_after
+        self.durable = durable
+        self.fd = -1
+        self.identity: Optional[Tuple[int, int]] = None
+
+    def try_acquire(self) -> bool:
+        """Create the lock if nobody holds it; True if this process now holds it."""
+        try:
+            fd = publish(self.path, _owner_record(), durable=self.durable, hold=True)
+        except FileExistsError:
+            return False
+        st = os.fstat(fd)
+        self.identity = (st.st_dev, st.st_ino)
+        if sys.platform == "win32":
+            os.close(fd)     # without flock, an open file only blocks its deletion
+        else:
+            self.fd = fd
+        log.debug("lock %s acquired", self.path)
+        return True
+
+    def still_held(self) -> bool:
+        """True while the lock file this process created is still in place."""
+        return self.identity is not None and _file_id(self.path) == self.identity
+
+    def release(self) -> None:
+        """Remove the lock if it is still the one this process created."""
+        if self.identity is not None and remove_if_same(self.path, self.identity):
+            log.debug("lock %s released", self.path)
+        self.close()
+
+    def close(self) -> None:
+        """Drop this process's hold (its flock) without touching the file."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.identity = None
+
+    def stale_reason(self) -> Optional[str]:
+        """Return why the current lock file is stale, or None if it is live or absent."""
+        holder = inspect_holder(self.path)
+        return None if holder is None else stale_reason(holder, self.stale_after)
+
+    def break_stale(self) -> Optional[str]:
+        """Remove the current lock file if stale; return why, or None if left alone."""
+        return break_stale_lock(self.path, self.stale_after)
+
+
+class Line:
+    """The queue of clients waiting for one lock, served first come, first served.
+
+    A waiting client holds a ticket: a file in the directory LOCK.line, named
+    ``<nanoseconds>-<pid>``, published whole, flocked and naming its owner
+    like the lock. Only the client whose ticket comes first tries to take the
+    lock, so nobody is overtaken by a later arrival; each waits for the file
+    just ahead of it to go: the ticket ahead or, first in line, the lock. A
+    ticket whose owner died is removed by the client behind it, exactly as a
+    stale lock would be, so a crashed waiter never blocks the line. Peers that
+    follow only the spec take no ticket and simply find the lock free or not.
+
+    The directory exists while anybody waits: the first to join makes it, the
+    last to leave removes it (rmdir removes only an empty directory, and a
+    ticket cannot be published into a removed one, so a client joining at that
+    moment simply makes it again). Kept apart, the tickets cost a client that
+    finds nobody waiting one failed look, and their coming and going wakes
+    nobody who watches the lock's directory.
+    """
+
+    def __init__(self, lock_path: str, stale_after: float = STALE_AFTER) -> None:
+        self.directory = lock_path + LINE_SUFFIX
+        self.stale_after = stale_after
+        self.ticket = ""            # the path of this client's ticket, once it has one
+        self.fd = -1
+        self.named = 0.0            # when its name was taken, in seconds since the epoch
+        self.joined = 0.0           # when it appeared, just after
+
+    def tickets(self) -> List[str]:
+        """Return the names of the tickets in line, first come first."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return sorted(n for n in names if _is_ticket(n))
+
+    def join(self) -> None:
+        """Take a ticket at the end of the line."""
+        while not self.ticket:
+            try:
+                os.mkdir(self.directory)
+            except FileExistsError:
+                pass
+            else:
+                # Whoever may write the lock's directory may join the line.
+                mode = stat.S_IMODE(os.stat(os.path.dirname(self.directory) or ".").st_mode)
+                os.chmod(self.directory, mode)
+            named = time.time_ns()
+            path = os.path.join(self.directory, f"{named:020d}-{os.getpid()}")
+            try:
+                self.fd = publish(path, _owner_record(), hold=True)
+            except (FileNotFoundError, FileExistsError):
+                continue            # the last to leave removed the directory: again
+            self.ticket, self.named, self.joined = path, named / 1e9, time.time()
+
+    def ahead(self) -> Tuple[int, str]:
+        """Return how many tickets come before this one, and the path of the one just before.
+
+        A dead ticket just before this one is cleared first: its holder's
+        death leaves it to this client.
+        """
+        while True:
+            names = self.tickets()
+            mine = os.path.basename(self.ticket)
+            if mine not in names or names[0] == mine:
+                return 0, ""        # first (or removed by somebody: behave as the first)
+            index = names.index(mine)
+            before = os.path.join(self.directory, names[index - 1])
+            if not break_stale_lock(before, self.stale_after):
+                return index, before
+
+    def leave(self) -> None:
+        """Give up this ticket; the last to leave removes the line's directory."""
+        if self.ticket:
+            _unlink_quietly(self.ticket)
+            remove_empty_directory(self.directory)
+            self.ticket = ""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def clear(self) -> None:
+        """Remove the tickets of waiters that died, and the directory if it is empty."""
+        for name in self.tickets():
+            break_stale_lock(os.path.join(self.directory, name), self.stale_after)
+        remove_empty_directory(self.directory)
+
+
+def _is_ticket(name: str) -> bool:
+    """True for a ticket's name: nanoseconds (20 digits), a dash, a pid."""
+    return len(name) > 21 and name[20] == "-" and name[:20].isdigit() and name[21:].isdigit()
+
+
+class Presence:
+    """The server's presence file, BUFFER.server: which server runs, since when.
+
+    It holds the server's identity and its count of handled messages, and the
+    server keeps an flock on it, so clients and ``status`` can tell a running
+    server from one that was killed. Published whole and exclusively at start
+    (a second server is refused), then replaced whole by each update.
+    """
+
+    def __init__(self, path: str, durable: bool = False) -> None:
+        self.path = path
+        self.durable = durable
+        self.fd = -1
+        self.identity: Optional[Tuple[int, int]] = None
+        self.started = time.time()
+        self.answered = 0
+
+    def start(self) -> None:
+        """Publish this server's presence; AlreadyServing if a live server has one."""
+        while True:
+            try:
+                fd = publish(self.path, _owner_record(0, self.started), durable=self.durable,
+                             hold=True)
+            except FileExistsError:
+                holder = inspect_holder(self.path)
+                if holder is not None and holder.gone is None:
+                    raise AlreadyServing(self.path, holder.owner) from None
+                if holder is not None:
+                    remove_if_same(self.path, holder.identity)   # left by a killed server
+                continue
+            self._hold(fd)
+            return
+
+    def update(self, answered: int) -> None:
+        """Replace the presence file with one that counts answered messages."""
+        self._hold(publish(self.path, _owner_record(answered, self.started), replace=True,
+                           durable=self.durable, hold=True))
+        self.answered = answered
+
+    def _hold(self, fd: int) -> None:
+        """Keep fd, the presence file now in place, and let go of the previous one."""
+        if self.fd >= 0:
+            os.close(self.fd)
+        st = os.fstat(fd)
+        self.fd, self.identity = fd, (st.st_dev, st.st_ino)
+
+    def withdraw(self) -> None:
+        """Remove the presence file if it is still this server's."""
+        if self.identity is not None:
+            remove_if_same(self.path, self.identity)
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.identity = -1, None
+
+
+def running_server(presence_path: str) -> Optional[Owner]:
+    """Return the identity of the server whose presence file is live, else None."""
+    holder = inspect_holder(presence_path)
+    if holder is None or holder.gone:
+        return None
+    return holder.owner or Owner(0, "", "", 0.0)
+
+
 # --- Waiter ---
 
-IN_CLOSE_WRITE = 0x008   # a file written in place is complete
-IN_MOVED_TO = 0x080      # os.replace published a file
-IN_CREATE = 0x100        # a file was linked in whole, or a lock or ticket created
-IN_DELETE = 0x200        # a lock, ticket, presence file or claim went away
-IN_ATTRIB = 0x004        # a watched file's link count fell: it was deleted
-IN_DELETE_SELF = 0x400   # a watched file is gone for good
-IN_MOVE_SELF = 0x800     # a watched file was renamed (a ticket became the lock)
+IN_ATTRIB = 0x004        # a watched file's link count fell (it was removed), or it was touched
+IN_CLOSE_WRITE = 0x008   # a file open for writing was closed: written in place, or its
+                         # holder ended (the kernel closes a dead process's files)
+IN_MOVED_FROM = 0x040    # a name was renamed away (a message claimed)
+IN_MOVED_TO = 0x080      # a name was renamed into place (os.replace)
+IN_CREATE = 0x100        # a name was created or hard-linked (published whole)
+IN_DELETE = 0x200        # a name was removed (a lock released, a reply read)
+IN_DELETE_SELF = 0x400   # a watched file or directory is gone
+IN_MOVE_SELF = 0x800     # a watched file or directory was renamed
 IN_Q_OVERFLOW = 0x4000   # events were lost: anything may have changed
-IN_IGNORED = 0x8000      # a watched directory went away
+IN_IGNORED = 0x8000      # a watch ended: its file or directory went away
 
-# What each side wakes for. Events are only hints, so a mask needs just the
-# events that can end a wait; the rest would be needless wake-ups.
-SERVER_EVENTS = IN_CREATE | IN_MOVED_TO | IN_CLOSE_WRITE   # a buffer appears, whole
-CLIENT_EVENTS = IN_CREATE | IN_DELETE      # a reply or note appears; a lock or ticket goes
-FILE_EVENTS = IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF   # the file watched went
+NAME_EVENTS = IN_CREATE | IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM
+FILE_EVENTS = IN_ATTRIB | IN_CLOSE_WRITE | IN_DELETE_SELF | IN_MOVE_SELF
+
+# How a wait ended.
+EVENT = "event"          # an event about what is watched
+DEADLINE = "deadline"    # the time the caller gave ran out
+POLLED = "polled"        # a polling step ended: look again
+SAFETY = "safety"        # no event within SAFETY_INTERVAL: look again, just in case
 
 
 class Waiter:
-    """Sleep until something may have changed in some directories.
+    """Sleep until a watched name or file may have changed, or a deadline passes.
 
-    Events are hints: the caller re-checks its condition after every wake-up.
-    On Linux inotify wakes it as soon as one of ``events`` happens there;
-    elsewhere, or with poll=True (network filesystems send no events for
-    other hosts' changes), it sleeps in steps of poll_interval. Even with
-    events, no sleep lasts longer than SAFETY_INTERVAL, so a missed event
-    costs a bounded delay, never a hang.
+    Events are hints: the caller looks at what it waits for after every
+    wake-up, and sets up the watches before it looks, so that nothing that
+    happens after the look goes unseen. On Linux inotify wakes it when one of
+    the names it watches (``paths``, by directory) is created, written,
+    renamed or removed, or when one of the files given to watch_files is
+    removed, renamed, or closed by a writer, which is how a holder's death
+    shows: the kernel closes a dead process's files. A watched directory that
+    is removed is watched again once it exists again. Elsewhere, with
+    poll=True (network filesystems send no events for other hosts' changes)
+    or while a directory is missing, it sleeps in steps of poll_interval.
+
+    Even with events, no sleep lasts longer than SAFETY_INTERVAL, so a missed
+    event could cost a bounded delay, never a hang. That re-check is a net,
+    not the mechanism: a caller that finds progress after it calls progress(),
+    which says so in the debug log, and the tests assert it never does.
+
+    Each waiter makes its own inotify instance and is used by one exchange,
+    so a process forked from one that used filechat never shares one with
+    its parent, whose events it would otherwise take.
     """
 
-    def __init__(self, directories: Sequence[str], poll: bool = False,
-                 poll_interval: float = POLL_INTERVAL, events: int = CLIENT_EVENTS) -> None:
+    def __init__(self, paths: Iterable[str] = (), poll: bool = False,
+                 poll_interval: float = POLL_INTERVAL) -> None:
         self.poll_interval = poll_interval
-        self.directories = list(directories)
-        self.inotify = None if poll else _Inotify.for_thread(events)
-        self.resume()
-        log.debug("waiting with %s", "inotify" if self.fd is not None else "polling")
+        self.names: Dict[str, Set[bytes]] = {}        # directory: names watched in it
+        for path in paths:
+            directory, name = os.path.split(os.path.abspath(path))
+            self.names.setdefault(directory, set()).add(os.fsencode(name))
+        self.watched: Dict[int, str] = {}             # watch descriptor: its directory
+        self.files: List[int] = []                    # the watches of watch_files
+        self.woke = ""                                # how the last wait ended
+        self.fd = -1 if poll else _inotify_init()
+        self._watch_directories()
+        log.debug("waiting with %s", "polling" if self.fd < 0 else "inotify")
 
-    def pause(self) -> None:
-        """Stop watching the directories for a while (waiting in line, for one).
+    def _watch_directories(self) -> bool:
+        """Watch every directory not watched yet; False if one cannot be (it is missing)."""
+        if self.fd < 0:
+            return False
+        missing = False
+        for directory in set(self.names) - set(self.watched.values()):
+            wd = _libc().inotify_add_watch(self.fd, os.fsencode(directory), NAME_EVENTS)
+            if wd < 0:
+                missing = True
+            else:
+                self.watched[wd] = directory
+        return not missing
 
-        Their events would otherwise pile up unread, a long line's many
-        changes each to be read and skipped once the wait is over.
+    def watch_files(self, paths: Sequence[str]) -> bool:
+        """Watch just these files from now on; False if one does not exist.
+
+        A watch follows a file, not its name: it is set up anew for the file
+        that has the name now, and must be before the caller looks at it.
         """
-        if self.inotify is not None:
-            self.inotify.unwatch()
+        if self.fd < 0:
+            return True
+        for wd in self.files:
+            _libc().inotify_rm_watch(self.fd, wd)
+        self.files = []
+        for path in paths:
+            wd = _libc().inotify_add_watch(self.fd, os.fsencode(path), FILE_EVENTS)
+            if wd < 0:
+                return False
+            self.files.append(wd)
+        return True
 
-    def resume(self) -> None:
-        """Watch the directories (again); where they cannot be, poll."""
-        if self.inotify is not None and not self.inotify.watch(self.directories):
-            self.inotify = None
-        self.fd = None if self.inotify is None else self.inotify.fd
+    def wait(self, timeout: float) -> str:
+        """Sleep until an event about what is watched, or for timeout seconds; say which.
 
-    def wait(self, timeout: float, names: Set[str]) -> Optional[Set[str]]:
-        """Return after an event about one of names, or after timeout seconds.
-
-        Only an event about one of those file names counts: the server waits
-        for its buffer and sleeps through its own replies. Returns the names
-        the events were about; None after a timeout, when polling, or when
-        anything may have changed (events were lost).
+        Returns EVENT, DEADLINE (timeout passed), POLLED (a polling step
+        ended) or SAFETY (no event for SAFETY_INTERVAL).
         """
         deadline = time.monotonic() + timeout
-        wanted = {os.fsencode(name) for name in names}
         while True:
-            seen = self._wait(self.inotify, deadline - time.monotonic())
-            if seen is None:
-                return None
-            if not seen.isdisjoint(wanted):
-                return {os.fsdecode(name) for name in seen & wanted}
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.woke = DEADLINE
+            elif not self._watch_directories():
+                time.sleep(min(left, self.poll_interval))
+                self.woke = DEADLINE if left <= self.poll_interval else POLLED
+            elif not select.select([self.fd], [], [], min(left, SAFETY_INTERVAL))[0]:
+                self.woke = DEADLINE if left <= SAFETY_INTERVAL else SAFETY
+            elif not self._drain():
+                continue               # events about other names only
+            else:
+                self.woke = EVENT
+            return self.woke
 
-    def forget(self) -> None:
-        """Drop the events so far: the caller is about to look at everything anyway."""
-        if self.inotify is not None:
-            self.inotify.drain()
+    def progress(self, what: str) -> None:
+        """Tell the waiter that the caller found what it waited for: what."""
+        if self.woke == SAFETY:
+            log.debug("woken by the safety re-check: %s", what)
 
-    def wait_for_deletion(self, paths: Sequence[str], timeout: float) -> bool:
-        """Like wait(), but woken only when a file at paths goes (or is linked, or touched).
-
-        Returns True if an event ended the wait (or a file had gone already).
-        """
-        files = None if self.inotify is None else _Inotify.for_thread(FILE_EVENTS)
-        # Watched afresh each time: a watch follows a file, and the name may
-        # now be another file's (a new lock).
-        if files is not None and not files.watch_files(paths):
-            return True              # already gone (or unwatchable): look again at once
-        return self._wait(files, timeout) is not None
-
-    def _wait(self, inotify: Optional[_Inotify], timeout: float) -> Optional[Set[bytes]]:
-        """Wait for events of inotify, or poll if it is None; return the names they were about.
-
-        None after a timeout, when polling, or when anything may have changed.
-        """
-        if timeout <= 0:
-            return None
-        if inotify is None:
-            time.sleep(min(timeout, self.poll_interval))
-            return None
-        ready, _, _ = select.select([inotify.fd], [], [], min(timeout, SAFETY_INTERVAL))
-        return inotify.drain() if ready else None
+    def _drain(self) -> bool:
+        """Read the queued events; True if one is about what is watched."""
+        relevant = False
+        try:
+            # A read that leaves room for more events has taken them all.
+            data = b"\0" * 65536
+            while len(data) > 65536 - 4096:
+                data = os.read(self.fd, 65536)
+                offset = 0
+                while offset + 16 <= len(data):
+                    wd = int.from_bytes(data[offset:offset + 4], "little", signed=True)
+                    mask = int.from_bytes(data[offset + 4:offset + 8], "little")
+                    size = int.from_bytes(data[offset + 12:offset + 16], "little")
+                    name = data[offset + 16:offset + 16 + size].rstrip(b"\0")
+                    offset += 16 + size
+                    directory = self.watched.get(wd)
+                    if (mask & IN_Q_OVERFLOW or wd in self.files or (directory is not None
+                            and (mask & IN_IGNORED or name in self.names[directory]))):
+                        relevant = True
+                    if mask & IN_IGNORED:
+                        self.watched.pop(wd, None)     # watched again once it exists
+                        if wd in self.files:
+                            self.files.remove(wd)
+        except BlockingIOError:
+            pass
+        return relevant
 
     def close(self) -> None:
-        """Stop using the waiter (the thread keeps its inotify instance for next time)."""
-        self.inotify = None
+        """Stop watching."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def __enter__(self) -> Waiter:
         return self
@@ -1760,149 +1217,42 @@ class Waiter:
         self.close()
 
 
-class _Inotify:
-    """One thread's inotify instance for one event mask, kept for the thread's life.
+_LIBC: List[object] = []
 
-    Creating and closing an instance costs more than a whole exchange, so
-    each thread keeps one per mask and adds directories as they come.
-    """
 
-    _threads = _thread_local()
-    _libc: object = None
+def _libc() -> Any:
+    """Return the C library through ctypes, loaded on first use."""
+    if not _LIBC:
+        import ctypes
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    return _LIBC[0]
 
-    def __init__(self, fd: int, events: int) -> None:
-        self.fd = fd
-        self.events = events
-        self.watched: Dict[str, int] = {}    # directory: its watch descriptor
-        self.files: List[int] = []       # the watches of watch_files, by descriptor
 
-    @classmethod
-    def for_thread(cls, events: int) -> Optional[_Inotify]:
-        """Return this thread's instance for events; None where inotify is unavailable."""
-        instances = cls._threads.__dict__.setdefault("instances", {})
-        if events not in instances:
-            fd = cls._init()
-            if fd is None:
-                return None
-            instances[events] = cls(fd, events)
-        return instances[events]  # type: ignore[no-any-return]
-
-    @classmethod
-    def libc(cls) -> object:
-        """Return the C library through ctypes (None where it is not Linux's)."""
-        if cls._libc is None and sys.platform.startswith("linux"):
-            import ctypes
-            try:
-                cls._libc = ctypes.CDLL(None, use_errno=True)
-            except OSError:
-                pass
-        return cls._libc
-
-    @classmethod
-    def _init(cls) -> Optional[int]:
-        """Create an inotify descriptor, None where there is no inotify."""
-        try:
-            fd = int(cls.libc().inotify_init1(os.O_NONBLOCK | O_CLOEXEC))  # type: ignore[attr-defined]
-        except (OSError, AttributeError):
-            return None
-        return fd if fd >= 0 else None
-
-    def watch(self, directories: Sequence[str]) -> bool:
-        """Watch directories too (each once); False if one cannot be watched."""
-        for directory in directories:
-            directory = directory or "."
-            if directory in self.watched:
-                continue
-            wd = self._libc.inotify_add_watch(  # type: ignore[attr-defined]
-                self.fd, os.fsencode(directory), self.events)
-            if wd < 0:
-                log.debug("inotify cannot watch %s", directory)
-                return False
-            self.watched[directory] = wd
-        return True
-
-    def unwatch(self) -> None:
-        """Stop watching the directories, and drop the events queued so far unread."""
-        for wd in self.watched.values():
-            self._libc.inotify_rm_watch(self.fd, wd)  # type: ignore[attr-defined]
-        self.watched.clear()
-        try:
-            while len(os.read(self.fd, 65536)) > 65536 - 4096:
-                pass
-        except BlockingIOError:
-            pass
-
-    def watch_files(self, paths: Sequence[str]) -> bool:
-        """Watch just these files, dropping earlier ones and their events; False if one is gone.
-
-        A watch follows a file, not its name: an earlier one would go on
-        reporting a file this thread no longer waits for.
-        """
-        for wd in self.files:
-            self._libc.inotify_rm_watch(self.fd, wd)  # type: ignore[attr-defined]
-        self.files = []
-        self.drain()
-        for path in paths:
-            wd = self._libc.inotify_add_watch(  # type: ignore[attr-defined]
-                self.fd, os.fsencode(path), self.events)
-            if wd < 0:
-                return False
-            self.files.append(wd)
-        return True
-
-    def drain(self) -> Optional[Set[bytes]]:
-        """Read the queued events; return the file names they were about.
-
-        None means "anything may have changed": the queue overflowed, or a
-        watched directory went away (and must be watched afresh if it comes back).
-        """
-        names: Optional[Set[bytes]] = set()
-        data = b"\0" * 65536
-        try:
-            # A read that leaves room for more events has taken them all.
-            while len(data) > 65536 - 4096:
-                data = os.read(self.fd, 65536)
-                offset = 0
-                while offset + 16 <= len(data):
-                    mask = int.from_bytes(data[offset + 4:offset + 8], "little")
-                    size = int.from_bytes(data[offset + 12:offset + 16], "little")
-                    if mask & IN_Q_OVERFLOW or (mask & IN_IGNORED and self.watched):
-                        self.watched.clear()
-                        names = None
-                    elif names is not None:
-                        names.add(data[offset + 16:offset + 16 + size].rstrip(b"\0"))
-                    offset += 16 + size
-        except BlockingIOError:
-            pass
-        return names
-
-    def __del__(self) -> None:
-        os.close(self.fd)
+def _inotify_init() -> int:
+    """Create an inotify descriptor; -1 where there is none (not Linux): then poll."""
+    if not sys.platform.startswith("linux"):
+        return -1
+    try:
+        return int(_libc().inotify_init1(O_NONBLOCK | O_CLOEXEC))
+    except (OSError, AttributeError):
+        return -1
 
 
 # --- Client API ---
 
 if TYPE_CHECKING:
     Status = Callable[..., None]
+    Fingerprint = Tuple[int, int]        # a request's length and CRC-32: is it still ours?
 
 
-def _quiet(event: str, **info: object) -> None:
-    """Ignore a status event."""
-
-
-class Paths(NamedTuple):
+class Paths:
     """Every file that the exchanges on one buffer use."""
 
-    buffer: str
-    lock: str
-    presence: str        # BUFFER.server: the running server's identity
-    claim_prefix: str    # BUFFER.taken.<lock inode>-<lock token>: a message being answered
-
-    @classmethod
-    def of(cls, buffer: str, lock: Optional[str] = None) -> Paths:
-        """Return the paths for buffer, with the lock beside it unless given."""
-        return cls(buffer, lock or default_lock_path(buffer), buffer + PRESENCE_SUFFIX,
-                   buffer + TAKEN_SUFFIX)
+    def __init__(self, buffer: str, lock: Optional[str] = None) -> None:
+        self.buffer = buffer
+        self.lock = lock or default_lock_path(buffer)
+        self.presence = buffer + PRESENCE_SUFFIX      # the running server's identity
+        self.claim_prefix = buffer + TAKEN_SUFFIX     # + "<lock inode>-<token>": being answered
 
     def claims(self) -> List[str]:
         """Return the claimed messages that wait for an answer, oldest name first."""
@@ -1912,16 +1262,19 @@ class Paths(NamedTuple):
         except OSError:
             return []
         return sorted(os.path.join(directory, name) for name in names
-                      if name.startswith(prefix) and _LockRef.parse(name[len(prefix):]))
+                      if name.startswith(prefix) and _claim_ref(name[len(prefix):]))
 
     def rejection(self, response_path: str) -> str:
         """Return where the server says why it would not write to response_path."""
         return f"{self.buffer}{REJECTED_SUFFIX}{zlib.crc32(os.fsencode(response_path)):08x}"
 
-    def directories(self, *more: str) -> List[str]:
-        """Return the directories whose changes matter to an exchange."""
-        files = (self.buffer, self.lock, *more)
-        return sorted({os.path.dirname(os.path.abspath(p)) for p in files})
+
+def _claim_ref(suffix: str) -> Optional[Tuple[int, str]]:
+    """Read a claim name's suffix, "<lock inode>-<lock token>"; None if it is not one."""
+    inode, dash, token = suffix.partition("-")
+    if not (inode.isdigit() and dash and all(c in "0123456789abcdef" for c in token)):
+        return None
+    return int(inode), token
 
 
 def default_response_path(buffer: str) -> str:
@@ -1945,13 +1298,9 @@ def check_response_path(response_path: str) -> None:
                          "not overwrite it: remove it or choose another path")
 
 
-def check_buffer_path(buffer: str, lock_path: str) -> Optional[os.stat_result]:
-    """Refuse a buffer or lock path that cannot be used; return the lock's lstat.
-
-    None if there is no lock: a client then asks for it without looking again.
-    """
+def check_buffer_path(buffer: str, lock_path: str) -> None:
+    """Refuse a buffer or lock path that cannot be used."""
     checked = set()
-    st = None
     for what, path in (("buffer file", buffer), ("lock file", lock_path)):
         directory = os.path.dirname(path) or "."
         if directory not in checked:
@@ -1963,16 +1312,11 @@ def check_buffer_path(buffer: str, lock_path: str) -> Optional[os.stat_result]:
                              "follows; name the file itself")
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise UsageError(f"{what} {path} is a directory; name a file")
-    return st
 
 
 def _check_directory(path: str, what: str, writable: bool = False) -> None:
     """Refuse a path whose directory does not exist (or, if asked, cannot be written)."""
     directory = os.path.dirname(path) or "."
-    # One call in the usual case: with the trailing separator, only a
-    # directory passes.
-    if os.access(os.path.join(directory, ""), os.W_OK if writable else os.F_OK):
-        return
     if not os.path.isdir(directory):
         raise UsageError(f"{what} {path}: directory {directory} does not exist; "
                          "create it or choose another path")
@@ -1986,7 +1330,7 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
          lock_path: Optional[str] = None, stale_after: float = STALE_AFTER,
          max_bytes: int = MAX_BYTES, durable: bool = False, poll: bool = False,
          poll_interval: float = RESPONSE_POLL_INTERVAL,
-         lock_retry_interval: float = LOCK_RETRY_INTERVAL, status: Status = _quiet,
+         lock_retry_interval: float = LOCK_RETRY_INTERVAL, status: Status = _ignore,
          progress_interval: Optional[float] = None, reply_to: Optional[IO[str]] = None) -> str:
     """Send one message to the server on buffer and return its reply.
 
@@ -1995,18 +1339,17 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     buffer) and deletes the response file. The wait for the lock is
     unbounded unless lock_timeout is given; the wait for the reply is
     bounded by timeout. ``status`` hears "busy" (every lock_retry_interval
-    while another client holds the lock), "queued" (if it had to wait: with
-    the time its ticket appeared in line, and the time it was named, just
-    before), "locked" (with the time it asked for the lock), "sent", "waiting",
-    "received" (the reply is complete, just before it is written to
-    reply_to), and "no-server", "server-stopped", "server-started" as the
-    server comes and goes; with progress_interval, also "tick" (phase "lock"
-    or "reply", seconds waited) that often while it waits.
+    while another client holds the lock, with how many are ahead), "queued"
+    (if it had to wait: with the time its ticket appeared in line, and the
+    time it was named, just before), "locked" (with the time it asked for
+    the lock), "sent", "waiting", "received" (the reply is complete, just
+    before it is written to reply_to), and "no-server", "server-stopped",
+    "server-started" as the server comes and goes; with progress_interval,
+    also "tick" (phase "lock" or "reply", seconds waited) that often.
 
-    The message is text, or a binary file to read it from (UTF-8); with
-    reply_to, a text file, the reply is written there instead of returned
-    (and "" returned). Either way a large message or reply is handled a
-    piece at a time, never held whole.
+    The message is text, or a binary file to read it from (UTF-8), copied
+    into the request a piece at a time; with reply_to, a text file, the
+    reply is copied there instead of returned (and "" returned).
 
     Raises FramingError (ESC, NUL or non-UTF-8 text, a message over
     max_bytes), UsageError (unusable paths), Rejected (the server will not
@@ -2015,87 +1358,89 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     included, a message no server is answering is withdrawn and the lock
     released.
     """
-    paths = Paths.of(buffer, lock_path)
+    paths = Paths(buffer, lock_path)
     chosen = response_path is not None
     if response_path is None:
         response_path = default_response_path(buffer)
     _check_path(os.path.abspath(response_path))
-    if isinstance(message, str):
-        check_characters(message, "message")
-    if _least_size(message) > max_bytes:
-        raise _too_long(message, max_bytes)
-    lock_seen = check_buffer_path(buffer, paths.lock)
+    data = _request_data(os.path.abspath(response_path), message, max_bytes)
+    check_buffer_path(buffer, paths.lock)
     if chosen:      # a fresh name beside the buffer needs no checking
         check_response_path(response_path)  # errors name the path as the user gave it
-    response_path = os.path.abspath(response_path)
-    lock = Lock(paths.lock, stale_after, durable)
-    with _Outgoing(buffer, response_path, message, max_bytes, durable) as outgoing:
-        asked = _acquire(lock, paths, outgoing, poll, poll_interval, lock_timeout,
-                         lock_retry_interval, status, progress_interval, lock_seen is None)
-        try:
-            status("locked", asked=asked)
-            _crash_point("client-locked")
-            outgoing.publish()
-            # Set up once the request is out, while the server answers: what
-            # came before is seen by the first look below.
-            waiter = Waiter(paths.directories(response_path), poll, poll_interval)
-            waiter.forget()
-            _crash_point("client-sent")
-            status("sent")
-            status("waiting")
-            text, is_error = _await_reply(paths, response_path, lock, waiter, timeout,
-                                          outgoing.fingerprint, status, progress_interval,
-                                          stream=reply_to is not None)
-        except BaseException:
-            _give_up(paths, lock, outgoing.fingerprint)
-            _unlink_quietly(response_path)
-            raise
-        _await_release(lock, waiter)
-        status("received")
-        # The response file goes after the release, so that a server restarted
-        # before it sees the message was answered; and before the flock, or a
-        # server would see a reply whose client ended and delete it as orphaned.
-        try:
-            if reply_to is not None:
-                text, is_error = _copy_reply(response_path, reply_to, is_error)
-        finally:
-            _unlink_quietly(response_path)
-            lock.close()
+    exchange = _Exchange(paths, os.path.abspath(response_path), stale_after, durable, poll,
+                         poll_interval, status, progress_interval)
+    try:
+        exchange.write(data, durable)
+        exchange.acquire(lock_timeout, lock_retry_interval)
+        exchange.put_in_place()
+        text, is_error = exchange.await_reply(timeout, reply_to)
+    except BaseException:
+        exchange.give_up()
+        raise
     if is_error:
         raise ServerError(text)
     return text
 
 
-if TYPE_CHECKING:
-    Fingerprint = Tuple[int, int]        # a request's length and CRC-32: is it still ours?
+def _request_data(response_path: str, message: Union[str, BinaryIO], max_bytes: int) -> Data:
+    """Return the request for message: bytes, or pieces read from its file as they are written."""
+    if not isinstance(message, str):
+        size = _file_size(message)
+        if size > max_bytes:
+            raise _too_long(_message_name(message), size, max_bytes)
+        return _file_request(response_path, message, max_bytes)
+    data = encode_request(response_path, message)
+    size = len(data) - data.index(b"\n") - 2          # less the path, its newline and ESC
+    if size > max_bytes:
+        raise _too_long("message", size, max_bytes)
+    return data
 
 
-def _fingerprint(data: bytes) -> Fingerprint:
-    """Return the length and CRC-32 of data."""
-    return len(data), zlib.crc32(data)
+def _file_request(response_path: str, source: BinaryIO, max_bytes: int) -> Iterable[bytes]:
+    """Frame a request whose message is read from the binary file source, a piece at a time.
+
+    Each piece is checked as it comes (UTF-8 text, no ESC or NUL), so that a
+    file of any size is sent without being held whole.
+    """
+    what = _message_name(source)
+    yield _check_path(response_path) + b"\n"
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    size = 0
+    while True:
+        try:
+            piece = source.read(READ_SIZE)
+        except OSError as exc:
+            raise UsageError(f"cannot read {what}: {exc.strerror or exc}") from None
+        if not isinstance(piece, bytes):
+            raise UsageError(f"{what} is open as text; open it in binary mode ('rb')")
+        size += len(piece)
+        if size > max_bytes:
+            raise _too_long(what, -1, max_bytes)
+        check_characters(piece, what)
+        try:
+            decoder.decode(piece, final=not piece)
+        except UnicodeDecodeError:
+            raise FramingError(what, "is not valid UTF-8 text") from None
+        if not piece:
+            break
+        yield piece
+    yield END_MARKER.encode()
 
 
-def _least_size(message: Union[str, BinaryIO]) -> int:
-    """Return the fewest bytes message can take: a byte a character, or its file's size."""
-    if isinstance(message, str):
-        return len(message)
+def _file_size(message: BinaryIO) -> int:
+    """Return the bytes left in message's file, 0 where that is not known (a pipe)."""
     try:
         st = os.fstat(message.fileno())
     except (OSError, ValueError, AttributeError):
-        return 0                   # not a file of its own: its size shows as it is read
+        return 0
     return st.st_size - message.tell() if stat.S_ISREG(st.st_mode) else 0
 
 
-def _too_long(message: Union[str, BinaryIO], max_bytes: int) -> FramingError:
-    """Return the error for a message over max_bytes, saying its size if it is known."""
-    if isinstance(message, str):
-        size = sum(len(_utf8(message[i:i + PIECE], "message"))
-                   for i in range(0, len(message), PIECE))
-    else:
-        size = _least_size(message)
-    says = f"is {size} bytes, over" if size > max_bytes else "is over"
-    return FramingError(_message_name(message), f"{says} the limit of {max_bytes} "
-                        "(--max-bytes); send less or raise the limit")
+def _too_long(what: str, size: int, max_bytes: int) -> FramingError:
+    """Return the error for a message over max_bytes (size -1: not known yet)."""
+    says = f"is {size} bytes, over" if size >= 0 else "is over"
+    return FramingError(what, f"{says} the limit of {max_bytes} (--max-bytes); "
+                        "send less or raise the limit")
 
 
 def _message_name(message: Union[str, BinaryIO]) -> str:
@@ -2104,173 +1449,6 @@ def _message_name(message: Union[str, BinaryIO]) -> str:
     if not isinstance(name, str):
         return "message"
     return "message on stdin" if name == "<stdin>" else f"message file {name}"
-
-
-class _Outgoing:
-    """A request written ahead into a file that is not the buffer yet.
-
-    It is written before the lock is taken, so that a client waiting in line
-    has its message ready and, once it holds the lock, only puts the file in
-    place. The message is encoded (or read from its file) and written a
-    piece at a time: a long one is never held whole as bytes.
-    """
-
-    def __init__(self, buffer: str, response_path: str, message: Union[str, BinaryIO],
-                 max_bytes: int, durable: bool) -> None:
-        self.buffer = buffer
-        self.durable = durable
-        self.unnamed = open_unnamed(os.path.dirname(buffer))
-        self.temp = ""
-        self.offered = ""             # the request's name in line, if it has one
-        self.offered_id = (0, 0)
-        if self.unnamed is not None:
-            fd = self.unnamed.fd
-        else:                         # no unnamed files here: a temp name, linked later
-            self.temp = _temp_name(buffer)
-            fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW
-                         | O_CLOEXEC | O_BINARY, 0o644)
-        written: Optional[Fingerprint] = None
-        try:
-            pieces = (request_pieces(response_path, message) if isinstance(message, str)
-                      else file_request_pieces(response_path, message, _message_name(message)))
-            written = self._write(fd, pieces, max_bytes)
-        finally:
-            if self.temp:
-                os.close(fd)
-            if written is None:
-                self.discard()
-        if written is None:
-            raise _too_long(message, max_bytes)
-        self.fingerprint = written
-
-    def _write(self, fd: int, pieces: Iterator[bytes], max_bytes: int) -> Optional[Fingerprint]:
-        """Write the pieces to fd; return their fingerprint, None if the message is too long."""
-        head = next(pieces)                   # the response path and its newline
-        size, crc, small = len(head), zlib.crc32(head), [head]
-        for piece in pieces:
-            size, crc = size + len(piece), zlib.crc32(piece, crc)
-            if size - len(head) - 1 > max_bytes:      # - 1: the ESC that ends it
-                return None
-            if small and size < 65536:
-                small.append(piece)               # written in one go below
-                continue
-            _write_all(fd, [*small, piece], False)
-            small = []
-        _write_all(fd, small, self.durable)
-        return size, crc
-
-    def directory_of(self, path: str) -> Union[str, int]:
-        """Return path's directory: the request's, open, if it is the same (as for the lock)."""
-        directory = os.path.dirname(path)
-        if self.unnamed is not None and directory == os.path.dirname(self.buffer):
-            return self.unnamed.directory     # opened once for both files
-        return directory or "."
-
-    def offer(self, directory: int, path: str) -> bool:
-        """Name the request path too (in that open directory), for a server to put in place.
-
-        The file is flocked first: a request nobody holds is a dead waiter's.
-        False where it cannot be (not an unnamed file, another filesystem).
-        """
-        unnamed = self.unnamed
-        if unnamed is None or self.offered or not _can_rename_exclusive():
-            return False              # (one name in line is enough)
-        try:
-            _flock(unnamed.fd, shared=False)
-            _link_unnamed(unnamed, path, directory)
-            st = os.fstat(unnamed.fd)
-        except OSError:
-            return False
-        self.offered = path
-        self.offered_id = (st.st_dev, st.st_ino)
-        return True
-
-    def withdraw_offer(self) -> None:
-        """Take the request's name out of line, if nobody has put it in place."""
-        if self.offered:
-            remove_if_same(self.offered, self.offered_id)
-            remove_empty_directory(os.path.dirname(self.offered))
-            self.offered = ""
-
-    def _place_offered(self) -> None:
-        """Move the request from the line into place, unless the server has moved it."""
-        offered, self.offered = self.offered, ""
-        for attempt in range(3):
-            if _file_id(offered) != self.offered_id:
-                break             # moved by the server that handed this client the lock
-            moved = _rename_exclusive(offered, self.buffer)
-            if moved is None and _file_id(offered) == self.offered_id:
-                moved = self._link_offered(offered)    # renameat2 refused here
-            if moved is not False:
-                break
-            # Half a message from a client that died: this client holds the
-            # lock, so nobody else writes the buffer meanwhile.
-            if attempt == 0:
-                _unlink_quietly(self.buffer)
-            else:
-                os.replace(offered, self.buffer)       # a writer that ignores the lock
-        remove_empty_directory(os.path.dirname(offered))
-
-    def _link_offered(self, offered: str) -> bool:
-        """Hard-link the request as the buffer, then drop its name in line; False if taken.
-
-        Not through the descriptor: a file once given a name cannot be given
-        one again through it after that name is gone.
-        """
-        try:
-            os.link(offered, self.buffer,
-                    follow_symlinks=os.link not in os.supports_follow_symlinks)
-        except FileExistsError:
-            return False
-        remove_if_same(offered, self.offered_id)
-        return True
-
-    def publish(self) -> None:
-        """Put the request in place as the buffer, replacing what a client that died left."""
-        if self.offered:
-            self._place_offered()
-            if self.durable and self.unnamed is not None:
-                os.fsync(self.unnamed.directory)
-            self.discard()
-            return
-        if self.unnamed is not None:
-            unnamed, self.unnamed = self.unnamed, None
-            try:
-                try:
-                    _link_unnamed(unnamed, self.buffer)
-                except FileExistsError:
-                    # Half a message from a client that died: this client holds
-                    # the lock, so nobody else writes the buffer meanwhile.
-                    _unlink_quietly(self.buffer)
-                    _link_unnamed(unnamed, self.buffer)
-                if self.durable:
-                    os.fsync(unnamed.directory)
-            finally:
-                close_unnamed(unnamed)
-            return
-        temp, self.temp = self.temp, ""
-        try:
-            os.link(temp, self.buffer)
-        except OSError:      # a file left there, or no hard links on this filesystem
-            os.replace(temp, self.buffer)
-        finally:
-            _unlink_quietly(temp)
-        _fsync_directory(self.buffer, self.durable)
-
-    def discard(self) -> None:
-        """Drop the request if it was not put in place."""
-        self.withdraw_offer()
-        close_unnamed(self.unnamed)
-        self.unnamed = None
-        if self.temp:
-            _unlink_quietly(self.temp)
-            self.temp = ""
-
-    def __enter__(self) -> _Outgoing:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.discard()
 
 
 class _Ticker:
@@ -2291,107 +1469,240 @@ class _Ticker:
         return self.next - now
 
 
-def _acquire(lock: Lock, paths: Paths, outgoing: _Outgoing, poll: bool, poll_interval: float,
-             lock_timeout: Optional[float], retry_interval: float, status: Status,
-             progress: Optional[float], lock_free: bool) -> float:
-    """Take the lock, waiting in line while others hold it or wait for it.
+class _Exchange:
+    """One client's exchange, from writing its request to deleting the reply.
 
-    Returns when it asked for the lock, in seconds since the epoch. The
-    request waits in line beside the ticket, and may be in place already,
-    put there by the server that handed this client the lock. In line it
-    sleeps watching no directory (the thread's watches are dropped while it
-    waits), polling if poll. lock_free: no lock was there a moment ago (when
-    the paths were checked).
+    ``phase`` says how far it has got, and only these methods move it on:
+    "new" -> write() -> "written" (the request under a temp name beside the
+    buffer) -> acquire() -> "locked" -> put_in_place() -> "sent" (the request
+    is the buffer) -> await_reply() -> "done"; give_up() ends it from any
+    phase, withdrawing a message no server is answering.
     """
-    line = Line(lock.path, lock.stale_after)
-    # A lock in place is not tried: creating a file only to find the name
-    # taken costs more, on some filesystems, than a whole exchange. Nor is a
-    # free one with a line: it is free for the server to hand to the first
-    # in line, and taking it even for a moment would spoil that. (A lock
-    # taken since it was seen free is found taken when asked for; one let go
-    # since it was seen is waited for in line, as the first in it.)
-    if lock_free and not os.path.lexists(line.directory):
-        # Made ahead, so that asking is a single link: a client slow to make
-        # a file must not count as asking before those who then took turns.
-        ready = _owned_unnamed(outgoing.directory_of(lock.path))
-        arrived = time.time_ns()
-        if lock.try_acquire(unnamed=ready):
-            if not line.waiting(before=arrived):
-                return arrived / 1e9             # nobody held it, nobody waited
-            lock.release()    # others were waiting for it: let them go first
-    else:
-        arrived = time.time_ns()
-    start = time.monotonic()
-    next_notice = start
-    tick = _Ticker(status, "lock", progress)
-    line.join(outgoing.offer)
-    waiter = Waiter([], poll, poll_interval)
-    waiter.pause()                   # the directories: watched again for the reply
-    status("queued", at=line.joined, named=line.named)
-    ahead, woken = -1, False
-    try:
+
+    def __init__(self, paths: Paths, response_path: str, stale_after: float, durable: bool,
+                 poll: bool, poll_interval: float, status: Status,
+                 progress: Optional[float]) -> None:
+        self.paths = paths
+        self.response_path = response_path
+        self.lock = Lock(paths.lock, stale_after, durable)
+        self.poll = poll
+        self.poll_interval = poll_interval
+        self.status = status
+        self.progress = progress
+        self.phase = "new"
+        self.request: Optional[_Staged] = None
+        self.fingerprint: Fingerprint = (0, 0)
+
+    def write(self, data: Data, durable: bool) -> None:
+        """Write the request under a temp name, so that holding the lock only renames it."""
+        size, crc = 0, 0
+
+        def counted(pieces: Iterable[bytes]) -> Iterable[bytes]:
+            nonlocal size, crc
+            for piece in pieces:
+                size, crc = size + len(piece), zlib.crc32(piece, crc)
+                yield piece
+
+        self.request = _Staged(self.paths.buffer, counted([data] if isinstance(data, bytes)
+                                                          else data), durable)
+        self.fingerprint = (size, crc)
+        self.phase = "written"
+
+    def acquire(self, lock_timeout: Optional[float], retry_interval: float) -> None:
+        """Take the lock, waiting in line while others hold it or wait for it."""
+        asked = time.time()
+        # Nobody waits: ask at once. Else, or if it is taken, join the line.
+        if not os.path.lexists(Line(self.lock.path).directory) and self.lock.try_acquire():
+            self._locked(asked)
+            return
+        line = Line(self.lock.path, self.lock.stale_after)
+        line.join()
+        self.status("queued", at=line.joined, named=line.named)
+        try:
+            with Waiter((), self.poll, self.poll_interval) as waiter:
+                self._wait_in_line(line, waiter, lock_timeout, retry_interval)
+        finally:
+            line.leave()
+
+    def _wait_in_line(self, line: Line, waiter: Waiter, lock_timeout: Optional[float],
+                      retry_interval: float) -> None:
+        """Wait for the file just ahead to go (the ticket ahead; first, the lock), then lock."""
+        start = time.monotonic()
+        next_notice = start
+        tick = _Ticker(self.status, "lock", self.progress)
+        watched, was_ahead = "", -1
         while True:
-            # Once first, a client stays first: later tickets come after it.
-            ahead = 0 if ahead == 0 else line.ahead(recheck=not woken)
-            if ahead == 0:
-                if woken and line.offer and _serving_hand_over(lock.path, paths):
-                    # The server hands the lock on itself a moment after letting
-                    # it go: racing it would leave this client to put its own
-                    # request in place, and the server a wake-up behind.
-                    waiter.wait_for_deletion([line.mine()], HAND_OVER_GRACE)
-                if lock.try_acquire(line):
-                    return arrived / 1e9
-                # A holder's death makes no event: only a wait that timed
-                # out (or the first look) has reason to suspect one.
-                if not woken and not _message_waiting(paths.buffer) and _break_stale(lock, paths):
+            ahead, before = line.ahead()
+            if 0 <= ahead < was_ahead:
+                waiter.progress(f"{ahead} ahead in line for {self.lock.path}")
+            was_ahead = ahead
+            target = before or self.lock.path
+            if target != watched:
+                # Watched before it is looked at, so that its going is not missed.
+                if waiter.watch_files([target]):
+                    watched = target
+                    continue
+                if before:
+                    continue          # the ticket ahead went meanwhile
+            stale_in = float("inf")
+            if not before:
+                if self.lock.try_acquire():
+                    waiter.progress(f"lock {self.lock.path} free")
+                    self._locked(line.named)
+                    return
+                if watched != target:
+                    continue          # taken meanwhile: watch it, then look again
+                stale_in = self._clear_stale_lock()
+                if stale_in <= 0:
+                    watched = ""
                     continue
             now = time.monotonic()
             if lock_timeout is not None and now - start >= lock_timeout:
-                raise LockTimeout(lock.path, lock_timeout)
+                raise LockTimeout(self.lock.path, lock_timeout)
             if now >= next_notice:
-                status("busy", ahead=ahead + 1)     # + 1: the client being served
-                log.debug("waiting in line for %s: %d ahead", lock.path, ahead + 1)
+                self.status("busy", ahead=ahead + 1)     # + 1: the client being served
+                log.debug("waiting in line for %s: %d ahead", self.lock.path, ahead + 1)
                 next_notice = now + retry_interval
-            wake = min(next_notice - now, tick(now))
-            if waiter.fd is None:
-                wake = min(wake, retry_interval)    # polling: the spec's retry pace
+            wake = min(next_notice - now, tick(now), stale_in)
             if lock_timeout is not None:
                 wake = min(wake, start + lock_timeout - now)
-            # Woken only when the file just ahead goes: the ticket ahead, or,
-            # first in line, the lock, or its own ticket, made the lock by the
-            # server; a directory's every change would wake a long line more
-            # often than the server answers.
-            watched = [line.before()] if ahead else [lock.path, line.mine()]
-            woken = waiter.wait_for_deletion([p for p in watched if p], wake)
-    except BaseException:
-        # First out of the server's reach, then, if it handed this client the
-        # lock meanwhile, out of the buffer, with the lock let go.
-        outgoing.withdraw_offer()
-        handed = line.handed(lock.path)
-        if handed is not None:
-            lock.hold(handed)
-            _give_up(paths, lock, outgoing.fingerprint)
-        raise
-    finally:
-        line.leave()
+            if waiter.wait(wake) == EVENT:
+                watched = ""         # its file may be gone, or another file has its name
 
+    def _clear_stale_lock(self) -> float:
+        """Remove the lock if its holder is gone; return 0 then, else seconds until it may be.
 
-def _serving_hand_over(lock_path: str, paths: Paths) -> bool:
-    """True if the lock is free and a filechat server, which hands it on, is running."""
-    return _lstat_or_none(lock_path) is None and running_server(paths.presence) is not None
+        Only while no complete message waits: a dead holder's sent message
+        is the server's to clear, with the lock. A lock whose holder cannot
+        be checked becomes stale by age, with no event: the caller wakes then.
+        """
+        holder = inspect_holder(self.lock.path)
+        if holder is None:
+            return 0.0
+        if _message_waiting(self.paths.buffer):
+            return float("inf")
+        reason = stale_reason(holder, self.lock.stale_after)
+        if reason:
+            if self.lock.break_stale():
+                log.warning("removed stale lock %s: %s", self.lock.path, reason)
+                sweep_leftovers([os.path.dirname(os.path.abspath(self.lock.path))])
+            return 0.0
+        if holder.owner is not None and holder.owner.host == HOST:
+            return float("inf")       # its holder's death will show as an event
+        return self.lock.stale_after - holder.age + 0.01
 
+    def _locked(self, asked: float) -> None:
+        """Note that the lock is held, asked for at asked (seconds since the epoch)."""
+        self.phase = "locked"
+        self.status("locked", asked=asked)
+        _crash_point("client-locked")
 
-def _break_stale(lock: Lock, paths: Paths) -> bool:
-    """Remove the lock if its holder is gone; True if removed.
+    def put_in_place(self) -> None:
+        """Rename the request to the buffer: holding the lock, whatever is there is a leftover."""
+        assert self.request is not None
+        self.request.put(replace=True)
+        self.phase = "sent"
+        _crash_point("client-sent")
+        self.status("sent")
+        self.status("waiting")
 
-    Only while no complete message waits: a dead holder's sent message is
-    the server's to clear, with the lock.
-    """
-    reason = lock.break_stale()
-    if reason:
-        log.warning("removed stale lock %s: %s", lock.path, reason)
-        sweep_leftovers(paths.directories())
-    return reason is not None
+    def await_reply(self, timeout: float, sink: Optional[IO[str]]) -> Tuple[str, bool]:
+        """Wait for the complete reply and return it as (text, is_error); delete the file.
+
+        With sink, the reply is copied there and ("", False) returned; an
+        error reply is returned, not copied. Then the lock is let go of.
+        """
+        paths = self.paths
+        watched = (self.response_path, paths.lock, paths.presence,
+                   paths.rejection(self.response_path))
+        with Waiter(watched, self.poll, self.poll_interval) as waiter:
+            deadline = time.monotonic() + timeout
+            server_up: Optional[bool] = None
+            tick = _Ticker(self.status, "reply", self.progress)
+            while True:
+                # Its server's death closes the presence file: watched before it is looked at.
+                waiter.watch_files([paths.presence])
+                end = self._reply_end()
+                if end is not None:
+                    waiter.progress(f"reply in {self.response_path}")
+                    break
+                up = running_server(paths.presence) is not None
+                if up != server_up:
+                    if server_up is not None:
+                        waiter.progress(f"server on {paths.buffer} {'up' if up else 'gone'}")
+                        self.status("server-started" if up else "server-stopped")
+                    elif not up:
+                        # Gone already at the first look, it may still have taken the
+                        # message first (its claim is left): it ran, and stopped.
+                        self.status("server-stopped" if paths.claims() else "no-server")
+                    server_up = up
+                _crash_point("client-waiting")
+                now = time.monotonic()
+                if now >= deadline:
+                    withdrawn = self.give_up()
+                    raise ReplyTimeout(self.response_path, timeout, paths.buffer, withdrawn,
+                                       running_server(paths.presence) is not None)
+                waiter.wait(min(deadline - now, tick(now)))
+            self._await_release(waiter)
+        self.status("received")
+        try:
+            return _read_reply(self.response_path, end, sink)
+        finally:
+            # The response file goes after the release, so that a server restarted
+            # before it sees the message was answered.
+            _unlink_quietly(self.response_path)
+            self.lock.close()
+            self.phase = "done"
+
+    def _reply_end(self) -> Optional[Tuple[int, bool]]:
+        """Return (where the reply's text ends, is_error) once the reply is complete.
+
+        Complete means ended by ESC, or, from a spec-following server that
+        writes no ESC, written and the lock released (such a server writes
+        the reply, then removes the lock). A note from the server saying why
+        it will not write the reply raises Rejected.
+        """
+        end = _reply_extent(self.response_path)
+        if end is not None or self.lock.still_held():
+            return end
+        end = _reply_extent(self.response_path, unended=True)    # read after the release
+        if end is not None:
+            return end
+        note = self.paths.rejection(self.response_path)
+        reason = read_or_none(note)
+        if reason is not None:
+            _unlink_quietly(note)
+            raise Rejected(reason.decode("utf-8", "replace"))
+        return None
+
+    def _await_release(self, waiter: Waiter) -> None:
+        """Wait (briefly) until the server has removed the lock.
+
+        A lock whose flock is free counts as stale, so letting go earlier would
+        invite waiters to break a lock the server is about to remove itself.
+        """
+        deadline = time.monotonic() + RELEASE_GRACE
+        while self.lock.still_held() and waiter.wait(deadline - time.monotonic()) != DEADLINE:
+            pass
+        if not self.lock.still_held():
+            waiter.progress(f"lock {self.lock.path} released")
+
+    def give_up(self) -> bool:
+        """Withdraw a message no server is answering, let go of the lock; True if withdrawn."""
+        withdrawn = False
+        if self.phase == "sent":
+            withdrawn = _withdraw(self.paths.buffer, self.fingerprint)
+            if not withdrawn and running_server(self.paths.presence) is None:
+                # Claimed by a server that has stopped since: nobody is answering it.
+                withdrawn = any(_withdraw(claim, self.fingerprint)
+                                for claim in self.paths.claims())
+            _unlink_quietly(self.response_path)   # a reply that came too late
+        if self.phase in ("locked", "sent"):
+            self.lock.release()
+        if self.request is not None:
+            self.request.discard()
+        self.phase = "done"
+        return withdrawn
 
 
 def _message_waiting(buffer: str) -> bool:
@@ -2400,124 +1711,51 @@ def _message_waiting(buffer: str) -> bool:
     return data is not None and END_MARKER.encode() in data
 
 
-def _await_reply(paths: Paths, response_path: str, lock: Lock, waiter: Waiter,
-                 timeout: float, data: Fingerprint, status: Status,
-                 progress: Optional[float], stream: bool) -> Tuple[str, bool]:
-    """Wait for the complete reply and return it (see _read_reply)."""
-    deadline = time.monotonic() + timeout
-    server_up: Optional[bool] = None
-    tick = _Ticker(status, "reply", progress)
-    # What can end this wait: the reply, the lock's release, the server
-    # coming or going, or a note saying why the reply will not come.
-    presence = os.path.basename(paths.presence)
-    names = {os.path.basename(p) for p in (response_path, lock.path, paths.presence,
-                                           paths.rejection(response_path))}
-    seen: Optional[Set[str]] = None
-    while True:
-        reply = _read_reply(paths, response_path, lock, stream)
-        if reply is not None:
-            return reply
-        # A server that starts or stops changes its presence file; one that
-        # is killed only lets go of its flock, which the safety re-check sees.
-        if seen is None or presence in seen:
-            up = running_server(paths.presence) is not None
-            if up != server_up:
-                if not up:
-                    # Gone already at the first look, it may still have taken
-                    # the message first (its claim is left): it ran, and stopped.
-                    ran = server_up is not None or bool(paths.claims())
-                    status("server-stopped" if ran else "no-server")
-                elif server_up is not None:
-                    status("server-started")
-                server_up = up
-        _crash_point("client-waiting")
-        now = time.monotonic()
-        if now >= deadline:
-            withdrawn = _give_up(paths, lock, data)
-            up = running_server(paths.presence) is not None
-            raise ReplyTimeout(response_path, timeout, paths.buffer, withdrawn, up)
-        seen = waiter.wait(min(deadline - now, tick(now)), names)
+def _reply_extent(path: str, unended: bool = False) -> Optional[Tuple[int, bool]]:
+    """Return (the length of the reply's text, is_error) if path holds a complete reply.
 
-
-def _read_reply(paths: Paths, response_path: str, lock: Lock,
-                stream: bool) -> Optional[Tuple[str, bool]]:
-    """Return the reply if complete: ended by ESC, or by the server releasing the lock.
-
-    As (text, is_error); with stream, as ("", is_error) once it is
-    complete, for _copy_reply to read when the exchange is over.
+    Read a piece at a time to its first ESC; unended: a reply without ESC is
+    complete at the end of the file.
     """
-    reply = _parse_reply_file(response_path, stream)
-    if reply is not None or lock.still_held():
-        return reply
-    # Read again now: a server that writes no ESC writes the reply, then
-    # removes the lock, so a reply read after the release is whole.
-    reply = _parse_reply_file(response_path, stream) or _unended_reply(response_path, stream)
-    if reply is not None:
-        return reply
-    note = paths.rejection(response_path)
-    reason = read_or_none(note)
-    if reason is not None:
-        _unlink_quietly(note)
-        raise Rejected(reason.decode("utf-8", "replace"))
-    return None
-
-
-def _parse_reply_file(path: str, stream: bool) -> Optional[Tuple[str, bool]]:
-    """Return the reply in path if it is ended by ESC (see _read_reply)."""
-    if not stream:
-        return parse_file(path, parse_reply, _parse_large_reply)
-    extent = parse_file(path, _reply_extent, _large_reply_extent)
-    return None if extent is None else ("", extent[1])
-
-
-def _unended_reply(path: str, stream: bool) -> Optional[Tuple[str, bool]]:
-    """Return a reply with no end marker, the whole file, as _read_reply does."""
     fd = _open_to_read(path)
     if fd is None:
         return None
     try:
-        return "" if stream else _TextToMarker(fd, 0, "replace").join(), False
+        offset = 0
+        for piece in iter(lambda: os.read(fd, READ_SIZE), b""):
+            found = piece.find(END_MARKER.encode())
+            if found >= 0:
+                os.lseek(fd, offset + found, os.SEEK_SET)
+                return offset + found, os.read(fd, 2) == ERROR_MARKER.encode()
+            offset += len(piece)
+        return (offset, False) if unended else None
     finally:
         os.close(fd)
 
 
-def _copy_reply(path: str, sink: IO[str], is_error: bool) -> Tuple[str, bool]:
-    """Write the reply _read_reply found complete to sink; return ("", False).
+def _read_reply(path: str, end: Tuple[int, bool], sink: Optional[IO[str]]) -> Tuple[str, bool]:
+    """Return the complete reply in path as (text, is_error), or copy it to sink.
 
-    An error reply is not written but returned, as (its text, True).
+    A reply copied to sink is decoded a piece at a time, never held whole,
+    and ("", False) returned; an error reply is returned, not copied.
     """
+    length, is_error = end
     fd = _open_to_read(path)
     if fd is None:
         raise FileNotFoundError(errno.ENOENT, "the reply was removed before it was read", path)
     try:
-        if is_error:
-            return _TextToMarker(fd, 0, "replace").join(), True
-        for piece in _TextToMarker(fd, 0, "replace"):
-            sink.write(piece)
+        if sink is None or is_error:
+            return str(os.read(fd, length), "utf-8", "replace"), is_error
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        while length > 0:
+            piece = os.read(fd, min(length, READ_SIZE))
+            if not piece:
+                break
+            length -= len(piece)
+            sink.write(decoder.decode(piece, final=length <= 0))
         return "", False
     finally:
         os.close(fd)
-
-
-def _await_release(lock: Lock, waiter: Waiter) -> None:
-    """Wait (briefly) until the server has removed the lock.
-
-    A lock whose flock is free counts as stale, so letting go earlier would
-    invite waiters to break a lock the server is about to remove itself.
-    """
-    deadline = time.monotonic() + RELEASE_GRACE
-    while lock.still_held() and time.monotonic() < deadline:
-        waiter.wait(deadline - time.monotonic(), {os.path.basename(lock.path)})
-
-
-def _give_up(paths: Paths, lock: Lock, data: Fingerprint) -> bool:
-    """Withdraw the message if no server is answering it, release the lock; True if withdrawn."""
-    withdrawn = _withdraw(paths.buffer, data)
-    if not withdrawn and running_server(paths.presence) is None:
-        # Claimed by a server that has stopped since: nobody is answering it.
-        withdrawn = any(_withdraw(claim, data) for claim in paths.claims())
-    lock.release()
-    return withdrawn
 
 
 def _withdraw(path: str, data: Fingerprint) -> bool:
@@ -2528,27 +1766,30 @@ def _withdraw(path: str, data: Fingerprint) -> bool:
     # A server that follows only the spec empties the buffer in place, so the
     # content, not only the file's identity, tells whether it is still ours.
     content = read_or_none(path)
-    return (content is not None and _fingerprint(content) == data
+    return (content is not None and (len(content), zlib.crc32(content)) == data
             and remove_if_same(path, identity))
 
 
 # --- Server ---
 
-class Request(NamedTuple):
+class Request:
     """One message as the server received it."""
 
-    message: str
-    response_path: str     # absolute
-    buffer: str
+    __slots__ = ("buffer", "message", "response_path")
+
+    def __init__(self, message: str, response_path: str, buffer: str) -> None:
+        self.message = message
+        self.response_path = response_path     # absolute
+        self.buffer = buffer
+
+    def __repr__(self) -> str:
+        return (f"Request(message={self.message!r}, response_path={self.response_path!r}, "
+                f"buffer={self.buffer!r})")
 
 
 if TYPE_CHECKING:
     Responder = Callable[[Request], str]
     Report = Callable[..., None]
-
-
-def _ignore(event: str, **info: object) -> None:
-    """Ignore a server event."""
 
 
 def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = None,
@@ -2563,34 +1804,34 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
     request's response file and removes the lock. A responder that raises
     HookError gets the client an error reply instead. Replies are written
     only into the buffer's directory and allow_dirs. ``report(event,
-    **info)`` hears "ready", "received", "replied", "failed", "rejected",
-    "discarded" and "released". Returns the number of messages handled;
-    runs until interrupted if max_messages is None.
+    **info)`` hears "ready", "idle", "received", "replied", "failed",
+    "rejected", "discarded" and "released". Returns the number of messages
+    handled; runs until interrupted if max_messages is None.
 
     Raises UsageError for unusable paths and AlreadyServing if a live
     server already serves buffer.
     """
-    paths = Paths.of(buffer, lock_path)
+    paths = Paths(buffer, lock_path)
     check_buffer_path(buffer, paths.lock)
-    server = _Server(paths, responder, _allowed_directories(buffer, allow_dirs), max_bytes,
-                     stale_after, durable, report)
+    allowed = _allowed_directories(buffer, allow_dirs)
     presence = Presence(paths.presence, durable)
     presence.start()
-    handled = 0
+    server = _Server(paths, responder, allowed, max_bytes, durable, report)
     try:
-        sweep_leftovers(server.allowed)
+        sweep_leftovers(allowed)
         report("ready", buffer=buffer, lock_path=paths.lock)
-        with Waiter(paths.directories(), poll, poll_interval, SERVER_EVENTS) as waiter:
+        with Waiter([buffer], poll, poll_interval) as waiter:
             # Messages claimed by a server that stopped before answering come first.
-            pending = [_Claim(path, None, None) for path in paths.claims()]
-            while max_messages is None or handled < max_messages:
-                server.answer(pending.pop(0) if pending else server.next_claim(waiter, presence))
-                handled += 1
+            pending = paths.claims()
+            while max_messages is None or server.handled < max_messages:
+                claim = (server.restore(pending.pop(0)) if pending
+                         else server.next_claim(waiter, presence))
+                server.answer(claim, waiter)
     finally:
-        server.close()
-        sweep_leftovers(server.allowed, mine=True)
+        Line(paths.lock, stale_after).clear()
+        sweep_leftovers(allowed, mine=True)
         presence.withdraw()
-    return handled
+    return server.handled
 
 
 def _allowed_directories(buffer: str, allow_dirs: Sequence[str]) -> List[str]:
@@ -2603,160 +1844,247 @@ def _allowed_directories(buffer: str, allow_dirs: Sequence[str]) -> List[str]:
     return [os.path.realpath(d) for d in (buffer_dir, *allow_dirs)]
 
 
+class _Client:
+    """The client a message came from, followed through its lock while it is answered.
+
+    The lock is held open for the exchange, so that its inode cannot be
+    reused by another lock meanwhile, and, for a filechat client on this
+    host, so that its flock tells whether the client still lives.
+    """
+
+    def __init__(self, fd: int = -1, token: str = "", watchable: bool = False,
+                 gone: bool = False) -> None:
+        self.fd = fd                  # its lock, open (-1: it came without one)
+        self.token = token
+        self.watchable = watchable    # a local filechat client, whose flock is its life
+        self.gone = gone
+        self.identity = (0, 0)
+        if fd >= 0:
+            st = os.fstat(fd)
+            self.identity = (st.st_dev, st.st_ino)
+
+    @classmethod
+    def of_lock(cls, lock_path: str) -> _Client:
+        """Open the lock in place, which the message about to be claimed came with."""
+        fd = _open_to_read(lock_path)
+        if fd is None:
+            return cls()
+        owner = read_owner(os.read(fd, 4096))
+        return cls(fd, owner.token if owner else "",
+                   owner is not None and owner.host == HOST and sys.platform != "win32")
+
+    def ref(self) -> str:
+        """Return the claim name's suffix for this client's lock: "<inode>-<token>"."""
+        return f"{self.identity[1]}-{self.token}"
+
+    def alive(self) -> bool:
+        """False once the client is known to have ended (its flock is free)."""
+        return not (self.watchable and _flock(self.fd, shared=True))
+
+    def waiting(self, lock_path: str) -> bool:
+        """True if the client has not given up (its lock is in place) nor ended."""
+        if self.fd >= 0 and (_file_id(lock_path) != self.identity or not self.alive()):
+            self.gone = True
+        return not self.gone
+
+    def release_lock(self, lock_path: str) -> None:
+        """Remove the client's lock if it is still the one the message came with."""
+        if self.fd >= 0 and remove_if_same(lock_path, self.identity):
+            log.debug("lock %s removed", lock_path)
+
+    def close(self) -> None:
+        """Stop following the client."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _Claim:
+    """A claimed message: its file, its bytes if read already, and its client."""
+
+    def __init__(self, path: str, data: Optional[bytes], client: _Client) -> None:
+        self.path = path
+        self.data = data
+        self.client = client
+        self.oversize = 0             # bytes of a message over the server's limit
+
+
 class _Server:
     """One server's way of claiming, answering and clearing up messages."""
 
     def __init__(self, paths: Paths, responder: Responder, allowed: List[str], max_bytes: int,
-                 stale_after: float, durable: bool, report: Report) -> None:
+                 durable: bool, report: Report) -> None:
         self.paths = paths
         self.responder = responder
         self.allowed = allowed
         self.max_bytes = max_bytes
-        self.stale_after = stale_after
         self.durable = durable
         self.report = report
-        self.unread: List[_Unread] = []
         self.handled = 0
-        self.chores_done = 0.0
-        self.buffer_name = {os.path.basename(paths.buffer)}
-        self.lock_name = os.path.basename(paths.lock)
-        self.looked: Optional[_Looked] = None    # a new lock: its message comes a moment later
+        self.counted = 0.0            # when the presence file's count was last updated
         self.home = os.path.dirname(os.path.abspath(paths.buffer))
-        self.spares = _Spares(self.home)
-        self.line = Line(paths.lock, stale_after)
+        # The most a whole request of max_bytes can take: path, newline, message, ESC.
+        self.limit = MAX_PATH + 1 + max_bytes + 1
 
     def next_claim(self, waiter: Waiter, presence: Presence) -> _Claim:
-        """Wait for a complete message and claim it by renaming the buffer.
-
-        The claim's name carries the inode of the lock the message came
-        with, so that even a restarted server removes that lock and no other.
-        Chores (orphaned replies, the presence file's count, stale locks)
-        are done once a second, not at every wake-up.
-        """
+        """Wait for a complete message in the buffer and claim it."""
         while True:
-            if time.monotonic() - self.chores_done >= SAFETY_INTERVAL:
-                self._chores(presence)
-            self.spares.make()
             try:
-                ended, data = read_if_ended(self.paths.buffer, END_MARKER.encode())
-                if ended:
-                    client, ref = self._hold_lock()
-                    claim = self.paths.claim_prefix + ref.name()
-                    try:
-                        os.rename(self.paths.buffer, claim)
-                    except BaseException:
-                        client.close()
-                        raise
-                    _crash_point("server-taken")
-                    log.debug("message claimed as %s", claim)
-                    return _Claim(claim, data, client)     # a large one is read once claimed
-            except FileNotFoundError:
-                continue             # withdrawn by its client an instant ago
+                claim = self._claim()
+                if claim is not None:
+                    waiter.progress(f"a message in {self.paths.buffer}")
+                    return claim
             except OSError as exc:
-                self.report("discarded", reason=f"cannot use {exc.filename or self.paths.buffer}: "
-                            f"{exc.strerror or exc}")
+                self.report("discarded", reason=f"cannot use {exc.filename or self.paths.buffer}"
+                            f": {exc.strerror or exc}")
+            # The count in the presence file, for status, at most once a second.
+            due = self.counted + PRESENCE_INTERVAL - time.monotonic()
+            if presence.answered != self.handled and due <= 0:
+                presence.update(self.handled)
+                self.counted = time.monotonic()
             self.report("idle", answered=self.handled)
-            seen = waiter.wait(SAFETY_INTERVAL, self.buffer_name | {self.lock_name})
-            if seen is not None and self.lock_name in seen and not seen & self.buffer_name:
-                self._look_at_lock()
+            waiter.wait(due if presence.answered != self.handled else float("inf"))
 
-    def _chores(self, presence: Presence) -> None:
-        """Do what need not delay an answer: orphans, the presence file, stale locks, the line."""
-        self.chores_done = time.monotonic()
-        self.forget_orphans()
-        self.line.clear()
-        if presence.answered != self.handled:
-            presence.update(self.handled)
-        data = read_or_none(self.paths.buffer)
-        if not data or END_MARKER.encode() not in data:
-            self._clear_stale_lock(data)
+    def _claim(self) -> Optional[_Claim]:
+        """Claim a complete message by renaming the buffer; None if there is none.
 
-    def _clear_stale_lock(self, data: Optional[bytes]) -> None:
-        """Remove a lock whose holder died before sending, with any half-written message."""
-        holder = inspect_holder(self.paths.lock)
-        reason = None if holder is None else stale_reason(holder, self.stale_after)
-        if holder is None or reason is None:
-            return
-        if data:
-            buffer = _file_id(self.paths.buffer)
-            if buffer is not None and remove_if_same(self.paths.buffer, buffer):
-                self.report("discarded", reason=f"half a message in {self.paths.buffer} from a "
-                            "client that stopped while writing it")
-        if break_stale_lock(self.paths.lock, self.stale_after):
-            log.warning("removed stale lock %s: %s", self.paths.lock, reason)
-            sweep_leftovers(self.allowed)
-
-    def answer(self, claimed: _Claim) -> None:
-        """Answer one claimed message, then free the lock it came with and the claim."""
-        claim = claimed.path
-        client = claimed.client
-        if client is None:
-            ref = _LockRef.parse(claim[len(self.paths.claim_prefix):]) or _LockRef(0, "")
-            client = self._client(ref)
+        The claim's name carries the inode and token of the lock the message
+        came with, so that even a restarted server removes that lock and no other.
+        """
+        fd = _open_to_read(self.paths.buffer)
+        if fd is None:
+            return None
         try:
-            self._answer(claimed, client)
-        except OSError as exc:
-            self.report("discarded", reason=f"cannot use {exc.filename or claim}: "
-                        f"{exc.strerror or exc}")
+            st = os.fstat(fd)
+            data = _read_fd(fd, self.limit)
+            if data is None:              # too long to read: complete if it ends in ESC
+                os.lseek(fd, -1, os.SEEK_END)
+                complete = os.read(fd, 1) == END_MARKER.encode()
+            else:
+                complete = END_MARKER.encode() in data
+        finally:
+            os.close(fd)
+        if not complete:
+            return None                   # a peer writing it in place is not done
+        client = _Client.of_lock(self.paths.lock)
+        claim = self.paths.claim_prefix + client.ref()
+        try:
+            os.rename(self.paths.buffer, claim)
         except BaseException:
             client.close()
+            if sys.exc_info()[0] is FileNotFoundError:
+                return None               # withdrawn by its client an instant ago
             raise
-        # Not on Ctrl+C: a message being answered stays claimed for the next server.
-        self._release(client, claim)
-        if client.watchable and client.reply is not None:
-            self.unread.append(_Unread(client.reply[0], client.reply[1], client.fd))
-        else:
-            client.close()
-        self.handled += 1
-        self.report("released", lock_path=self.paths.lock)
+        _crash_point("server-taken")
+        log.debug("message claimed as %s", claim)
+        if _file_id(claim) != (st.st_dev, st.st_ino):
+            data = None                   # replaced since it was read: read it again
+        return _Claim(claim, data, client)
 
-    def _answer(self, claimed: _Claim, client: _Client) -> None:
-        """Check the claimed message, obtain its reply and publish it."""
+    def restore(self, claim: str) -> _Claim:
+        """Take up a message that a server claimed before it stopped."""
+        inode, token = _claim_ref(claim[len(self.paths.claim_prefix):]) or (0, "")
+        if inode == 0:
+            return _Claim(claim, None, _Client())        # sent without a lock
+        client = _Client.of_lock(self.paths.lock)
+        if client.identity[1] != inode or client.token != token:
+            client.close()
+            client = _Client(gone=True)                  # the client gave up: another's lock
+        return _Claim(claim, None, client)
+
+    def answer(self, claim: _Claim, waiter: Waiter) -> None:
+        """Answer one claimed message, then free the lock it came with and the claim."""
+        replied = False
         try:
-            parsed = (parse_request(claimed.data) if claimed.data is not None
-                      else parse_file(claimed.path, parse_request, _parse_large_request))
+            try:
+                request = self._request(claim)
+                if request is not None:
+                    replied = self._reply(request, claim, waiter)
+            except OSError as exc:
+                self.report("discarded", reason=f"cannot use {exc.filename or claim.path}: "
+                            f"{exc.strerror or exc}")
+            # Not on an exception (Ctrl+C, a responder that cannot go on): a
+            # message being answered stays claimed for the next server.
+            self._release(claim)
+        finally:
+            claim.client.close()
+            waiter.watch_files([])
+        self.handled += 1
+        if not replied:
+            self.report("released", lock_path=self.paths.lock)
+
+    def _request(self, claim: _Claim) -> Optional[Request]:
+        """Read and check the claimed message; None if there is nothing to answer."""
+        data = claim.data if claim.data is not None else read_or_none(claim.path, self.limit)
+        claim.data = None
+        if data is None:
+            data = self._too_long(claim)
+        end, newline = data.find(END_MARKER.encode()), data.find(b"\n")
+        if 0 <= newline < end and end - newline - 1 > self.max_bytes:
+            claim.oversize = end - newline - 1
+        try:
+            parsed = parse_request(data)
         except ValueError as exc:
             self.report("discarded", reason=f"malformed message in {self.paths.buffer}: {exc}")
-            return
+            return None
+        del data
         if parsed is None:
-            self.report("discarded", reason=f"incomplete message in {claimed.path}")
-            return
+            self.report("discarded", reason=f"incomplete message in {claim.path}")
+            return None
         raw_path, message = parsed
         request = Request(message, os.path.abspath(raw_path), self.paths.buffer)
         problem = self._target_problem(request.response_path)
         if problem is _ANSWERED:
             self.report("discarded", reason=f"{raw_path} was answered before a restart",
                         request=request)
-            return
+            return None
         if problem is not None:
             self._reject(raw_path, request, problem)
-            return
-        if not client.waiting(self.paths.lock):
+            return None
+        if not claim.client.waiting(self.paths.lock):
             self.report("discarded", reason=f"the client for {raw_path} has gone",
                         request=request)
-            return
+            return None
         self.report("received", request=request)
-        self._reply(request, client, claimed.path)
+        return request
 
-    def _reply(self, request: Request, client: _Client, claim: str) -> None:
-        """Obtain the reply and publish it, taking it back if its client has gone meanwhile."""
-        failure = None
-        message = request.message
-        size = len(message) if message.isascii() else len(message.encode("utf-8"))
+    def _too_long(self, claim: _Claim) -> bytes:
+        """Return a stand-in for a message too long to read: its response path, no text.
+
+        The path is read from the head of the file, so that the client hears
+        at once why there is no reply (claim.oversize says the size).
+        """
+        fd = _open_to_read(claim.path)
+        if fd is None:
+            raise FileNotFoundError(errno.ENOENT, "the claimed message went away", claim.path)
         try:
-            if size > self.max_bytes:
-                raise HookError(f"the message is {size} bytes, over this server's limit of "
-                                f"{self.max_bytes} (--max-bytes)")
+            head = os.read(fd, MAX_PATH + 1).partition(b"\n")[0]
+            claim.oversize = os.fstat(fd).st_size - len(head) - 2
+        finally:
+            os.close(fd)
+        return head + b"\n" + END_MARKER.encode()
+
+    def _reply(self, request: Request, claim: _Claim, waiter: Waiter) -> bool:
+        """Obtain the reply and publish it; watch it until it is read, if its client can be.
+
+        True if the reply was delivered (and the lock's release reported).
+        """
+        failure = None
+        try:
+            if claim.oversize:
+                raise HookError(f"the message is {claim.oversize} bytes, over this server's "
+                                f"limit of {self.max_bytes} (--max-bytes)")
             text = self.responder(request)
-            data = reply_pieces(text)
+            data = encode_reply(text)
         except (HookError, FramingError) as exc:
             failure = str(exc)
             text = f"filechat server: {failure}\n"
-            data = reply_parts(text, error=True)
-        publish_new(request.response_path, data, self.durable,
-                    self.spares.take(request.response_path))
+            data = encode_reply(text, error=True)
+        publish(request.response_path, data, durable=self.durable)
+        del data
         _crash_point("server-replied")
         reply = _file_id(request.response_path)
+        client = claim.client
         # Looked at once the reply is out, not before: the client reads it
         # meanwhile. One whose client has gone is taken back.
         if not client.waiting(self.paths.lock):
@@ -2764,95 +2092,51 @@ class _Server:
                 remove_if_same(request.response_path, reply)
             self.report("discarded", reason=f"the client for {request.response_path} has gone",
                         request=request)
-            return
-        self._release(client, claim)             # at once: the client waits for this
-        client.reply = (request.response_path, reply)
+            return False
+        # Watched before the lock goes: the client's death closes its lock.
+        watching = (client.watchable and reply is not None
+                    and waiter.watch_files([self.paths.lock, request.response_path]))
+        self._release(claim)             # at once: the client waits for this
         log.debug("reply published in %s", request.response_path)
         self.report("failed" if failure else "replied", request=request, reason=failure,
                     reply=text)
+        self.report("released", lock_path=self.paths.lock)
+        if watching and reply is not None:
+            self._see_read(request.response_path, reply, client, waiter)
+        return True
 
-    def _release(self, client: _Client, claim: str) -> None:
-        """Remove the client's lock and the claim, and hand the lock on, once per message.
+    def _see_read(self, path: str, reply: Tuple[int, int], client: _Client,
+                  waiter: Waiter) -> None:
+        """Wait until the client has read its reply, or remove the reply if the client died.
+
+        A client killed between the reply's arrival and its reading would
+        leave the file for nobody. A client that reads it later than
+        CONSUME_GRACE is left to read it alone.
+        """
+        deadline = time.monotonic() + CONSUME_GRACE
+        while _file_id(path) == reply:
+            if not client.alive():
+                remove_if_same(path, reply)
+                self.report("discarded", reason=f"removed the reply {path}: its client ended "
+                            "without reading it")
+                return
+            if waiter.wait(deadline - time.monotonic()) == DEADLINE:
+                log.debug("reply %s not read within %g s; left to its client", path,
+                          CONSUME_GRACE)
+                return
+        waiter.progress(f"reply {path} read")
+
+    def _release(self, claim: _Claim) -> None:
+        """Remove the client's lock and the claim, once per message.
 
         The lock goes first: its client waits for that. The claim goes at
-        once after it, so that a Ctrl+C now leaves no answered message to
-        be taken up again by the next server.
+        once after it, so that a Ctrl+C now leaves no answered message to be
+        taken up again by the next server.
         """
-        if client.release_lock(self.paths.lock):
-            _unlink_quietly(claim)
-            if self.line.hand_over(self.paths.lock, self.paths.buffer, self.durable):
-                log.debug("lock %s handed to the next in line", self.paths.lock)
-
-    def close(self) -> None:
-        """Let go of what the server holds between messages; clear dead waiters' tickets."""
-        self.spares.close()
-        self._forget_look()
-        self.forget_orphans()
-        self.line.clear()
-
-    def _look_at_lock(self) -> None:
-        """Open a lock that has just appeared, while its client writes its message."""
-        self._forget_look()
-        fd = _open_to_read(self.paths.lock)
-        if fd is not None:
-            st = os.fstat(fd)
-            self.looked = _Looked(*self._describe(fd), (st.st_dev, st.st_ino, st.st_size))
-
-    def _forget_look(self) -> None:
-        """Close the lock opened ahead, if any."""
-        if self.looked is not None:
-            self.looked.client.close()
-            self.looked = None
-
-    def _hold_lock(self) -> Tuple[_Client, _LockRef]:
-        """Open the lock a message is about to be claimed with; describe it.
-
-        One opened as it appeared is used if it is still the file in place,
-        unchanged: the exchange is spared opening and reading it.
-        """
-        looked, self.looked = self.looked, None
-        if looked is not None:
-            st = _lstat_or_none(self.paths.lock)
-            if st is not None and (st.st_dev, st.st_ino, st.st_size) == looked.was:
-                return looked.client, looked.ref
-            looked.client.close()
-        fd = _open_to_read(self.paths.lock)
-        if fd is None:
-            return _Client(-1, False, False), _LockRef(0, "")
-        return self._describe(fd)
-
-    def _describe(self, fd: int) -> Tuple[_Client, _LockRef]:
-        """Return the client whose lock is open as fd, and the lock's reference."""
-        owner = read_owner(os.read(fd, 4096))
-        client = _Client(fd, owner is not None and owner.host == HOST and sys.platform != "win32",
-                         False)
-        return client, _LockRef(client.inode, owner.token if owner else "")
-
-    def _client(self, ref: _LockRef) -> _Client:
-        """Open the lock a message came with, to follow its client while answering."""
-        if ref.inode == 0:
-            return _Client(-1, False, False)       # sent without a lock: nothing to follow
-        fd = _open_to_read(self.paths.lock)
-        if fd is None:
-            return _Client(-1, False, True)
-        client, found = self._describe(fd)
-        if found != ref:
-            client.close()
-            return _Client(-1, False, True)        # the client gave up: another's lock now
-        return client
-
-    def forget_orphans(self) -> None:
-        """Delete replies whose clients died before reading them."""
-        for unread in list(self.unread):
-            current = _file_id(unread.path)
-            if current == unread.identity and not _flock(unread.watch, shared=True):
-                continue                       # still waiting to be read
-            self.unread.remove(unread)
-            os.close(unread.watch)
-            if current == unread.identity and unread.identity is not None:
-                remove_if_same(unread.path, unread.identity)
-                self.report("discarded", reason=f"removed the reply {unread.path}: its client "
-                            "ended without reading it")
+        if claim.path:
+            claim.client.release_lock(self.paths.lock)
+            _unlink_quietly(claim.path)
+            claim.path = ""
 
     def _target_problem(self, path: str) -> Optional[str]:
         """Return why the reply must not be written to path, or None if it may."""
@@ -2868,14 +2152,13 @@ class _Server:
                    for a in self.allowed):
             return (f"it is outside the directories this server writes to "
                     f"({', '.join(self.allowed)}); the server can allow more with --allow-dir")
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
+        st = _lstat_or_none(path)
+        if st is None:
             return None
         if stat.S_ISLNK(st.st_mode):
             return "it is a symbolic link, which the server never follows"
-        if stat.S_ISDIR(st.st_mode):
-            return "it is a directory"
+        if not stat.S_ISREG(st.st_mode):
+            return "it is a directory" if stat.S_ISDIR(st.st_mode) else "it is not a regular file"
         existing = read_or_none(path)
         if existing is not None and parse_reply(existing) is not None:
             return _ANSWERED
@@ -2884,148 +2167,12 @@ class _Server:
     def _reject(self, raw_path: str, request: Request, problem: str) -> None:
         """Tell the client at once why its reply cannot be delivered."""
         reason = f"the server will not write the reply to {raw_path}: {problem}"
-        note = self.paths.rejection(raw_path)
-        _unlink_quietly(note)            # an unread note about an earlier message
-        publish_new(note, reason.encode("utf-8"), self.durable)
+        publish(self.paths.rejection(raw_path), reason.encode("utf-8"), replace=True,
+                durable=self.durable)
         self.report("rejected", request=request, reason=reason)
 
 
-class _Spares:
-    """The file of the server's next reply, made ahead while the server is idle.
-
-    Creating a file is the slowest step of an exchange on some filesystems
-    (up to half a millisecond on ext4 without a journal), so the server
-    makes the next reply's file (an unnamed file, O_TMPFILE, in the buffer's
-    directory) between messages, rather than while a client waits for it.
-    Where there are no unnamed files, replies are created as they go.
-    """
-
-    def __init__(self, home: str) -> None:
-        self.home = home
-        self.ready: Optional[Unnamed] = None
-        self.made_in = (0, 0)            # the directory the ready file was made in
-
-    def make(self) -> None:
-        """Make the next reply's file, unless it is made already."""
-        if self.ready is None:
-            self.ready = open_unnamed(self.home)
-            if self.ready is not None:
-                directory = os.fstat(self.ready.directory)
-                self.made_in = (directory.st_dev, directory.st_ino)
-
-    def take(self, path: str) -> Optional[Unnamed]:
-        """Return the ready file if it was made where path goes (None: create one)."""
-        spare, self.ready = self.ready, None
-        if spare is not None and os.path.dirname(path) == self.home:
-            # Still the same directory: it may have been replaced while idle.
-            try:
-                now = os.stat(self.home)
-            except OSError:
-                now = None
-            if now is not None and (now.st_dev, now.st_ino) == self.made_in:
-                return spare
-        close_unnamed(spare)
-        return None
-
-    def close(self) -> None:
-        """Drop the ready file."""
-        close_unnamed(self.ready)
-        self.ready = None
-
-
-class _LockRef(NamedTuple):
-    """Which lock a claimed message came with: its inode and its holder's token.
-
-    The inode alone could be reused by a later lock once its client has died;
-    the token (empty for a lock that names nobody) tells them apart.
-    """
-
-    inode: int
-    token: str
-
-    @classmethod
-    def parse(cls, text: str) -> Optional[_LockRef]:
-        """Read a claim name's suffix, "<inode>-<token>"; None if it is not one."""
-        inode, dash, token = text.partition("-")
-        if not (inode.isdigit() and dash and all(c in "0123456789abcdef" for c in token)):
-            return None
-        return cls(int(inode), token)
-
-    def name(self) -> str:
-        """Return the claim name's suffix for this lock."""
-        return f"{self.inode}-{self.token}"
-
-
-class _Looked(NamedTuple):
-    """A lock opened as it appeared, ahead of its message."""
-
-    client: _Client
-    ref: _LockRef
-    was: Tuple[int, int, int]     # its device, inode and size then: is it still the lock?
-
-
-class _Claim(NamedTuple):
-    """A claimed message: its file, and, when just claimed, its bytes and its client."""
-
-    path: str
-    data: Optional[bytes]
-    client: Optional[_Client]
-
-
-class _Client:
-    """The client a message came from, followed through its lock while it is answered."""
-
-    def __init__(self, fd: int, watchable: bool, gone: bool) -> None:
-        self.fd = fd                  # its lock, held open (-1 if none)
-        self.watchable = watchable    # a local filechat client, whose flock is its life
-        self.gone = gone
-        self.released = False
-        # Held open, the lock's inode cannot be reused by another lock.
-        self.inode = os.fstat(fd).st_ino if fd >= 0 else 0
-        self.reply: Optional[Tuple[str, Optional[Tuple[int, int]]]] = None
-
-    def waiting(self, lock_path: str) -> bool:
-        """True if the client has not given up (its lock is in place) nor ended."""
-        if self.gone:
-            return False
-        if self.fd < 0:
-            return True               # no lock to follow: assume it waits
-        lock = _file_id(lock_path)
-        if lock is None or lock[1] != self.inode:
-            self.gone = True
-        elif self.watchable and _flock(self.fd, shared=True):
-            self.gone = True          # its flock died with it
-        return not self.gone
-
-    def release_lock(self, lock_path: str) -> bool:
-        """Remove the client's lock if it is still the one the message came with.
-
-        Once: True the first time, when the lock is let go (or had none).
-        """
-        if self.released:
-            return False
-        self.released = True
-        lock = _file_id(lock_path) if self.fd >= 0 else None
-        if lock is not None and lock[1] == self.inode:
-            _unlink_quietly(lock_path)
-        return True
-
-    def close(self) -> None:
-        """Stop following the client."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 _ANSWERED = "answered before a restart"    # a _target_problem that is not an error
-
-
-class _Unread(NamedTuple):
-    """A published reply whose client has not read it yet."""
-
-    path: str
-    identity: Optional[Tuple[int, int]]
-    watch: int             # the client's lock, open: its flock ends with the client
 
 
 # --- Responders ---
@@ -3149,7 +2296,7 @@ def status(buffer: str, lock_path: Optional[str] = None,
 
     Returns the dictionary that ``filechat status --json`` prints.
     """
-    paths = Paths.of(buffer, lock_path)
+    paths = Paths(buffer, lock_path)
     presence = inspect_holder(paths.presence)
     server: Optional[Dict[str, object]] = None
     if presence is not None and presence.gone is None:

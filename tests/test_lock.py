@@ -1,8 +1,8 @@
 """The lock and the waiter, with second processes as the other parties."""
 
+import errno
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -94,104 +94,100 @@ def test_remove_if_same_checks_identity(tmp_path: Path) -> None:
     assert not path.exists()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
-def test_waiter_is_woken_by_inotify(tmp_path: Path) -> None:
-    with Waiter([str(tmp_path)]) as waiter:
-        assert waiter.fd is not None and waiter.inotify is not None
-        waiter.inotify.drain()          # events this thread's instance saw earlier
-        assert select.select([waiter.fd], [], [], 0)[0] == []
-        (tmp_path / "buf.txt").write_text("x")
-        assert select.select([waiter.fd], [], [], WAIT)[0] == [waiter.fd]
-        assert waiter.wait(WAIT, {"buf.txt"}) == {"buf.txt"}    # drains the queued events
-        assert select.select([waiter.fd], [], [], 0)[0] == []
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="inotify is Linux's")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
-def test_waiter_sleeps_through_other_names_and_forgets(tmp_path: Path) -> None:
-    with Waiter([str(tmp_path)]) as waiter:
-        waiter.forget()                  # events this thread's instance saw earlier
+@linux_only
+def test_waiter_is_woken_by_a_watched_name_only(tmp_path: Path) -> None:
+    with Waiter([str(tmp_path / "buf.txt")]) as waiter:
+        assert waiter.fd >= 0
         (tmp_path / "other.txt").write_text("x")
         start = time.monotonic()
-        assert waiter.wait(0.2, {"buf.txt"}) is None      # only a timeout ends it
+        assert waiter.wait(0.2) == filechat.DEADLINE      # other names do not end it
         assert time.monotonic() - start >= 0.2
         (tmp_path / "buf.txt").write_text("x")
-        waiter.forget()
-        assert select.select([waiter.fd], [], [], 0)[0] == []
+        assert waiter.wait(WAIT) == filechat.EVENT
+        assert waiter.wait(0) == filechat.DEADLINE        # the events were all read
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
-def test_a_paused_waiter_queues_nothing_and_sees_changes_once_resumed(tmp_path: Path) -> None:
-    with Waiter([str(tmp_path)]) as waiter:
-        waiter.pause()                   # waiting in line: the directory's changes pile up not
-        for n in range(100):
-            (tmp_path / f"{n}.txt").write_text("x")
-        assert select.select([waiter.fd], [], [], 0)[0] == []
-        waiter.resume()
-        assert select.select([waiter.fd], [], [], 0)[0] == []
-        (tmp_path / "buf.txt").write_text("x")
-        assert waiter.wait(WAIT, {"buf.txt"}) == {"buf.txt"}
+@linux_only
+def test_waiter_is_woken_when_a_holder_dies(tmp_path: Path,
+                                            holder: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    lock = str(tmp_path / "server.lock")
+    with Waiter() as waiter:
+        assert waiter.watch_files([lock])
+        assert waiter.wait(0.1) == filechat.DEADLINE
+        holder.send_signal(signal.SIGKILL)                 # its files are closed by the kernel
+        assert waiter.wait(WAIT) == filechat.EVENT
+        assert Lock(lock).stale_reason() is not None
+        assert not waiter.watch_files([str(tmp_path / "absent")])
+
+
+@linux_only
+def test_waiter_watches_a_directory_again_once_it_is_made_anew(tmp_path: Path) -> None:
+    home = tmp_path / "chat"
+    home.mkdir()
+    with Waiter([str(home / "buf.txt")], poll_interval=0.01) as waiter:
+        home.rmdir()
+        assert waiter.wait(WAIT) == filechat.EVENT        # its watch ended
+        assert waiter.wait(0.05) in (filechat.POLLED, filechat.DEADLINE)   # missing: polls
+        home.mkdir()
+        assert waiter.wait(0.05) in (filechat.POLLED, filechat.DEADLINE)   # watched again
+        (home / "buf.txt").write_text("x")
+        assert waiter.wait(WAIT) == filechat.EVENT
 
 
 def test_waiter_polls_when_asked(tmp_path: Path) -> None:
-    with Waiter([str(tmp_path)], poll=True, poll_interval=0.01) as waiter:
-        assert waiter.fd is None
-        assert waiter.wait(0.01, {"buf.txt"}) is None
+    with Waiter([str(tmp_path / "buf.txt")], poll=True, poll_interval=0.01) as waiter:
+        assert waiter.fd == -1
+        assert waiter.watch_files([str(tmp_path / "absent")])   # nothing to watch: looks
+        assert waiter.wait(1) == filechat.POLLED
+        assert waiter.wait(0.005) == filechat.DEADLINE
 
 
-def test_atomic_write_and_publish_new(tmp_path: Path) -> None:
+@linux_only
+def test_the_safety_re_check_says_when_it_found_progress(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # What the load and line tests look for in the debug log: shown to appear
+    # when a wait really is ended by the net.
+    monkeypatch.setattr(filechat, "SAFETY_INTERVAL", 0.05)
+    caplog.set_level("DEBUG", logger="filechat")
+    with Waiter([str(tmp_path / "buf.txt")]) as waiter:
+        assert waiter.wait(WAIT) == filechat.SAFETY
+        waiter.progress("a message in buf.txt")
+        (tmp_path / "buf.txt").write_text("x")
+        assert waiter.wait(WAIT) == filechat.EVENT
+        waiter.progress("a message in buf.txt")
+    assert [r.getMessage() for r in caplog.records if "safety" in r.getMessage()] == [
+        "woken by the safety re-check: a message in buf.txt"]
+
+
+def test_publish_is_whole_exclusive_or_replacing(tmp_path: Path) -> None:
     path = str(tmp_path / "f.txt")
-    filechat.atomic_write(path, b"one")
-    filechat.atomic_write(path, b"two")
-    assert Path(path).read_bytes() == b"two"
-    reply = str(tmp_path / "r.txt")
-    filechat.publish_new(reply, b"reply\x1b")
+    assert filechat.publish(path, b"one") == -1
     with pytest.raises(FileExistsError):
-        filechat.publish_new(reply, b"again\x1b")
-    assert Path(reply).read_bytes() == b"reply\x1b"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt", "r.txt"]
+        filechat.publish(path, b"two")
+    assert Path(path).read_bytes() == b"one"
+    filechat.publish(path, [b"thr", b"ee"], replace=True)
+    assert Path(path).read_bytes() == b"three"
+    fd = filechat.publish(str(tmp_path / "held"), b"x", hold=True)
+    assert fd >= 0 and os.fstat(fd).st_ino == os.stat(tmp_path / "held").st_ino
+    os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt", "held"]    # no temp left
 
 
-def _server(tmp_path: Path) -> "filechat._Server":
-    paths = filechat.Paths.of(str(tmp_path / "buf.txt"))
-    return filechat._Server(paths, lambda request: request.message, [str(tmp_path)],
-                            filechat.MAX_BYTES, filechat.STALE_AFTER, False,
-                            lambda event, **info: None)
+@pytest.mark.parametrize("code", [errno.EPERM, errno.EOPNOTSUPP])
+def test_without_hard_links_a_file_is_still_created_exclusively(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(code, os.strerror(code))
 
-
-def test_a_lock_opened_as_it_appeared_is_the_one_its_message_goes_with(tmp_path: Path) -> None:
-    server = _server(tmp_path)
-    lock = Lock(server.paths.lock)
-    assert lock.try_acquire()
-    server._look_at_lock()                           # woken by the lock, before the message
-    assert server.looked is not None
-    opened = server.looked.client.fd
-    client, ref = server._hold_lock()
-    assert client.fd == opened                       # not opened and read again
-    assert ref.inode == os.stat(lock.path).st_ino
-    assert ref.token == json.loads(Path(lock.path).read_text())["token"]
-    client.close()
-    lock.release()
-
-
-@pytest.mark.parametrize("change", ["replaced", "written"])
-def test_a_lock_changed_since_it_was_opened_is_read_again(change: str, tmp_path: Path) -> None:
-    server = _server(tmp_path)
-    path = Path(server.paths.lock)
-    first = Lock(str(path))
-    if change == "replaced":
-        assert first.try_acquire()
-    else:
-        path.write_text("")                          # a peer that writes its lock after making it
-    server._look_at_lock()
-    assert server.looked is not None and server.looked.ref.token == (
-        "" if change == "written" else json.loads(path.read_text())["token"])
-    if change == "replaced":
-        first.release()                              # gave up; another client took the lock
-        second = Lock(str(path))
-        assert second.try_acquire()
-    else:
-        path.write_bytes(filechat._owner_record())
-    client, ref = server._hold_lock()
-    assert ref.inode == path.stat().st_ino
-    assert ref.token == json.loads(path.read_text())["token"]    # the lock as it is now
-    client.close()
+    monkeypatch.setattr(filechat.os, "link", refuse)
+    path = str(tmp_path / "server.lock")
+    first, second = Lock(path), Lock(path)
+    assert first.try_acquire()
+    assert not second.try_acquire()
+    assert json.loads(Path(path).read_text())["pid"] == os.getpid()
+    first.release()
+    assert os.listdir(tmp_path) == []
