@@ -468,9 +468,11 @@ class _Staged:
 
     def close(self) -> None:
         """Close the file's descriptor, letting go of its flock."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        # Forgotten before it is closed (here and in every close below): after an
+        # interrupt in between, a second close could hit a file given the same number.
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def discard(self) -> None:
         """Drop the file if it was not put in place."""
@@ -710,10 +712,14 @@ _OWNER = re.compile(rb'\{"pid": (\d+), "host": "([A-Za-z0-9._-]*)", "token": "([
 _PLAIN_HOST = re.fullmatch(r"[A-Za-z0-9._-]*", HOST) is not None
 
 
-def _owner_record(answered: Optional[int] = None, started: float = 0.0) -> bytes:
-    """Return this process's identity as one line of JSON (with a server's count)."""
+def _owner_record(answered: Optional[int] = None, started: float = 0.0,
+                  token: str = "") -> bytes:
+    """Return this process's identity as one line of JSON (with a server's count).
+
+    token: the random token that makes the file this holder's; a new one if not given.
+    """
     record: Dict[str, object] = {"pid": os.getpid(), "host": HOST,
-                                 "token": os.urandom(8).hex(), "created": time.time()}
+                                 "token": token or os.urandom(8).hex(), "created": time.time()}
     if answered is not None:
         record.update(answered=answered, started=started)
     if not _PLAIN_HOST:
@@ -886,9 +892,9 @@ class Lock:
 
     def close(self) -> None:
         """Drop this process's hold (its flock) without touching the file."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
         self.identity = None
 
     def stale_reason(self) -> Optional[str]:
@@ -976,17 +982,26 @@ class Line:
         """Give up this ticket; the last to leave removes the line's directory."""
         if self.ticket:
             _unlink_quietly(self.ticket)
-            remove_empty_directory(self.directory)
             self.ticket = ""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            self._remove_if_empty()
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def clear(self) -> None:
         """Remove the tickets of waiters that died, and the directory if it is empty."""
         for name in self.tickets():
             break_stale_lock(os.path.join(self.directory, name), self.stale_after)
-        remove_empty_directory(self.directory)
+        self._remove_if_empty()
+
+    def _remove_if_empty(self) -> None:
+        """Remove the directory if nobody waits, with what waiters killed while joining left."""
+        try:
+            os.rmdir(self.directory)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and not self.tickets():
+                sweep_leftovers([self.directory])
+                remove_empty_directory(self.directory)
 
 
 def _is_ticket(name: str) -> bool:
@@ -1007,7 +1022,7 @@ class Presence:
         self.path = path
         self.durable = durable
         self.fd = -1
-        self.identity: Optional[Tuple[int, int]] = None
+        self.token = os.urandom(8).hex()    # in every record of this server's: "mine"
         self.started = time.time()
         self.answered = 0
 
@@ -1015,8 +1030,8 @@ class Presence:
         """Publish this server's presence; AlreadyServing if a live server has one."""
         while True:
             try:
-                fd = publish(self.path, _owner_record(0, self.started), durable=self.durable,
-                             hold=True)
+                fd = publish(self.path, _owner_record(0, self.started, self.token),
+                             durable=self.durable, hold=True)
             except FileExistsError:
                 holder = inspect_holder(self.path)
                 if holder is not None and holder.gone is None:
@@ -1029,24 +1044,28 @@ class Presence:
 
     def update(self, answered: int) -> None:
         """Replace the presence file with one that counts answered messages."""
-        self._hold(publish(self.path, _owner_record(answered, self.started), replace=True,
-                           durable=self.durable, hold=True))
+        self._hold(publish(self.path, _owner_record(answered, self.started, self.token),
+                           replace=True, durable=self.durable, hold=True))
         self.answered = answered
 
     def _hold(self, fd: int) -> None:
         """Keep fd, the presence file now in place, and let go of the previous one."""
-        if self.fd >= 0:
-            os.close(self.fd)
-        st = os.fstat(fd)
-        self.fd, self.identity = fd, (st.st_dev, st.st_ino)
+        previous, self.fd = self.fd, fd
+        if previous >= 0:
+            os.close(previous)
 
     def withdraw(self) -> None:
-        """Remove the presence file if it is still this server's."""
-        if self.identity is not None:
-            remove_if_same(self.path, self.identity)
-        if self.fd >= 0:
-            os.close(self.fd)
-        self.fd, self.identity = -1, None
+        """Remove the presence file if it is still this server's (holds its token).
+
+        By its token, not by which file it is: an interrupt may have come
+        between an update putting a new file in place and its being noted.
+        """
+        holder = inspect_holder(self.path)
+        if holder is not None and holder.owner is not None and holder.owner.token == self.token:
+            remove_if_same(self.path, holder.identity)
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def running_server(presence_path: str) -> Optional[Owner]:
@@ -1206,9 +1225,9 @@ class Waiter:
 
     def close(self) -> None:
         """Stop watching."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def __enter__(self) -> Waiter:
         return self
@@ -1512,10 +1531,10 @@ class _Exchange:
         """Take the lock, waiting in line while others hold it or wait for it."""
         asked = time.time()
         # Nobody waits: ask at once. Else, or if it is taken, join the line.
-        if not os.path.lexists(Line(self.lock.path).directory) and self.lock.try_acquire():
+        line = Line(self.lock.path, self.lock.stale_after)
+        if not line.tickets() and self.lock.try_acquire():
             self._locked(asked)
             return
-        line = Line(self.lock.path, self.lock.stale_after)
         line.join()
         self.status("queued", at=line.joined, named=line.named)
         try:
@@ -1894,9 +1913,9 @@ class _Client:
 
     def close(self) -> None:
         """Stop following the client."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class _Claim:
@@ -2134,9 +2153,11 @@ class _Server:
         taken up again by the next server.
         """
         if claim.path:
-            claim.client.release_lock(self.paths.lock)
-            _unlink_quietly(claim.path)
-            claim.path = ""
+            try:
+                claim.client.release_lock(self.paths.lock)
+            finally:             # even on Ctrl+C: the message is answered or discarded
+                _unlink_quietly(claim.path)
+                claim.path = ""
 
     def _target_problem(self, path: str) -> Optional[str]:
         """Return why the reply must not be written to path, or None if it may."""

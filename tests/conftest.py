@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 import build_zipapp  # noqa: E402
 
 WAIT = 10.0      # seconds: the longest any single expected event may take
+SAFETY_NET = "woken by the safety re-check"   # in a debug log: a wait no event ended
 
 
 @pytest.fixture(scope="session")
@@ -155,17 +156,25 @@ def run(pyz: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def leftovers(directory: Path) -> List[str]:
-    """Names of files filechat may leave behind, which a clean run must not."""
+    """Names of files filechat may leave behind, which a clean run must not.
+
+    A running server's presence file, and the temp file of its update in
+    flight, are its own; tests that stop the server check that it leaves
+    nothing at all.
+    """
     return sorted(p.name for p in directory.iterdir()
-                  if p.name.endswith((".lock", ".tmp", ".stale")) or ".taken." in p.name
-                  or ".rejected." in p.name or p.name.startswith("filechat-reply-")
-                  or p.name == "buf.txt")
+                  if (p.name.endswith((".lock", ".tmp", ".stale")) or ".taken." in p.name
+                      or ".rejected." in p.name or p.name.startswith("filechat-reply-")
+                      or p.name == "buf.txt") and not p.name.startswith(".buf.txt.server."))
 
 
 HOLDER = """
 import sys, filechat
 lock = filechat.Lock(sys.argv[1])
 assert lock.try_acquire()
+if len(sys.argv) > 2:
+    with open(sys.argv[2], "w") as buffer:      # a message, half written
+        buffer.write("/tmp/r.txt\\nhalf a mess")
 print("held", flush=True)
 sys.stdin.readline()
 lock.release()
@@ -174,13 +183,22 @@ sys.stdin.readline()
 """
 
 
+def hold_lock(directory: Path, half_message: bool = False) -> "subprocess.Popen[bytes]":
+    """Start a live client holding directory/server.lock until told (release()) or killed.
+
+    With half_message, it has written half a message into directory/buf.txt.
+    """
+    args = [str(directory / "server.lock")] + ([str(directory / "buf.txt")] * half_message)
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+    return proc
+
+
 @pytest.fixture
 def holder(tmp_path: Path) -> Iterator["subprocess.Popen[bytes]"]:
     """A live client holding tmp_path/server.lock until told (release()) or killed."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "server.lock")],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+    proc = hold_lock(tmp_path)
     yield proc
     proc.kill()
     proc.wait(WAIT)
@@ -192,3 +210,9 @@ def release(holder: "subprocess.Popen[bytes]") -> None:
     holder.stdin.write(b"\n")
     holder.stdin.flush()
     assert holder.stdout.readline() == b"released\n"
+
+
+def kill(holder: "subprocess.Popen[bytes]") -> None:
+    """Kill the holder, as kill -9 would, and wait until it has ended."""
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(WAIT)

@@ -3,14 +3,13 @@
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, WAIT, leftovers
+from conftest import WAIT, kill, leftovers
 
 import filechat
 
@@ -49,8 +48,10 @@ def test_the_reply_is_utf8_whatever_the_locale_says(server, run, tmp_path: Path)
 
 def test_a_client_imports_only_what_an_exchange_needs(server, pyz: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server("--auto-reply", "pong")
-    result = subprocess.run([sys.executable, "-X", "importtime", str(pyz), "client", "buf.txt",
-                             "-m", "ping"], cwd=tmp_path, capture_output=True, timeout=WAIT)
+    # -I: what this machine's site-packages imports at start is not the client's doing.
+    result = subprocess.run([sys.executable, "-I", "-X", "importtime", str(pyz), "client",
+                             "buf.txt", "-m", "ping"], cwd=tmp_path, capture_output=True,
+                            timeout=WAIT)
     assert result.returncode == 0 and result.stdout == b"pong"
     imported = {line.rpartition("|")[2].strip()
                 for line in result.stderr.decode().splitlines() if line.startswith("import time:")}
@@ -259,15 +260,8 @@ def test_custom_lock_file(server, run, tmp_path: Path) -> None:  # type: ignore[
     assert not srv_lock.exists()
 
 
-def test_stale_lock_of_a_killed_client_is_recovered(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import filechat, sys; filechat.Lock('server.lock').try_acquire();"
-         " print('held', flush=True); sys.stdin.read()"],
-        cwd=tmp_path, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
-    holder.send_signal(signal.SIGKILL)
-    holder.wait(WAIT)
+def test_stale_lock_of_a_killed_client_is_recovered(holder, server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    kill(holder)
     server("--auto-reply", "recovered")
     result = run("client", "buf.txt", "-m", "hi", "--lock-timeout", "5")
     assert result.stdout == b"recovered", result.stderr

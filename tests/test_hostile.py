@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, WAIT, leftovers
+from conftest import WAIT, hold_lock, kill, leftovers
 
 import filechat
 
@@ -85,16 +84,10 @@ def test_garbage_in_the_buffer(server, run, tmp_path: Path) -> None:  # type: ig
 
 
 def test_half_a_message_from_a_dead_client(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import filechat, sys; filechat.Lock('server.lock').try_acquire();"
-         " open('buf.txt', 'w').write('/tmp/r.txt\\nhalf a mess'); print('held', flush=True);"
-         " sys.stdin.read()"],
-        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE)
-    assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    holder = hold_lock(tmp_path, half_message=True)
+    assert (tmp_path / "buf.txt").read_text() == "/tmp/r.txt\nhalf a mess"
     srv = server("--auto-reply-cmd", "cat")
-    holder.send_signal(signal.SIGKILL)
-    holder.wait(WAIT)
+    kill(holder)
     # The next client breaks the dead holder's lock and puts its own request
     # over the half message; the server never shows the half.
     result = run("client", "buf.txt", "-m", "there?", "--timeout", "5", "--lock-timeout", "5")
@@ -282,3 +275,26 @@ def test_durable_fsyncs_files_and_directories(tmp_path: Path,
     assert filechat.send(buffer, "hi", timeout=WAIT) == "ok"
     thread.join(WAIT)
     assert synced == []
+
+
+def test_max_bytes_is_enforced_while_reading_not_after(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # 64 GiB that take no room (a sparse file): read whole, it would never be answered.
+    srv = server("--auto-reply-cmd", "cat", "--max-bytes", "1000")
+    response = tmp_path / "r.txt"
+    temp = tmp_path / "request.tmp"
+    with open(temp, "wb") as f:
+        f.write(f"{response}\n".encode())
+        f.truncate(64 << 30)
+        f.seek(0, os.SEEK_END)
+        f.write(b"\x1b")
+    with filechat.Waiter([str(response)]) as waiter:
+        os.rename(temp, tmp_path / "buf.txt")             # in place whole, as a peer might
+        while not response.exists():
+            assert waiter.wait(WAIT) != filechat.DEADLINE
+    srv.expect("Lockfile removed. Ready for next client.")
+    reply = response.read_bytes()
+    assert reply.endswith(b"\x1b\x1b")                    # an error reply
+    assert b"over this server's limit of 1000 (--max-bytes)" in reply
+    assert srv.interrupt() == 0
+    response.unlink()
+    assert leftovers(tmp_path) == []

@@ -1,12 +1,10 @@
 """Long messages and replies: read whole up to --max-bytes, and streamed to and from files."""
 
 import io
-import json
 import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Iterator, List
 

@@ -1,14 +1,15 @@
 """The fair line: waiting clients are served in the order they began to wait."""
 
+import json
+import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
+from typing import List
 
 import pytest
-from conftest import WAIT, release
+from conftest import ROOT, SAFETY_NET, WAIT, release
 
 import filechat
 
@@ -85,3 +86,102 @@ def test_polling_clients_wait_at_the_retry_pace(holder, server, start, tmp_path:
     assert client.out == "ok"
 
 
+
+
+def test_a_newcomer_joins_a_waiting_line_rather_than_take_the_free_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lock = str(tmp_path / "server.lock")
+    waiting = filechat.Line(lock)
+    waiting.join()                         # alive, first in line; the lock is free
+    tried: List[str] = []
+    try_acquire = filechat.Lock.try_acquire
+    monkeypatch.setattr(filechat.Lock, "try_acquire",
+                        lambda self: tried.append(self.path) or try_acquire(self))
+    with pytest.raises(filechat.LockTimeout):
+        filechat.send(str(tmp_path / "buf.txt"), "late", str(tmp_path / "late.txt"),
+                      lock_timeout=0.2)
+    assert tried == [] and not os.path.exists(lock)     # never taken, not even for a moment
+    assert filechat.Line(lock).tickets() == [os.path.basename(waiting.ticket)]
+    waiting.leave()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_stopping_server_clears_a_dead_waiters_ticket(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply", "ok")
+    line = tmp_path / "server.lock.line"
+    line.mkdir()
+    record = {"pid": 999999, "host": filechat.HOST, "token": "ab", "created": 1.0}
+    (line / f"{1:020d}-999999").write_text(json.dumps(record) + "\n")   # nobody flocks it
+    assert srv.interrupt() == 0
+    assert not line.exists()
+
+
+def test_a_client_queued_under_a_spec_server_sends_its_own_request(  # type: ignore[no-untyped-def]
+        holder, start, tmp_path: Path) -> None:
+    client = start("client", "buf.txt", "resp.txt", "-m", "hello")
+    client.expect("(1 ahead of you)")
+    peer = subprocess.Popen([sys.executable, str(Path(__file__).with_name("spec_peer.py")),
+                             "server", "buf.txt", "from the peer\n"],
+                            cwd=tmp_path, stdout=subprocess.PIPE)
+    release(holder)
+    assert client.wait() == 0
+    assert client.out == "from the peer\n"
+    assert peer.wait(WAIT) == 0
+    assert not (tmp_path / "server.lock.line").exists()
+
+
+def test_two_servers_sharing_the_default_lock_answer_only_their_own_clients(  # type: ignore[no-untyped-def]
+        server, start, tmp_path: Path) -> None:
+    # The spec's lock is server.lock in the directory, whatever the buffer:
+    # both buffers' clients take turns on it, and each server answers its own.
+    servers = [server("--auto-reply-cmd", f"sed 's/^/{name}:/'", "-v", buffer=f"{name}.txt")
+               for name in ("a", "b")]
+    clients = [start("client", f"{name}.txt", "-m", f"{name}{n}", "--timeout", "30")
+               for n in range(4) for name in ("a", "b")]
+    for client in clients:
+        assert client.wait(30) == 0, client.err
+    assert sorted(client.out for client in clients) == sorted(
+        f"{name}:{name}{n}" for n in range(4) for name in ("a", "b"))
+    for srv in servers:
+        assert srv.interrupt() == 0
+        assert SAFETY_NET not in srv.err
+
+
+FORKED = """
+import logging, multiprocessing, os, sys
+import filechat
+buffer, log_dir = sys.argv[1], sys.argv[2]
+filechat.send(buffer, "from the parent")     # the parent has used filechat before it forks
+
+def client(n, count):
+    logging.basicConfig(filename=os.path.join(log_dir, f"{n}.log"), level=logging.DEBUG)
+    for i in range(count):
+        assert filechat.send(buffer, f"{n}-{i}", timeout=30) == f"{n}-{i}"
+
+if __name__ == "__main__":
+    fork = multiprocessing.get_context("fork")
+    # Each finishes when its own messages are done, at a different time.
+    procs = [fork.Process(target=client, args=(n, 10 * (n + 1))) for n in range(int(sys.argv[3]))]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+    print(" ".join(str(proc.exitcode) for proc in procs))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and inotify")
+@pytest.mark.parametrize("clients", [2, 4])
+def test_clients_forked_after_their_parent_used_filechat_each_wait_on_their_own(
+        clients: int, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply-cmd", "cat", "-v")
+    result = subprocess.run([sys.executable, "-c", FORKED, str(tmp_path / "buf.txt"),
+                             str(tmp_path), str(clients)],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                            timeout=120)
+    assert result.stdout == b" ".join([b"0"] * clients) + b"\n", result.stderr
+    logs = [p.read_text() for p in sorted(tmp_path.glob("*.log"))]
+    assert len(logs) == clients and all("waiting with inotify" in text for text in logs)
+    assert not [text for text in logs if SAFETY_NET in text]
+    assert srv.interrupt() == 0
+    assert SAFETY_NET not in srv.err

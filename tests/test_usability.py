@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -183,7 +184,7 @@ def test_status_without_a_server(run) -> None:  # type: ignore[no-untyped-def]
                     "being_answered": 0, "waiting_clients": 0}
 
 
-def test_status_with_an_idle_server(server, run) -> None:  # type: ignore[no-untyped-def]
+def test_status_with_an_idle_server(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     srv = server("--auto-reply", "ok")
     assert run("client", "buf.txt", "-m", "hi").stdout == b"ok"
     srv.expect("Ready for next client.")
@@ -191,7 +192,15 @@ def test_status_with_an_idle_server(server, run) -> None:  # type: ignore[no-unt
     assert code == 0
     assert f"running, process {srv.popen.pid} on " in text
     assert data["server"]["pid"] == srv.popen.pid
-    assert data["server"]["answered"] in (0, 1)      # counted within a second
+    # The count is written at most once a second: wait for the presence file to say 1.
+    presence = tmp_path / "buf.txt.server"
+    deadline = time.monotonic() + WAIT
+    with filechat.Waiter([str(presence)]) as waiter:
+        while (filechat.read_owner(presence.read_bytes()).answered != 1  # type: ignore[union-attr]
+               and waiter.wait(deadline - time.monotonic()) != filechat.DEADLINE):
+            pass
+    code, text, data = status(run)
+    assert data["server"]["answered"] == 1 and "1 messages answered" in text
     assert data["lock"] == {"path": "server.lock", "held": False}
 
 
