@@ -52,6 +52,7 @@ import stat
 import sys
 import time
 import zlib
+from _thread import _local as _thread_local
 
 if sys.platform != "win32":
     import fcntl  # flock, the liveness signal of a file's holder; Windows uses the pid
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
         Callable,
         Dict,
         Iterable,
+        Iterator,
         List,
         Mapping,
         Optional,
@@ -1119,9 +1121,11 @@ class Waiter:
     not the mechanism: a caller that finds progress after it calls progress(),
     which says so in the debug log, and the tests assert it never does.
 
-    Each waiter makes its own inotify instance and is used by one exchange,
-    so a process forked from one that used filechat never shares one with
-    its parent, whose events it would otherwise take.
+    Closing an inotify instance that has watched anything takes the kernel
+    about a millisecond, longer than a whole exchange, so each thread keeps
+    one (_Inotify) and a waiter borrows it, removing its watches when done.
+    A process forked from one that used filechat makes its own: sharing its
+    parent's, each would take the other's events.
     """
 
     def __init__(self, paths: Iterable[str] = (), poll: bool = False,
@@ -1131,10 +1135,12 @@ class Waiter:
         for path in paths:
             directory, name = os.path.split(os.path.abspath(path))
             self.names.setdefault(directory, set()).add(os.fsencode(name))
-        self.watched: Dict[int, str] = {}             # watch descriptor: its directory
+        self.watched: Dict[int, Set[bytes]] = {}      # a directory's watch: names in it
+        self.directories: Set[str] = set()            # the directories watched now
         self.files: List[int] = []                    # the watches of watch_files
         self.woke = ""                                # how the last wait ended
-        self.fd = -1 if poll else _inotify_init()
+        self.inotify = None if poll else _Inotify.borrow()
+        self.fd = -1 if self.inotify is None else self.inotify.fd
         self._watch_directories()
         log.debug("waiting with %s", "polling" if self.fd < 0 else "inotify")
 
@@ -1142,14 +1148,14 @@ class Waiter:
         """Watch every directory not watched yet; False if one cannot be (it is missing)."""
         if self.fd < 0:
             return False
-        missing = False
-        for directory in set(self.names) - set(self.watched.values()):
+        for directory in set(self.names) - self.directories:
             wd = _libc().inotify_add_watch(self.fd, os.fsencode(directory), NAME_EVENTS)
             if wd < 0:
-                missing = True
-            else:
-                self.watched[wd] = directory
-        return not missing
+                return False
+            # Two names for one directory (a symlink) share its watch.
+            self.watched.setdefault(wd, set()).update(self.names[directory])
+            self.directories.add(directory)
+        return True
 
     def watch_files(self, paths: Sequence[str]) -> bool:
         """Watch just these files from now on; False if one does not exist.
@@ -1199,41 +1205,94 @@ class Waiter:
     def _drain(self) -> bool:
         """Read the queued events; True if one is about what is watched."""
         relevant = False
-        try:
-            # A read that leaves room for more events has taken them all.
-            data = b"\0" * 65536
-            while len(data) > 65536 - 4096:
-                data = os.read(self.fd, 65536)
-                offset = 0
-                while offset + 16 <= len(data):
-                    wd = int.from_bytes(data[offset:offset + 4], "little", signed=True)
-                    mask = int.from_bytes(data[offset + 4:offset + 8], "little")
-                    size = int.from_bytes(data[offset + 12:offset + 16], "little")
-                    name = data[offset + 16:offset + 16 + size].rstrip(b"\0")
-                    offset += 16 + size
-                    directory = self.watched.get(wd)
-                    if (mask & IN_Q_OVERFLOW or wd in self.files or (directory is not None
-                            and (mask & IN_IGNORED or name in self.names[directory]))):
-                        relevant = True
-                    if mask & IN_IGNORED:
-                        self.watched.pop(wd, None)     # watched again once it exists
-                        if wd in self.files:
-                            self.files.remove(wd)
-        except BlockingIOError:
-            pass
+        for wd, mask, name in _read_events(self.fd):
+            names = self.watched.get(wd)
+            if (mask & IN_Q_OVERFLOW or wd in self.files
+                    or (names is not None and (mask & IN_IGNORED or name in names))):
+                relevant = True
+            if mask & IN_IGNORED and wd in self.watched:
+                del self.watched[wd]            # gone: watched again once it exists
+                self.directories.clear()        # (the others are found watched already)
         return relevant
 
     def close(self) -> None:
-        """Stop watching."""
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        """Stop watching, and give the thread's inotify instance back."""
+        if self.inotify is not None:
+            for wd in [*self.watched, *self.files]:
+                _libc().inotify_rm_watch(self.fd, wd)
+            self.inotify.give_back()
+            self.inotify = None
+        self.fd = -1
 
     def __enter__(self) -> Waiter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_events(fd: int) -> Iterator[Tuple[int, int, bytes]]:
+    """Read what inotify has queued on fd: (watch, event mask, file name) each."""
+    data = b"\0" * 65536
+    try:
+        # A read that leaves room for more events has taken them all.
+        while len(data) > 65536 - 4096:
+            data = os.read(fd, 65536)
+            offset = 0
+            while offset + 16 <= len(data):
+                wd = int.from_bytes(data[offset:offset + 4], "little", signed=True)
+                mask = int.from_bytes(data[offset + 4:offset + 8], "little")
+                size = int.from_bytes(data[offset + 12:offset + 16], "little")
+                yield wd, mask, data[offset + 16:offset + 16 + size].rstrip(b"\0")
+                offset += 16 + size
+    except BlockingIOError:
+        pass
+
+
+class _Inotify:
+    """A thread's inotify instance, lent to one waiter at a time."""
+
+    _threads = _thread_local()
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lent = False
+
+    @classmethod
+    def borrow(cls) -> Optional[_Inotify]:
+        """Return this thread's instance (a new one if it is lent); None without inotify."""
+        kept: Optional[_Inotify] = getattr(cls._threads, "instance", None)
+        if kept is None or kept.lent:
+            fd = _inotify_init()
+            if fd < 0:
+                return None
+            instance = cls(fd)
+            if kept is None:
+                cls._threads.instance = instance
+        else:
+            instance = kept
+        for _ in _read_events(instance.fd):
+            pass                    # what the last waiter left: about its watches only
+        instance.lent = True
+        return instance
+
+    def give_back(self) -> None:
+        """End the loan; an instance that is not the thread's own is closed."""
+        self.lent = False
+        if getattr(self._threads, "instance", None) is not self:
+            os.close(self.fd)
+
+    @classmethod
+    def forget(cls) -> None:
+        """In a forked child: leave the parent's instances to the parent."""
+        cls._threads = _thread_local()
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_Inotify.forget)
 
 
 _LIBC: List[object] = []
