@@ -49,6 +49,7 @@ import os
 import re
 import select
 import stat
+import struct
 import sys
 import time
 import zlib
@@ -96,6 +97,8 @@ __all__ = [
     "encode_request",
     "parse_reply",
     "parse_request",
+    "reply_pieces",
+    "request_pieces",
     "send",
     "serve",
     "status",
@@ -121,8 +124,6 @@ SAFETY_INTERVAL = 1.0             # seconds: longest sleep even when events are 
 STALE_AFTER = 300.0               # seconds before an unidentifiable lock counts as stale
 HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
 RELEASE_GRACE = 1.0               # seconds a client waits for the server to remove its lock
-CONSUME_GRACE = 1.0               # seconds the server watches a delivered reply for its
-                                  # client dying before reading it
 PRESENCE_INTERVAL = 1.0           # seconds between updates of the presence file's count
 PROGRESS_INTERVAL = 0.1           # seconds between updates of a progress line at a terminal
 MAX_BYTES = 1 << 20               # bytes: the largest message a client sends by default
@@ -302,6 +303,8 @@ class HookError(FilechatError):
 
 # --- Wire format ---
 
+PIECE = 1 << 18               # characters of a long text encoded at a time
+
 # What the framing cannot carry, and why.
 _CANNOT_CARRY = (
     (END_MARKER, "contains the ESC character, which marks the end of a message and cannot "
@@ -338,10 +341,39 @@ def _check_path(response_path: str) -> bytes:
     return _check_text(response_path, f"response path {response_path!r}")
 
 
+def _text_pieces(text: str, what: str) -> Iterator[bytes]:
+    """Yield text as UTF-8, PIECE characters at a time: a long text is never encoded whole."""
+    check_characters(text, what)
+    for start in range(0, len(text), PIECE):
+        yield _utf8(text[start:start + PIECE], what)
+
+
+def request_pieces(response_path: str, message: str) -> Iterator[bytes]:
+    """Frame a request as pieces to write in order: response path, newline, message, ESC."""
+    yield _check_path(response_path) + b"\n"
+    yield from _text_pieces(message, "message")
+    yield END_MARKER.encode()
+
+
 def encode_request(response_path: str, message: str) -> bytes:
     """Frame a request: response path, newline, message, ESC."""
-    return b"".join([_check_path(response_path), b"\n", _check_text(message, "message"),
-                     END_MARKER.encode()])
+    return b"".join(request_pieces(response_path, message))
+
+
+def _path_end(head: bytes, end: int) -> int:
+    """Return where the response path ends in a request whose message ends at end.
+
+    Raises ValueError if no path comes before the message.
+    """
+    newline = head.find(b"\n", 0, end)
+    if newline < 0 or not head[:newline].strip():
+        raise ValueError("no response path before the message")
+    return newline
+
+
+def _decode_path(raw: bytes) -> str:
+    """Return a request's response path as text (ValueError if it is not UTF-8)."""
+    return str(raw, "utf-8").rstrip("\r")     # a peer on Windows may write CRLF
 
 
 def parse_request(data: bytes) -> Optional[Tuple[str, str]]:
@@ -352,17 +384,20 @@ def parse_request(data: bytes) -> Optional[Tuple[str, str]]:
     end = data.find(END_MARKER.encode())
     if end < 0:
         return None
-    newline = data.find(b"\n", 0, end)
-    if newline < 0 or not data[:newline].strip():
-        raise ValueError("no response path before the message")
+    newline = _path_end(data, end)
     view = memoryview(data)
-    path = str(view[:newline], "utf-8").rstrip("\r")   # a peer on Windows may write CRLF
-    return path, str(view[newline + 1:end], "utf-8")
+    return _decode_path(view[:newline].tobytes()), str(view[newline + 1:end], "utf-8")
+
+
+def reply_pieces(text: str, error: bool = False) -> Iterator[bytes]:
+    """Frame a reply as pieces to write in order: text, then ESC (ESC ESC for an error)."""
+    yield from _text_pieces(text, "reply")
+    yield (ERROR_MARKER if error else END_MARKER).encode()
 
 
 def encode_reply(text: str, error: bool = False) -> bytes:
     """Frame a reply: text then ESC, or ESC ESC for an error reply."""
-    return _check_text(text, "reply") + (ERROR_MARKER if error else END_MARKER).encode()
+    return b"".join(reply_pieces(text, error))
 
 
 def parse_reply(data: bytes) -> Optional[Tuple[str, bool]]:
@@ -407,6 +442,8 @@ def _create(path: str) -> int:
 
 def _write_all(fd: int, data: Data, durable: bool) -> None:
     """Write all of data to fd (and to the disk, if durable)."""
+    if not isinstance(data, bytes):
+        data = _coalesced(data)
     for part in [data] if isinstance(data, bytes) else data:
         view = memoryview(part)
         if _CRASH_AT == "mid-write":
@@ -416,6 +453,20 @@ def _write_all(fd: int, data: Data, durable: bool) -> None:
             view = view[os.write(fd, view):]
     if durable:
         os.fsync(fd)
+
+
+def _coalesced(pieces: Iterable[bytes]) -> Iterator[bytes]:
+    """Yield the pieces joined into runs of at least 64 KiB: fewer writes for small files."""
+    run: List[bytes] = []
+    size = 0
+    for piece in pieces:
+        run.append(piece)
+        size += len(piece)
+        if size >= 65536:
+            yield b"".join(run) if len(run) > 1 else run[0]
+            run, size = [], 0
+    if run:
+        yield b"".join(run)
 
 
 class _Staged:
@@ -438,9 +489,11 @@ class _Staged:
             if hold:
                 _flock(self.fd, shared=False)
             _write_all(self.fd, data, durable)
+            st = os.fstat(self.fd)
         except BaseException:
             self.discard()
             raise
+        self.identity = (st.st_dev, st.st_ino, st.st_size)    # which file, and how long
         if not hold:
             self.close()
 
@@ -510,13 +563,13 @@ def _fsync_directory(path: str, durable: bool) -> None:
 
 
 def _open_to_read(path: str) -> Optional[int]:
-    """Open the regular file path for reading; None if it does not exist.
+    """Open path for reading; None if it does not exist.
 
-    Never through a symlink, and never blocking on a FIFO planted there:
-    anything but a regular file raises OSError naming path.
+    Never through a symlink, and never blocking on a FIFO planted there (it
+    reads as empty); reading a directory raises IsADirectoryError.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_BINARY)
+        return os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_BINARY)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -524,43 +577,78 @@ def _open_to_read(path: str) -> Optional[int]:
             raise OSError(errno.ELOOP, "Is a symbolic link, which filechat never follows",
                           path) from None
         raise
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, "Is a directory", path)
-        raise OSError(errno.EINVAL, "Not a regular file", path)
-    return fd
 
 
-def _read_fd(fd: int, limit: Optional[int] = None) -> Optional[bytes]:
-    """Return the rest of the file open as fd; None once it is longer than limit."""
-    size = os.fstat(fd).st_size - os.lseek(fd, 0, os.SEEK_CUR)
-    if limit is not None and size > limit:
-        return None
-    chunks = [os.read(fd, max(size, 0) + 1)]     # all of it, and a byte to see the end
-    total = len(chunks[0])
-    while chunks[-1]:                            # or what a writer added since
-        if limit is not None and total > limit:
-            return None
-        chunks.append(os.read(fd, READ_SIZE))
-        total += len(chunks[-1])
-    if limit is not None and total > limit:
-        return None
-    return chunks[0] if len(chunks) == 2 else b"".join(chunks)
-
-
-def read_or_none(path: str, limit: Optional[int] = None) -> Optional[bytes]:
-    """Return the bytes of path, None if it does not exist (or is longer than limit)."""
+def read_or_none(path: str) -> Optional[bytes]:
+    """Return the bytes of path, None if it does not exist (for small files only)."""
     fd = _open_to_read(path)
     if fd is None:
         return None
     try:
-        return _read_fd(fd, limit)
+        chunks = [os.read(fd, READ_SIZE)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, READ_SIZE))
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, path) from None    # say which file
     finally:
         os.close(fd)
+    return b"".join(chunks)
+
+
+HEAD = 65536                  # bytes read first: the whole of most messages and replies
+
+
+def _find_end(fd: int, limit: Optional[int] = None) -> Tuple[bytes, int]:
+    """Return the first HEAD bytes of the file open as fd, and the offset of its first ESC.
+
+    The offset is -1 if it has none; the rest is read a piece at a time,
+    never whole, and with limit no further than that many bytes.
+    """
+    head = os.read(fd, HEAD)
+    end = head.find(END_MARKER.encode())
+    offset = len(head)
+    while end < 0 and offset >= HEAD and (limit is None or offset < limit):
+        piece = os.read(fd, READ_SIZE)
+        if not piece:
+            break
+        found = piece.find(END_MARKER.encode())
+        end = -1 if found < 0 else offset + found
+        offset += len(piece)
+    return head, end
+
+
+def _read_text(fd: int, start: int, end: int, errors: str, head: bytes = b"",
+               sink: Optional[IO[str]] = None) -> str:
+    """Return the UTF-8 text between offsets start and end of the file open as fd.
+
+    head: the file's first bytes, read already. The rest is decoded a piece
+    at a time, so that its bytes are never held whole beside it; with sink,
+    each piece is written there and "" returned.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    text = ""
+    for piece in _pieces(fd, start, end, head):
+        decoded = decoder.decode(piece)
+        if sink is not None:
+            sink.write(decoded)
+        else:
+            text += decoded     # CPython grows a string held only here in place
+    return text + decoder.decode(b"", final=True)
+
+
+def _pieces(fd: int, start: int, end: int, head: bytes) -> Iterator[bytes]:
+    """Yield the bytes between start and end of the file open as fd; those in head from it."""
+    if start < len(head):
+        yield head[start:end]
+        start = len(head)
+    if start < end:
+        os.lseek(fd, start, os.SEEK_SET)
+    while start < end:
+        piece = os.read(fd, min(end - start, READ_SIZE))
+        if not piece:
+            return
+        start += len(piece)
+        yield piece
 
 
 def _unlink_quietly(path: str) -> None:
@@ -869,16 +957,19 @@ class Lock:
 
     def try_acquire(self) -> bool:
         """Create the lock if nobody holds it; True if this process now holds it."""
+        staged = _Staged(self.path, _owner_record(), self.durable, hold=True)
         try:
-            fd = publish(self.path, _owner_record(), durable=self.durable, hold=True)
-        except FileExistsError:
-            return False
-        st = os.fstat(fd)
-        self.identity = (st.st_dev, st.st_ino)
+            staged.put()
+        except BaseException:
+            staged.discard()
+            if sys.exc_info()[0] is FileExistsError:
+                return False
+            raise
+        self.identity = staged.identity[:2]
         if sys.platform == "win32":
-            os.close(fd)     # without flock, an open file only blocks its deletion
+            staged.close()   # without flock, an open file only blocks its deletion
         else:
-            self.fd = fd
+            self.fd = staged.fd
         log.debug("lock %s acquired", self.path)
         return True
 
@@ -1092,8 +1183,11 @@ IN_MOVE_SELF = 0x800     # a watched file or directory was renamed
 IN_Q_OVERFLOW = 0x4000   # events were lost: anything may have changed
 IN_IGNORED = 0x8000      # a watch ended: its file or directory went away
 
-NAME_EVENTS = IN_CREATE | IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM
-FILE_EVENTS = IN_ATTRIB | IN_CLOSE_WRITE | IN_DELETE_SELF | IN_MOVE_SELF
+# What each side wakes for. A directory's watch reports every file in it, and
+# each event costs a read and a look, so a mask has only what ends a wait.
+SERVER_EVENTS = IN_CREATE | IN_MOVED_TO | IN_CLOSE_WRITE   # a buffer appears, or is written
+CLIENT_EVENTS = SERVER_EVENTS | IN_DELETE      # a reply appears; the lock or the server goes
+FILE_EVENTS = IN_ATTRIB | IN_CLOSE_WRITE | IN_DELETE_SELF | IN_MOVE_SELF   # the file goes
 
 # How a wait ended.
 EVENT = "event"          # an event about what is watched
@@ -1129,8 +1223,9 @@ class Waiter:
     """
 
     def __init__(self, paths: Iterable[str] = (), poll: bool = False,
-                 poll_interval: float = POLL_INTERVAL) -> None:
+                 poll_interval: float = POLL_INTERVAL, events: int = CLIENT_EVENTS) -> None:
         self.poll_interval = poll_interval
+        self.events = events
         self.names: Dict[str, Set[bytes]] = {}        # directory: names watched in it
         for path in paths:
             directory, name = os.path.split(os.path.abspath(path))
@@ -1149,7 +1244,7 @@ class Waiter:
         if self.fd < 0:
             return False
         for directory in set(self.names) - self.directories:
-            wd = _libc().inotify_add_watch(self.fd, os.fsencode(directory), NAME_EVENTS)
+            wd = _libc().inotify_add_watch(self.fd, os.fsencode(directory), self.events)
             if wd < 0:
                 return False
             # Two names for one directory (a symlink) share its watch.
@@ -1240,9 +1335,7 @@ def _read_events(fd: int) -> Iterator[Tuple[int, int, bytes]]:
             data = os.read(fd, 65536)
             offset = 0
             while offset + 16 <= len(data):
-                wd = int.from_bytes(data[offset:offset + 4], "little", signed=True)
-                mask = int.from_bytes(data[offset + 4:offset + 8], "little")
-                size = int.from_bytes(data[offset + 12:offset + 16], "little")
+                wd, mask, _, size = struct.unpack_from("iIII", data, offset)
                 yield wd, mask, data[offset + 16:offset + 16 + size].rstrip(b"\0")
                 offset += 16 + size
     except BlockingIOError:
@@ -1320,7 +1413,7 @@ def _inotify_init() -> int:
 
 if TYPE_CHECKING:
     Status = Callable[..., None]
-    Fingerprint = Tuple[int, int]        # a request's length and CRC-32: is it still ours?
+    Fingerprint = Tuple[int, int, int]   # a request's device, inode and size: still ours?
 
 
 class Paths:
@@ -1395,6 +1488,9 @@ def check_buffer_path(buffer: str, lock_path: str) -> None:
 def _check_directory(path: str, what: str, writable: bool = False) -> None:
     """Refuse a path whose directory does not exist (or, if asked, cannot be written)."""
     directory = os.path.dirname(path) or "."
+    # One call in the usual case: with the trailing separator, only a directory passes.
+    if os.access(os.path.join(directory, ""), os.W_OK if writable else os.F_OK):
+        return
     if not os.path.isdir(directory):
         raise UsageError(f"{what} {path}: directory {directory} does not exist; "
                          "create it or choose another path")
@@ -1467,11 +1563,13 @@ def _request_data(response_path: str, message: Union[str, BinaryIO], max_bytes: 
         if size > max_bytes:
             raise _too_long(_message_name(message), size, max_bytes)
         return _file_request(response_path, message, max_bytes)
-    data = encode_request(response_path, message)
-    size = len(data) - data.index(b"\n") - 2          # less the path, its newline and ESC
+    _check_path(response_path)
+    check_characters(message, "message")
+    size = (len(message) if message.isascii()
+            else sum(map(len, _text_pieces(message, "message"))))
     if size > max_bytes:
         raise _too_long("message", size, max_bytes)
-    return data
+    return request_pieces(response_path, message)
 
 
 def _file_request(response_path: str, source: BinaryIO, max_bytes: int) -> Iterable[bytes]:
@@ -1569,21 +1667,10 @@ class _Exchange:
         self.progress = progress
         self.phase = "new"
         self.request: Optional[_Staged] = None
-        self.fingerprint: Fingerprint = (0, 0)
 
     def write(self, data: Data, durable: bool) -> None:
         """Write the request under a temp name, so that holding the lock only renames it."""
-        size, crc = 0, 0
-
-        def counted(pieces: Iterable[bytes]) -> Iterable[bytes]:
-            nonlocal size, crc
-            for piece in pieces:
-                size, crc = size + len(piece), zlib.crc32(piece, crc)
-                yield piece
-
-        self.request = _Staged(self.paths.buffer, counted([data] if isinstance(data, bytes)
-                                                          else data), durable)
-        self.fingerprint = (size, crc)
+        self.request = _Staged(self.paths.buffer, data, durable)
         self.phase = "written"
 
     def acquire(self, lock_timeout: Optional[float], retry_interval: float) -> None:
@@ -1700,8 +1787,8 @@ class _Exchange:
             while True:
                 # Its server's death closes the presence file: watched before it is looked at.
                 waiter.watch_files([paths.presence])
-                end = self._reply_end()
-                if end is not None:
+                reply = self._complete_reply()
+                if reply is not None:
                     waiter.progress(f"reply in {self.response_path}")
                     break
                 up = running_server(paths.presence) is not None
@@ -1724,28 +1811,29 @@ class _Exchange:
             self._await_release(waiter)
         self.status("received")
         try:
-            return _read_reply(self.response_path, end, sink)
+            return reply.read(sink), reply.is_error
         finally:
+            reply.close()
             # The response file goes after the release, so that a server restarted
             # before it sees the message was answered.
             _unlink_quietly(self.response_path)
             self.lock.close()
             self.phase = "done"
 
-    def _reply_end(self) -> Optional[Tuple[int, bool]]:
-        """Return (where the reply's text ends, is_error) once the reply is complete.
+    def _complete_reply(self) -> Optional[_Reply]:
+        """Return the reply once it is complete, else None.
 
         Complete means ended by ESC, or, from a spec-following server that
         writes no ESC, written and the lock released (such a server writes
         the reply, then removes the lock). A note from the server saying why
         it will not write the reply raises Rejected.
         """
-        end = _reply_extent(self.response_path)
-        if end is not None or self.lock.still_held():
-            return end
-        end = _reply_extent(self.response_path, unended=True)    # read after the release
-        if end is not None:
-            return end
+        reply = _Reply.find(self.response_path)
+        if reply is not None or self.lock.still_held():
+            return reply
+        reply = _Reply.find(self.response_path, unended=True)    # read after the release
+        if reply is not None:
+            return reply
         note = self.paths.rejection(self.response_path)
         reason = read_or_none(note)
         if reason is not None:
@@ -1768,12 +1856,12 @@ class _Exchange:
     def give_up(self) -> bool:
         """Withdraw a message no server is answering, let go of the lock; True if withdrawn."""
         withdrawn = False
-        if self.phase == "sent":
-            withdrawn = _withdraw(self.paths.buffer, self.fingerprint)
+        if self.phase == "sent" and self.request is not None:
+            sent = self.request.identity
+            withdrawn = _withdraw(self.paths.buffer, sent)
             if not withdrawn and running_server(self.paths.presence) is None:
                 # Claimed by a server that has stopped since: nobody is answering it.
-                withdrawn = any(_withdraw(claim, self.fingerprint)
-                                for claim in self.paths.claims())
+                withdrawn = any(_withdraw(claim, sent) for claim in self.paths.claims())
             _unlink_quietly(self.response_path)   # a reply that came too late
         if self.phase in ("locked", "sent"):
             self.lock.release()
@@ -1785,67 +1873,71 @@ class _Exchange:
 
 def _message_waiting(buffer: str) -> bool:
     """True if a complete message waits in the buffer."""
-    data = read_or_none(buffer)
-    return data is not None and END_MARKER.encode() in data
-
-
-def _reply_extent(path: str, unended: bool = False) -> Optional[Tuple[int, bool]]:
-    """Return (the length of the reply's text, is_error) if path holds a complete reply.
-
-    Read a piece at a time to its first ESC; unended: a reply without ESC is
-    complete at the end of the file.
-    """
-    fd = _open_to_read(path)
+    fd = _open_to_read(buffer)
     if fd is None:
-        return None
-    try:
-        offset = 0
-        for piece in iter(lambda: os.read(fd, READ_SIZE), b""):
-            found = piece.find(END_MARKER.encode())
-            if found >= 0:
-                os.lseek(fd, offset + found, os.SEEK_SET)
-                return offset + found, os.read(fd, 2) == ERROR_MARKER.encode()
-            offset += len(piece)
-        return (offset, False) if unended else None
-    finally:
-        os.close(fd)
-
-
-def _read_reply(path: str, end: Tuple[int, bool], sink: Optional[IO[str]]) -> Tuple[str, bool]:
-    """Return the complete reply in path as (text, is_error), or copy it to sink.
-
-    A reply copied to sink is decoded a piece at a time, never held whole,
-    and ("", False) returned; an error reply is returned, not copied.
-    """
-    length, is_error = end
-    fd = _open_to_read(path)
-    if fd is None:
-        raise FileNotFoundError(errno.ENOENT, "the reply was removed before it was read", path)
-    try:
-        if sink is None or is_error:
-            return str(os.read(fd, length), "utf-8", "replace"), is_error
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        while length > 0:
-            piece = os.read(fd, min(length, READ_SIZE))
-            if not piece:
-                break
-            length -= len(piece)
-            sink.write(decoder.decode(piece, final=length <= 0))
-        return "", False
-    finally:
-        os.close(fd)
-
-
-def _withdraw(path: str, data: Fingerprint) -> bool:
-    """Remove path if it still holds exactly this message; True if removed."""
-    identity = _file_id(path)
-    if identity is None:
         return False
-    # A server that follows only the spec empties the buffer in place, so the
-    # content, not only the file's identity, tells whether it is still ours.
-    content = read_or_none(path)
-    return (content is not None and (len(content), zlib.crc32(content)) == data
-            and remove_if_same(path, identity))
+    try:
+        return _find_end(fd)[1] >= 0
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, buffer) from None    # say which file
+    finally:
+        os.close(fd)
+
+
+class _Reply:
+    """A complete reply in its file, open: where its text ends, and whether it is an error."""
+
+    def __init__(self, fd: int, head: bytes, end: int, is_error: bool) -> None:
+        self.fd = fd
+        self.head = head               # the file's first bytes, read already
+        self.end = end
+        self.is_error = is_error
+
+    @classmethod
+    def find(cls, path: str, unended: bool = False) -> Optional[_Reply]:
+        """Return the reply in path if it is complete (ended by ESC; with unended, any)."""
+        fd = _open_to_read(path)
+        if fd is None:
+            return None
+        try:
+            head, end = _find_end(fd)
+            if end < 0 and not unended:
+                os.close(fd)
+                return None
+            if end < 0:
+                return cls(fd, head, os.fstat(fd).st_size, False)
+            os.lseek(fd, end, os.SEEK_SET)
+            return cls(fd, head, end, os.read(fd, 2) == ERROR_MARKER.encode())
+        except BaseException as exc:
+            os.close(fd)
+            if isinstance(exc, OSError):
+                raise OSError(exc.errno, exc.strerror, path) from None    # say which file
+            raise
+
+    def read(self, sink: Optional[IO[str]]) -> str:
+        """Return the reply's text, or copy it to sink (never held whole) and return "".
+
+        An error reply is returned, never copied.
+        """
+        return _read_text(self.fd, 0, self.end, "replace", self.head,
+                          None if self.is_error else sink)
+
+    def close(self) -> None:
+        """Close the reply's file."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def _withdraw(path: str, sent: Fingerprint) -> bool:
+    """Remove path if it is still the request this client sent, unchanged; True if removed.
+
+    A server that follows only the spec empties the buffer in place, so its
+    size, not only which file it is, tells whether it is still the request.
+    """
+    st = _lstat_or_none(path)
+    return (st is not None and (st.st_dev, st.st_ino, st.st_size) == sent
+            and remove_if_same(path, sent[:2]))
 
 
 # --- Server ---
@@ -1898,13 +1990,17 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
     try:
         sweep_leftovers(allowed)
         report("ready", buffer=buffer, lock_path=paths.lock)
-        with Waiter([buffer], poll, poll_interval) as waiter:
+        with Waiter([buffer], poll, poll_interval, SERVER_EVENTS) as waiter:
             # Messages claimed by a server that stopped before answering come first.
             pending = paths.claims()
-            while max_messages is None or server.handled < max_messages:
-                claim = (server.restore(pending.pop(0)) if pending
-                         else server.next_claim(waiter, presence))
-                server.answer(claim, waiter)
+            try:
+                while max_messages is None or server.handled < max_messages:
+                    claim = (server.restore(pending.pop(0)) if pending
+                             else server.next_claim(waiter, presence))
+                    if claim is not None:
+                        server.answer(claim, waiter)
+            finally:
+                server.check_delivered(waiter, last_look=True)
     finally:
         Line(paths.lock, stale_after).clear()
         sweep_leftovers(allowed, mine=True)
@@ -1978,13 +2074,22 @@ class _Client:
 
 
 class _Claim:
-    """A claimed message: its file, its bytes if read already, and its client."""
+    """A claimed message: its file, open, its first bytes, where its ESC is (-1: none)..."""
 
-    def __init__(self, path: str, data: Optional[bytes], client: _Client) -> None:
+    def __init__(self, path: str, fd: int, head: bytes, end: int, client: _Client) -> None:
         self.path = path
-        self.data = data
-        self.client = client
+        self.fd = fd
+        self.head = head
+        self.end = end
+        self.client = client          # ...and the client it came from
         self.oversize = 0             # bytes of a message over the server's limit
+
+    def close(self) -> None:
+        """Close the message's file and stop following its client."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+        self.client.close()
 
 
 class _Server:
@@ -2003,10 +2108,14 @@ class _Server:
         self.home = os.path.dirname(os.path.abspath(paths.buffer))
         # The most a whole request of max_bytes can take: path, newline, message, ESC.
         self.limit = MAX_PATH + 1 + max_bytes + 1
+        # The last reply delivered, while its client has still to read it: a
+        # client killed before it does would leave the file for nobody.
+        self.delivered: Optional[Tuple[str, Tuple[int, int], _Client]] = None
 
     def next_claim(self, waiter: Waiter, presence: Presence) -> _Claim:
         """Wait for a complete message in the buffer and claim it."""
         while True:
+            self.check_delivered(waiter)
             try:
                 claim = self._claim()
                 if claim is not None:
@@ -2034,41 +2143,71 @@ class _Server:
             return None
         try:
             st = os.fstat(fd)
-            data = _read_fd(fd, self.limit)
-            if data is None:              # too long to read: complete if it ends in ESC
-                os.lseek(fd, -1, os.SEEK_END)
-                complete = os.read(fd, 1) == END_MARKER.encode()
-            else:
-                complete = END_MARKER.encode() in data
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "Not a regular file", self.paths.buffer)
+            head, end = self._end_of(fd)
+            if end < 0:
+                return None               # a peer writing it in place is not done
+            client = _Client.of_lock(self.paths.lock)
+            claim = self.paths.claim_prefix + client.ref()
+            try:
+                os.rename(self.paths.buffer, claim)
+            except BaseException:
+                client.close()
+                if sys.exc_info()[0] is FileNotFoundError:
+                    return None           # withdrawn by its client an instant ago
+                raise
+            _crash_point("server-taken")
+            log.debug("message claimed as %s", claim)
+            if _file_id(claim) != (st.st_dev, st.st_ino):    # replaced since it was read
+                os.close(fd)
+                fd = -1
+                return self._open_claim(claim, client)
+            taken, fd = _Claim(claim, fd, head, end, client), -1
+            return taken
         finally:
-            os.close(fd)
-        if not complete:
-            return None                   # a peer writing it in place is not done
-        client = _Client.of_lock(self.paths.lock)
-        claim = self.paths.claim_prefix + client.ref()
-        try:
-            os.rename(self.paths.buffer, claim)
-        except BaseException:
-            client.close()
-            if sys.exc_info()[0] is FileNotFoundError:
-                return None               # withdrawn by its client an instant ago
-            raise
-        _crash_point("server-taken")
-        log.debug("message claimed as %s", claim)
-        if _file_id(claim) != (st.st_dev, st.st_ino):
-            data = None                   # replaced since it was read: read it again
-        return _Claim(claim, data, client)
+            if fd >= 0:
+                os.close(fd)
 
-    def restore(self, claim: str) -> _Claim:
-        """Take up a message that a server claimed before it stopped."""
-        inode, token = _claim_ref(claim[len(self.paths.claim_prefix):]) or (0, "")
-        if inode == 0:
-            return _Claim(claim, None, _Client())        # sent without a lock
-        client = _Client.of_lock(self.paths.lock)
-        if client.identity[1] != inode or client.token != token:
+    def _end_of(self, fd: int) -> Tuple[bytes, int]:
+        """Return the first bytes of the message open as fd, and where it ends (-1: not yet).
+
+        No further than the longest request allowed: a longer one is complete
+        if it ends in ESC, and is answered with an error.
+        """
+        head, end = _find_end(fd, self.limit)
+        if end < 0 and os.fstat(fd).st_size > self.limit:
+            os.lseek(fd, -1, os.SEEK_END)
+            if os.read(fd, 1) == END_MARKER.encode():
+                end = os.lseek(fd, -1, os.SEEK_END)
+        return head, end
+
+    def _open_claim(self, claim: str, client: _Client) -> _Claim:
+        """Open a claimed message to answer it."""
+        fd = _open_to_read(claim)
+        if fd is None:
             client.close()
-            client = _Client(gone=True)                  # the client gave up: another's lock
-        return _Claim(claim, None, client)
+            raise FileNotFoundError(errno.ENOENT, "the claimed message went away", claim)
+        try:
+            return _Claim(claim, fd, *self._end_of(fd), client)
+        except BaseException:
+            os.close(fd)
+            client.close()
+            raise
+
+    def restore(self, claim: str) -> Optional[_Claim]:
+        """Take up a message that a server claimed before it stopped; None if it went."""
+        inode, token = _claim_ref(claim[len(self.paths.claim_prefix):]) or (0, "")
+        client = _Client()                               # sent without a lock
+        if inode != 0:
+            client = _Client.of_lock(self.paths.lock)
+            if client.identity[1] != inode or client.token != token:
+                client.close()
+                client = _Client(gone=True)              # the client gave up: another's lock
+        try:
+            return self._open_claim(claim, client)
+        except FileNotFoundError:
+            return None                                  # withdrawn by its client meanwhile
 
     def answer(self, claim: _Claim, waiter: Waiter) -> None:
         """Answer one claimed message, then free the lock it came with and the claim."""
@@ -2085,31 +2224,28 @@ class _Server:
             # message being answered stays claimed for the next server.
             self._release(claim)
         finally:
-            claim.client.close()
-            waiter.watch_files([])
+            claim.close()
         self.handled += 1
         if not replied:
             self.report("released", lock_path=self.paths.lock)
 
     def _request(self, claim: _Claim) -> Optional[Request]:
         """Read and check the claimed message; None if there is nothing to answer."""
-        data = claim.data if claim.data is not None else read_or_none(claim.path, self.limit)
-        claim.data = None
-        if data is None:
-            data = self._too_long(claim)
-        end, newline = data.find(END_MARKER.encode()), data.find(b"\n")
-        if 0 <= newline < end and end - newline - 1 > self.max_bytes:
-            claim.oversize = end - newline - 1
+        if claim.end < 0:
+            self.report("discarded", reason=f"incomplete message in {claim.path}")
+            return None
+        head = claim.head
         try:
-            parsed = parse_request(data)
+            newline = _path_end(head, min(claim.end, MAX_PATH + 1))
+            raw_path = _decode_path(head[:newline])
+            size = claim.end - newline - 1
+            if size > self.max_bytes:
+                claim.oversize, message = size, ""
+            else:
+                message = _read_text(claim.fd, newline + 1, claim.end, "strict", head)
         except ValueError as exc:
             self.report("discarded", reason=f"malformed message in {self.paths.buffer}: {exc}")
             return None
-        del data
-        if parsed is None:
-            self.report("discarded", reason=f"incomplete message in {claim.path}")
-            return None
-        raw_path, message = parsed
         request = Request(message, os.path.abspath(raw_path), self.paths.buffer)
         problem = self._target_problem(request.response_path)
         if problem is _ANSWERED:
@@ -2126,83 +2262,66 @@ class _Server:
         self.report("received", request=request)
         return request
 
-    def _too_long(self, claim: _Claim) -> bytes:
-        """Return a stand-in for a message too long to read: its response path, no text.
-
-        The path is read from the head of the file, so that the client hears
-        at once why there is no reply (claim.oversize says the size).
-        """
-        fd = _open_to_read(claim.path)
-        if fd is None:
-            raise FileNotFoundError(errno.ENOENT, "the claimed message went away", claim.path)
-        try:
-            head = os.read(fd, MAX_PATH + 1).partition(b"\n")[0]
-            claim.oversize = os.fstat(fd).st_size - len(head) - 2
-        finally:
-            os.close(fd)
-        return head + b"\n" + END_MARKER.encode()
-
     def _reply(self, request: Request, claim: _Claim, waiter: Waiter) -> bool:
-        """Obtain the reply and publish it; watch it until it is read, if its client can be.
-
-        True if the reply was delivered (and the lock's release reported).
-        """
+        """Obtain the reply and publish it; True if it was delivered to a waiting client."""
         failure = None
+        path = request.response_path
         try:
             if claim.oversize:
                 raise HookError(f"the message is {claim.oversize} bytes, over this server's "
                                 f"limit of {self.max_bytes} (--max-bytes)")
             text = self.responder(request)
-            data = encode_reply(text)
+            if not isinstance(text, str):
+                raise HookError(f"the responder returned {type(text).__name__}, not text")
+            publish(path, reply_pieces(text), durable=self.durable)
         except (HookError, FramingError) as exc:
             failure = str(exc)
             text = f"filechat server: {failure}\n"
-            data = encode_reply(text, error=True)
-        publish(request.response_path, data, durable=self.durable)
-        del data
+            publish(path, reply_pieces(text, error=True), durable=self.durable)
         _crash_point("server-replied")
-        reply = _file_id(request.response_path)
+        reply = _file_id(path)
         client = claim.client
         # Looked at once the reply is out, not before: the client reads it
         # meanwhile. One whose client has gone is taken back.
         if not client.waiting(self.paths.lock):
             if reply is not None:
-                remove_if_same(request.response_path, reply)
-            self.report("discarded", reason=f"the client for {request.response_path} has gone",
-                        request=request)
+                remove_if_same(path, reply)
+            self.report("discarded", reason=f"the client for {path} has gone", request=request)
             return False
+        self.check_delivered(waiter, last_look=True)
         # Watched before the lock goes: the client's death closes its lock.
-        watching = (client.watchable and reply is not None
-                    and waiter.watch_files([self.paths.lock, request.response_path]))
+        watched = (client.watchable and reply is not None
+                   and waiter.watch_files([self.paths.lock, path]))
         self._release(claim)             # at once: the client waits for this
-        log.debug("reply published in %s", request.response_path)
+        if watched and reply is not None:
+            self.delivered, claim.client = (path, reply, client), _Client()
+        log.debug("reply published in %s", path)
         self.report("failed" if failure else "replied", request=request, reason=failure,
                     reply=text)
         self.report("released", lock_path=self.paths.lock)
-        if watching and reply is not None:
-            self._see_read(request.response_path, reply, client, waiter)
         return True
 
-    def _see_read(self, path: str, reply: Tuple[int, int], client: _Client,
-                  waiter: Waiter) -> None:
-        """Wait until the client has read its reply, or remove the reply if the client died.
+    def check_delivered(self, waiter: Waiter, last_look: bool = False) -> None:
+        """Forget the last reply delivered once read; remove it if its client died unread.
 
-        A client killed between the reply's arrival and its reading would
-        leave the file for nobody. A client that reads it later than
-        CONSUME_GRACE is left to read it alone.
+        last_look: the server is moving on (another reply, a stop), and leaves
+        a live client to read its reply alone.
         """
-        deadline = time.monotonic() + CONSUME_GRACE
-        while _file_id(path) == reply:
+        if self.delivered is None:
+            return
+        path, reply, client = self.delivered
+        if _file_id(path) == reply:
+            if client.alive() and not last_look:
+                return                    # its watches wake the server when that changes
             if not client.alive():
                 remove_if_same(path, reply)
-                self.report("discarded", reason=f"removed the reply {path}: its client ended "
-                            "without reading it")
-                return
-            if waiter.wait(deadline - time.monotonic()) == DEADLINE:
-                log.debug("reply %s not read within %g s; left to its client", path,
-                          CONSUME_GRACE)
-                return
-        waiter.progress(f"reply {path} read")
+                self.report("discarded", reason=f"removed the reply {path}: its client "
+                            "ended without reading it")
+        else:
+            waiter.progress(f"reply {path} read")
+        self.delivered = None
+        client.close()
+        waiter.watch_files([])
 
     def _release(self, claim: _Claim) -> None:
         """Remove the client's lock and the claim, once per message.
