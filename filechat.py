@@ -505,21 +505,28 @@ class _Staged:
         name is taken with O_CREAT|O_EXCL and the complete file renamed over
         it, so it is as exclusive, and empty only for that moment.
         """
-        if replace:
-            os.replace(self.temp, self.path)
-        else:
-            try:
-                os.link(self.temp, self.path)
-            except FileExistsError:
-                raise
-            except OSError as exc:
-                if exc.errno not in _NO_HARD_LINKS:
-                    raise
-                os.close(_create(self.path))
+        try:
+            if replace:
                 os.replace(self.temp, self.path)
-            _unlink_quietly(self.temp)
+            else:
+                self._link()
+        except OSError as exc:
+            if isinstance(exc, FileExistsError):
+                raise
+            raise OSError(exc.errno, exc.strerror, self.path) from None    # say which file
         self.temp = ""
         _fsync_directory(self.path, self.durable)
+
+    def _link(self) -> None:
+        """Hard-link the temp file as the path (see put), then drop its temp name."""
+        try:
+            os.link(self.temp, self.path)
+        except OSError as exc:
+            if isinstance(exc, FileExistsError) or exc.errno not in _NO_HARD_LINKS:
+                raise
+            os.close(_create(self.path))
+            os.replace(self.temp, self.path)
+        _unlink_quietly(self.temp)
 
     def close(self) -> None:
         """Close the file's descriptor, letting go of its flock."""
@@ -1308,6 +1315,8 @@ class Waiter:
             if mask & IN_IGNORED and wd in self.watched:
                 del self.watched[wd]            # gone: watched again once it exists
                 self.directories.clear()        # (the others are found watched already)
+            elif mask & IN_IGNORED and wd in self.files:
+                self.files.remove(wd)           # its file is gone: nothing to remove
         return relevant
 
     def close(self) -> None:
@@ -1711,7 +1720,9 @@ class _Exchange:
                     continue          # the ticket ahead went meanwhile
             stale_in = float("inf")
             if not before:
-                if self.lock.try_acquire():
+                # A lock in place is not asked for: making a file only to find the
+                # name taken would cost each waiter woken by the one ahead leaving.
+                if _lstat_or_none(self.lock.path) is None and self.lock.try_acquire():
                     waiter.progress(f"lock {self.lock.path} free")
                     self._locked(line.named)
                     return
@@ -1744,9 +1755,9 @@ class _Exchange:
         holder = inspect_holder(self.lock.path)
         if holder is None:
             return 0.0
-        if _message_waiting(self.paths.buffer):
-            return float("inf")
         reason = stale_reason(holder, self.lock.stale_after)
+        if reason and _message_waiting(self.paths.buffer):
+            return float("inf")
         if reason:
             if self.lock.break_stale():
                 log.warning("removed stale lock %s: %s", self.lock.path, reason)
@@ -1906,8 +1917,11 @@ class _Reply:
                 return None
             if end < 0:
                 return cls(fd, head, os.fstat(fd).st_size, False)
-            os.lseek(fd, end, os.SEEK_SET)
-            return cls(fd, head, end, os.read(fd, 2) == ERROR_MARKER.encode())
+            marker = head[end:end + 2]
+            if len(marker) < 2:                   # the marker ends past the head
+                os.lseek(fd, end, os.SEEK_SET)
+                marker = os.read(fd, 2)
+            return cls(fd, head, end, marker == ERROR_MARKER.encode())
         except BaseException as exc:
             os.close(fd)
             if isinstance(exc, OSError):

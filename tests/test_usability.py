@@ -245,7 +245,9 @@ def test_a_buffer_turned_into_a_directory_is_an_error_not_a_traceback(  # type: 
     client = start("client", "buf.txt", "-m", "hi")
     client.expect("Server busy, please wait...")
     (tmp_path / "buf.txt").mkdir()                       # the buffer, replaced meanwhile
+    (tmp_path / "server.lock").unlink()                  # the holder is done: the client's turn
     assert client.wait() == 1
     assert "Traceback" not in client.err
     assert client.err.endswith(
         "filechat: error: buf.txt: Is a directory; check the files beside the buffer\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["buf.txt"]    # its lock let go
