@@ -93,6 +93,7 @@ __all__ = [
     "ServerError",
     "UsageError",
     "Waiter",
+    "WaitingLine",
     "encode_reply",
     "encode_request",
     "parse_reply",
@@ -1007,7 +1008,7 @@ class Lock:
         return break_stale_lock(self.path, self.stale_after)
 
 
-class Line:
+class WaitingLine:
     """The queue of clients waiting for one lock, served first come, first served.
 
     A waiting client holds a ticket: a file in the directory LOCK.line, named
@@ -1686,7 +1687,7 @@ class _Exchange:
         """Take the lock, waiting in line while others hold it or wait for it."""
         asked = time.time()
         # Nobody waits: ask at once. Else, or if it is taken, join the line.
-        line = Line(self.lock.path, self.lock.stale_after)
+        line = WaitingLine(self.lock.path, self.lock.stale_after)
         if not line.tickets() and self.lock.try_acquire():
             self._locked(asked)
             return
@@ -1698,7 +1699,7 @@ class _Exchange:
         finally:
             line.leave()
 
-    def _wait_in_line(self, line: Line, waiter: Waiter, lock_timeout: Optional[float],
+    def _wait_in_line(self, line: WaitingLine, waiter: Waiter, lock_timeout: Optional[float],
                       retry_interval: float) -> None:
         """Wait for the file just ahead to go (the ticket ahead; first, the lock), then lock."""
         start = time.monotonic()
@@ -2016,7 +2017,7 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
             finally:
                 server.check_delivered(waiter, last_look=True)
     finally:
-        Line(paths.lock, stale_after).clear()
+        WaitingLine(paths.lock, stale_after).clear()
         sweep_leftovers(allowed, mine=True)
         presence.withdraw()
     return server.handled
@@ -2032,8 +2033,8 @@ def _allowed_directories(buffer: str, allow_dirs: Sequence[str]) -> List[str]:
     return [os.path.realpath(d) for d in (buffer_dir, *allow_dirs)]
 
 
-class _Client:
-    """The client a message came from, followed through its lock while it is answered.
+class _Requester:
+    """The server's view of the client a message came from, followed through its lock.
 
     The lock is held open for the exchange, so that its inode cannot be
     reused by another lock meanwhile, and, for a filechat client on this
@@ -2052,7 +2053,7 @@ class _Client:
             self.identity = (st.st_dev, st.st_ino)
 
     @classmethod
-    def of_lock(cls, lock_path: str) -> _Client:
+    def of_lock(cls, lock_path: str) -> _Requester:
         """Open the lock in place, which the message about to be claimed came with."""
         fd = _open_to_read(lock_path)
         if fd is None:
@@ -2090,7 +2091,7 @@ class _Client:
 class _Claim:
     """A claimed message: its file, open, its first bytes, where its ESC is (-1: none)..."""
 
-    def __init__(self, path: str, fd: int, head: bytes, end: int, client: _Client) -> None:
+    def __init__(self, path: str, fd: int, head: bytes, end: int, client: _Requester) -> None:
         self.path = path
         self.fd = fd
         self.head = head
@@ -2124,7 +2125,7 @@ class _Server:
         self.limit = MAX_PATH + 1 + max_bytes + 1
         # The last reply delivered, while its client has still to read it: a
         # client killed before it does would leave the file for nobody.
-        self.delivered: Optional[Tuple[str, Tuple[int, int], _Client]] = None
+        self.delivered: Optional[Tuple[str, Tuple[int, int], _Requester]] = None
 
     def next_claim(self, waiter: Waiter, presence: Presence) -> _Claim:
         """Wait for a complete message in the buffer and claim it."""
@@ -2162,7 +2163,7 @@ class _Server:
             head, end = self._end_of(fd)
             if end < 0:
                 return None               # a peer writing it in place is not done
-            client = _Client.of_lock(self.paths.lock)
+            client = _Requester.of_lock(self.paths.lock)
             claim = self.paths.claim_prefix + client.ref()
             try:
                 os.rename(self.paths.buffer, claim)
@@ -2196,7 +2197,7 @@ class _Server:
                 end = os.lseek(fd, -1, os.SEEK_END)
         return head, end
 
-    def _open_claim(self, claim: str, client: _Client) -> _Claim:
+    def _open_claim(self, claim: str, client: _Requester) -> _Claim:
         """Open a claimed message to answer it."""
         fd = _open_to_read(claim)
         if fd is None:
@@ -2212,12 +2213,12 @@ class _Server:
     def restore(self, claim: str) -> Optional[_Claim]:
         """Take up a message that a server claimed before it stopped; None if it went."""
         inode, token = _claim_ref(claim[len(self.paths.claim_prefix):]) or (0, "")
-        client = _Client()                               # sent without a lock
+        client = _Requester()                            # sent without a lock
         if inode != 0:
-            client = _Client.of_lock(self.paths.lock)
+            client = _Requester.of_lock(self.paths.lock)
             if client.identity[1] != inode or client.token != token:
                 client.close()
-                client = _Client(gone=True)              # the client gave up: another's lock
+                client = _Requester(gone=True)           # the client gave up: another's lock
         try:
             return self._open_claim(claim, client)
         except FileNotFoundError:
@@ -2308,7 +2309,7 @@ class _Server:
                    and waiter.watch_files([self.paths.lock, path]))
         self._release(claim)             # at once: the client waits for this
         if watched and reply is not None:
-            self.delivered, claim.client = (path, reply, client), _Client()
+            self.delivered, claim.client = (path, reply, client), _Requester()
         log.debug("reply published in %s", path)
         self.report("failed" if failure else "replied", request=request, reason=failure,
                     reply=text)
@@ -2529,7 +2530,7 @@ def status(buffer: str, lock_path: Optional[str] = None,
     return {"buffer": buffer, "server": server, "lock": lock,
             "message_waiting": _message_waiting(buffer),
             "being_answered": len(paths.claims()),
-            "waiting_clients": len(Line(paths.lock).tickets())}
+            "waiting_clients": len(WaitingLine(paths.lock).tickets())}
 
 
 # --- CLI ---
@@ -2620,7 +2621,7 @@ def _isatty(stream: IO[str]) -> bool:
         return False
 
 
-class _StatusLine:
+class _StatusDisplay:
     """The client's status lines on stderr; at a terminal the last one counts the wait.
 
     At a terminal the line being waited on shows the seconds waited, updated
@@ -2865,7 +2866,7 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
     response = args.response or default_response_path(args.buffer)
     lines = dict(CLIENT_STATUS, **{
         "no-server": f"No server is running on {args.buffer}; waiting for one to start..."})
-    shown = _StatusLine(term, args.quiet)
+    shown = _StatusDisplay(term, args.quiet)
     times = {"start": time.monotonic()}
 
     def status(event: str, **info: object) -> None:

@@ -24,10 +24,10 @@ def tickets(directory: Path) -> list:  # type: ignore[type-arg]
 
 
 def test_clients_are_served_in_arrival_order(holder, server, start, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    srv = server("--auto-reply-cmd", "cat")
+    srv = server("--auto-reply-cmd", "cat", "-v")
     clients = []
     for n in range(6):
-        client = start("client", "buf.txt", "-m", f"client {n}")
+        client = start("client", "buf.txt", "-m", f"client {n}", "-v")
         client.expect(f"Server busy, please wait... ({n + 1} ahead of you)")
         clients.append(client)
     assert len(tickets(tmp_path)) == 6
@@ -39,6 +39,9 @@ def test_clients_are_served_in_arrival_order(holder, server, start, tmp_path: Pa
     assert order == [f"client {n}" for n in range(6)]
     assert tickets(tmp_path) == []
     assert not (tmp_path / "server.lock.line").exists()     # the last to leave removed it
+    assert srv.interrupt() == 0
+    for proc in [srv, *clients]:                            # every wait ended by its event
+        assert "debug:" in proc.err and SAFETY_NET not in proc.err
 
 
 def test_a_crashed_waiter_does_not_block_the_line(holder, server, start, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -47,16 +50,22 @@ def test_a_crashed_waiter_does_not_block_the_line(holder, server, start, tmp_pat
     first.expect("(1 ahead of you)")
     doomed = start("client", "buf.txt", "-m", "doomed")
     doomed.expect("(2 ahead of you)")
-    last = start("client", "buf.txt", "-m", "last")
+    last = start("client", "buf.txt", "-m", "last", "-v")
     last.expect("(3 ahead of you)")
-    doomed.popen.send_signal(signal.SIGKILL)
-    assert doomed.wait() == -signal.SIGKILL
+    line = tmp_path / "server.lock.line"
+    with filechat.Waiter([str(line / name) for name in tickets(tmp_path)]) as waiter:
+        doomed.popen.send_signal(signal.SIGKILL)
+        assert doomed.wait() == -signal.SIGKILL
+        # The client behind it, woken by its death, clears its ticket.
+        while len(tickets(tmp_path)) == 3:
+            assert waiter.wait(WAIT) != filechat.DEADLINE
     release(holder)
     assert first.wait() == 0 and last.wait() == 0
     assert last.out == "last"
     order = [line for line in srv.out.splitlines() if line in ("first", "doomed", "last")]
     assert order == ["first", "last"]
-    assert in_line(tmp_path) == []          # the dead waiter's ticket and request too
+    assert in_line(tmp_path) == []          # the dead waiter's ticket too
+    assert "debug:" in last.err and SAFETY_NET not in last.err
 
 
 def test_a_spec_peer_still_gets_its_turn(holder, server, start, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -91,7 +100,7 @@ def test_polling_clients_wait_at_the_retry_pace(holder, server, start, tmp_path:
 def test_a_newcomer_joins_a_waiting_line_rather_than_take_the_free_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     lock = str(tmp_path / "server.lock")
-    waiting = filechat.Line(lock)
+    waiting = filechat.WaitingLine(lock)
     waiting.join()                         # alive, first in line; the lock is free
     tried: List[str] = []
     try_acquire = filechat.Lock.try_acquire
@@ -101,7 +110,7 @@ def test_a_newcomer_joins_a_waiting_line_rather_than_take_the_free_lock(
         filechat.send(str(tmp_path / "buf.txt"), "late", str(tmp_path / "late.txt"),
                       lock_timeout=0.2)
     assert tried == [] and not os.path.exists(lock)     # never taken, not even for a moment
-    assert filechat.Line(lock).tickets() == [os.path.basename(waiting.ticket)]
+    assert filechat.WaitingLine(lock).tickets() == [os.path.basename(waiting.ticket)]
     waiting.leave()
     assert os.listdir(tmp_path) == []
 
