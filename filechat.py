@@ -1546,7 +1546,6 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     chosen = response_path is not None
     if response_path is None:
         response_path = default_response_path(buffer)
-    _check_path(os.path.abspath(response_path))
     data = _request_data(os.path.abspath(response_path), message, max_bytes)
     check_buffer_path(buffer, paths.lock)
     if chosen:      # a fresh name beside the buffer needs no checking
@@ -1554,7 +1553,7 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     exchange = _Exchange(paths, os.path.abspath(response_path), stale_after, durable, poll,
                          poll_interval, status, progress_interval)
     try:
-        exchange.write(data, durable)
+        exchange.write(data)
         exchange.acquire(lock_timeout, lock_retry_interval)
         exchange.put_in_place()
         text, is_error = exchange.await_reply(timeout, reply_to)
@@ -1567,13 +1566,16 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
 
 
 def _request_data(response_path: str, message: Union[str, BinaryIO], max_bytes: int) -> Data:
-    """Return the request for message: bytes, or pieces read from its file as they are written."""
+    """Check what can be checked before the request is written; return its pieces.
+
+    A message from a file is read and checked as its pieces are written.
+    """
+    _check_path(response_path)
     if not isinstance(message, str):
         size = _file_size(message)
         if size > max_bytes:
             raise _too_long(_message_name(message), size, max_bytes)
         return _file_request(response_path, message, max_bytes)
-    _check_path(response_path)
     check_characters(message, "message")
     size = (len(message) if message.isascii()
             else sum(map(len, _text_pieces(message, "message"))))
@@ -1678,9 +1680,9 @@ class _Exchange:
         self.phase = "new"
         self.request: Optional[_Staged] = None
 
-    def write(self, data: Data, durable: bool) -> None:
+    def write(self, data: Data) -> None:
         """Write the request under a temp name, so that holding the lock only renames it."""
-        self.request = _Staged(self.paths.buffer, data, durable)
+        self.request = _Staged(self.paths.buffer, data, self.lock.durable)
         self.phase = "written"
 
     def acquire(self, lock_timeout: Optional[float], retry_interval: float) -> None:
@@ -2227,6 +2229,7 @@ class _Server:
     def answer(self, claim: _Claim, waiter: Waiter) -> None:
         """Answer one claimed message, then free the lock it came with and the claim."""
         replied = False
+        self.check_delivered(waiter, last_look=True)     # one reply is watched at a time
         try:
             try:
                 request = self._request(claim)
@@ -2303,7 +2306,6 @@ class _Server:
                 remove_if_same(path, reply)
             self.report("discarded", reason=f"the client for {path} has gone", request=request)
             return False
-        self.check_delivered(waiter, last_look=True)
         # Watched before the lock goes: the client's death closes its lock.
         watched = (client.watchable and reply is not None
                    and waiter.watch_files([self.paths.lock, path]))
