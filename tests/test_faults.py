@@ -11,7 +11,9 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import kill, leftovers
+from conftest import SAFETY_NET, kill, leftovers
+
+import filechat
 
 NEXT = ("--timeout", "3", "--lock-timeout", "3")     # "served within 3 s"
 
@@ -151,4 +153,19 @@ def test_many_waiters_on_one_stale_lock_break_it_once(  # type: ignore[no-untype
     assert srv.interrupt() == 0
     outputs = srv.err + "".join(client.err for client in clients)
     assert outputs.count("removed stale lock") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reply_its_client_died_before_reading_is_removed(holder, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply", "for nobody", "-v")
+    response = tmp_path / "r.txt"
+    # The holder's request: put in place while it holds the lock, as its client would.
+    (tmp_path / "buf.txt").write_bytes(filechat.encode_request(str(response), "hi"))
+    srv.expect("Lockfile removed. Ready for next client.")    # delivered to a live client
+    assert response.exists()
+    kill(holder)                        # before reading it: its death wakes the server
+    srv.expect("removed the reply")
+    assert not response.exists()
+    assert srv.interrupt() == 0
+    assert SAFETY_NET not in srv.err
     assert list(tmp_path.iterdir()) == []
