@@ -1679,6 +1679,7 @@ class _Exchange:
         self.progress = progress
         self.phase = "new"
         self.request: Optional[_Staged] = None
+        self.line: Optional[WaitingLine] = None
 
     def write(self, data: Data) -> None:
         """Write the request under a temp name, so that holding the lock only renames it."""
@@ -1694,12 +1695,10 @@ class _Exchange:
             self._locked(asked)
             return
         line.join()
+        self.line = line              # left once the request is out: see put_in_place
         self.status("queued", at=line.joined, named=line.named)
-        try:
-            with Waiter((), self.poll, self.poll_interval) as waiter:
-                self._wait_in_line(line, waiter, lock_timeout, retry_interval)
-        finally:
-            line.leave()
+        with Waiter((), self.poll, self.poll_interval) as waiter:
+            self._wait_in_line(line, waiter, lock_timeout, retry_interval)
 
     def _wait_in_line(self, line: WaitingLine, waiter: Waiter, lock_timeout: Optional[float],
                       retry_interval: float) -> None:
@@ -1709,7 +1708,8 @@ class _Exchange:
         tick = _Ticker(self.status, "lock", self.progress)
         watched, was_ahead = "", -1
         while True:
-            ahead, before = line.ahead()
+            # Once first, a client stays first: later tickets come after it.
+            ahead, before = (0, "") if was_ahead == 0 else line.ahead()
             if 0 <= ahead < was_ahead:
                 waiter.progress(f"{ahead} ahead in line for {self.lock.path}")
             was_ahead = ahead
@@ -1781,6 +1781,7 @@ class _Exchange:
         assert self.request is not None
         self.request.put(replace=True)
         self.phase = "sent"
+        self._leave_line()
         _crash_point("client-sent")
         self.status("sent")
         self.status("waiting")
@@ -1881,8 +1882,19 @@ class _Exchange:
             self.lock.release()
         if self.request is not None:
             self.request.discard()
+        self._leave_line()
         self.phase = "done"
         return withdrawn
+
+    def _leave_line(self) -> None:
+        """Give up the ticket, if this client waited in line.
+
+        Only once the request is out: the one behind, woken by its going,
+        has nothing to do until the lock is released.
+        """
+        if self.line is not None:
+            self.line.leave()
+            self.line = None
 
 
 def _message_waiting(buffer: str) -> bool:
