@@ -2255,6 +2255,8 @@ class _Server:
             self._release(claim)
         finally:
             claim.close()
+            if self.delivered is None:
+                waiter.watch_files([])    # a reply not delivered is not watched
         self.handled += 1
         if not replied:
             self.report("released", lock_path=self.paths.lock)
@@ -2296,6 +2298,10 @@ class _Server:
         """Obtain the reply and publish it; True if it was delivered to a waiting client."""
         failure = None
         path = request.response_path
+        client = claim.client
+        # Watched while it is in place: the client closes its lock once it has
+        # read the reply, or when it dies without reading it.
+        watched = client.watchable and waiter.watch_files([self.paths.lock])
         try:
             if claim.oversize:
                 raise HookError(f"the message is {claim.oversize} bytes, over this server's "
@@ -2303,27 +2309,26 @@ class _Server:
             text = self.responder(request)
             if not isinstance(text, str):
                 raise HookError(f"the responder returned {type(text).__name__}, not text")
-            publish(path, reply_pieces(text), durable=self.durable)
+            reply = _Staged(path, reply_pieces(text), self.durable)
         except (HookError, FramingError) as exc:
             failure = str(exc)
             text = f"filechat server: {failure}\n"
-            publish(path, reply_pieces(text, error=True), durable=self.durable)
+            reply = _Staged(path, reply_pieces(text, error=True), self.durable)
+        try:
+            reply.put()
+        except BaseException:
+            reply.discard()
+            raise
         _crash_point("server-replied")
-        reply = _file_id(path)
-        client = claim.client
         # Looked at once the reply is out, not before: the client reads it
         # meanwhile. One whose client has gone is taken back.
         if not client.waiting(self.paths.lock):
-            if reply is not None:
-                remove_if_same(path, reply)
+            remove_if_same(path, reply.identity[:2])
             self.report("discarded", reason=f"the client for {path} has gone", request=request)
             return False
-        # Watched before the lock goes: the client's death closes its lock.
-        watched = (client.watchable and reply is not None
-                   and waiter.watch_files([self.paths.lock, path]))
         self._release(claim)             # at once: the client waits for this
-        if watched and reply is not None:
-            self.delivered, claim.client = (path, reply, client), _Requester()
+        if watched:
+            self.delivered, claim.client = (path, reply.identity[:2], client), _Requester()
         log.debug("reply published in %s", path)
         self.report("failed" if failure else "replied", request=request, reason=failure,
                     reply=text)
@@ -2341,7 +2346,7 @@ class _Server:
         path, reply, client = self.delivered
         if _file_id(path) == reply:
             if client.alive() and not last_look:
-                return                    # its watches wake the server when that changes
+                return                    # its lock's watch wakes the server when that changes
             if not client.alive():
                 remove_if_same(path, reply)
                 self.report("discarded", reason=f"removed the reply {path}: its client "
