@@ -3001,6 +3001,9 @@ def run_server(args: argparse.Namespace, term: Terminal) -> int:
     view = _ServerView(args, term)
     import signal
     signal.signal(signal.SIGTERM, _stop_on_signal)
+    # Ctrl+C stops a server whatever it inherited: a shell script's background
+    # job starts with SIGINT ignored, and could not be stopped with kill -INT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         serve(args.buffer, responder, max_messages=args.max_messages, lock_path=args.lock_file,
               allow_dirs=args.allow_dir, max_bytes=args.max_bytes, stale_after=args.stale_after,

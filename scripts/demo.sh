@@ -10,7 +10,8 @@ pyz="$here/filechat.pyz"
 work=$(mktemp -d "${TMPDIR:-/tmp}/filechat-demo.XXXXXX")
 server_pid=
 cleanup() {
-    if [ -n "$server_pid" ]; then kill -INT "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+    # SIGTERM stops a server like Ctrl+C, and a background job cannot ignore it.
+    if [ -n "$server_pid" ]; then kill -TERM "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
     rm -rf "$work"
 }
 trap cleanup EXIT

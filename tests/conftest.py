@@ -6,7 +6,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
@@ -31,11 +31,12 @@ class Proc:
     """A filechat process whose output lines can be awaited one event at a time."""
 
     def __init__(self, args: Sequence[str], cwd: Path, stdin: Optional[bytes] = None,
-                 env: Optional[Dict[str, str]] = None) -> None:
+                 env: Optional[Dict[str, str]] = None,
+                 preexec: Optional[Callable[[], object]] = None) -> None:
         self.popen = subprocess.Popen(
             list(args), cwd=cwd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=dict(os.environ, **(env or {})))
+            env=dict(os.environ, **(env or {})), preexec_fn=preexec)
         self.arrived = threading.Condition()
         self.stdout: List[str] = []
         self.stderr: List[str] = []

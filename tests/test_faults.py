@@ -8,10 +8,11 @@ reported as failed to its sender, and no reply may reach another client.
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import SAFETY_NET, kill, leftovers
+from conftest import SAFETY_NET, Proc, kill, leftovers
 
 import filechat
 
@@ -169,3 +170,13 @@ def test_a_reply_its_client_died_before_reading_is_removed(holder, server, tmp_p
     assert srv.interrupt() == 0
     assert SAFETY_NET not in srv.err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_stops_a_server_started_with_sigint_ignored(pyz: Path, tmp_path: Path) -> None:
+    # What a shell script's background job inherits.
+    srv = Proc([sys.executable, str(pyz), "server", "buf.txt", "--auto-reply", "x"], tmp_path,
+               preexec=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    srv.expect("Waiting for clients...")
+    assert srv.interrupt() == 0
+    assert "Server stopped." in srv.err
+    assert os.listdir(tmp_path) == []
