@@ -1383,15 +1383,21 @@ class _Inotify:
         """End the loan; an instance that is not the thread's own is closed."""
         self.lent = False
         if getattr(self._threads, "instance", None) is not self:
-            os.close(self.fd)
+            self.close()
 
     @classmethod
     def forget(cls) -> None:
         """In a forked child: leave the parent's instances to the parent."""
         cls._threads = _thread_local()
 
+    def close(self) -> None:
+        """Close the instance."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
     def __del__(self) -> None:
-        os.close(self.fd)
+        self.close()
 
 
 if hasattr(os, "register_at_fork"):

@@ -384,3 +384,24 @@ def test_piped_server_answers_one_message_then_stops(start, run, tmp_path: Path)
     start("server", "buf.txt", "--auto-reply", "later").expect("Waiting for clients...")
     assert second.wait() == 0
     assert second.out == "later"
+
+
+def test_a_responder_that_sends_on_to_another_server(tmp_path: Path) -> None:
+    # The forwarding server's thread waits for its reply inside its own wait:
+    # two waiters at once in one thread, each with its own inotify instance.
+    first, second = str(tmp_path / "a.txt"), str(tmp_path / "b.txt")
+    locks = {name: str(tmp_path / f"{name}.lock") for name in ("a", "b")}
+    upper = threading.Thread(target=filechat.serve, args=(second, lambda r: r.message.upper()),
+                             kwargs={"max_messages": 3, "lock_path": locks["b"]})
+    forward = threading.Thread(
+        target=filechat.serve,
+        args=(first, lambda r: filechat.send(second, r.message, lock_path=locks["b"])),
+        kwargs={"max_messages": 3, "lock_path": locks["a"]})
+    upper.start()
+    forward.start()
+    for message in ("one", "two", "three"):
+        assert filechat.send(first, message, lock_path=locks["a"], timeout=WAIT) == message.upper()
+    forward.join(WAIT)
+    upper.join(WAIT)
+    assert not forward.is_alive() and not upper.is_alive()
+    assert os.listdir(tmp_path) == []
