@@ -4,7 +4,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
-python3 "$here/build_zipapp.py" >/dev/null
+python=${PYTHON:-python3}      # another interpreter to run it with, e.g. PYTHON=python3.8
+"$python" "$here/build_zipapp.py" >/dev/null
 pyz="$here/filechat.pyz"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/filechat-demo.XXXXXX")
@@ -18,13 +19,13 @@ trap cleanup EXIT
 cd "$work"
 
 # The server answers each message with a line built from it, through the hook.
-python3 "$pyz" server buf.txt --max-messages 3 \
+"$python" "$pyz" server buf.txt --max-messages 3 \
     --auto-reply-cmd 'printf "Got your %s-byte message, thanks!\n" "$(wc -c | tr -d " ")"' \
     > server.log 2>&1 &
 server_pid=$!
 
 for message in "Hello server!" "How are you today?" "Bye."; do
-    reply=$(python3 "$pyz" client buf.txt --message "$message" 2>/dev/null)
+    reply=$("$python" "$pyz" client buf.txt --message "$message" 2>/dev/null)
     printf 'client: %s\nserver: %s\n' "$message" "$reply"
 done
 

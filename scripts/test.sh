@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Make .venv, install the pinned test tools into it, then run every check:
 # ruff (the tests and scripts too), mypy --strict, vermin (the code must run
-# on Python 3.8, the oldest the README claims), and the pytest suite against
-# a freshly built filechat.pyz.
+# on Python 3.8, the oldest the README claims), the pytest suite against a
+# freshly built filechat.pyz; first, the demo and a scripted exchange under
+# every Python from 3.8 to 3.13 that this machine has (pyenv's, or on PATH).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -15,4 +16,17 @@ fi
 "$venv/bin/ruff" check filechat.py build_zipapp.py scripts tests
 "$venv/bin/mypy" filechat.py build_zipapp.py
 "$venv/bin/vermin" --no-tips --violations --target=3.8- filechat.py build_zipapp.py
+found=$( (ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.*/bin/python3 2>/dev/null || true;
+          for minor in 8 9 10 11 12 13; do command -v "python3.$minor" || true; done) )
+declare -A seen=()
+for python in $found; do
+    version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || continue
+    case $version in 3.8|3.9|3.10|3.11|3.12|3.13) ;; *) continue ;; esac
+    [ -z "${seen[$version]:-}" ] || continue
+    seen[$version]=1
+    PYTHON="$python" bash scripts/demo.sh >/dev/null
+    "$python" scripts/exchange.py | sed "s/exchanges ok/demo and exchanges ok/"
+done
+python3 build_zipapp.py >/dev/null      # filechat.pyz as the default python3 builds it
+
 "$venv/bin/python" -m pytest "$@"
