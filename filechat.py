@@ -1610,14 +1610,17 @@ def _file_request(response_path: str, source: BinaryIO, max_bytes: int) -> Itera
         size += len(piece)
         if size > max_bytes:
             raise _too_long(what, -1, max_bytes)
-        check_characters(piece, what)
-        try:
+        try:                  # first: a binary file is named as such, not by its bytes
             decoder.decode(piece, final=not piece)
         except UnicodeDecodeError:
             raise FramingError(what, "is not valid UTF-8 text") from None
+        check_characters(piece, what)
         if not piece:
             break
         yield piece
+    if size == 0 and what == "message on stdin":
+        raise UsageError("nothing to send: standard input is empty; to send an empty "
+                         "message, say so with --message ''")
     yield END_MARKER.encode()
 
 
@@ -2990,6 +2993,9 @@ def _client_message(args: argparse.Namespace, term: Terminal,
         except OSError as exc:
             raise UsageError(f"cannot read --message-file {args.message_file}: "
                              f"{exc.strerror or exc}") from None
+    if term.stdin is None:    # started with stdin closed (<&-)
+        raise UsageError("nothing to send: standard input is closed; pass the message "
+                         "with --message or --message-file")
     stdin = getattr(term.stdin, "buffer", None)
     if stdin is not None and not term.stdin_is_tty():
         return stdin          # type: ignore[no-any-return]
@@ -3132,6 +3138,7 @@ def run_status(args: argparse.Namespace, term: Terminal) -> int:
     """Run the status subcommand: 0 if a server runs, EXIT_NO_SERVER if not."""
     if os.path.isdir(args.buffer):
         raise UsageError(f"buffer file {args.buffer} is a directory; name a file")
+    _check_directory(args.buffer, "buffer file")
     state = status(args.buffer, args.lock_file, args.stale_after)
     if args.json:
         term.out(_json(state))
@@ -3178,6 +3185,9 @@ def _cli_responder(args: argparse.Namespace, term: Terminal) -> Responder:
         _check_text(args.auto_reply, "--auto-reply")
         return static_responder(args.auto_reply)
     if args.auto_reply_file is not None:
+        if not os.path.isfile(args.auto_reply_file):
+            raise UsageError(f"--auto-reply-file {args.auto_reply_file}: no such file; create "
+                             "it first (it is read anew for each message)")
         return file_responder(args.auto_reply_file)
     if args.auto_reply_cmd is not None:
         return command_responder(args.auto_reply_cmd, args.hook_timeout)

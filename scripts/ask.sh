@@ -7,7 +7,8 @@ pyz="$(cd "$(dirname "$0")/.." && pwd)/filechat.pyz"
 buffer=${1:?usage: ask.sh BUFFER QUESTION}
 question=${2:?usage: ask.sh BUFFER QUESTION}
 
-reply=$(python3 "$pyz" client "$buffer" --message "$question" --timeout 30 2>/dev/null)
+# --quiet: no status lines, but filechat's own error, if any, still reaches stderr.
+reply=$(python3 "$pyz" client "$buffer" --message "$question" --timeout 30 --quiet)
 status=$?
 case $status in
     0) ;;

@@ -405,3 +405,39 @@ def test_a_responder_that_sends_on_to_another_server(tmp_path: Path) -> None:
     upper.join(WAIT)
     assert not forward.is_alive() and not upper.is_alive()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_missing_auto_reply_file_is_refused_at_start(run) -> None:  # type: ignore[no-untyped-def]
+    result = run("server", "buf.txt", "--auto-reply-file", "absent.txt")
+    assert result.returncode == 2
+    assert result.stderr.decode() == ("filechat: error: --auto-reply-file absent.txt: no such "
+                                      "file; create it first (it is read anew for each message)\n")
+
+
+def test_status_names_a_missing_directory(run) -> None:  # type: ignore[no-untyped-def]
+    result = run("status", "nodir/buf.txt")
+    assert result.returncode == 2
+    assert result.stderr.decode() == ("filechat: error: buffer file nodir/buf.txt: directory "
+                                      "nodir does not exist; create it or choose another path\n")
+
+
+def test_a_binary_message_file_is_called_not_utf8(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x1b\x00\x00\x00\rIHDR")
+    result = run("client", "buf.txt", "--message-file", "image.png")
+    assert result.returncode == 2
+    assert result.stderr.decode() == ("filechat: error: message file image.png is not valid "
+                                      "UTF-8 text\n")
+    assert os.listdir(tmp_path) == ["image.png"]
+
+
+@pytest.mark.parametrize("stdin, says", [
+    ("</dev/null", "standard input is empty; to send an empty message, say so with --message ''"),
+    ("<&-", "standard input is closed; pass the message with --message or --message-file"),
+])
+def test_nothing_to_send_from_an_empty_or_closed_stdin(stdin: str, says: str, pyz: Path,
+                                                        tmp_path: Path) -> None:
+    result = subprocess.run(["sh", "-c", f'"$0" "$1" client buf.txt {stdin}', sys.executable,
+                             str(pyz)], cwd=tmp_path, capture_output=True, timeout=WAIT)
+    assert result.returncode == 2
+    assert result.stderr.decode() == f"filechat: error: nothing to send: {says}\n"
+    assert os.listdir(tmp_path) == []

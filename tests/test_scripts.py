@@ -54,3 +54,5 @@ def test_ask_reports_a_failure_status(repo_pyz: Path, tmp_path: Path) -> None:
                          cwd=tmp_path, capture_output=True, timeout=60)
     assert ask.returncode == 2
     assert ask.stdout.decode() == "filechat failed with exit status 2\n"
+    assert ask.stderr.decode() == ("filechat: error: lock file server.lock is a directory; "
+                                   "name a file\n")       # filechat's own word, not hidden
