@@ -2569,8 +2569,13 @@ class Terminal:
     def __init__(self, stdin: Optional[IO[str]] = None, stdout: Optional[IO[str]] = None,
                  stderr: Optional[IO[str]] = None) -> None:
         self.stdin = stdin or sys.stdin
-        self.stdout = stdout or sys.stdout
-        self.stderr = stderr or sys.stderr
+        # A stream the process was started without (>&-) is None; what would go
+        # there goes nowhere, and a client with nowhere to print is refused.
+        self.closed = [name for name, stream in (("output", stdout or sys.stdout),
+                                                 ("error", stderr or sys.stderr))
+                       if stream is None]
+        self.stdout = stdout or sys.stdout or _nowhere()
+        self.stderr = stderr or sys.stderr or _nowhere()
         self.stdout_tty = _isatty(self.stdout)
         if stdout is None:
             _speak_utf8(self.stdout, self.stdout_tty)
@@ -2621,6 +2626,11 @@ class Terminal:
             if tty and not chunk.endswith(b"\n"):
                 return _decode_input(b"".join(chunks), what), True
         return _decode_input(b"".join(chunks), what), False
+
+
+def _nowhere() -> IO[str]:
+    """Return a stream that discards what is written to it."""
+    return open(os.devnull, "w", encoding="utf-8")
 
 
 def _speak_utf8(stream: IO[str], tty: bool) -> None:
@@ -3232,6 +3242,10 @@ def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) 
     log.stream, log.verbose = term.stderr, getattr(args, "verbose", False)
     log.color = term.color
     try:
+        if "output" in term.closed and args.command != "server":
+            raise UsageError("standard output is closed, so there is nowhere to print "
+                             f"the {'reply' if args.command == 'client' else 'status'}; "
+                             "start filechat with its output open (or sent to a file)")
         if args.command == "server":
             return run_server(args, term)
         if args.command == "status":
@@ -3267,8 +3281,8 @@ def exit_now(status: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
-            pass              # a reader that went away; nothing more to say
+        except (OSError, ValueError, AttributeError):
+            pass              # a reader that went away, or a stream it never had
     os._exit(status)
 
 

@@ -441,3 +441,29 @@ def test_nothing_to_send_from_an_empty_or_closed_stdin(stdin: str, says: str, py
     assert result.returncode == 2
     assert result.stderr.decode() == f"filechat: error: nothing to send: {says}\n"
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("command, what", [("client buf.txt -m hi", "reply"),
+                                           ("status buf.txt", "status")])
+def test_a_closed_stdout_is_a_clear_error(command: str, what: str, pyz: Path,
+                                          tmp_path: Path) -> None:
+    result = subprocess.run(["sh", "-c", f'"$0" "$1" {command} >&-', sys.executable, str(pyz)],
+                            cwd=tmp_path, capture_output=True, timeout=WAIT)
+    assert result.returncode == 2
+    assert result.stderr.decode() == (f"filechat: error: standard output is closed, so there "
+                                      f"is nowhere to print the {what}; start filechat with "
+                                      "its output open (or sent to a file)\n")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_server_with_its_output_closed_still_serves(pyz: Path, run,
+                                                      tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = subprocess.Popen(["sh", "-c", 'exec "$0" "$1" server buf.txt --auto-reply ok >&- 2>&-',
+                            sys.executable, str(pyz)], cwd=tmp_path)
+    try:
+        assert run("client", "buf.txt", "-m", "hi", "--timeout", "5").stdout == b"ok"
+        srv.terminate()
+        assert srv.wait(WAIT) == 0
+    finally:
+        srv.kill()
+    assert os.listdir(tmp_path) == []
