@@ -1533,8 +1533,9 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     (if it had to wait: with the time its ticket appeared in line, and the
     time it was named, just before), "locked" (with the time it asked for
     the lock), "sent", "waiting", "received" (the reply is complete, just
-    before it is written to reply_to), and "no-server", "server-stopped",
-    "server-started" as the server comes and goes; with progress_interval,
+    before it is written to reply_to), "no-server", "server-stopped",
+    "server-started" as the server comes and goes, and "interrupted" (sent,
+    withdrawn: what became of the message) on Ctrl+C; with progress_interval,
     also "tick" (phase "lock" or "reply", seconds waited) that often.
 
     The message is text, or a binary file to read it from (UTF-8), copied
@@ -1563,8 +1564,11 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
         exchange.acquire(lock_timeout, lock_retry_interval)
         exchange.put_in_place()
         text, is_error = exchange.await_reply(timeout, reply_to)
-    except BaseException:
-        exchange.give_up()
+    except BaseException as exc:
+        sent = exchange.phase == "sent"
+        withdrawn = exchange.give_up()
+        if isinstance(exc, KeyboardInterrupt):
+            status("interrupted", sent=sent, withdrawn=withdrawn)
         raise
     if is_error:
         raise ServerError(text)
@@ -2906,11 +2910,15 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
         "no-server": f"No server is running on {args.buffer}; waiting for one to start..."})
     shown = _StatusDisplay(term, args.quiet)
     times = {"start": time.monotonic()}
+    fate = ["nothing was sent"]           # what Ctrl+C did to the message
 
     def status(event: str, **info: object) -> None:
         if event == "received":
             shown.done()          # the reply is printed next
-        if event in ("queued", "received"):
+        if event == "interrupted" and info["sent"]:
+            fate[0] = ("the message was withdrawn" if info["withdrawn"] else
+                       "the server had taken the message, and will find this client gone")
+        if event in ("queued", "received", "interrupted"):
             return
         if event == "tick":
             shown.tick(float(info["waited"]))     # type: ignore[arg-type]
@@ -2946,6 +2954,10 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
                           exit_status=getattr(exc, "exit_code", EXIT_INTERRUPTED),
                           reply=exc.text if isinstance(exc, ServerError) else None)
             term.out(_json(record))
+        elif isinstance(exc, KeyboardInterrupt):
+            term.err()            # after the ^C the terminal shows
+            term.err(f"filechat: interrupted; {fate[0]}")
+            return EXIT_INTERRUPTED
         raise
     shown.done()
     if args.json:
@@ -3238,7 +3250,13 @@ def _operator_responder(term: Terminal) -> Responder:
 def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) -> int:
     """Run the command line; return the exit status."""
     term = term or Terminal()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if (args.command == "client" and args.response is None and len(extra) == 1
+            and not extra[0].startswith("-")):
+        args.response = extra[0]          # RESPONSE after the options: client BUF -m hi RESP
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     log.stream, log.verbose = term.stderr, getattr(args, "verbose", False)
     log.color = term.color
     try:

@@ -467,3 +467,11 @@ def test_a_server_with_its_output_closed_still_serves(pyz: Path, run,
     finally:
         srv.kill()
     assert os.listdir(tmp_path) == []
+
+
+def test_response_after_the_options(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply", "ok")
+    result = run("client", "buf.txt", "-m", "hi", "resp.txt", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["response_path"] == str(tmp_path / "resp.txt")
+    assert run("client", "buf.txt", "-m", "hi", "resp.txt", "extra.txt").returncode == 2

@@ -210,6 +210,7 @@ def test_ctrl_c_while_busy_leaves_the_holders_lock(terminal, tmp_path: Path) -> 
     client.child.sendeof()
     client.expect("Server busy, please wait...")
     client.child.sendintr()
+    client.expect("filechat: interrupted; nothing was sent")
     assert client.exit_status() == 130
     assert (tmp_path / "server.lock").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["server.lock"]
@@ -223,6 +224,7 @@ def test_ctrl_c_while_waiting_withdraws_the_message(terminal, tmp_path: Path) ->
     client.expect("Waiting for server response...")
     assert (tmp_path / "buf.txt").exists() and (tmp_path / "server.lock").exists()
     client.child.sendintr()
+    client.expect("filechat: interrupted; the message was withdrawn")
     assert client.exit_status() == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
