@@ -703,11 +703,11 @@ def remove_empty_directory(path: str) -> None:
 _LEFTOVER = re.compile(r"\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]{8}\.tmp\Z")
 
 
-def sweep_leftovers(directories: Sequence[str], mine: bool = False) -> List[str]:
+def sweep_leftovers(directories: Sequence[str]) -> List[str]:
     """Remove temp files that processes of this host left when killed; return them.
 
-    With mine=True, also this process's own: for a server on its way out,
-    which an interrupt may have stopped between writing a file and renaming it.
+    Never a live process's, this one's included: its other threads may be
+    writing them (an interrupted write removes its own, see _Staged).
     """
     removed = []
     for directory in directories:
@@ -718,8 +718,7 @@ def sweep_leftovers(directories: Sequence[str], mine: bool = False) -> List[str]
         for name in names:
             match = _LEFTOVER.search(name)
             if (name.startswith(".") and match and match.group(1) == HOST_TAG
-                    and (not _pid_alive(int(match.group(2)))
-                         or (mine and int(match.group(2)) == os.getpid()))):
+                    and not _pid_alive(int(match.group(2)))):
                 _unlink_quietly(os.path.join(directory, name))
                 removed.append(name)
     return removed
@@ -2045,7 +2044,7 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
                 server.check_delivered(waiter, last_look=True)
     finally:
         WaitingLine(paths.lock, stale_after).clear()
-        sweep_leftovers(allowed, mine=True)
+        sweep_leftovers(allowed)
         presence.withdraw()
     return server.handled
 
