@@ -1181,7 +1181,6 @@ def running_server(presence_path: str) -> Optional[Owner]:
 IN_ATTRIB = 0x004        # a watched file's link count fell (it was removed), or it was touched
 IN_CLOSE_WRITE = 0x008   # a file open for writing was closed: written in place, or its
                          # holder ended (the kernel closes a dead process's files)
-IN_MOVED_FROM = 0x040    # a name was renamed away (a message claimed)
 IN_MOVED_TO = 0x080      # a name was renamed into place (os.replace)
 IN_CREATE = 0x100        # a name was created or hard-linked (published whole)
 IN_DELETE = 0x200        # a name was removed (a lock released, a reply read)
