@@ -641,7 +641,11 @@ def _read_text(fd: int, start: int, end: int, errors: str, head: bytes = b"",
             sink.write(decoded)
         else:
             text += decoded     # CPython grows a string held only here in place
-    return text + decoder.decode(b"", final=True)
+    rest = decoder.decode(b"", final=True)      # a sequence cut off at the end
+    if sink is not None:
+        sink.write(rest)
+        return ""
+    return text + rest
 
 
 def _pieces(fd: int, start: int, end: int, head: bytes) -> Iterator[bytes]:
@@ -2666,8 +2670,12 @@ class _StatusDisplay:
 
     At a terminal the line being waited on shows the seconds waited, updated
     in place, and is rewritten without them when the next line comes, so the
-    screen ends up showing exactly the lines a pipe would get. Elsewhere each
-    line is printed once, plainly; with quiet, not at all.
+    screen ends up showing exactly the lines a pipe would get. The live line
+    is cut to the terminal's width, read anew at each update (so a resized
+    window is redrawn at the next one): a line that wrapped onto a second
+    row would leave a copy behind at every redraw. Elsewhere, or in a window
+    too narrow for any of it, each line is printed once, plainly; with
+    quiet, not at all.
     """
 
     def __init__(self, term: Terminal, quiet: bool) -> None:
@@ -2681,19 +2689,22 @@ class _StatusDisplay:
         if self.quiet:
             return
         self.done()
-        if self.live:
-            self._write(text)
-            self.current = text
-        else:
+        # Live only where the line has room for a timer beside some of it.
+        if not self.live or _live_row(text, " 00.0 s", self.term.stderr) is None:
             self.term.err(text)
+            return
+        self._write(_live_row(text, "", self.term.stderr) or "")
+        self.current = text
 
     def tick(self, waited: float) -> None:
         """Show how long the current line has been waited on."""
-        if self.live and self.current is not None:
-            self._write(f"\r{self.current} {waited:.1f} s\x1b[K")
+        if self.current is not None:
+            row = _live_row(self.current, f" {waited:.1f} s", self.term.stderr)
+            if row is not None:
+                self._write(f"\r{row}\x1b[K")
 
     def done(self) -> None:
-        """End the current line, without its timer."""
+        """End the current line, whole and without its timer (wrapping as it must)."""
         if self.current is not None:
             self._write(f"\r{self.current}\x1b[K\n")
             self.current = None
@@ -2702,6 +2713,41 @@ class _StatusDisplay:
         self.term.stdout.flush()
         self.term.stderr.write(text)
         self.term.stderr.flush()
+
+
+MIN_LIVE = 12           # columns: a live line cut shorter than this says nothing
+
+
+def _live_row(text: str, suffix: str, stream: IO[str]) -> Optional[str]:
+    """Return text cut to fit one row of stream's terminal with suffix; None if it cannot.
+
+    The last column is left free: some terminals wrap on writing to it.
+    """
+    room = _columns(stream) - 1 - len(suffix)
+    if room < MIN_LIVE:
+        return None
+    if _cells(text) > room:
+        while _cells(text) > room - 1:
+            text = text[:-1 - (_cells(text) - room) // 2]
+        text += "\u2026"         # an ellipsis: more was cut
+    return text + suffix
+
+
+def _columns(stream: IO[str]) -> int:
+    """Return the width of the terminal stream writes to (80 if it cannot be found)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (OSError, ValueError, AttributeError):
+        return 80
+
+
+def _cells(text: str) -> int:
+    """Return how many terminal columns text takes: wide characters two, combining none."""
+    if text.isascii():
+        return len(text)
+    import unicodedata  # here: only a live line with other than ASCII needs it
+    return sum(0 if unicodedata.combining(char) else
+               2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
 
 
 def _decode_input(data: bytes, what: str) -> str:
@@ -2930,7 +2976,7 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
         "reply_wait": None, "outcome": "ok", "error": None, "exit_status": EXIT_OK}
     # Printed as it is read, unless it is shown between banners or in JSON:
     # a long reply is then never held whole, nor a long --message-file.
-    reply_to = None if interactive or args.json else term.stdout
+    reply_to = None if interactive or args.json else _Tail(term.stdout)
     try:
         message = _client_message(args, term, interactive)
         times["start"] = time.monotonic()
@@ -2941,7 +2987,7 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
                          durable=args.durable, poll=args.poll, poll_interval=args.poll_interval,
                          lock_retry_interval=args.lock_retry_interval, status=status,
                          progress_interval=PROGRESS_INTERVAL if shown.live else None,
-                         reply_to=reply_to)
+                         reply_to=reply_to)    # type: ignore[arg-type]  # it only writes
         finally:
             if args.message_file not in (None, "-") and not isinstance(message, str):
                 message.close()
@@ -2962,6 +3008,8 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
         record.update(_waits(times), reply=reply)
         term.out(_json(record))
         return EXIT_OK
+    if reply_to is not None and term.stdout_tty and reply_to.last not in ("", "\n"):
+        term.out()    # the shell's prompt is not glued to the reply; a pipe gets it exact
     if interactive:
         term.out()
         term.out(BANNER)
@@ -2971,6 +3019,20 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
         term.out(BANNER)
     term.stdout.flush()
     return EXIT_OK
+
+
+class _Tail:
+    """A text stream that remembers the last character written through it."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.last = ""
+
+    def write(self, text: str) -> int:
+        """Write text to the stream."""
+        if text:
+            self.last = text[-1]
+        return self.stream.write(text)
 
 
 def _waits(times: Dict[str, float]) -> Dict[str, Optional[float]]:
@@ -3138,7 +3200,10 @@ class _ServerView:
             lock = f"lock held by a client without a name for {holder.age:.0f} s"
         else:
             lock = f"lock held by process {holder.owner.pid} for {holder.age:.0f} s"
-        self.term.stdout.write(f"\r[waiting · {answered} answered · {lock}]\x1b[K")
+        row = _live_row(f"[waiting · {answered} answered · {lock}]", "", self.term.stdout)
+        if row is None:
+            return                # too narrow a window for it
+        self.term.stdout.write(f"\r{row}\x1b[K")
         self.term.stdout.flush()
         self.state_shown = True
 

@@ -6,8 +6,10 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import pexpect
+import pyte
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,3 +219,104 @@ def kill(holder: "subprocess.Popen[bytes]") -> None:
     """Kill the holder, as kill -9 would, and wait until it has ended."""
     holder.send_signal(signal.SIGKILL)
     holder.wait(WAIT)
+
+
+class _Emulator(pyte.HistoryScreen):
+    """A terminal emulator that remembers which rows were filled and wrapped onto the next."""
+
+    def draw(self, data: str) -> None:
+        for char in data:
+            if self.cursor.x == self.columns and pyte.modes.DECAWM in self.mode:
+                self.buffer[self.cursor.y].wrapped = True
+            super().draw(char)
+
+    def erase_in_line(self, how: int = 0, *args: object, **kwargs: object) -> None:
+        self.buffer[self.cursor.y].wrapped = False
+        super().erase_in_line(how, *args, **kwargs)
+
+
+class Screen:
+    """A filechat process on a pseudo-terminal, and what a person sees on it.
+
+    Its output is fed to a terminal emulator of the same size, so that line
+    wrapping, carriage returns and erasing act as on a real screen; the rows
+    that scrolled off the top are kept.
+    """
+
+    def __init__(self, pyz: Path, cwd: Path, *args: str, rows: int = 24, columns: int = 80,
+                 env: Optional[Dict[str, str]] = None) -> None:
+        self.raw: List[str] = []
+        self.screen = _Emulator(columns, rows, history=100000)
+        self.stream = pyte.Stream(self.screen)
+        self.child = pexpect.spawn(sys.executable, [str(pyz), *args], cwd=str(cwd),
+                                   encoding="utf-8", timeout=WAIT, dimensions=(rows, columns),
+                                   env=dict(os.environ, **(env or {})))
+        self.child.logfile_read = self
+
+    def write(self, text: str) -> None:
+        self.raw.append(text)
+        self.stream.feed(text)
+
+    def flush(self) -> None:
+        pass
+
+    def expect(self, text: str) -> None:
+        self.child.expect_exact(text)
+
+    def type_lines(self, *lines: str) -> None:
+        for line in lines:
+            self.child.sendline(line)
+
+    def output(self) -> str:
+        """Everything the process wrote, as written."""
+        return "".join(self.raw)
+
+    def _rows(self) -> List[Tuple[str, bool]]:
+        width = self.screen.columns
+        rows = []
+        for row in [*self.screen.history.top,
+                    *(self.screen.buffer[y] for y in range(self.screen.lines))]:
+            text = "".join(row[x].data for x in range(width))
+            wrapped = getattr(row, "wrapped", False)
+            rows.append((text if wrapped else text.rstrip(), wrapped))
+        while rows and rows[-1][0] == "":
+            rows.pop()
+        return rows
+
+    def rows(self) -> List[str]:
+        """The screen's rows, those scrolled off first, without trailing blank ones."""
+        return [text for text, _ in self._rows()]
+
+    def lines(self) -> List[str]:
+        """The lines the rows show: a row that wrapped joined with the next."""
+        lines: List[str] = []
+        joined = False
+        for text, wrapped in self._rows():
+            if joined:
+                lines[-1] += text
+            else:
+                lines.append(text)
+            joined = wrapped
+        return lines
+
+    def exit_status(self) -> int:
+        self.child.expect(pexpect.EOF)
+        self.child.close()
+        status = self.child.exitstatus
+        assert status is not None, f"killed by signal {self.child.signalstatus}"
+        return int(status)
+
+
+@pytest.fixture
+def terminal(pyz: Path, tmp_path: Path) -> Iterator[Callable[..., Screen]]:
+    """Start filechat processes on pseudo-terminals in tmp_path (24 x 80 unless told)."""
+    spawned: List[Screen] = []
+
+    def _spawn(*args: str, rows: int = 24, columns: int = 80, cwd: Optional[Path] = None,
+               env: Optional[Dict[str, str]] = None) -> Screen:
+        term = Screen(pyz, cwd or tmp_path, *args, rows=rows, columns=columns, env=env)
+        spawned.append(term)
+        return term
+    yield _spawn
+    for term in spawned:
+        term.child.close(force=True)

@@ -1,13 +1,8 @@
 """The spec's interactive sessions at a terminal, driven with pexpect against the .pyz."""
 
-import io
-import sys
 from pathlib import Path
-from typing import List
 
-import pexpect
 import pytest
-from conftest import WAIT
 
 BANNER = "=" * 60
 
@@ -51,75 +46,11 @@ Message received successfully.
 """
 
 
-def rendered(raw: str) -> List[str]:
-    """Render what a terminal shows for raw output: carriage returns and erase-to-end."""
-    lines = []
-    for physical in raw.replace("\r\n", "\n").split("\n"):
-        cells: List[str] = []
-        column = 0
-        i = 0
-        while i < len(physical):
-            if physical.startswith("\x1b[K", i):
-                del cells[column:]
-                i += 3
-                continue
-            if physical[i] == "\r":
-                column = 0
-            else:
-                cells[column:column + 1] = [physical[i]]
-                column += 1
-            i += 1
-        lines.append("".join(cells))
-    while lines and lines[-1] == "":
-        lines.pop()
-    return lines
-
-
-class Terminal:
-    """A filechat process on a pseudo-terminal, with everything it showed kept."""
-
-    def __init__(self, pyz: Path, cwd: Path, *args: str) -> None:
-        self.screen = io.StringIO()
-        self.child = pexpect.spawn(sys.executable, [str(pyz), *args], cwd=str(cwd),
-                                   encoding="utf-8", timeout=WAIT, dimensions=(50, 200))
-        self.child.logfile_read = self.screen
-
-    def expect(self, text: str) -> None:
-        self.child.expect_exact(text)
-
-    def type_lines(self, *lines: str) -> None:
-        for line in lines:
-            self.child.sendline(line)
-
-    def lines(self) -> List[str]:
-        """The lines a person sees at the end: progress and state lines rendered."""
-        return rendered(self.screen.getvalue())
-
-    def exit_status(self) -> int:
-        self.child.expect(pexpect.EOF)
-        self.child.close()
-        status = self.child.exitstatus
-        assert status is not None, f"killed by signal {self.child.signalstatus}"
-        return int(status)
-
-
-@pytest.fixture
-def terminal(pyz: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
-    spawned: List[Terminal] = []
-
-    def _spawn(*args: str) -> Terminal:
-        term = Terminal(pyz, tmp_path, *args)
-        spawned.append(term)
-        return term
-    yield _spawn
-    for term in spawned:
-        term.child.close(force=True)
-
-
-def test_spec_example_session_line_for_line(terminal, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server = terminal("server", "server_buffer.txt")
+@pytest.mark.parametrize("columns", [80, 120])
+def test_spec_example_session_line_for_line(columns: int, terminal, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = terminal("server", "server_buffer.txt", columns=columns)
     server.expect("Waiting for clients...\r\n")
-    client = terminal("client", "server_buffer.txt", "client1_response.txt")
+    client = terminal("client", "server_buffer.txt", "client1_response.txt", columns=columns)
     client.expect("(press Ctrl+D or Ctrl+Z when done):\r\n")
     client.type_lines("Hello server!", "This is a test message.")
     client.child.sendeof()
@@ -159,7 +90,7 @@ def test_server_answers_message_after_message(terminal, tmp_path: Path) -> None:
         expected = "" if n == 1 else f"reply {n} without newline\r\n"
         client.expect(expected + BANNER + "\r\n")
         assert client.exit_status() == 0
-    assert "reply 2 without newline\r\n\r\nResponse sent to: r2.txt" in server.screen.getvalue()
+    assert "reply 2 without newline\r\n\r\nResponse sent to: r2.txt" in server.output()
 
 
 def test_ctrl_d_after_text_on_the_client_line(terminal, tmp_path: Path, server) -> None:  # type: ignore[no-untyped-def]
@@ -199,7 +130,7 @@ def test_busy_scenario_from_the_spec(terminal, tmp_path: Path) -> None:  # type:
     second.expect("to second\r\n")
     assert first.exit_status() == 0
     assert second.exit_status() == 0
-    assert "Server busy" not in first.screen.getvalue()
+    assert "Server busy" not in first.output()
 
 
 def test_ctrl_c_while_busy_leaves_the_holders_lock(terminal, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
