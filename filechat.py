@@ -87,6 +87,7 @@ __all__ = [
     "HookError",
     "Lock",
     "LockTimeout",
+    "NoServer",
     "Rejected",
     "ReplyTimeout",
     "Request",
@@ -146,7 +147,7 @@ exit status:
   2    usage error or bad input (e.g. a message containing ESC)
   3    no reply within --timeout
   4    lock not acquired within --lock-timeout
-  5    status: no server is running on the buffer
+  5    no server is running on the buffer (status; a client's --server-timeout)
   130  client interrupted by Ctrl+C"""
 
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # absent on Windows
@@ -267,6 +268,28 @@ class LockTimeout(FilechatError, TimeoutError):
     def __str__(self) -> str:
         return (f"lock {self.lock_path} still held by another client after "
                 f"{self.timeout:g} s; try again later or raise --lock-timeout")
+
+
+class NoServer(FilechatError):
+    """No server appeared on the buffer within the time allowed."""
+
+    exit_code = EXIT_NO_SERVER
+
+    def __init__(self, buffer: str, server_timeout: float, sent: bool, withdrawn: bool) -> None:
+        super().__init__(buffer, server_timeout, sent, withdrawn)
+        self.buffer = buffer
+        self.server_timeout = server_timeout
+        self.sent = sent
+        self.withdrawn = withdrawn
+
+    def __str__(self) -> str:
+        within = (f" within {self.server_timeout:g} s (--server-timeout)"
+                  if self.server_timeout else "")
+        fate = ("nothing was sent" if not self.sent else
+                "the message was withdrawn" if self.withdrawn else
+                "a server took the message as the client gave up, and will find it gone")
+        return (f"no server is running on {self.buffer}{within}; {fate}; "
+                f"start one with: filechat server {self.buffer}")
 
 
 class ServerError(FilechatError):
@@ -1523,14 +1546,18 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
          max_bytes: int = MAX_BYTES, durable: bool = False, poll: bool = False,
          poll_interval: float = RESPONSE_POLL_INTERVAL,
          lock_retry_interval: float = LOCK_RETRY_INTERVAL, status: Status = _ignore,
-         progress_interval: Optional[float] = None, reply_to: Optional[IO[str]] = None) -> str:
+         progress_interval: Optional[float] = None, reply_to: Optional[IO[str]] = None,
+         server_timeout: Optional[float] = None) -> str:
     """Send one message to the server on buffer and return its reply.
 
     Does what the spec's client does: takes the lock, writes the buffer,
     waits for the reply in response_path (default: a fresh file beside the
     buffer) and deletes the response file. The wait for the lock is
     unbounded unless lock_timeout is given; the wait for the reply is
-    bounded by timeout. ``status`` hears "busy" (every lock_retry_interval
+    bounded by timeout, counted anew when a server starts. With
+    server_timeout, a client that finds, that many seconds after it began,
+    no server announced on the buffer and none answering its message gives
+    up (NoServer; 0: before sending anything). ``status`` hears "busy" (every lock_retry_interval
     while another client holds the lock, with how many are ahead), "queued"
     (if it had to wait: with the time its ticket appeared in line, and the
     time it was named, just before), "locked" (with the time it asked for
@@ -1546,8 +1573,8 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
 
     Raises FramingError (ESC, NUL or non-UTF-8 text, a message over
     max_bytes), UsageError (unusable paths), Rejected (the server will not
-    write response_path), LockTimeout, ReplyTimeout and ServerError (the
-    server sent an error reply). On any exception, KeyboardInterrupt
+    write response_path), LockTimeout, ReplyTimeout, NoServer and ServerError
+    (the server sent an error reply). On any exception, KeyboardInterrupt
     included, a message no server is answering is withdrawn and the lock
     released.
     """
@@ -1560,7 +1587,7 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     if chosen:      # a fresh name beside the buffer needs no checking
         check_response_path(response_path)  # errors name the path as the user gave it
     exchange = _Exchange(paths, os.path.abspath(response_path), stale_after, durable, poll,
-                         poll_interval, status, progress_interval)
+                         poll_interval, status, progress_interval, server_timeout)
     try:
         exchange.write(data)
         exchange.acquire(lock_timeout, lock_retry_interval)
@@ -1684,7 +1711,7 @@ class _Exchange:
 
     def __init__(self, paths: Paths, response_path: str, stale_after: float, durable: bool,
                  poll: bool, poll_interval: float, status: Status,
-                 progress: Optional[float]) -> None:
+                 progress: Optional[float], server_timeout: Optional[float] = None) -> None:
         self.paths = paths
         self.response_path = response_path
         self.lock = Lock(paths.lock, stale_after, durable)
@@ -1695,6 +1722,9 @@ class _Exchange:
         self.phase = "new"
         self.request: Optional[_Staged] = None
         self.line: Optional[WaitingLine] = None
+        self.server_timeout = server_timeout
+        # When to look whether any server has shown up (never, once one has).
+        self.server_due = None if server_timeout is None else time.monotonic() + server_timeout
 
     def write(self, data: Data) -> None:
         """Write the request under a temp name, so that holding the lock only renames it."""
@@ -1706,6 +1736,7 @@ class _Exchange:
         asked = time.time()
         # Nobody waits: ask at once. Else, or if it is taken, join the line.
         line = WaitingLine(self.lock.path, self.lock.stale_after)
+        self._server_wait()
         if not line.tickets() and self.lock.try_acquire():
             self._locked(asked)
             return
@@ -1757,7 +1788,7 @@ class _Exchange:
                 self.status("busy", ahead=ahead + 1)     # + 1: the client being served
                 log.debug("waiting in line for %s: %d ahead", self.lock.path, ahead + 1)
                 next_notice = now + retry_interval
-            wake = min(next_notice - now, tick(now), stale_in)
+            wake = min(next_notice - now, tick(now), stale_in, self._server_wait())
             if lock_timeout is not None:
                 wake = min(wake, start + lock_timeout - now)
             if waiter.wait(wake) == EVENT:
@@ -1826,6 +1857,8 @@ class _Exchange:
                     if server_up is not None:
                         waiter.progress(f"server on {paths.buffer} {'up' if up else 'gone'}")
                         self.status("server-started" if up else "server-stopped")
+                        if up:        # the new server shows the message: it gets the whole time
+                            deadline = time.monotonic() + timeout
                     elif not up:
                         # Gone already at the first look, it may still have taken the
                         # message first (its claim is left): it ran, and stopped.
@@ -1837,7 +1870,7 @@ class _Exchange:
                     withdrawn = self.give_up()
                     raise ReplyTimeout(self.response_path, timeout, paths.buffer, withdrawn,
                                        running_server(paths.presence) is not None)
-                waiter.wait(min(deadline - now, tick(now)))
+                waiter.wait(min(deadline - now, tick(now), self._server_wait()))
             self._await_release(waiter)
         self.status("received")
         try:
@@ -1849,6 +1882,28 @@ class _Exchange:
             _unlink_quietly(self.response_path)
             self.lock.close()
             self.phase = "done"
+
+    def _server_wait(self) -> float:
+        """Return the seconds left for a server to show up; NoServer if they are up and none has.
+
+        A server has shown up if one is announced, or if the message is no
+        longer waiting as sent or its reply has begun (a server that follows
+        only the spec announces nothing).
+        """
+        if self.server_due is None:
+            return float("inf")
+        left = self.server_due - time.monotonic()
+        if left > 0:
+            return left
+        answering = self.phase == "sent" and self.request is not None and (
+            os.path.lexists(self.response_path) or not _still_sent(self.paths.buffer,
+                                                                    self.request.identity))
+        if answering or running_server(self.paths.presence) is not None:
+            self.server_due = None
+            return float("inf")
+        assert self.server_timeout is not None
+        sent = self.phase == "sent"
+        raise NoServer(self.paths.buffer, self.server_timeout, sent, self.give_up())
 
     def _complete_reply(self) -> Optional[_Reply]:
         """Return the reply once it is complete, else None.
@@ -1979,9 +2034,13 @@ def _withdraw(path: str, sent: Fingerprint) -> bool:
     A server that follows only the spec empties the buffer in place, so its
     size, not only which file it is, tells whether it is still the request.
     """
+    return _still_sent(path, sent) and remove_if_same(path, sent[:2])
+
+
+def _still_sent(path: str, sent: Fingerprint) -> bool:
+    """True if path is still the request this client sent, unchanged."""
     st = _lstat_or_none(path)
-    return (st is not None and (st.st_dev, st.st_ino, st.st_size) == sent
-            and remove_if_same(path, sent[:2]))
+    return st is not None and (st.st_dev, st.st_ino, st.st_size) == sent
 
 
 # --- Server ---
@@ -2834,6 +2893,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"wait at most SECONDS for the reply (default {RESPONSE_TIMEOUT:g})")
     client.add_argument("--lock-timeout", metavar="SECONDS", type=_seconds,
                         help="wait at most SECONDS for the lock (default: no limit)")
+    client.add_argument("--server-timeout", metavar="SECONDS", type=_seconds,
+                        help="give up (exit 5) if no server has shown up within SECONDS; "
+                             "0: unless one runs now (default: wait for one)")
     client.add_argument("--lock-retry-interval", metavar="SECONDS", type=_positive_seconds,
                         default=LOCK_RETRY_INTERVAL,
                         help="seconds between 'Server busy' lines, and between tries for "
@@ -2978,6 +3040,7 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
     # a long reply is then never held whole, nor a long --message-file.
     reply_to = None if interactive or args.json else _Tail(term.stdout)
     try:
+        _look_for_server(args, term, interactive)
         message = _client_message(args, term, interactive)
         times["start"] = time.monotonic()
         try:
@@ -2987,7 +3050,7 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
                          durable=args.durable, poll=args.poll, poll_interval=args.poll_interval,
                          lock_retry_interval=args.lock_retry_interval, status=status,
                          progress_interval=PROGRESS_INTERVAL if shown.live else None,
-                         reply_to=reply_to)    # type: ignore[arg-type]  # it only writes
+                         reply_to=reply_to, server_timeout=args.server_timeout)    # type: ignore[arg-type]  # it only writes
         finally:
             if args.message_file not in (None, "-") and not isinstance(message, str):
                 message.close()
@@ -3035,6 +3098,19 @@ class _Tail:
         return self.stream.write(text)
 
 
+def _look_for_server(args: argparse.Namespace, term: Terminal, interactive: bool) -> None:
+    """Say before the prompt that no server runs; with --server-timeout 0, refuse at once."""
+    if not interactive and args.server_timeout != 0:
+        return
+    paths = Paths(args.buffer, args.lock_file)
+    check_buffer_path(args.buffer, paths.lock)
+    if running_server(paths.presence) is not None:
+        return
+    if args.server_timeout == 0:
+        raise NoServer(args.buffer, 0, sent=False, withdrawn=False)
+    term.err(f"No server is running on {args.buffer}; the message will wait for one to start.")
+
+
 def _waits(times: Dict[str, float]) -> Dict[str, Optional[float]]:
     """Return the seconds waited for the lock and for the reply."""
     now = time.monotonic()
@@ -3046,8 +3122,9 @@ def _waits(times: Dict[str, float]) -> Dict[str, Optional[float]]:
 def _outcome(exc: BaseException) -> str:
     """Name how an exchange ended, for --json."""
     for kind, name in ((ServerError, "error-reply"), (ReplyTimeout, "timeout"),
-                       (LockTimeout, "lock-timeout"), (Rejected, "rejected"),
-                       (UsageError, "bad-input"), (KeyboardInterrupt, "interrupted")):
+                       (LockTimeout, "lock-timeout"), (NoServer, "no-server"),
+                       (Rejected, "rejected"), (UsageError, "bad-input"),
+                       (KeyboardInterrupt, "interrupted")):
         if isinstance(exc, kind):
             return name
     return "error"

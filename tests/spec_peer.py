@@ -5,7 +5,7 @@ its reply without an end marker (unless --esc): the interoperability tests run
 filechat against them in both directions.
 
     python spec_peer.py client BUFFER RESPONSE MESSAGE
-    python spec_peer.py server BUFFER REPLY [--esc]   (answers one message)
+    python spec_peer.py server BUFFER REPLY [--esc] [--pause=SECONDS]   (answers one message)
 """
 
 import os
@@ -42,7 +42,7 @@ def client(buffer: str, response: str, message: str) -> int:
     return 1
 
 
-def server(buffer: str, reply: str, esc: bool) -> int:
+def server(buffer: str, reply: str, esc: bool, pause: float = 0.2) -> int:
     print("Waiting for clients...", flush=True)
     while True:
         if os.path.exists(buffer):
@@ -59,7 +59,7 @@ def server(buffer: str, reply: str, esc: bool) -> int:
         half = len(reply) // 2
         f.write(reply[:half])
         f.flush()
-        time.sleep(0.2)     # a slow disk: the reply is half there for a while
+        time.sleep(pause)   # a slow disk: the reply is half there for a while
         f.write(reply[half:])
         if esc:
             f.write(END_MARKER)
@@ -72,4 +72,5 @@ def server(buffer: str, reply: str, esc: bool) -> int:
 if __name__ == "__main__":
     if sys.argv[1] == "client":
         sys.exit(client(*sys.argv[2:5]))
-    sys.exit(server(sys.argv[2], sys.argv[3], "--esc" in sys.argv[4:]))
+    pauses = [float(arg.split("=")[1]) for arg in sys.argv[4:] if arg.startswith("--pause=")]
+    sys.exit(server(sys.argv[2], sys.argv[3], "--esc" in sys.argv[4:], *pauses))

@@ -475,3 +475,74 @@ def test_response_after_the_options(server, run, tmp_path: Path) -> None:  # typ
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["response_path"] == str(tmp_path / "resp.txt")
     assert run("client", "buf.txt", "-m", "hi", "resp.txt", "extra.txt").returncode == 2
+
+
+# --- No server running ---
+
+def test_server_timeout_0_fails_at_once_and_sends_nothing(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run("client", "buf.txt", "-m", "anyone?", "--server-timeout", "0")
+    assert result.returncode == filechat.EXIT_NO_SERVER == 5
+    err = result.stderr.decode()
+    assert "no server is running on buf.txt; nothing was sent" in err
+    assert "filechat server buf.txt" in err
+    assert "Lock acquired" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_server_timeout_withdraws_the_message_when_none_starts(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run("client", "buf.txt", "-m", "anyone?", "--server-timeout", "0.5", "--json")
+    assert result.returncode == filechat.EXIT_NO_SERVER
+    record = json.loads(result.stdout)
+    assert record["outcome"] == "no-server" and record["exit_status"] == 5
+    assert "within 0.5 s (--server-timeout); the message was withdrawn" in record["error"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_server_timeout_waits_for_a_server_that_starts(start, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    client = start("client", "buf.txt", "-m", "hi", "--server-timeout", str(WAIT))
+    client.expect("No server is running on buf.txt")
+    server("--auto-reply", "late but here")
+    assert client.wait() == 0
+    assert client.out == "late but here"
+
+
+def test_server_timeout_with_a_server_running(server, run) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply", "here")
+    result = run("client", "buf.txt", "-m", "hi", "--server-timeout", "0")
+    assert (result.returncode, result.stdout) == (0, b"here")
+
+
+def test_server_timeout_while_waiting_in_line(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "server.lock").write_text("")      # a spec client's, with no server to answer it
+    result = run("client", "buf.txt", "-m", "hi", "--server-timeout", "0.5")
+    assert result.returncode == filechat.EXIT_NO_SERVER
+    assert "nothing was sent" in result.stderr.decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["server.lock"]
+
+
+def test_server_timeout_counts_a_spec_server_that_answers(tmp_path: Path, run) -> None:  # type: ignore[no-untyped-def]
+    peer = subprocess.Popen([sys.executable, PEER, "server", "buf.txt", "from the peer",
+                             "--pause=3"], cwd=tmp_path, stdout=subprocess.PIPE)
+    assert peer.stdout is not None and peer.stdout.readline() == b"Waiting for clients...\n"
+    # The peer announces nothing, but has begun the reply when the client looks: a server.
+    result = run("client", "buf.txt", "r.txt", "-m", "hi", "--server-timeout", "1")
+    assert (result.returncode, result.stdout) == (0, b"from the peer"), result.stderr
+    assert peer.wait(WAIT) == 0
+
+
+def test_no_server_is_said_before_the_prompt(terminal, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    client = terminal("client", "buf.txt")
+    client.expect("No server is running on buf.txt; the message will wait for one to start.")
+    client.expect("Enter your message (press Ctrl+D or Ctrl+Z when done):")
+    server("--auto-reply", "ok")
+    client.type_lines("hi")
+    client.child.sendeof()
+    client.expect("Server response:")
+    assert client.exit_status() == 0
+
+
+def test_server_timeout_0_at_a_terminal_fails_before_the_prompt(terminal) -> None:  # type: ignore[no-untyped-def]
+    client = terminal("client", "buf.txt", "--server-timeout", "0")
+    client.expect("no server is running on buf.txt; nothing was sent")
+    assert client.exit_status() == filechat.EXIT_NO_SERVER
+    assert "Enter your message" not in client.output()
