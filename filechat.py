@@ -1557,8 +1557,10 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     bounded by timeout, counted anew when a server starts. With
     server_timeout, a client that finds, that many seconds after it began,
     no server announced on the buffer and none answering its message gives
-    up (NoServer; 0: before sending anything). ``status`` hears "busy" (every lock_retry_interval
-    while another client holds the lock, with how many are ahead), "queued"
+    up (NoServer; 0: before sending anything). ``status`` hears "busy"
+    (every lock_retry_interval while another client holds the lock, with
+    how many are ahead; if it is a lock whose holder cannot be checked, also
+    who: its host or "" if it names nobody, held_for and stale_in seconds), "queued"
     (if it had to wait: with the time its ticket appeared in line, and the
     time it was named, just before), "locked" (with the time it asked for
     the lock), "sent", "waiting", "received" (the reply is complete, just
@@ -1753,6 +1755,7 @@ class _Exchange:
         next_notice = start
         tick = _Ticker(self.status, "lock", self.progress)
         watched, was_ahead = "", -1
+        unchecked: Dict[str, object] = {}     # about a lock whose holder cannot be checked
         while True:
             # Once first, a client stays first: later tickets come after it.
             ahead, before = (0, "") if was_ahead == 0 else line.ahead()
@@ -1768,6 +1771,7 @@ class _Exchange:
                 if before:
                     continue          # the ticket ahead went meanwhile
             stale_in = float("inf")
+            unchecked.clear()
             if not before:
                 # A lock in place is not asked for: making a file only to find the
                 # name taken would cost each waiter woken by the one ahead leaving.
@@ -1777,7 +1781,7 @@ class _Exchange:
                     return
                 if watched != target:
                     continue          # taken meanwhile: watch it, then look again
-                stale_in = self._clear_stale_lock()
+                stale_in = self._clear_stale_lock(unchecked)
                 if stale_in <= 0:
                     watched = ""
                     continue
@@ -1785,7 +1789,7 @@ class _Exchange:
             if lock_timeout is not None and now - start >= lock_timeout:
                 raise LockTimeout(self.lock.path, lock_timeout)
             if now >= next_notice:
-                self.status("busy", ahead=ahead + 1)     # + 1: the client being served
+                self.status("busy", ahead=ahead + 1, **unchecked)  # + 1: the one being served
                 log.debug("waiting in line for %s: %d ahead", self.lock.path, ahead + 1)
                 next_notice = now + retry_interval
             wake = min(next_notice - now, tick(now), stale_in, self._server_wait())
@@ -1794,12 +1798,14 @@ class _Exchange:
             if waiter.wait(wake) == EVENT:
                 watched = ""         # its file may be gone, or another file has its name
 
-    def _clear_stale_lock(self) -> float:
+    def _clear_stale_lock(self, unchecked: Dict[str, object]) -> float:
         """Remove the lock if its holder is gone; return 0 then, else seconds until it may be.
 
         Only while no complete message waits: a dead holder's sent message
         is the server's to clear, with the lock. A lock whose holder cannot
-        be checked becomes stale by age, with no event: the caller wakes then.
+        be checked becomes stale by age, with no event: the caller wakes then,
+        and tells status about it meanwhile (into unchecked: who, held_for,
+        stale_in).
         """
         holder = inspect_holder(self.lock.path)
         if holder is None:
@@ -1814,7 +1820,10 @@ class _Exchange:
             return 0.0
         if holder.owner is not None and holder.owner.host == HOST:
             return float("inf")       # its holder's death will show as an event
-        return self.lock.stale_after - holder.age + 0.01
+        stale_in = self.lock.stale_after - holder.age + 0.01
+        unchecked.update(who="" if holder.owner is None else holder.owner.host,
+                         held_for=holder.age, stale_in=stale_in)
+        return stale_in
 
     def _locked(self, asked: float) -> None:
         """Note that the lock is held, asked for at asked (seconds since the epoch)."""
@@ -3030,8 +3039,7 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
             shown.tick(float(info["waited"]))     # type: ignore[arg-type]
             return
         times.setdefault(event, time.monotonic())
-        suffix = f" ({info['ahead']} ahead of you)" if event == "busy" else ""
-        shown.say(lines[event] + suffix)
+        shown.say(lines[event] + (_busy_suffix(info) if event == "busy" else ""))
 
     record: Dict[str, object] = {
         "reply": None, "response_path": os.path.abspath(response), "lock_wait": None,
@@ -3096,6 +3104,26 @@ class _Tail:
         if text:
             self.last = text[-1]
         return self.stream.write(text)
+
+
+def _busy_suffix(info: Mapping[str, object]) -> str:
+    """Say who is ahead: how many, or a lock holder that cannot be checked and until when."""
+    if "held_for" not in info:
+        return f" ({info['ahead']} ahead of you)"
+    who = f"a client on {info['who']}" if info["who"] else "a client that does not name itself"
+    return (f" (the lock is held by {who}, which cannot be checked, for "
+            f"{_duration(info['held_for'])}; it counts as stale in {_duration(info['stale_in'])})")
+
+
+def _duration(seconds: object) -> str:
+    """Return seconds as people read them: 42 s, 4 min 48 s, 2 h 5 min."""
+    assert isinstance(seconds, (int, float))
+    whole = max(0, round(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole // 60 % 60} min"
 
 
 def _look_for_server(args: argparse.Namespace, term: Terminal, interactive: bool) -> None:

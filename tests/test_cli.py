@@ -3,9 +3,11 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -546,3 +548,19 @@ def test_server_timeout_0_at_a_terminal_fails_before_the_prompt(terminal) -> Non
     client.expect("no server is running on buf.txt; nothing was sent")
     assert client.exit_status() == filechat.EXIT_NO_SERVER
     assert "Enter your message" not in client.output()
+
+
+@pytest.mark.parametrize(("record", "who"), [
+    ("", "a client that does not name itself"),
+    ('{"pid": 1, "host": "elsewhere", "token": "ab", "created": 1.0}\n', "a client on elsewhere"),
+])
+def test_a_lock_that_cannot_be_checked_is_called_so(record: str, who: str, run,
+                                                   tmp_path: Path) -> None:
+    (tmp_path / "server.lock").write_text(record)
+    os.utime(tmp_path / "server.lock", (time.time() - 100,) * 2)
+    result = run("client", "buf.txt", "-m", "hi", "--lock-timeout", "0.3")
+    assert result.returncode == filechat.EXIT_LOCK_TIMEOUT
+    said = (rf"Server busy, please wait\.\.\. \(the lock is held by {who}, which cannot be "
+            r"checked, for 1 min 4\d s; it counts as stale in 3 min [12]\d s\)\n")
+    assert re.search(said, result.stderr.decode()), result.stderr
+    assert "ahead of you" not in result.stderr.decode()
