@@ -3393,6 +3393,11 @@ def _operator_responder(term: Terminal) -> Responder:
             raise FilechatError("standard input has ended, so there is no reply for "
                                 "this message; it stays queued for the next server "
                                 "(use --auto-reply* options to answer unattended)")
+        if tty:
+            stray = _discard_typeahead(term.stdin)
+            if stray:
+                term.err(f"filechat: note: {stray} bytes typed before the prompt were "
+                         "discarded; type the reply below")
         while True:
             term.out()
             term.out(BANNER)
@@ -3413,6 +3418,37 @@ def _operator_responder(term: Terminal) -> Responder:
     tty = term.stdin_is_tty()
     exhausted: List[bool] = []
     return respond
+
+
+def _discard_typeahead(stream: IO[str]) -> int:
+    """Discard what was typed at the terminal stream before now; return how many bytes.
+
+    Text typed at an idle server would otherwise begin the next reply,
+    unseen. A line not yet ended counts for nothing in the terminal's line
+    mode, so the count is taken with that mode off for a moment.
+    """
+    try:
+        import termios
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, AttributeError):
+        return 0                  # not a terminal that termios knows (or not POSIX)
+    except termios.error:
+        return 0
+    raw = list(saved)
+    raw[3] &= ~termios.ICANON
+    raw[6] = list(saved[6])
+    raw[6][termios.VMIN], raw[6][termios.VTIME] = 0, 0
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, raw)
+        try:
+            pending = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+            termios.tcflush(fd, termios.TCIFLUSH)
+        finally:
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+    except (termios.error, OSError):
+        return 0
+    return pending
 
 
 def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) -> int:

@@ -82,3 +82,17 @@ def test_a_resized_window_is_redrawn_at_its_new_width(terminal, holder, server) 
     assert client.exit_status() == 0
     assert sum("Server busy" in row for row in client.rows()) == 1
     assert "Server busy, please wait... (1 ahead of you)" in client.lines()
+
+
+def test_text_typed_at_an_idle_server_is_discarded_and_said(terminal, start) -> None:  # type: ignore[no-untyped-def]
+    server = terminal("server", "buf.txt")
+    server.expect("Waiting for clients...")
+    server.child.send("typed too early\nand half a line")
+    server.expect("half a line")                  # echoed: the terminal has it
+    client = start("client", "buf.txt", "-m", "hi")
+    server.expect("when done):\r\n" + "=" * 60 + "\r\n")
+    assert "filechat: note: 31 bytes typed before the prompt were discarded" in server.output()
+    server.type_lines("the real reply")
+    server.child.sendeof()
+    assert client.wait() == 0
+    assert client.out == "the real reply\n"
