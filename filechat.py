@@ -2679,13 +2679,20 @@ class Terminal:
         """True if stdin is a terminal."""
         return _isatty(self.stdin)
 
+    def editing(self) -> bool:
+        """True if text typed here is read with line editing (readline) and history."""
+        return (self.stdin is sys.stdin and self.stdout is sys.stdout and self.stdin_is_tty()
+                and self.stdout_tty and _line_editor() is not None)
+
     def read_text(self, what: str) -> Tuple[str, bool]:
         """Read stdin up to end of file; return (text, ended mid-line at a terminal).
 
         At a terminal, Ctrl+D after text on a line ends that text at once
         (the terminal hands over the partial line without a newline), instead
-        of needing a second Ctrl+D.
+        of needing a second Ctrl+D; with line editing it does the same.
         """
+        if self.editing():
+            return _read_edited(what), False
         tty = self.stdin_is_tty()
         try:
             fd = self.stdin.fileno()
@@ -2700,6 +2707,50 @@ class Terminal:
             if tty and not chunk.endswith(b"\n"):
                 return _decode_input(b"".join(chunks), what), True
         return _decode_input(b"".join(chunks), what), False
+
+
+# readline, once set up for typed text (None where there is none).
+_EDITOR: Dict[str, Any] = {}
+_CTRL_D: List[bool] = []      # Ctrl+D was pressed after text on the line just read
+
+
+def _line_editor() -> Any:
+    """Return readline set up for typed messages, or None where there is none.
+
+    Arrow keys and history then work as at any prompt, and ESC starts an
+    editing key instead of reaching the text. Ctrl+D after text runs a
+    completer that only notes it was pressed, then accepts the line: the
+    text ends there, as without readline, and nothing shows on the screen.
+    """
+    if "readline" not in _EDITOR:
+        editor: Any = None
+        try:
+            import readline as editor
+        except ImportError:
+            pass              # not built with it (Windows, some minimal builds): plain lines
+        if editor is not None and "libedit" not in (editor.__doc__ or ""):
+            editor.set_completer(lambda text, state: _CTRL_D.append(True))
+            for binding in (r'"\C-x\C-f": complete', r'"\C-d": "\C-e\C-x\C-f\C-m"',
+                            r'"\t": tab-insert', "set bell-style none"):
+                editor.parse_and_bind(binding)
+        _EDITOR["readline"] = editor
+    return _EDITOR["readline"]
+
+
+def _read_edited(what: str) -> str:
+    """Read typed lines with readline up to Ctrl+D; return them as one text."""
+    lines: List[str] = []
+    while True:
+        del _CTRL_D[:]
+        try:
+            line = input()
+        except EOFError:
+            return "".join(lines)
+        except UnicodeDecodeError:
+            raise FramingError(what, "is not valid UTF-8 text") from None
+        if _CTRL_D:
+            return "".join(lines) + line
+        lines.append(line + "\n")
 
 
 def _nowhere() -> IO[str]:
@@ -3186,12 +3237,20 @@ def _client_message(args: argparse.Namespace, term: Terminal,
     stdin = getattr(term.stdin, "buffer", None)
     if stdin is not None and not term.stdin_is_tty():
         return stdin          # type: ignore[no-any-return]
-    if interactive:
+    if not interactive:
+        return term.read_text("message on stdin")[0]
+    while True:
         term.err("Enter your message (press Ctrl+D or Ctrl+Z when done):")
-    text, mid_line = term.read_text("message on stdin")
-    if mid_line:
-        term.err()      # Ctrl+D left the cursor after the text
-    return text
+        try:
+            text, mid_line = term.read_text("message")
+            if mid_line:
+                term.err()      # Ctrl+D left the cursor after the text
+            _check_text(text, "message")
+            return text
+        except FramingError as exc:
+            # Never drop what was typed: with line editing, it is in the history.
+            again = " (the Up key brings back what you typed)" if term.editing() else ""
+            term.error(f"{exc}; please type the message again{again}")
 
 
 def run_server(args: argparse.Namespace, term: Terminal) -> int:
@@ -3409,7 +3468,8 @@ def _operator_responder(term: Terminal) -> Responder:
                     term.out()      # Ctrl+D left the cursor after the text
                 _check_text(text, "reply")
             except FramingError as exc:
-                term.err(f"filechat: error: {exc}; please type the reply again")
+                again = " (the Up key brings back what you typed)" if term.editing() else ""
+                term.error(f"{exc}; please type the reply again{again}")
                 continue
             if not tty:
                 exhausted.append(True)

@@ -263,9 +263,17 @@ class Screen:
     def expect(self, text: str) -> None:
         self.child.expect_exact(text)
 
+    def type(self, text: str) -> None:
+        """Type text as one burst, once the prompt reads keys one by one (readline's)."""
+        assert self.child.waitnoecho(WAIT), "no prompt is reading the keys"
+        self.child.send(text)
+
     def type_lines(self, *lines: str) -> None:
-        for line in lines:
-            self.child.sendline(line)
+        self.type("".join(line + "\n" for line in lines))
+
+    def end_text(self) -> None:
+        """Press Ctrl+D, as when done typing."""
+        self.type("\x04")
 
     def output(self) -> str:
         """Everything the process wrote, as written."""

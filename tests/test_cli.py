@@ -538,7 +538,7 @@ def test_no_server_is_said_before_the_prompt(terminal, server, tmp_path: Path) -
     client.expect("Enter your message (press Ctrl+D or Ctrl+Z when done):")
     server("--auto-reply", "ok")
     client.type_lines("hi")
-    client.child.sendeof()
+    client.end_text()
     client.expect("Server response:")
     assert client.exit_status() == 0
 

@@ -53,11 +53,11 @@ def test_spec_example_session_line_for_line(columns: int, terminal, tmp_path: Pa
     client = terminal("client", "server_buffer.txt", "client1_response.txt", columns=columns)
     client.expect("(press Ctrl+D or Ctrl+Z when done):\r\n")
     client.type_lines("Hello server!", "This is a test message.")
-    client.child.sendeof()
+    client.end_text()
     client.expect("Waiting for server response...")
     server.expect("(press Ctrl+D or Ctrl+Z when done):\r\n" + BANNER + "\r\n")
     server.type_lines("Hello client!", "Message received successfully.")
-    server.child.sendeof()
+    server.end_text()
     server.expect("Lockfile removed. Ready for next client.\r\n")
     assert client.exit_status() == 0
     assert client.lines() == SPEC_CLIENT.splitlines()
@@ -77,14 +77,14 @@ def test_server_answers_message_after_message(terminal, tmp_path: Path) -> None:
         client = terminal("client", "buf.txt", f"r{n}.txt")
         client.expect("when done):")
         client.type_lines(f"message {n}")
-        client.child.sendeof()
+        client.end_text()
         server.expect(f"message {n}\r\n")
         server.expect("when done):\r\n" + BANNER + "\r\n")
         if n == 1:
-            server.child.sendeof()          # Ctrl+D at once: an empty reply
+            server.end_text()          # Ctrl+D at once: an empty reply
         else:
-            server.child.send(f"reply {n} without newline")
-            server.child.sendeof()          # Ctrl+D after text ends the reply at once
+            server.type(f"reply {n} without newline")
+            server.end_text()          # Ctrl+D after text ends the reply at once
         server.expect("Ready for next client.")
         client.expect(BANNER + "\r\nServer response:\r\n" + BANNER + "\r\n")
         expected = "" if n == 1 else f"reply {n} without newline\r\n"
@@ -97,8 +97,8 @@ def test_ctrl_d_after_text_on_the_client_line(terminal, tmp_path: Path, server) 
     server("--auto-reply", "ok")
     client = terminal("client", "buf.txt", "r.txt")
     client.expect("when done):")
-    client.child.send("no newline")
-    client.child.sendeof()
+    client.type("no newline")
+    client.end_text()
     client.expect("no newline\r\nLock acquired.")
     client.expect("Server response:")
     assert client.exit_status() == 0
@@ -110,22 +110,22 @@ def test_busy_scenario_from_the_spec(terminal, tmp_path: Path) -> None:  # type:
     first = terminal("client", "server_buffer.txt", "client1_response.txt")
     first.expect("when done):")
     first.type_lines("first")
-    first.child.sendeof()
+    first.end_text()
     server.expect("when done):\r\n" + BANNER + "\r\n")     # not answered yet
     second = terminal("client", "server_buffer.txt", "client2_response.txt")
     second.expect("when done):")
     second.type_lines("second")
-    second.child.sendeof()
+    second.end_text()
     second.expect("Server busy, please wait... (1 ahead of you)")
     # A second line at the spec's pace: the first is rewritten without its timer.
     second.expect("Server busy, please wait... (1 ahead of you)\x1b[K\r\n")
     server.type_lines("to first")
-    server.child.sendeof()
+    server.end_text()
     second.expect("Lock acquired. Sending message to server...")   # by itself
     server.expect("second\r\n")
     server.expect("when done):\r\n" + BANNER + "\r\n")
     server.type_lines("to second")
-    server.child.sendeof()
+    server.end_text()
     first.expect("to first\r\n")
     second.expect("to second\r\n")
     assert first.exit_status() == 0
@@ -138,7 +138,7 @@ def test_ctrl_c_while_busy_leaves_the_holders_lock(terminal, tmp_path: Path) -> 
     client = terminal("client", "buf.txt", "r.txt")
     client.expect("when done):")
     client.type_lines("hi")
-    client.child.sendeof()
+    client.end_text()
     client.expect("Server busy, please wait...")
     client.child.sendintr()
     client.expect("filechat: interrupted; nothing was sent")
@@ -151,7 +151,7 @@ def test_ctrl_c_while_waiting_withdraws_the_message(terminal, tmp_path: Path) ->
     client = terminal("client", "buf.txt", "r.txt")
     client.expect("when done):")
     client.type_lines("nobody will answer")
-    client.child.sendeof()
+    client.end_text()
     client.expect("Waiting for server response...")
     assert (tmp_path / "buf.txt").exists() and (tmp_path / "server.lock").exists()
     client.child.sendintr()
@@ -173,7 +173,7 @@ def test_server_ctrl_c_keeps_the_message_for_the_next_server(terminal, tmp_path:
     client = terminal("client", "buf.txt", "r.txt")
     client.expect("when done):")
     client.type_lines("keep me")
-    client.child.sendeof()
+    client.end_text()
     server.expect("when done):\r\n" + BANNER + "\r\n")
     server.child.sendintr()
     assert server.exit_status() == 0
@@ -181,6 +181,6 @@ def test_server_ctrl_c_keeps_the_message_for_the_next_server(terminal, tmp_path:
     restarted.expect("keep me\r\n")
     restarted.expect("when done):\r\n" + BANNER + "\r\n")
     restarted.type_lines("answered after a restart")
-    restarted.child.sendeof()
+    restarted.end_text()
     client.expect("answered after a restart\r\n")
     assert client.exit_status() == 0

@@ -1,9 +1,14 @@
 """What a person sees at a real terminal, small windows included (a pty and an emulator)."""
 
+import io
 import re
+import threading
 from pathlib import Path
+from typing import Optional
 
-from conftest import release
+from conftest import WAIT, release
+
+import filechat
 
 LONG = "a-directory-with-a-rather-long-name"
 
@@ -93,6 +98,85 @@ def test_text_typed_at_an_idle_server_is_discarded_and_said(terminal, start) -> 
     server.expect("when done):\r\n" + "=" * 60 + "\r\n")
     assert "filechat: note: 31 bytes typed before the prompt were discarded" in server.output()
     server.type_lines("the real reply")
-    server.child.sendeof()
+    server.end_text()
     assert client.wait() == 0
     assert client.out == "the real reply\n"
+
+
+LEFT, UP, QUOTE = "\x1b[D", "\x1b[A", "\x16"      # as the terminal sends them; Ctrl+V
+
+
+def test_arrow_keys_edit_the_message_line(terminal, server) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply-cmd", "cat")
+    client = terminal("client", "buf.txt")
+    client.expect("when done):")
+    client.type("hllo" + LEFT * 3 + "e\n")
+    client.type_lines("second line")
+    client.type(UP * 2 + "\n")                   # the history: the first line again
+    client.end_text()
+    assert client.exit_status() == 0
+    lines = client.lines()
+    assert lines[-5:] == ["=" * 60, "hello", "second line", "hello", "=" * 60], lines
+    assert "^[" not in client.output()
+
+
+def test_an_esc_that_reaches_the_message_asks_again(terminal, server) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply-cmd", "cat")
+    client = terminal("client", "buf.txt")
+    client.expect("when done):")
+    client.type(f"with an {QUOTE}\x1b in it\n")     # Ctrl+V Esc puts a real ESC in the text
+    client.end_text()
+    client.expect("error\x1b[0m: message contains the ESC character")
+    client.expect("please type the message again (the Up key brings back what you typed)")
+    client.expect("Enter your message (press Ctrl+D or Ctrl+Z when done):")
+    client.type(UP + "\b" * 8 + " in it\n")       # the line back, the ESC taken out
+    client.end_text()
+    assert client.exit_status() == 0
+    assert client.lines()[-3:] == ["=" * 60, "with an in it", "=" * 60], client.lines()
+
+
+def test_an_esc_that_reaches_the_reply_asks_again(terminal, start) -> None:  # type: ignore[no-untyped-def]
+    server = terminal("server", "buf.txt")
+    server.expect("Waiting for clients...")
+    client = start("client", "buf.txt", "-m", "hi")
+    server.expect("when done):\r\n" + "=" * 60 + "\r\n")
+    server.type(f"bad {QUOTE}\x1b\n")
+    server.end_text()
+    server.expect("please type the reply again (the Up key brings back what you typed)")
+    server.expect("when done):\r\n" + "=" * 60 + "\r\n")
+    server.type_lines("good")
+    server.end_text()
+    assert client.wait() == 0
+    assert client.out == "good\n"
+
+
+class Typed(io.StringIO):
+    """A terminal without line editing, as where readline is missing: keys arrive as sent."""
+
+    def __init__(self, *texts: str) -> None:
+        super().__init__()
+        self.texts = list(texts)
+
+    def isatty(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        raise OSError("no descriptor")
+
+    def read(self, size: Optional[int] = -1) -> str:
+        return self.texts.pop(0)
+
+
+def test_without_line_editing_an_arrow_key_asks_again(tmp_path: Path) -> None:
+    buffer = str(tmp_path / "buf.txt")
+    server = threading.Thread(target=filechat.serve, daemon=True, kwargs=dict(
+        buffer=buffer, responder=filechat.static_responder("ok"), max_messages=1))
+    server.start()
+    out, err = io.StringIO(), io.StringIO()
+    term = filechat.Terminal(Typed(f"an arrow{LEFT}\n", "typed again\n"), out, err)
+    assert filechat.main(["client", buffer, "--timeout", str(WAIT)], term) == 0
+    assert err.getvalue().count("Enter your message") == 2
+    assert "message contains the ESC character" in err.getvalue()
+    assert "please type the message again\n" in err.getvalue()
+    assert out.getvalue().splitlines()[-2] == "ok"
+    server.join(WAIT)
