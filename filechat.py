@@ -812,16 +812,17 @@ def _crash_point(step: str) -> None:
 class Owner:
     """What a lock, ticket or presence file says about the process that holds it."""
 
-    __slots__ = ("answered", "created", "host", "pid", "started", "token")
+    __slots__ = ("answered", "created", "host", "pid", "started", "timeout", "token")
 
     def __init__(self, pid: int, host: str, token: str, created: float, answered: int = 0,
-                 started: float = 0.0) -> None:
+                 started: float = 0.0, timeout: Optional[float] = None) -> None:
         self.pid = pid
         self.host = host
         self.token = token
         self.created = created
         self.answered = answered    # presence files only: messages the server has handled
         self.started = started      # presence files only: when the server started
+        self.timeout = timeout      # locks only: seconds the client waits for its reply
 
     def __repr__(self) -> str:
         return f"Owner(pid={self.pid}, host={self.host!r}, token={self.token!r})"
@@ -832,20 +833,24 @@ class Owner:
 # module, slow to import next to a client's whole run, is used only for any
 # other shape (a host name that needs escaping, a record from another tool).
 _OWNER = re.compile(rb'\{"pid": (\d+), "host": "([A-Za-z0-9._-]*)", "token": "([0-9a-f]*)", '
-                    rb'"created": ([0-9.]+)(?:, "answered": (\d+), "started": ([0-9.]+))?\}\n?\Z')
+                    rb'"created": ([0-9.]+)(?:, "answered": (\d+), "started": ([0-9.]+))?'
+                    rb'(?:, "timeout": ([0-9.]+))?\}\n?\Z')
 _PLAIN_HOST = re.fullmatch(r"[A-Za-z0-9._-]*", HOST) is not None
 
 
 def _owner_record(answered: Optional[int] = None, started: float = 0.0,
-                  token: str = "") -> bytes:
+                  token: str = "", timeout: Optional[float] = None) -> bytes:
     """Return this process's identity as one line of JSON (with a server's count).
 
     token: the random token that makes the file this holder's; a new one if not given.
+    timeout: for a client's lock, how long it waits for its reply, for the server to show.
     """
     record: Dict[str, object] = {"pid": os.getpid(), "host": HOST,
                                  "token": token or os.urandom(8).hex(), "created": time.time()}
     if answered is not None:
         record.update(answered=answered, started=started)
+    if timeout is not None:
+        record.update(timeout=float(timeout))
     if not _PLAIN_HOST:
         import json
         return (json.dumps(record) + "\n").encode()
@@ -858,17 +863,19 @@ def read_owner(data: bytes) -> Optional[Owner]:
     """Parse a lock, ticket or presence file; None for an empty or foreign one."""
     match = _OWNER.match(data)
     if match:
-        pid, host, token, created, answered, started = match.groups()
+        pid, host, token, created, answered, started, timeout = match.groups()
         return Owner(int(pid), host.decode(), token.decode(), float(created),
-                     int(answered or 0), float(started or 0.0))
+                     int(answered or 0), float(started or 0.0),
+                     None if timeout is None else float(timeout))
     if not data.strip():
         return None
     import json
     try:
         raw = json.loads(data.decode("utf-8"))
+        timeout = raw.get("timeout")
         return Owner(int(raw["pid"]), str(raw["host"]), str(raw["token"]),
                      float(raw["created"]), int(raw.get("answered", 0)),
-                     float(raw.get("started", 0.0)))
+                     float(raw.get("started", 0.0)), None if timeout is None else float(timeout))
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -982,16 +989,18 @@ class Lock:
     """
 
     def __init__(self, path: str, stale_after: float = STALE_AFTER,
-                 durable: bool = False) -> None:
+                 durable: bool = False, reply_timeout: Optional[float] = None) -> None:
         self.path = path
         self.stale_after = stale_after
         self.durable = durable
+        self.reply_timeout = reply_timeout    # told the server in the record
         self.fd = -1
         self.identity: Optional[Tuple[int, int]] = None
 
     def try_acquire(self) -> bool:
         """Create the lock if nobody holds it; True if this process now holds it."""
-        staged = _Staged(self.path, _owner_record(), self.durable, hold=True)
+        staged = _Staged(self.path, _owner_record(timeout=self.reply_timeout), self.durable,
+                         hold=True)
         try:
             staged.put()
         except BaseException:
@@ -1589,7 +1598,7 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     if chosen:      # a fresh name beside the buffer needs no checking
         check_response_path(response_path)  # errors name the path as the user gave it
     exchange = _Exchange(paths, os.path.abspath(response_path), stale_after, durable, poll,
-                         poll_interval, status, progress_interval, server_timeout)
+                         poll_interval, status, progress_interval, server_timeout, timeout)
     try:
         exchange.write(data)
         exchange.acquire(lock_timeout, lock_retry_interval)
@@ -1713,10 +1722,11 @@ class _Exchange:
 
     def __init__(self, paths: Paths, response_path: str, stale_after: float, durable: bool,
                  poll: bool, poll_interval: float, status: Status,
-                 progress: Optional[float], server_timeout: Optional[float] = None) -> None:
+                 progress: Optional[float], server_timeout: Optional[float] = None,
+                 reply_timeout: Optional[float] = None) -> None:
         self.paths = paths
         self.response_path = response_path
-        self.lock = Lock(paths.lock, stale_after, durable)
+        self.lock = Lock(paths.lock, stale_after, durable, reply_timeout)
         self.poll = poll
         self.poll_interval = poll_interval
         self.status = status
@@ -2055,14 +2065,27 @@ def _still_sent(path: str, sent: Fingerprint) -> bool:
 # --- Server ---
 
 class Request:
-    """One message as the server received it."""
+    """One message as the server received it.
 
-    __slots__ = ("buffer", "message", "response_path")
+    ``deadline`` is when its client will stop waiting for the reply
+    (seconds since the epoch), if the client said how long it waits (a
+    filechat client does); ``client_waiting()`` tells whether it still waits.
+    """
 
-    def __init__(self, message: str, response_path: str, buffer: str) -> None:
+    __slots__ = ("_waiting", "buffer", "deadline", "message", "response_path")
+
+    def __init__(self, message: str, response_path: str, buffer: str,
+                 deadline: Optional[float] = None,
+                 waiting: Optional[Callable[[], bool]] = None) -> None:
         self.message = message
         self.response_path = response_path     # absolute
         self.buffer = buffer
+        self.deadline = deadline
+        self._waiting = waiting
+
+    def client_waiting(self) -> bool:
+        """False once its client is known to have given up or ended."""
+        return self._waiting is None or self._waiting()
 
     def __repr__(self) -> str:
         return (f"Request(message={self.message!r}, response_path={self.response_path!r}, "
@@ -2139,9 +2162,10 @@ class _Requester:
     """
 
     def __init__(self, fd: int = -1, token: str = "", watchable: bool = False,
-                 gone: bool = False) -> None:
+                 gone: bool = False, timeout: Optional[float] = None) -> None:
         self.fd = fd                  # its lock, open (-1: it came without one)
         self.token = token
+        self.timeout = timeout        # seconds it waits for its reply, if it said
         self.watchable = watchable    # a local filechat client, whose flock is its life
         self.gone = gone
         self.identity = (0, 0)
@@ -2156,8 +2180,10 @@ class _Requester:
         if fd is None:
             return cls()
         owner = read_owner(os.read(fd, 4096))
-        return cls(fd, owner.token if owner else "",
-                   owner is not None and owner.host == HOST and sys.platform != "win32")
+        if owner is None:
+            return cls(fd)
+        return cls(fd, owner.token, owner.host == HOST and sys.platform != "win32",
+                   timeout=owner.timeout)
 
     def ref(self) -> str:
         """Return the claim name's suffix for this client's lock: "<inode>-<token>"."""
@@ -2361,7 +2387,12 @@ class _Server:
         except ValueError as exc:
             self.report("discarded", reason=f"malformed message in {self.paths.buffer}: {exc}")
             return None
-        request = Request(message, os.path.abspath(raw_path), self.paths.buffer)
+        client = claim.client
+        # Its clock started when it sent the message, or when this server
+        # started, if later: either way about now, as the message is claimed.
+        deadline = None if client.timeout is None else time.time() + client.timeout
+        request = Request(message, os.path.abspath(raw_path), self.paths.buffer, deadline,
+                          lambda: client.waiting(self.paths.lock))
         problem = self._target_problem(request.response_path)
         if problem is _ANSWERED:
             self.report("discarded", reason=f"{raw_path} was answered before a restart",
@@ -2427,11 +2458,13 @@ class _Server:
         if self.delivered is None:
             return
         path, reply, client = self.delivered
+        # Its life first: a client that has ended removes nothing more, while
+        # one that lives may read its reply, remove it and end between two looks.
+        alive = client.alive()
         if _file_id(path) == reply:
-            if client.alive() and not last_look:
+            if alive and not last_look:
                 return                    # its lock's watch wakes the server when that changes
-            if not client.alive():
-                remove_if_same(path, reply)
+            if not alive and remove_if_same(path, reply):
                 self.report("discarded", reason=f"removed the reply {path}: its client "
                             "ended without reading it")
         else:
@@ -3452,32 +3485,75 @@ def _operator_responder(term: Terminal) -> Responder:
             raise FilechatError("standard input has ended, so there is no reply for "
                                 "this message; it stays queued for the next server "
                                 "(use --auto-reply* options to answer unattended)")
-        if tty:
-            stray = _discard_typeahead(term.stdin)
-            if stray:
-                term.err(f"filechat: note: {stray} bytes typed before the prompt were "
-                         "discarded; type the reply below")
-        while True:
-            term.out()
-            term.out(BANNER)
-            term.out("Enter your response (press Ctrl+D or Ctrl+Z when done):")
-            term.out(BANNER)
-            try:
-                text, mid_line = term.read_text("reply")
-                if mid_line:
-                    term.out()      # Ctrl+D left the cursor after the text
-                _check_text(text, "reply")
-            except FramingError as exc:
-                again = " (the Up key brings back what you typed)" if term.editing() else ""
-                term.error(f"{exc}; please type the reply again{again}")
-                continue
-            if not tty:
-                exhausted.append(True)
-            return text
+        if not tty:
+            exhausted.append(True)
+            return _ask_reply(term)
+        stray = _discard_typeahead(term.stdin)
+        if stray:
+            term.err(f"filechat: note: {stray} bytes typed before the prompt were "
+                     "discarded; type the reply below")
+        left = None if request.deadline is None else request.deadline - time.time()
+        if left is not None and abs(left - RESPONSE_TIMEOUT) > 1:   # the spec's is known
+            until = time.strftime("%H:%M:%S", time.localtime(request.deadline))
+            term.err(f"(the client waits {_duration(left)} for the reply, until {until})")
+        stop_watching = _watch_client(request, term)
+        try:
+            return _ask_reply(term)
+        finally:
+            stop_watching()
 
     tty = term.stdin_is_tty()
     exhausted: List[bool] = []
     return respond
+
+
+def _ask_reply(term: Terminal) -> str:
+    """Prompt for the reply and read it, asking again for text the framing cannot carry."""
+    while True:
+        term.out()
+        term.out(BANNER)
+        term.out("Enter your response (press Ctrl+D or Ctrl+Z when done):")
+        term.out(BANNER)
+        try:
+            text, mid_line = term.read_text("reply")
+            if mid_line:
+                term.out()      # Ctrl+D left the cursor after the text
+            _check_text(text, "reply")
+            return text
+        except FramingError as exc:
+            again = " (the Up key brings back what you typed)" if term.editing() else ""
+            term.error(f"{exc}; please type the reply again{again}")
+
+
+def _watch_client(request: Request, term: Terminal) -> Callable[[], None]:
+    """Warn at the terminal, while the reply is typed, once its client stops waiting.
+
+    A timer rings at the client's deadline (SIGALRM: the reply is read in
+    this thread), and every second after while the client still waits, as
+    the two clocks never agree exactly. Returns what stops it.
+    """
+    import signal
+    if request.deadline is None or not hasattr(signal, "setitimer"):
+        return lambda: None           # no deadline known, or no timers (Windows)
+
+    def ring(signum: int, frame: object) -> None:
+        if request.client_waiting():
+            signal.setitimer(signal.ITIMER_REAL, 1.0)
+            return
+        term.err()
+        log.warning("the client has stopped waiting for this reply, which will be "
+                    "discarded; end it with Ctrl+D")
+        if term.editing():            # the line being typed, shown again below the warning
+            term.stdout.write(_line_editor().get_line_buffer())
+            term.stdout.flush()
+
+    saved = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, max(0.01, request.deadline - time.time()))
+
+    def stop() -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, saved)
+    return stop
 
 
 def _discard_typeahead(stream: IO[str]) -> int:

@@ -180,3 +180,35 @@ def test_without_line_editing_an_arrow_key_asks_again(tmp_path: Path) -> None:
     assert "please type the message again\n" in err.getvalue()
     assert out.getvalue().splitlines()[-2] == "ok"
     server.join(WAIT)
+
+
+def test_the_server_says_how_long_the_client_waits_and_when_it_gives_up(  # type: ignore[no-untyped-def]
+        terminal, start, tmp_path: Path) -> None:
+    server = terminal("server", "buf.txt")
+    server.expect("Waiting for clients...")
+    client = start("client", "buf.txt", "r.txt", "-m", "hi", "--timeout", "2")
+    server.expect("(the client waits 2 s for the reply, until ")
+    server.expect("when done):\r\n" + "=" * 60 + "\r\n")
+    server.type("half a rep")
+    assert client.wait() == filechat.EXIT_TIMEOUT
+    server.expect("the client has stopped waiting for this reply, which will be discarded")
+    server.expect("half a rep")                   # the line being typed, shown again
+    server.type("ly\n")
+    server.end_text()
+    server.expect("the client for")
+    server.expect("has gone; no reply sent")
+    assert not (tmp_path / "r.txt").exists()
+
+
+def test_a_restarted_server_gets_the_clients_whole_time(terminal) -> None:  # type: ignore[no-untyped-def]
+    client = terminal("client", "buf.txt", "-m", "hi", "--timeout", "2")
+    client.child.expect(r"waiting for one to start\.\.\. 1\.\d s")
+    server = terminal("server", "buf.txt")
+    server.expect("when done):\r\n" + "=" * 60 + "\r\n")
+    # Two seconds after it sent the message, and the client still waits: its
+    # time counts from when the server started.
+    client.child.expect(r"A server started; waiting for server response\.\.\. 2\.[5-9] s")
+    server.type_lines("in time")
+    server.end_text()
+    assert client.exit_status() == 0
+    assert client.lines()[-1] == "in time"

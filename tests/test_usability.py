@@ -152,7 +152,7 @@ def test_server_log_is_json_lines(server, run, tmp_path: Path) -> None:  # type:
     assert run("client", "buf.txt", "-m", "second").stdout == b"SECOND"
     assert srv.interrupt() == 0
     records = [json.loads(line) for line in (tmp_path / "chat.jsonl").read_text().splitlines()]
-    assert [set(r) for r in records] == [LOG_RECORD, LOG_RECORD]
+    assert [set(r) for r in records] == [LOG_RECORD, LOG_RECORD], records
     assert [(r["outcome"], r["message"], r["reply"]) for r in records] == [
         ("replied", "first", "FIRST"), ("replied", "second", "SECOND")]
     assert records[0]["response_path"] == str(tmp_path / "r.txt")
