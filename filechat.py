@@ -2933,7 +2933,7 @@ examples:
   reply=$(filechat client buf.txt --message 'hello')
   filechat client buf.txt --message-file report.txt --json
   filechat status buf.txt                        is a server up? who holds the lock?
-  (run as python filechat.pyz ..., python -m filechat ..., or filechat ... once installed)
+  (run as python3 filechat.pyz ..., python3 -m filechat ..., or filechat ... once installed)
 """
 
 
