@@ -893,12 +893,15 @@ class Holder:
         self.age = age          # seconds since it was written
 
 
-def inspect_holder(path: str) -> Optional[Holder]:
+def inspect_holder(path: str, ours: bool = False) -> Optional[Holder]:
     """Return what the file at path says about its holder; None if there is no file.
 
     A holder on this host keeps an flock on its file from before it writes
     its identity until it dies, so a complete identity with a free flock
-    means the holder has ended. Elsewhere nothing can be checked.
+    means the holder has ended. Elsewhere nothing can be checked. ours: a
+    file only filechat makes (a ticket, a presence file), so one that names
+    nobody (empty or cut short, as a power loss leaves it) with a free flock
+    is nobody's either.
     """
     for _ in range(3):
         fd = _open_to_read(path)
@@ -911,13 +914,29 @@ def inspect_holder(path: str) -> Optional[Holder]:
             gone = None
             if owner is not None and owner.host == HOST and _holder_gone(fd, owner):
                 gone = f"its holder, process {owner.pid}, has ended"
+            elif (owner is None and ours and sys.platform != "win32"
+                  and _flock(fd, shared=True)):
+                gone = "it names no holder, and none holds it"
             # A presence file is replaced while its server runs: an flock
             # freed by that replacement is not a death.
             if gone is None or _file_id(path) == identity:
-                return Holder(identity, owner, gone, time.time() - st.st_mtime)
+                return Holder(identity, owner, gone, _age(identity, st.st_mtime))
         finally:
             os.close(fd)
     return Holder(identity, owner, None, 0.0)
+
+
+# When this process first saw each file dated in the future (by a clock set
+# back, or by hand): such a file's age counts from then.
+_FUTURE: Dict[Tuple[int, int], float] = {}
+
+
+def _age(identity: Tuple[int, int], mtime: float) -> float:
+    """Return the seconds since a file was written, never less than zero."""
+    age = time.time() - mtime
+    if age >= -1.0:                   # a second of leeway: clocks of one host's files
+        return max(age, 0.0)
+    return time.monotonic() - _FUTURE.setdefault(identity, time.monotonic())
 
 
 def _holder_gone(fd: int, owner: Owner) -> bool:
@@ -939,7 +958,7 @@ def stale_reason(holder: Holder, stale_after: float) -> Optional[str]:
     return None
 
 
-def break_stale_lock(path: str, stale_after: float) -> Optional[str]:
+def break_stale_lock(path: str, stale_after: float, ours: bool = False) -> Optional[str]:
     """Remove the lock (or ticket) at path if it is stale; return why, or None if left alone.
 
     Whoever breaks a lock first takes an exclusive flock on it, which a live
@@ -947,7 +966,7 @@ def break_stale_lock(path: str, stale_after: float) -> Optional[str]:
     same stale lock wait its turn and then see that the name now belongs to
     another file. Only then is the name, checked once more, removed.
     """
-    holder = inspect_holder(path)
+    holder = inspect_holder(path, ours)
     reason = None if holder is None else stale_reason(holder, stale_after)
     if holder is None or reason is None:
         return None
@@ -1111,7 +1130,7 @@ class WaitingLine:
                 return 0, ""        # first (or removed by somebody: behave as the first)
             index = names.index(mine)
             before = os.path.join(self.directory, names[index - 1])
-            if not break_stale_lock(before, self.stale_after):
+            if not break_stale_lock(before, self.stale_after, ours=True):
                 return index, before
 
     def leave(self) -> None:
@@ -1127,7 +1146,7 @@ class WaitingLine:
     def clear(self) -> None:
         """Remove the tickets of waiters that died, and the directory if it is empty."""
         for name in self.tickets():
-            break_stale_lock(os.path.join(self.directory, name), self.stale_after)
+            break_stale_lock(os.path.join(self.directory, name), self.stale_after, ours=True)
         self._remove_if_empty()
 
     def _remove_if_empty(self) -> None:
@@ -1169,7 +1188,7 @@ class Presence:
                 fd = publish(self.path, _owner_record(0, self.started, self.token),
                              durable=self.durable, hold=True)
             except FileExistsError:
-                holder = inspect_holder(self.path)
+                holder = inspect_holder(self.path, ours=True)
                 if holder is not None and holder.gone is None:
                     raise AlreadyServing(self.path, holder.owner) from None
                 if holder is not None:
@@ -1206,7 +1225,7 @@ class Presence:
 
 def running_server(presence_path: str) -> Optional[Owner]:
     """Return the identity of the server whose presence file is live, else None."""
-    holder = inspect_holder(presence_path)
+    holder = inspect_holder(presence_path, ours=True)
     if holder is None or holder.gone:
         return None
     return holder.owner or Owner(0, "", "", 0.0)
@@ -1504,9 +1523,19 @@ def default_response_path(buffer: str) -> str:
     return os.path.join(directory, f"filechat-reply-{os.getpid()}-{os.urandom(4).hex()}.txt")
 
 
-def check_response_path(response_path: str) -> None:
-    """Refuse a response path the server could not, or should not, write."""
-    st = _lstat_or_none(response_path)
+def check_response_path(response_path: str, paths: Optional[Paths] = None) -> None:
+    """Refuse a response path the server could not, or should not, write.
+
+    With paths, also one that is a file of the protocol's own.
+    """
+    if paths is not None:
+        mine = os.path.abspath(response_path)
+        for what, path in (("buffer", paths.buffer), ("lock file", paths.lock),
+                           ("server's presence file", paths.presence)):
+            if mine == os.path.abspath(path):
+                raise UsageError(f"response file {response_path} is the {what}; name "
+                                 "another file for the reply")
+    st = _lstat_checked(response_path, "response file")
     if st is None:
         _check_directory(response_path, "response file")
     elif stat.S_ISLNK(st.st_mode):
@@ -1521,18 +1550,32 @@ def check_response_path(response_path: str) -> None:
 
 def check_buffer_path(buffer: str, lock_path: str) -> None:
     """Refuse a buffer or lock path that cannot be used."""
+    if os.path.abspath(buffer) == os.path.abspath(lock_path):
+        raise UsageError(f"buffer file {buffer} is the lock file; name the buffer otherwise "
+                         f"(or the lock, with --lock-file)")
     checked = set()
     for what, path in (("buffer file", buffer), ("lock file", lock_path)):
         directory = os.path.dirname(path) or "."
         if directory not in checked:
             _check_directory(path, what, writable=True)
             checked.add(directory)
-        st = _lstat_or_none(path)
+        st = _lstat_checked(path, what)
         if st is not None and stat.S_ISLNK(st.st_mode):
             raise UsageError(f"{what} {path} is a symbolic link, which filechat never "
                              "follows; name the file itself")
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise UsageError(f"{what} {path} is a directory; name a file")
+
+
+def _lstat_checked(path: str, what: str) -> Optional[os.stat_result]:
+    """Return the lstat of path, None if it does not exist; UsageError for a name too long."""
+    try:
+        return _lstat_or_none(path)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        raise UsageError(f"{what} {path}: the name is too long for the filesystem; "
+                         "choose a shorter one") from None
 
 
 def _check_directory(path: str, what: str, writable: bool = False) -> None:
@@ -1596,7 +1639,7 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     data = _request_data(os.path.abspath(response_path), message, max_bytes)
     check_buffer_path(buffer, paths.lock)
     if chosen:      # a fresh name beside the buffer needs no checking
-        check_response_path(response_path)  # errors name the path as the user gave it
+        check_response_path(response_path, paths)  # errors name the path as the user gave it
     exchange = _Exchange(paths, os.path.abspath(response_path), stale_after, durable, poll,
                          poll_interval, status, progress_interval, server_timeout, timeout)
     try:
@@ -2646,7 +2689,7 @@ def status(buffer: str, lock_path: Optional[str] = None,
     Returns the dictionary that ``filechat status --json`` prints.
     """
     paths = Paths(buffer, lock_path)
-    presence = inspect_holder(paths.presence)
+    presence = inspect_holder(paths.presence, ours=True)
     server: Optional[Dict[str, object]] = None
     if presence is not None and presence.gone is None:
         owner = presence.owner

@@ -1,0 +1,93 @@
+"""Defects found by attacking filechat and running it beside other implementations.
+
+One test per defect, named for what must hold; each failed before its fix.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import WAIT, leftovers
+
+import filechat
+
+PEER = str(Path(__file__).with_name("spec_peer.py"))
+
+
+# --- Files that are not what they should be ---
+
+def test_an_empty_presence_file_is_not_a_running_server(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "buf.txt.server").write_bytes(b"")          # what a power loss leaves
+    state = json.loads(run("status", "buf.txt", "--json").stdout)
+    assert state["server"] is None
+    server("--auto-reply", "started anyway")
+    assert run("client", "buf.txt", "-m", "hi").stdout == b"started anyway"
+
+
+def test_a_truncated_presence_file_is_not_a_running_server(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "buf.txt.server").write_bytes(b'{"pid": 12')
+    assert run("status", "buf.txt").returncode == filechat.EXIT_NO_SERVER
+    server("--auto-reply", "started anyway")
+
+
+def test_an_empty_ticket_does_not_block_the_line(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply", "served")
+    line = tmp_path / "server.lock.line"
+    line.mkdir()
+    (line / f"{time.time_ns():020d}-1").write_bytes(b"")
+    result = run("client", "buf.txt", "-m", "hi", "--lock-timeout", "5")
+    assert (result.returncode, result.stdout) == (0, b"served"), result.stderr
+    assert not line.exists()
+
+
+def test_a_lock_dated_in_the_future_still_grows_stale(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    lock = tmp_path / "server.lock"
+    lock.write_bytes(b"")
+    os.utime(lock, (time.time() + 3600,) * 2)
+    state = json.loads(run("status", "buf.txt", "--json").stdout)
+    assert state["lock"]["age"] >= 0
+    result = run("client", "buf.txt", "-m", "hi", "--stale-after", "0.5", "--timeout", "0.5")
+    assert "removed stale lock" in result.stderr.decode()
+    assert result.returncode == filechat.EXIT_TIMEOUT      # taken; no server to answer
+
+
+@pytest.mark.parametrize("what", ["buffer", "lock"])
+def test_the_response_path_cannot_be_a_protocol_file(what: str, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    response = "buf.txt" if what == "buffer" else "server.lock"
+    result = run("client", "buf.txt", response, "-m", "hi", "--timeout", "5")
+    assert result.returncode == filechat.EXIT_USAGE, result.stderr
+    assert f"response file {response} is the {what}" in result.stderr.decode()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_buffer_named_like_the_lock_is_refused(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    for command in (["client", "server.lock", "-m", "hi"], ["server", "server.lock"]):
+        result = run(*command, timeout=10)
+        assert result.returncode == filechat.EXIT_USAGE, result.stderr
+        assert "buffer file server.lock is the lock file" in result.stderr.decode()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_name_too_long_is_named(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    long = "r" * 300 + ".txt"
+    result = run("client", "buf.txt", long, "-m", "hi", "--timeout", "5")
+    assert result.returncode == filechat.EXIT_USAGE
+    assert long in result.stderr.decode() and "too long" in result.stderr.decode()
+    assert b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("responder", [lambda request: None, lambda request: b"bytes"])
+def test_a_responder_that_returns_no_text_gets_an_error_reply(responder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    buffer = str(tmp_path / "buf.txt")
+    server = threading.Thread(target=filechat.serve, args=(buffer, responder),
+                              kwargs=dict(max_messages=1), daemon=True)
+    server.start()
+    with pytest.raises(filechat.ServerError, match="the responder returned"):
+        filechat.send(buffer, "hi", timeout=WAIT)
+    server.join(WAIT)
