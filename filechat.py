@@ -1934,8 +1934,8 @@ class _Exchange:
                                        running_server(paths.presence) is not None)
                 waiter.wait(min(deadline - now, tick(now), self._server_wait()))
             self._await_release(waiter)
-        self.status("received")
         try:
+            self.status("received")
             return reply.read(sink), reply.is_error
         finally:
             reply.close()

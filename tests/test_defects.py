@@ -91,3 +91,75 @@ def test_a_responder_that_returns_no_text_gets_an_error_reply(responder, tmp_pat
     with pytest.raises(filechat.ServerError, match="the responder returned"):
         filechat.send(buffer, "hi", timeout=WAIT)
     server.join(WAIT)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink"])
+def test_a_strange_file_at_the_response_path_is_refused_and_the_server_goes_on(  # type: ignore[no-untyped-def]
+        kind: str, server, run, tmp_path: Path) -> None:
+    srv = server("--auto-reply", "ok")
+    # A spec client names the path; the thing appears there after the client's checks.
+    target = tmp_path / "r.txt"
+    make = {"fifo": lambda: os.mkfifo(target), "directory": target.mkdir,
+            "symlink": lambda: target.symlink_to(tmp_path / "elsewhere")}[kind]
+    make()
+    (tmp_path / "server.lock").write_bytes(b"")
+    (tmp_path / "buf.txt").write_bytes(f"{target}\nhi\x1b".encode())
+    srv.expect("the client was told")
+    assert run("client", "buf.txt", "-m", "still serving").stdout == b"ok"
+
+
+@pytest.mark.parametrize("where", ["server.lock", "server.lock.line/00000000000000000001-1"])
+def test_a_fifo_at_the_lock_or_in_the_line_hangs_nobody(where: str, server, run,  # type: ignore[no-untyped-def]
+                                                        tmp_path: Path) -> None:
+    srv = server("--auto-reply", "ok")
+    (tmp_path / "server.lock.line").mkdir()
+    os.mkfifo(tmp_path / where)
+    status = run("status", "buf.txt", timeout=10)
+    assert status.returncode == 0
+    result = run("client", "buf.txt", "-m", "hi", "--lock-timeout", "1", timeout=10)
+    assert result.returncode in (0, filechat.EXIT_LOCK_TIMEOUT), result.stderr
+    assert b"Traceback" not in result.stderr
+    srv.popen.send_signal(signal.SIGTERM)
+    assert srv.wait() == 0
+
+
+# --- Exceptions in a long-lived process ---
+
+def test_an_exception_just_after_joining_the_line_leaves_no_ticket(holder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    buffer = str(tmp_path / "buf.txt")
+
+    def status(event: str, **info: object) -> None:
+        if event == "queued":
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        filechat.send(buffer, "hi", status=status)
+    assert not (tmp_path / "server.lock.line").exists()
+
+
+def test_an_exception_after_the_reply_leaks_no_file_or_descriptor(tmp_path: Path) -> None:
+    buffer = str(tmp_path / "buf.txt")
+    server = threading.Thread(target=filechat.serve, daemon=True, kwargs=dict(
+        buffer=buffer, responder=filechat.static_responder("ok"), max_messages=20))
+    server.start()
+
+    def status(event: str, **info: object) -> None:
+        if event == "received":
+            raise RuntimeError("the caller's own failure")
+    filechat.send(buffer, "warm up", timeout=WAIT)   # the waiter's descriptors, made once
+    before = len(os.listdir("/proc/self/fd"))
+    for n in range(19):
+        with pytest.raises(RuntimeError):
+            filechat.send(buffer, f"m{n}", str(tmp_path / f"r{n}.txt"), status=status,
+                          timeout=WAIT)
+    server.join(WAIT)
+    assert leftovers(tmp_path) == []
+    assert not any(p.name.startswith("r") for p in tmp_path.iterdir())
+    assert len(os.listdir("/proc/self/fd")) <= before + 1
+
+
+def test_a_hook_that_leaves_a_daemon_behind_is_stopped_at_the_hook_timeout(  # type: ignore[no-untyped-def]
+        server, run, tmp_path: Path) -> None:
+    server("--auto-reply-cmd", "sleep 60 & echo started", "--hook-timeout", "1")
+    result = run("client", "buf.txt", "-m", "hi", "--timeout", "20")
+    assert result.returncode == filechat.EXIT_ERROR, result.stderr
+    assert "ran longer than 1 s and was stopped" in result.stderr.decode()
