@@ -193,8 +193,11 @@ class _Log:
         assert self.stream is not None
         if self.color:
             level = f"\x1b[{33 if level == 'warning' else 2}m{level}\x1b[0m"
-        self.stream.write(f"filechat: {level}: {text}\n")
-        self.stream.flush()
+        try:
+            self.stream.write(f"filechat: {level}: {text}\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass              # stderr gone: there is nowhere left to say anything
 
 
 log = _Log()
@@ -2286,6 +2289,7 @@ class _Server:
         self.report = report
         self.handled = 0
         self.counted = 0.0            # when the presence file's count was last updated
+        self.count_failing = False    # the last update of it failed (and was said)
         self.home = os.path.dirname(os.path.abspath(paths.buffer))
         # The most a whole request of max_bytes can take: path, newline, message, ESC.
         self.limit = MAX_PATH + 1 + max_bytes + 1
@@ -2308,10 +2312,22 @@ class _Server:
             # The count in the presence file, for status, at most once a second.
             due = self.counted + PRESENCE_INTERVAL - time.monotonic()
             if presence.answered != self.handled and due <= 0:
-                presence.update(self.handled)
-                self.counted = time.monotonic()
+                self._count(presence)
             self.report("idle", answered=self.handled)
             waiter.wait(due if presence.answered != self.handled else float("inf"))
+
+    def _count(self, presence: Presence) -> None:
+        """Update the count in the presence file; a failure is said, and tried again later."""
+        self.counted = time.monotonic()
+        try:
+            presence.update(self.handled)
+        except OSError as exc:
+            if not self.count_failing:
+                log.warning("cannot update %s (%s); status shows an old count until it can "
+                            "be", presence.path, exc.strerror or exc)
+            self.count_failing = True
+        else:
+            self.count_failing = False
 
     def _claim(self) -> Optional[_Claim]:
         """Claim a complete message by renaming the buffer; None if there is none.
@@ -2733,6 +2749,7 @@ class Terminal:
         # https://no-color.org: any non-empty NO_COLOR turns colour off.
         self.color = (self.stderr_tty and not os.environ.get("NO_COLOR")
                       and os.environ.get("TERM") != "dumb")
+        self.lenient = False      # a server: output that fails is given up, not fatal
 
     def error(self, text: str) -> None:
         """Print ``filechat: error: text`` on stderr, "error" in red at a terminal."""
@@ -2741,15 +2758,36 @@ class Terminal:
 
     def out(self, text: str = "") -> None:
         """Print a line on stdout."""
-        self.stdout.write(text + "\n")
-        self.stdout.flush()
+        self.write(text + "\n")
+
+    def write(self, text: str) -> None:
+        """Write text on stdout, at once.
+
+        Lenient, a failure (the reader gone, a full disk) is said once on
+        stderr and stdout is given up: a server serves on without it.
+        """
+        try:
+            self.stdout.write(text)
+            self.stdout.flush()
+        except (OSError, ValueError) as exc:
+            if not self.lenient:
+                raise
+            self.stdout = _nowhere()
+            self.stdout_tty = False
+            reason = getattr(exc, "strerror", None) or exc
+            log.warning("cannot write to standard output (%s); serving on without showing "
+                        "the messages", reason)
 
     def err(self, text: str = "") -> None:
         """Print a line on stderr."""
-        self.stderr.flush()
-        self.stdout.flush()
-        self.stderr.write(text + "\n")
-        self.stderr.flush()
+        try:
+            self.stderr.flush()
+            self.stdout.flush()
+            self.stderr.write(text + "\n")
+            self.stderr.flush()
+        except (OSError, ValueError):
+            if not self.lenient:
+                raise
 
     def stdin_is_tty(self) -> bool:
         """True if stdin is a terminal."""
@@ -3332,6 +3370,7 @@ def _client_message(args: argparse.Namespace, term: Terminal,
 def run_server(args: argparse.Namespace, term: Terminal) -> int:
     """Run the server subcommand until Ctrl+C or --max-messages."""
     responder = _cli_responder(args, term)
+    term.lenient = True       # only the buffer itself being unusable stops a server
     view = _ServerView(args, term)
     import signal
     signal.signal(signal.SIGTERM, _stop_on_signal)
@@ -3368,6 +3407,7 @@ class _ServerView:
         self.state_shown = False
         self.received = time.monotonic()
         self.log: Optional[IO[str]] = None
+        self.log_failing = False
         if args.log:
             try:
                 # Line-buffered: each exchange is one write of one whole line,
@@ -3397,7 +3437,7 @@ class _ServerView:
             term.out(f"Message received from client (response file: "
                      f"{_display_path(request.response_path)})")
             term.out(BANNER)
-            term.stdout.write(_display(request.message))
+            term.write(_display(request.message))
             term.out(BANNER)
         elif event in ("replied", "failed") and isinstance(request, Request):
             if event == "failed":
@@ -3420,14 +3460,24 @@ class _ServerView:
         request = info.get("request")
         known = isinstance(request, Request)
         replied = event in ("replied", "failed")
-        self.log.write(_json({
+        record = _json({
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "outcome": event,
             "response_path": request.response_path if isinstance(request, Request) else None,
             "message": request.message if isinstance(request, Request) else None,
             "reply": info.get("reply") if replied else None,
             "duration": round(time.monotonic() - self.received, 6) if replied and known else None,
-            "reason": info.get("reason")}) + "\n")
+            "reason": info.get("reason")})
+        try:
+            self.log.write(record + "\n")
+            self.log.flush()
+        except OSError as exc:
+            if not self.log_failing:
+                log.warning("cannot write --log %s (%s); exchanges go unlogged until it can "
+                            "be written", self.args.log, exc.strerror or exc)
+            self.log_failing = True
+        else:
+            self.log_failing = False
 
     def show_state(self, answered: object) -> None:
         """At a terminal, show what the server is doing on its last line."""
@@ -3443,14 +3493,13 @@ class _ServerView:
         row = _live_row(f"[waiting · {answered} answered · {lock}]", "", self.term.stdout)
         if row is None:
             return                # too narrow a window for it
-        self.term.stdout.write(f"\r{row}\x1b[K")
-        self.term.stdout.flush()
+        self.term.write(f"\r{row}\x1b[K")
         self.state_shown = True
 
     def clear_state(self) -> None:
         """Erase the state line, so that the transcript goes on where it stood."""
         if self.state_shown:
-            self.term.stdout.write("\r\x1b[K")
+            self.term.write("\r\x1b[K")
             self.state_shown = False
 
     def close(self) -> None:
@@ -3587,8 +3636,7 @@ def _watch_client(request: Request, term: Terminal) -> Callable[[], None]:
         log.warning("the client has stopped waiting for this reply, which will be "
                     "discarded; end it with Ctrl+D")
         if term.editing():            # the line being typed, shown again below the warning
-            term.stdout.write(_line_editor().get_line_buffer())
-            term.stdout.flush()
+            term.write(_line_editor().get_line_buffer())
 
     saved = signal.signal(signal.SIGALRM, ring)
     signal.setitimer(signal.ITIMER_REAL, max(0.01, request.deadline - time.time()))

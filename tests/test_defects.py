@@ -163,3 +163,62 @@ def test_a_hook_that_leaves_a_daemon_behind_is_stopped_at_the_hook_timeout(  # t
     result = run("client", "buf.txt", "-m", "hi", "--timeout", "20")
     assert result.returncode == filechat.EXIT_ERROR, result.stderr
     assert "ran longer than 1 s and was stopped" in result.stderr.decode()
+
+
+# --- A server keeps serving through secondary failures ---
+
+def test_a_server_whose_output_reader_went_away_serves_on(pyz: Path, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = subprocess.Popen([sys.executable, str(pyz), "server", "buf.txt", "--auto-reply",
+                               "still here"], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    assert server.stdout is not None and server.stderr is not None
+    assert server.stdout.readline() == b"Server starting...\n"
+    server.stdout.close()                       # as `filechat server ... | head -1` does
+    try:
+        for n in range(3):
+            assert run("client", "buf.txt", "-m", f"m{n}").stdout == b"still here"
+        assert server.poll() is None
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(WAIT) == 0
+    assert b"cannot write to standard output" in server.stderr.read()
+
+
+def test_a_log_that_cannot_be_written_is_said_and_serving_goes_on(server, run) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply", "ok", "--log", "/dev/full")
+    for n in range(2):
+        assert run("client", "buf.txt", "-m", f"m{n}").stdout == b"ok"
+    srv.expect("cannot write --log /dev/full (No space left on device)")
+    assert srv.err.count("cannot write --log") == 1
+
+
+def test_a_presence_count_that_cannot_be_updated_is_said_and_serving_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    buffer = str(tmp_path / "buf.txt")
+    failing, failed, updated = threading.Event(), threading.Event(), threading.Event()
+    failing.set()                               # the directory read-only, for a while
+    publish = filechat.publish
+
+    def flaky(path: str, *args: object, **kwargs: object) -> int:
+        if path.endswith(".server") and kwargs.get("replace"):
+            if failing.is_set():
+                failed.set()
+                raise PermissionError(13, "Permission denied", path)
+            updated.set()
+        return publish(path, *args, **kwargs)      # type: ignore[arg-type]
+    monkeypatch.setattr(filechat, "publish", flaky)
+    server = threading.Thread(target=filechat.serve, daemon=True, kwargs=dict(
+        buffer=buffer, responder=filechat.static_responder("ok"), max_messages=3))
+    server.start()
+    assert filechat.send(buffer, "m0", timeout=WAIT) == "ok"
+    assert failed.wait(WAIT)
+    assert filechat.send(buffer, "m1", timeout=WAIT) == "ok"      # it serves on
+    failing.clear()
+    assert updated.wait(WAIT)
+    assert filechat.status(buffer)["server"]["answered"] >= 1     # type: ignore[index]
+    assert filechat.send(buffer, "m2", timeout=WAIT) == "ok"
+    server.join(WAIT)
+    assert not server.is_alive()
+    assert [r.getMessage() for r in caplog.records].count(
+        f"cannot update {buffer}.server (Permission denied); status shows an old count "
+        "until it can be") == 1
