@@ -200,12 +200,14 @@ def test_a_presence_count_that_cannot_be_updated_is_said_and_serving_goes_on(
     publish = filechat.publish
 
     def flaky(path: str, *args: object, **kwargs: object) -> int:
-        if path.endswith(".server") and kwargs.get("replace"):
-            if failing.is_set():
-                failed.set()
-                raise PermissionError(13, "Permission denied", path)
+        counting = path.endswith(".server") and kwargs.get("replace")
+        if counting and failing.is_set():
+            failed.set()
+            raise PermissionError(13, "Permission denied", path)
+        fd = publish(path, *args, **kwargs)        # type: ignore[arg-type]
+        if counting:
             updated.set()
-        return publish(path, *args, **kwargs)      # type: ignore[arg-type]
+        return fd
     monkeypatch.setattr(filechat, "publish", flaky)
     server = threading.Thread(target=filechat.serve, daemon=True, kwargs=dict(
         buffer=buffer, responder=filechat.static_responder("ok"), max_messages=3))
