@@ -2409,6 +2409,7 @@ class _Server:
     def answer(self, claim: _Claim, waiter: Waiter) -> None:
         """Answer one claimed message, then free the lock it came with and the claim."""
         replied = False
+        request: Optional[Request] = None
         self.check_delivered(waiter, last_look=True)     # one reply is watched at a time
         try:
             try:
@@ -2416,8 +2417,7 @@ class _Server:
                 if request is not None:
                     replied = self._reply(request, claim, waiter)
             except OSError as exc:
-                self.report("discarded", reason=f"cannot use {exc.filename or claim.path}: "
-                            f"{exc.strerror or exc}")
+                self._failed(request, claim, exc)
             # Not on an exception (Ctrl+C, a responder that cannot go on): a
             # message being answered stays claimed for the next server.
             self._release(claim)
@@ -2458,7 +2458,8 @@ class _Server:
                         request=request)
             return None
         if problem is not None:
-            self._reject(raw_path, request, problem)
+            self._reject(raw_path, request, f"the server will not write the reply to "
+                         f"{raw_path}: {problem}")
             return None
         if not claim.client.waiting(self.paths.lock):
             self.report("discarded", reason=f"the client for {raw_path} has gone",
@@ -2572,12 +2573,23 @@ class _Server:
             return _ANSWERED
         return "the file already exists, and the server never overwrites a file"
 
-    def _reject(self, raw_path: str, request: Request, problem: str) -> None:
+    def _reject(self, raw_path: str, request: Request, reason: str) -> None:
         """Tell the client at once why its reply cannot be delivered."""
-        reason = f"the server will not write the reply to {raw_path}: {problem}"
         publish(self.paths.rejection(raw_path), reason.encode("utf-8"), replace=True,
                 durable=self.durable)
         self.report("rejected", request=request, reason=reason)
+
+    def _failed(self, request: Optional[Request], claim: _Claim, exc: OSError) -> None:
+        """Report a file that could not be used; a client whose reply it was is told at once."""
+        problem = exc.strerror or str(exc)
+        if request is not None:           # read, so the failure is in writing its reply
+            try:
+                self._reject(request.response_path, request, "the server could not write the "
+                             f"reply to {request.response_path}: {problem}")
+                return
+            except OSError:
+                pass          # the note cannot be written either: the client times out
+        self.report("discarded", reason=f"cannot use {exc.filename or claim.path}: {problem}")
 
 
 _ANSWERED = "answered before a restart"    # a _target_problem that is not an error

@@ -224,3 +224,27 @@ def test_a_presence_count_that_cannot_be_updated_is_said_and_serving_goes_on(
     assert [r.getMessage() for r in caplog.records].count(
         f"cannot update {buffer}.server (Permission denied); status shows an old count "
         "until it can be") == 1
+
+
+def _small_disk() -> None:
+    """In the server's process: files may grow to 4 KiB only, as on a nearly full disk."""
+    import resource
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # a write past it fails, with EFBIG
+
+
+def test_a_reply_that_cannot_be_written_is_told_to_the_client_at_once(  # type: ignore[no-untyped-def]
+        pyz: Path, run, tmp_path: Path) -> None:
+    server = subprocess.Popen([sys.executable, str(pyz), "server", "buf.txt",
+                               "--auto-reply-cmd", "cat"], cwd=tmp_path, preexec_fn=_small_disk,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        result = run("client", "buf.txt", "r.txt", "-m", "x" * 8000, "--timeout", "60")
+        assert result.returncode == filechat.EXIT_USAGE, result.stderr
+        assert ("the server could not write the reply to " + str(tmp_path / "r.txt") +
+                ": File too large") in result.stderr.decode()
+        assert run("client", "buf.txt", "-m", "small").stdout == b"small"   # it serves on
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(WAIT)
+    assert not (tmp_path / "r.txt").exists()
