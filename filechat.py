@@ -754,6 +754,47 @@ def sweep_leftovers(directories: Sequence[str]) -> List[str]:
     return removed
 
 
+def sweep_orphan_replies(directory: str, older_than: float) -> List[str]:
+    """Remove the replies in default response files that nobody read; return their paths.
+
+    A client reads its reply the moment it is complete, so one left unread
+    for long lost its client, and whoever would have removed it (a server
+    killed before it looked) cannot: only files named as a client names a
+    default response file, only complete replies, only old ones.
+    """
+    removed: List[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        if not (name.startswith("filechat-reply-") and name.endswith(".txt")):
+            continue
+        path = os.path.join(directory, name)
+        st = _lstat_or_none(path)
+        if st is None or not stat.S_ISREG(st.st_mode) or now - st.st_mtime <= older_than:
+            continue
+        if _ends_with_esc(path) and remove_if_same(path, (st.st_dev, st.st_ino)):
+            removed.append(path)
+    return removed
+
+
+def _ends_with_esc(path: str) -> bool:
+    """True if the file at path ends with ESC, as a complete reply does."""
+    fd = _open_to_read(path)
+    if fd is None:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return False
+        os.lseek(fd, size - 1, os.SEEK_SET)
+        return os.read(fd, 1) == END_MARKER.encode()
+    finally:
+        os.close(fd)
+
+
 def _flock(fd: int, shared: bool) -> bool:
     """Try to flock fd without waiting; True if taken (always False without flock)."""
     if sys.platform == "win32":
@@ -2170,6 +2211,9 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
     server = _Server(paths, responder, allowed, max_bytes, durable, report)
     try:
         sweep_leftovers(allowed)
+        for orphan in sweep_orphan_replies(os.path.dirname(os.path.abspath(buffer)),
+                                           stale_after):
+            log.warning("removed %s: a reply nobody read for over %g s", orphan, stale_after)
         report("ready", buffer=buffer, lock_path=paths.lock)
         with Waiter([buffer], poll, poll_interval, SERVER_EVENTS) as waiter:
             # Messages claimed by a server that stopped before answering come first.

@@ -248,3 +248,17 @@ def test_a_reply_that_cannot_be_written_is_told_to_the_client_at_once(  # type: 
         server.send_signal(signal.SIGTERM)
         server.wait(WAIT)
     assert not (tmp_path / "r.txt").exists()
+
+
+def test_replies_nobody_read_are_swept_when_a_server_starts(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    old = tmp_path / "filechat-reply-4242-0badcafe.txt"
+    fresh = tmp_path / "filechat-reply-4243-0badcafe.txt"
+    mine = tmp_path / "filechat-reply-notes.txt"          # a user's file, not a reply
+    for path in (old, fresh):
+        path.write_bytes(b"an orphan reply\x1b")
+    mine.write_bytes(b"keep me")
+    for path in (old, mine):
+        os.utime(path, (time.time() - 3600,) * 2)
+    srv = server("--auto-reply", "ok")
+    srv.expect(f"removed {old}: a reply nobody read for over 300 s")
+    assert not old.exists() and fresh.exists() and mine.exists()
