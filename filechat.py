@@ -2284,8 +2284,14 @@ class _Requester:
         return not (self.watchable and _flock(self.fd, shared=True))
 
     def waiting(self, lock_path: str) -> bool:
-        """True if the client has not given up (its lock is in place) nor ended."""
-        if self.fd >= 0 and (_file_id(lock_path) != self.identity or not self.alive()):
+        """True if the client has not given up nor ended.
+
+        A client whose life can be checked is judged by it alone: its lock
+        may be gone by another's hand (a peer that removed it) while it waits.
+        Any other has given up once its lock is no longer in place.
+        """
+        if self.fd >= 0 and not (self.alive() if self.watchable
+                                 else _file_id(lock_path) == self.identity):
             self.gone = True
         return not self.gone
 

@@ -262,3 +262,27 @@ def test_replies_nobody_read_are_swept_when_a_server_starts(server, run, tmp_pat
     srv = server("--auto-reply", "ok")
     srv.expect(f"removed {old}: a reply nobody read for over 300 s")
     assert not old.exists() and fresh.exists() and mine.exists()
+
+
+def test_a_server_stopped_at_any_moment_leaves_nothing(start, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    for n in range(20):
+        srv = start("server", "buf.txt", "--auto-reply", "ok")
+        srv.expect("Waiting for clients...")
+        assert run("client", "buf.txt", "-m", "hi").stdout == b"ok"
+        # Just after an exchange: the count in the presence file is being updated.
+        assert srv.interrupt() == 0
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], n
+
+
+GATED = "while [ ! -e go ]; do sleep 0.02; done; echo answered"   # a hook that waits for ./go
+
+
+def test_a_reply_is_delivered_to_a_live_client_whose_lock_another_removed(  # type: ignore[no-untyped-def]
+        server, start, tmp_path: Path) -> None:
+    srv = server("--auto-reply-cmd", GATED)
+    client = start("client", "buf.txt", "-m", "hi")
+    srv.expect("Message received from client")
+    (tmp_path / "server.lock").unlink()         # a buggy peer
+    (tmp_path / "go").touch()
+    assert client.wait() == 0
+    assert client.out == "answered\n"
