@@ -1548,6 +1548,16 @@ class Paths:
         return sorted(os.path.join(directory, name) for name in names
                       if name.startswith(prefix) and _claim_ref(name[len(prefix):]))
 
+    def answering(self, lock: Tuple[int, int]) -> bool:
+        """True if a server has claimed the message that came with the lock (device, inode).
+
+        Such a lock is never stale, however old: the server removes it once
+        it has answered, and a waiter that broke it would take the reply back.
+        """
+        prefix = os.path.basename(self.claim_prefix)
+        refs = (_claim_ref(os.path.basename(claim)[len(prefix):]) for claim in self.claims())
+        return any(ref is not None and ref[0] == lock[1] for ref in refs)
+
     def rejection(self, response_path: str) -> str:
         """Return where the server says why it would not write to response_path."""
         return f"{self.buffer}{REJECTED_SUFFIX}{zlib.crc32(os.fsencode(response_path)):08x}"
@@ -1908,8 +1918,9 @@ class _Exchange:
         if holder is None:
             return 0.0
         reason = stale_reason(holder, self.lock.stale_after)
-        if reason and _message_waiting(self.paths.buffer):
-            return float("inf")
+        if reason and (_message_waiting(self.paths.buffer)
+                       or self.paths.answering(holder.identity)):
+            return float("inf")       # the server's to clear: its removing the lock wakes us
         if reason:
             if self.lock.break_stale():
                 log.warning("removed stale lock %s: %s", self.lock.path, reason)
@@ -2777,12 +2788,14 @@ def status(buffer: str, lock_path: Optional[str] = None,
     holder = inspect_holder(paths.lock)
     lock: Dict[str, object] = {"path": paths.lock, "held": holder is not None}
     if holder is not None:
-        reason = stale_reason(holder, stale_after)
+        answering = paths.answering(holder.identity)
+        reason = None if answering else stale_reason(holder, stale_after)
         owner = holder.owner
         lock.update(pid=owner.pid if owner else None, host=owner.host if owner else None,
                     age=round(holder.age, 3),
-                    state="stale" if reason else "alive" if owner and owner.host == HOST
-                    else "unknown", stale_reason=reason)
+                    state="stale" if reason else "being answered" if answering
+                    else "alive" if owner and owner.host == HOST else "unknown",
+                    stale_reason=reason)
     return {"buffer": buffer, "server": server, "lock": lock,
             "message_waiting": _message_waiting(buffer),
             "being_answered": len(paths.claims()),

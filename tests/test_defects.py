@@ -286,3 +286,27 @@ def test_a_reply_is_delivered_to_a_live_client_whose_lock_another_removed(  # ty
     (tmp_path / "go").touch()
     assert client.wait() == 0
     assert client.out == "answered\n"
+
+
+# --- Locks being answered, and spec-following peers ---
+
+def _spec_client(tmp_path: Path, message: str) -> "subprocess.Popen[bytes]":
+    """A client written from the spec alone: an empty lock, no ticket, no flock."""
+    return subprocess.Popen([sys.executable, PEER, "client", "buf.txt", "peer.txt", message],
+                            cwd=tmp_path, stdout=subprocess.PIPE)
+
+
+def test_a_lock_being_answered_is_never_stale(server, start, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply-cmd", GATED)
+    peer = _spec_client(tmp_path, "from the peer")
+    srv.expect("Message received from client")
+    os.utime(tmp_path / "server.lock", (time.time() - 100,) * 2)    # answered for a long time
+    state = json.loads(run("status", "buf.txt", "--json", "--stale-after", "1").stdout)
+    assert (state["lock"]["state"], state["lock"]["stale_reason"]) == ("being answered", None)
+    waiter = start("client", "buf.txt", "-m", "after the peer", "--stale-after", "1")
+    waiter.expect("Server busy, please wait... (1 ahead of you)")
+    (tmp_path / "go").touch()
+    assert peer.wait(WAIT) == 0
+    assert peer.stdout is not None and b"answered" in peer.stdout.read()
+    assert waiter.wait() == 0 and waiter.out == "answered\n"
+    assert "removed stale lock" not in waiter.err
