@@ -125,7 +125,6 @@ RESPONSE_TIMEOUT = 60.0           # seconds a client waits for its reply (spec)
 SAFETY_INTERVAL = 1.0             # seconds: longest sleep even when events are trusted
 STALE_AFTER = 300.0               # seconds before an unidentifiable lock counts as stale
 HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
-RELEASE_GRACE = 1.0               # seconds a client waits for the server to remove its lock
 PRESENCE_INTERVAL = 1.0           # seconds between updates of the presence file's count
 PROGRESS_INTERVAL = 0.1           # seconds between updates of a progress line at a terminal
 MAX_BYTES = 1 << 20               # bytes: the largest message a client sends by default
@@ -1830,6 +1829,8 @@ class _Exchange:
         self.progress = progress
         self.phase = "new"
         self.request: Optional[_Staged] = None
+        self.sent_at = 0.0            # the request's mtime in the buffer: what came after
+        self.rejected = False         # the server said it will not write the reply
         self.line: Optional[WaitingLine] = None
         self.server_timeout = server_timeout
         # When to look whether any server has shown up (never, once one has).
@@ -1940,9 +1941,20 @@ class _Exchange:
         _crash_point("client-locked")
 
     def put_in_place(self) -> None:
-        """Rename the request to the buffer: holding the lock, whatever is there is a leftover."""
+        """Rename the request to the buffer: holding the lock, whatever is there is a leftover.
+
+        Holding the lock, no reply is due to this response path: a file there
+        now is another client's reply to the same path, or a stranger's, and
+        this client would take it for its own.
+        """
         assert self.request is not None
+        if os.path.lexists(self.response_path):
+            raise UsageError(f"response file {self.response_path} appeared while this client "
+                             "waited for the lock (another client's reply to the same path?); "
+                             "nothing was sent: give each client its own response file")
         self.request.put(replace=True)
+        st = _lstat_or_none(self.paths.buffer)
+        self.sent_at = st.st_mtime if st is not None else 0.0
         self.phase = "sent"
         self._leave_line()
         _crash_point("client-sent")
@@ -1988,7 +2000,6 @@ class _Exchange:
                     raise ReplyTimeout(self.response_path, timeout, paths.buffer, withdrawn,
                                        running_server(paths.presence) is not None)
                 waiter.wait(min(deadline - now, tick(now), self._server_wait()))
-            self._await_release(waiter)
         try:
             self.status("received")
             return reply.read(sink), reply.is_error
@@ -2025,35 +2036,22 @@ class _Exchange:
     def _complete_reply(self) -> Optional[_Reply]:
         """Return the reply once it is complete, else None.
 
-        Complete means ended by ESC, or, from a spec-following server that
-        writes no ESC, written and the lock released (such a server writes
-        the reply, then removes the lock). A note from the server saying why
-        it will not write the reply raises Rejected.
+        Complete means written and the lock released: every server, filechat
+        or spec-following, writes the reply, then removes the lock, so a file
+        at the response path while the lock is held is nobody's reply yet (a
+        stranger may have made it). A note from the server saying why it
+        will not write the reply raises Rejected, whatever is at the path.
         """
-        reply = _Reply.find(self.response_path)
-        if reply is not None or self.lock.still_held():
-            return reply
-        reply = _Reply.find(self.response_path, unended=True)    # read after the release
-        if reply is not None:
-            return reply
+        if self.lock.still_held():
+            return None
         note = self.paths.rejection(self.response_path)
-        reason = read_or_none(note)
-        if reason is not None:
+        st = _lstat_or_none(note)
+        if st is not None and st.st_mtime >= self.sent_at:     # older: not about this message
+            reason = read_or_none(note)
             _unlink_quietly(note)
-            raise Rejected(reason.decode("utf-8", "replace"))
-        return None
-
-    def _await_release(self, waiter: Waiter) -> None:
-        """Wait (briefly) until the server has removed the lock.
-
-        A lock whose flock is free counts as stale, so letting go earlier would
-        invite waiters to break a lock the server is about to remove itself.
-        """
-        deadline = time.monotonic() + RELEASE_GRACE
-        while self.lock.still_held() and waiter.wait(deadline - time.monotonic()) != DEADLINE:
-            pass
-        if not self.lock.still_held():
-            waiter.progress(f"lock {self.lock.path} released")
+            self.rejected = True
+            raise Rejected((reason or b"").decode("utf-8", "replace"))
+        return _Reply.find(self.response_path, unended=True)
 
     def give_up(self) -> bool:
         """Withdraw a message no server is answering, let go of the lock; True if withdrawn."""
@@ -2064,7 +2062,8 @@ class _Exchange:
             if not withdrawn and running_server(self.paths.presence) is None:
                 # Claimed by a server that has stopped since: nobody is answering it.
                 withdrawn = any(_withdraw(claim, sent) for claim in self.paths.claims())
-            _unlink_quietly(self.response_path)   # a reply that came too late
+            if not self.rejected:         # a file there then is not the server's
+                _unlink_quietly(self.response_path)   # a reply that came too late
         if self.phase in ("locked", "sent"):
             self.lock.release()
         if self.request is not None:
@@ -2328,6 +2327,7 @@ class _Claim:
         self.end = end
         self.client = client          # ...and the client it came from
         self.oversize = 0             # bytes of a message over the server's limit
+        self.restored = False         # claimed by a server that stopped before it was done
 
     def close(self) -> None:
         """Close the message's file and stop following its client."""
@@ -2463,9 +2463,11 @@ class _Server:
                 client.close()
                 client = _Requester(gone=True)           # the client gave up: another's lock
         try:
-            return self._open_claim(claim, client)
+            taken = self._open_claim(claim, client)
         except FileNotFoundError:
             return None                                  # withdrawn by its client meanwhile
+        taken.restored = True
+        return taken
 
     def answer(self, claim: _Claim, waiter: Waiter) -> None:
         """Answer one claimed message, then free the lock it came with and the claim."""
@@ -2513,7 +2515,7 @@ class _Server:
         deadline = None if client.timeout is None else time.time() + client.timeout
         request = Request(message, os.path.abspath(raw_path), self.paths.buffer, deadline,
                           lambda: client.waiting(self.paths.lock))
-        problem = self._target_problem(request.response_path)
+        problem = self._target_problem(request.response_path, claim.restored)
         if problem is _ANSWERED:
             self.report("discarded", reason=f"{raw_path} was answered before a restart",
                         request=request)
@@ -2608,8 +2610,13 @@ class _Server:
                 _unlink_quietly(claim.path)
                 claim.path = ""
 
-    def _target_problem(self, path: str) -> Optional[str]:
-        """Return why the reply must not be written to path, or None if it may."""
+    def _target_problem(self, path: str, restored: bool = False) -> Optional[str]:
+        """Return why the reply must not be written to path, or None if it may.
+
+        restored: the message was claimed by a server that stopped, which may
+        have written its reply already; a reply there to a fresh message is
+        somebody else's file.
+        """
         directory = os.path.dirname(path)
         if "\r" in path or "\0" in path:
             return "the path contains a control character"
@@ -2629,8 +2636,7 @@ class _Server:
             return "it is a symbolic link, which the server never follows"
         if not stat.S_ISREG(st.st_mode):
             return "it is a directory" if stat.S_ISDIR(st.st_mode) else "it is not a regular file"
-        existing = read_or_none(path)
-        if existing is not None and parse_reply(existing) is not None:
+        if restored and _ends_with_esc(path):
             return _ANSWERED
         return "the file already exists, and the server never overwrites a file"
 

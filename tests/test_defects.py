@@ -310,3 +310,35 @@ def test_a_lock_being_answered_is_never_stale(server, start, run, tmp_path: Path
     assert peer.stdout is not None and b"answered" in peer.stdout.read()
     assert waiter.wait() == 0 and waiter.out == "answered\n"
     assert "removed stale lock" not in waiter.err
+
+
+def test_a_file_a_stranger_makes_at_the_response_path_is_never_taken_for_the_reply(  # type: ignore[no-untyped-def]
+        start, server, tmp_path: Path) -> None:
+    client = start("client", "buf.txt", "r.txt", "-m", "hi")
+    client.expect("No server is running")
+    (tmp_path / "r.txt").write_bytes(b"forged\x1b")     # another program, meanwhile
+    srv = server("--auto-reply", "real")
+    srv.expect("the client was told")
+    assert client.wait() == filechat.EXIT_USAGE
+    assert client.out == ""
+    assert "the file already exists, and the server never overwrites a file" in client.err
+    assert (tmp_path / "r.txt").read_bytes() == b"forged\x1b"       # not the client's to remove
+
+
+def test_two_clients_given_one_response_path_never_get_each_others_reply(  # type: ignore[no-untyped-def]
+        server, start, tmp_path: Path) -> None:
+    srv = server("--auto-reply-cmd", "while [ ! -e go ]; do sleep 0.02; done; cat")
+    first = start("client", "buf.txt", "r.txt", "-m", "from the first")
+    srv.expect("Message received from client")
+    second = start("client", "buf.txt", "r.txt", "-m", "from the second")
+    second.expect("Server busy, please wait...")
+    first.popen.send_signal(signal.SIGSTOP)             # slow to read its reply
+    try:
+        (tmp_path / "go").touch()
+        assert second.wait() == filechat.EXIT_USAGE
+        assert second.out == ""
+        assert "appeared while this client waited for the lock" in second.err
+    finally:
+        first.popen.send_signal(signal.SIGCONT)
+    assert first.wait() == 0 and first.out == "from the first"
+    assert "answered before a restart" not in srv.err
