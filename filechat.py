@@ -153,6 +153,7 @@ O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # absent on Windows
 O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)   # a FIFO planted at a protocol path must not hang
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)     # hooks and children must not inherit a flock
 O_BINARY = getattr(os, "O_BINARY", 0)       # Windows would translate newlines
+O_NOATIME = getattr(os, "O_NOATIME", 0)     # Linux: filechat's looks leave access times alone
 
 HOST = os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
 HOST_TAG = f"{zlib.crc32(HOST.encode()):08x}"     # marks temp files made on this host
@@ -238,18 +239,22 @@ class ReplyTimeout(FilechatError, TimeoutError):
     exit_code = EXIT_TIMEOUT
 
     def __init__(self, response_path: str, timeout: float, buffer: str, withdrawn: bool,
-                 server_running: bool) -> None:
-        super().__init__(response_path, timeout, buffer, withdrawn, server_running)
+                 server_running: bool, left: bool = False) -> None:
+        super().__init__(response_path, timeout, buffer, withdrawn, server_running, left)
         self.response_path = response_path
         self.timeout = timeout
         self.buffer = buffer
         self.withdrawn = withdrawn
         self.server_running = server_running
+        self.left = left          # read by a server that is not filechat: left to it
 
     def __str__(self) -> str:
-        if not self.server_running:
-            fate = (f"no server was running on {self.buffer}; the message was withdrawn; "
-                    f"start one with: filechat server {self.buffer}")
+        if self.left:
+            fate = ("a server that is not filechat read the message but did not answer in "
+                    "time; the message and the lock are left to it, as the spec's clients do")
+        elif not self.server_running:
+            fate = (f"no filechat server was running on {self.buffer}, and no other read the "
+                    f"message; it was withdrawn; start one with: filechat server {self.buffer}")
         elif self.withdrawn:
             fate = "the server did not take the message; it was withdrawn"
         else:
@@ -599,10 +604,18 @@ def _open_to_read(path: str) -> Optional[int]:
     """Open path for reading; None if it does not exist.
 
     Never through a symlink, and never blocking on a FIFO planted there (it
-    reads as empty); reading a directory raises IsADirectoryError.
+    reads as empty); reading a directory raises IsADirectoryError. Without
+    touching its access time where the system allows (the file's owner):
+    a buffer read in place is how a server that is not filechat shows.
     """
+    flags = os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_BINARY
     try:
-        return os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_BINARY)
+        try:
+            return os.open(path, flags | O_NOATIME)
+        except PermissionError:
+            if not O_NOATIME:
+                raise
+            return os.open(path, flags)          # another user's file: O_NOATIME refused
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -1704,7 +1717,7 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
         sent = exchange.phase == "sent"
         withdrawn = exchange.give_up()
         if isinstance(exc, KeyboardInterrupt):
-            status("interrupted", sent=sent, withdrawn=withdrawn)
+            status("interrupted", sent=sent, withdrawn=withdrawn, left=exchange.left)
         raise
     if is_error:
         raise ServerError(text)
@@ -1831,6 +1844,7 @@ class _Exchange:
         self.request: Optional[_Staged] = None
         self.sent_at = 0.0            # the request's mtime in the buffer: what came after
         self.rejected = False         # the server said it will not write the reply
+        self.left = False             # given up, but left to a server that is not filechat
         self.line: Optional[WaitingLine] = None
         self.server_timeout = server_timeout
         # When to look whether any server has shown up (never, once one has).
@@ -1998,7 +2012,7 @@ class _Exchange:
                 if now >= deadline:
                     withdrawn = self.give_up()
                     raise ReplyTimeout(self.response_path, timeout, paths.buffer, withdrawn,
-                                       running_server(paths.presence) is not None)
+                                       running_server(paths.presence) is not None, self.left)
                 waiter.wait(min(deadline - now, tick(now), self._server_wait()))
         try:
             self.status("received")
@@ -2024,8 +2038,9 @@ class _Exchange:
         if left > 0:
             return left
         answering = self.phase == "sent" and self.request is not None and (
-            os.path.lexists(self.response_path) or not _still_sent(self.paths.buffer,
-                                                                    self.request.identity))
+            os.path.lexists(self.response_path)
+            or not _still_sent(self.paths.buffer, self.request.identity)
+            or _read_in_place(self.paths.buffer, self.request.identity))
         if answering or running_server(self.paths.presence) is not None:
             self.server_due = None
             return float("inf")
@@ -2058,6 +2073,9 @@ class _Exchange:
         withdrawn = False
         if self.phase == "sent" and self.request is not None:
             sent = self.request.identity
+            if running_server(self.paths.presence) is None and _read_in_place(self.paths.buffer,
+                                                                             sent):
+                return self._leave_to_peer()
             withdrawn = _withdraw(self.paths.buffer, sent)
             if not withdrawn and running_server(self.paths.presence) is None:
                 # Claimed by a server that has stopped since: nobody is answering it.
@@ -2071,6 +2089,22 @@ class _Exchange:
         self._leave_line()
         self.phase = "done"
         return withdrawn
+
+    def _leave_to_peer(self) -> bool:
+        """Give up, leaving the message and the lock to the server that read the message.
+
+        A server that follows only the spec reads the buffer in place, and
+        once it has answered, clears the buffer and removes the lock,
+        whichever they are by then: withdrawing the message and releasing the
+        lock would have it clear the next client's message and lock instead.
+        """
+        self.left = True
+        self.lock.close()             # the file stays; its flock goes
+        if self.request is not None:
+            self.request.discard()
+        self.phase = "done"
+        log.debug("message in %s left to the server that read it", self.paths.buffer)
+        return False
 
     def _leave_line(self) -> None:
         """Give up the ticket, if this client waited in line.
@@ -2151,6 +2185,19 @@ def _withdraw(path: str, sent: Fingerprint) -> bool:
     size, not only which file it is, tells whether it is still the request.
     """
     return _still_sent(path, sent) and remove_if_same(path, sent[:2])
+
+
+def _read_in_place(path: str, sent: Fingerprint) -> bool:
+    """True if path is still the request this client sent, and someone has read it since.
+
+    Read means its access time passed its change time: filechat's own
+    looks at a buffer leave the access time alone (O_NOATIME), so this is a
+    server that reads the buffer in place, as one that follows only the
+    spec does. Where access times are not kept (noatime), never.
+    """
+    st = _lstat_or_none(path)
+    return (st is not None and (st.st_dev, st.st_ino, st.st_size) == sent
+            and st.st_atime_ns > st.st_mtime_ns)
 
 
 def _still_sent(path: str, sent: Fingerprint) -> bool:
@@ -3268,7 +3315,8 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
     interactive = args.message is None and args.message_file is None and term.stdin_is_tty()
     response = args.response or default_response_path(args.buffer)
     lines = dict(CLIENT_STATUS, **{
-        "no-server": f"No server is running on {args.buffer}; waiting for one to start..."})
+        "no-server": f"No filechat server is running on {args.buffer}; waiting for a server "
+                     "to answer..."})
     shown = _StatusDisplay(term, args.quiet)
     times = {"start": time.monotonic()}
     fate = ["nothing was sent"]           # what Ctrl+C did to the message
@@ -3277,7 +3325,9 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
         if event == "received":
             shown.done()          # the reply is printed next
         if event == "interrupted" and info["sent"]:
-            fate[0] = ("the message was withdrawn" if info["withdrawn"] else
+            fate[0] = ("a server that is not filechat had read the message; it and the lock "
+                       "are left to that server" if info.get("left") else
+                       "the message was withdrawn" if info["withdrawn"] else
                        "the server had taken the message, and will find this client gone")
         if event in ("queued", "received", "interrupted"):
             return
@@ -3382,7 +3432,8 @@ def _look_for_server(args: argparse.Namespace, term: Terminal, interactive: bool
         return
     if args.server_timeout == 0:
         raise NoServer(args.buffer, 0, sent=False, withdrawn=False)
-    term.err(f"No server is running on {args.buffer}; the message will wait for one to start.")
+    term.err(f"No filechat server is running on {args.buffer}; the message will wait for a "
+             "server to answer.")
 
 
 def _waits(times: Dict[str, float]) -> Dict[str, Optional[float]]:

@@ -5,12 +5,14 @@ its reply without an end marker (unless --esc): the interoperability tests run
 filechat against them in both directions.
 
     python spec_peer.py client BUFFER RESPONSE MESSAGE
-    python spec_peer.py server BUFFER REPLY [--esc] [--pause=SECONDS]   (answers one message)
+    python spec_peer.py server BUFFER REPLY [--esc] [--lock-first] [--pause=SECONDS]
+        [--think=SECONDS] [--interval=SECONDS] [--count=N]     (answers N messages, default 1)
 """
 
 import os
 import sys
 import time
+from typing import List
 
 LOCKFILE_NAME = "server.lock"
 END_MARKER = "\x1b"
@@ -42,35 +44,47 @@ def client(buffer: str, response: str, message: str) -> int:
     return 1
 
 
-def server(buffer: str, reply: str, esc: bool, pause: float = 0.2) -> int:
-    print("Waiting for clients...", flush=True)
-    while True:
-        if os.path.exists(buffer):
-            with open(buffer, newline="") as f:
-                content = f.read()
-            if END_MARKER in content:
-                break
-        time.sleep(INTERVAL)
-    response, _, message = content.partition("\n")
-    message = message[:message.index(END_MARKER)]
-    print(f"Message received from client (response file: {response})", flush=True)
-    print(message, flush=True)
-    with open(response, "w", newline="") as f:
-        half = len(reply) // 2
-        f.write(reply[:half])
-        f.flush()
-        time.sleep(pause)   # a slow disk: the reply is half there for a while
-        f.write(reply[half:])
-        if esc:
-            f.write(END_MARKER)
-    open(buffer, "w").close()
-    os.remove(LOCKFILE_NAME)
-    print(f"Response sent to: {response}", flush=True)
+def server(buffer: str, reply: str, options: List[str]) -> int:
+    """Answer messages as the spec's server does, with the quirks options ask for."""
+    esc = "--esc" in options
+    lock_first = "--lock-first" in options       # removes the lock before clearing the buffer
+    values = dict(option[2:].split("=", 1) for option in options if "=" in option)
+    pause = float(values.get("pause", 0.2))      # the reply half written for a while
+    think = float(values.get("think", 0))        # the operator typing, after the message shows
+    interval = float(values.get("interval", INTERVAL))
+    for _ in range(int(values.get("count", 1))):
+        print("Waiting for clients...", flush=True)
+        while True:
+            if os.path.exists(buffer):
+                with open(buffer, newline="") as f:
+                    content = f.read()
+                if END_MARKER in content:
+                    break
+            time.sleep(interval)
+        response, _, message = content.partition("\n")
+        message = message[:message.index(END_MARKER)]
+        print(f"Message received from client (response file: {response})", flush=True)
+        print(message, flush=True)
+        time.sleep(think)
+        with open(response, "w", newline="") as f:
+            half = len(reply) // 2
+            f.write(reply[:half])
+            f.flush()
+            time.sleep(pause)
+            f.write(reply[half:])
+            if esc:
+                f.write(END_MARKER)
+        if lock_first:
+            os.remove(LOCKFILE_NAME)
+            open(buffer, "w").close()
+        else:
+            open(buffer, "w").close()
+            os.remove(LOCKFILE_NAME)
+        print(f"Response sent to: {response}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "client":
         sys.exit(client(*sys.argv[2:5]))
-    pauses = [float(arg.split("=")[1]) for arg in sys.argv[4:] if arg.startswith("--pause=")]
-    sys.exit(server(sys.argv[2], sys.argv[3], "--esc" in sys.argv[4:], *pauses))
+    sys.exit(server(sys.argv[2], sys.argv[3], sys.argv[4:]))

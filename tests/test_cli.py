@@ -502,7 +502,7 @@ def test_server_timeout_withdraws_the_message_when_none_starts(run, tmp_path: Pa
 
 def test_server_timeout_waits_for_a_server_that_starts(start, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     client = start("client", "buf.txt", "-m", "hi", "--server-timeout", str(WAIT))
-    client.expect("No server is running on buf.txt")
+    client.expect("No filechat server is running on buf.txt")
     server("--auto-reply", "late but here")
     assert client.wait() == 0
     assert client.out == "late but here"
@@ -534,7 +534,8 @@ def test_server_timeout_counts_a_spec_server_that_answers(tmp_path: Path, run) -
 
 def test_no_server_is_said_before_the_prompt(terminal, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     client = terminal("client", "buf.txt")
-    client.expect("No server is running on buf.txt; the message will wait for one to start.")
+    client.expect("No filechat server is running on buf.txt; the message will wait for a "
+                  "server to answer.")
     client.expect("Enter your message (press Ctrl+D or Ctrl+Z when done):")
     server("--auto-reply", "ok")
     client.type_lines("hi")

@@ -315,7 +315,7 @@ def test_a_lock_being_answered_is_never_stale(server, start, run, tmp_path: Path
 def test_a_file_a_stranger_makes_at_the_response_path_is_never_taken_for_the_reply(  # type: ignore[no-untyped-def]
         start, server, tmp_path: Path) -> None:
     client = start("client", "buf.txt", "r.txt", "-m", "hi")
-    client.expect("No server is running")
+    client.expect("No filechat server is running")
     (tmp_path / "r.txt").write_bytes(b"forged\x1b")     # another program, meanwhile
     srv = server("--auto-reply", "real")
     srv.expect("the client was told")
@@ -342,3 +342,52 @@ def test_two_clients_given_one_response_path_never_get_each_others_reply(  # typ
         first.popen.send_signal(signal.SIGCONT)
     assert first.wait() == 0 and first.out == "from the first"
     assert "answered before a restart" not in srv.err
+
+
+def _spec_server(tmp_path: Path, *options: str) -> "subprocess.Popen[bytes]":
+    """A server written from the spec alone, polling at the spec's 0.5 s, for two messages."""
+    peer = subprocess.Popen([sys.executable, PEER, "server", "buf.txt", "from the peer\n",
+                             "--interval=0.5", "--count=2", *options], cwd=tmp_path,
+                            stdout=subprocess.PIPE)
+    assert peer.stdout is not None and peer.stdout.readline() == b"Waiting for clients...\n"
+    return peer
+
+
+def _shown(peer: "subprocess.Popen[bytes]", message: str) -> None:
+    """Wait until the peer server has shown message (read it from the buffer)."""
+    assert peer.stdout is not None
+    for line in peer.stdout:
+        if line.decode().strip() == message:
+            return
+    raise AssertionError(f"the peer server never showed {message!r}")
+
+
+@pytest.mark.parametrize("quirk", ["", "--lock-first"])
+@pytest.mark.parametrize("how", ["timeout", "interrupt"])
+def test_a_client_giving_up_under_a_spec_server_leaves_it_the_message_and_the_lock(  # type: ignore[no-untyped-def]
+        how: str, quirk: str, start, run, tmp_path: Path) -> None:
+    peer = _spec_server(tmp_path, "--think=2", *[q for q in (quirk,) if q])
+    first = start("client", "buf.txt", "-m", "first", "--timeout", "60" if how == "interrupt"
+                  else "1")
+    _shown(peer, "first")                # read: the peer's operator is typing its reply
+    if how == "interrupt":
+        first.expect("Waiting for server response...")
+        assert first.interrupt() == filechat.EXIT_INTERRUPTED
+        assert ("a server that is not filechat had read the message; it and the lock are "
+                "left to that server") in first.err
+    else:
+        assert first.wait() == filechat.EXIT_TIMEOUT
+        assert "the message and the lock are left to it" in first.err
+    assert (tmp_path / "server.lock").exists() and (tmp_path / "buf.txt").exists()
+    # The next client waits for the peer to finish with the first, then is answered.
+    second = run("client", "buf.txt", "-m", "second", "--timeout", "30")
+    assert (second.returncode, second.stdout) == (0, b"from the peer\n"), second.stderr
+    assert peer.wait(WAIT) == 0
+
+
+def test_with_no_server_at_all_a_timed_out_message_is_still_withdrawn(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run("client", "buf.txt", "-m", "anyone?", "--timeout", "0.5")
+    assert result.returncode == filechat.EXIT_TIMEOUT
+    assert ("no filechat server was running on buf.txt, and no other read the message; it was "
+            "withdrawn") in result.stderr.decode()
+    assert list(tmp_path.iterdir()) == []

@@ -87,7 +87,7 @@ def test_client_told_when_the_server_stops_then_times_out(start, server, tmp_pat
     assert srv.wait() == 0
     client.expect("The server stopped; waiting for it to restart...")
     assert client.wait() == 3
-    assert "no server was running" in client.err
+    assert "no filechat server was running" in client.err
     assert "the message was withdrawn" in client.err
     assert list(tmp_path.iterdir()) == []            # nothing wedges the next client
 
@@ -109,7 +109,7 @@ def test_reply_taken_back_when_its_client_gave_up_meanwhile(start, server, tmp_p
 
 def test_client_without_server_says_so_and_waits(start, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     client = start("client", "buf.txt", "-m", "early", "--timeout", "20")
-    client.expect("No server is running on buf.txt; waiting for one to start...")
+    client.expect("No filechat server is running on buf.txt; waiting for a server to answer...")
     server("--auto-reply", "late but here")
     assert client.wait() == 0
     assert client.out == "late but here"
