@@ -3487,16 +3487,27 @@ def _client_message(args: argparse.Namespace, term: Terminal,
         return term.read_text("message on stdin")[0]
     while True:
         term.err("Enter your message (press Ctrl+D or Ctrl+Z when done):")
-        try:
-            text, mid_line = term.read_text("message")
-            if mid_line:
-                term.err()      # Ctrl+D left the cursor after the text
-            _check_text(text, "message")
+        text = _read_typed(term, "message", term.err)
+        if text is not None:
             return text
-        except FramingError as exc:
-            # Never drop what was typed: with line editing, it is in the history.
-            again = " (the Up key brings back what you typed)" if term.editing() else ""
-            term.error(f"{exc}; please type the message again{again}")
+
+
+def _read_typed(term: Terminal, what: str, end_line: Callable[[], None]) -> Optional[str]:
+    """Read text typed up to Ctrl+D and check it; None, said, if it must be typed again.
+
+    What was typed is never dropped unsaid: with line editing it is in the
+    history. end_line ends the line when Ctrl+D left the cursor after the text.
+    """
+    try:
+        text, mid_line = term.read_text(what)
+        if mid_line:
+            end_line()
+        _check_text(text, what)
+        return text
+    except FramingError as exc:
+        again = " (the Up key brings back what you typed)" if term.editing() else ""
+        term.error(f"{exc}; please type the {what} again{again}")
+        return None
 
 
 def run_server(args: argparse.Namespace, term: Terminal) -> int:
@@ -3738,15 +3749,9 @@ def _ask_reply(term: Terminal) -> str:
         term.out(BANNER)
         term.out("Enter your response (press Ctrl+D or Ctrl+Z when done):")
         term.out(BANNER)
-        try:
-            text, mid_line = term.read_text("reply")
-            if mid_line:
-                term.out()      # Ctrl+D left the cursor after the text
-            _check_text(text, "reply")
+        text = _read_typed(term, "reply", term.out)
+        if text is not None:
             return text
-        except FramingError as exc:
-            again = " (the Up key brings back what you typed)" if term.editing() else ""
-            term.error(f"{exc}; please type the reply again{again}")
 
 
 def _watch_client(request: Request, term: Terminal) -> Callable[[], None]:
