@@ -957,7 +957,9 @@ def inspect_holder(path: str, ours: bool = False) -> Optional[Holder]:
     means the holder has ended. Elsewhere nothing can be checked. ours: a
     file only filechat makes (a ticket, a presence file), so one that names
     nobody (empty or cut short, as a power loss leaves it) with a free flock
-    is nobody's either.
+    is nobody's either, once older than a second: where there are no hard
+    links such a file is empty, unflocked, for the moment it is being put
+    in place.
     """
     for _ in range(3):
         fd = _open_to_read(path)
@@ -971,7 +973,7 @@ def inspect_holder(path: str, ours: bool = False) -> Optional[Holder]:
             if owner is not None and owner.host == HOST and _holder_gone(fd, owner):
                 gone = f"its holder, process {owner.pid}, has ended"
             elif (owner is None and ours and sys.platform != "win32"
-                  and _flock(fd, shared=True)):
+                  and time.time() - st.st_mtime > 1.0 and _flock(fd, shared=True)):
                 gone = "it names no holder, and none holds it"
             # A presence file is replaced while its server runs: an flock
             # freed by that replacement is not a death.

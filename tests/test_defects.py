@@ -24,6 +24,7 @@ PEER = str(Path(__file__).with_name("spec_peer.py"))
 
 def test_an_empty_presence_file_is_not_a_running_server(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "buf.txt.server").write_bytes(b"")          # what a power loss leaves
+    os.utime(tmp_path / "buf.txt.server", (time.time() - 60,) * 2)
     state = json.loads(run("status", "buf.txt", "--json").stdout)
     assert state["server"] is None
     server("--auto-reply", "started anyway")
@@ -32,6 +33,7 @@ def test_an_empty_presence_file_is_not_a_running_server(server, run, tmp_path: P
 
 def test_a_truncated_presence_file_is_not_a_running_server(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "buf.txt.server").write_bytes(b'{"pid": 12')
+    os.utime(tmp_path / "buf.txt.server", (time.time() - 60,) * 2)
     assert run("status", "buf.txt").returncode == filechat.EXIT_NO_SERVER
     server("--auto-reply", "started anyway")
 
@@ -40,7 +42,9 @@ def test_an_empty_ticket_does_not_block_the_line(server, run, tmp_path: Path) ->
     server("--auto-reply", "served")
     line = tmp_path / "server.lock.line"
     line.mkdir()
-    (line / f"{time.time_ns():020d}-1").write_bytes(b"")
+    ticket = line / f"{time.time_ns():020d}-1"
+    ticket.write_bytes(b"")
+    os.utime(ticket, (time.time() - 60,) * 2)
     result = run("client", "buf.txt", "-m", "hi", "--lock-timeout", "5")
     assert (result.returncode, result.stdout) == (0, b"served"), result.stderr
     assert not line.exists()
