@@ -1844,7 +1844,6 @@ class _Exchange:
         self.progress = progress
         self.phase = "new"
         self.request: Optional[_Staged] = None
-        self.sent_at = 0.0            # the request's mtime in the buffer: what came after
         self.rejected = False         # the server said it will not write the reply
         self.left = False             # given up, but left to a server that is not filechat
         self.line: Optional[WaitingLine] = None
@@ -1968,9 +1967,10 @@ class _Exchange:
             raise UsageError(f"response file {self.response_path} appeared while this client "
                              "waited for the lock (another client's reply to the same path?); "
                              "nothing was sent: give each client its own response file")
+        # A note about this path now is about an earlier exchange, whose client
+        # gave up: the next one there is this message's.
+        _unlink_quietly(self.paths.rejection(self.response_path))
         self.request.put(replace=True)
-        st = _lstat_or_none(self.paths.buffer)
-        self.sent_at = st.st_mtime if st is not None else 0.0
         self.phase = "sent"
         self._leave_line()
         _crash_point("client-sent")
@@ -2062,12 +2062,11 @@ class _Exchange:
         if self.lock.still_held():
             return None
         note = self.paths.rejection(self.response_path)
-        st = _lstat_or_none(note)
-        if st is not None and st.st_mtime >= self.sent_at:     # older: not about this message
-            reason = read_or_none(note)
+        reason = read_or_none(note)
+        if reason is not None:
             _unlink_quietly(note)
             self.rejected = True
-            raise Rejected((reason or b"").decode("utf-8", "replace"))
+            raise Rejected(reason.decode("utf-8", "replace"))
         return _Reply.find(self.response_path, unended=True)
 
     def give_up(self) -> bool:
