@@ -6,7 +6,8 @@ filechat against them in both directions.
 
     python spec_peer.py client BUFFER RESPONSE MESSAGE
     python spec_peer.py server BUFFER REPLY [--esc] [--lock-first] [--pause=SECONDS]
-        [--think=SECONDS] [--interval=SECONDS] [--count=N]     (answers N messages, default 1)
+        [--think=SECONDS] [--interval=SECONDS] [--count=N]     (answers N messages, default 1;
+        --think: seconds before writing the first reply, as an operator typing it)
 """
 
 import os
@@ -50,9 +51,9 @@ def server(buffer: str, reply: str, options: List[str]) -> int:
     lock_first = "--lock-first" in options       # removes the lock before clearing the buffer
     values = dict(option[2:].split("=", 1) for option in options if "=" in option)
     pause = float(values.get("pause", 0.2))      # the reply half written for a while
-    think = float(values.get("think", 0))        # the operator typing, after the message shows
+    think = float(values.get("think", 0))        # the operator slow to type the first reply
     interval = float(values.get("interval", INTERVAL))
-    for _ in range(int(values.get("count", 1))):
+    for n in range(int(values.get("count", 1))):
         print("Waiting for clients...", flush=True)
         while True:
             if os.path.exists(buffer):
@@ -65,7 +66,7 @@ def server(buffer: str, reply: str, options: List[str]) -> int:
         message = message[:message.index(END_MARKER)]
         print(f"Message received from client (response file: {response})", flush=True)
         print(message, flush=True)
-        time.sleep(think)
+        time.sleep(think if n == 0 else 0)
         with open(response, "w", newline="") as f:
             half = len(reply) // 2
             f.write(reply[:half])

@@ -370,9 +370,10 @@ def _shown(peer: "subprocess.Popen[bytes]", message: str) -> None:
 @pytest.mark.parametrize("how", ["timeout", "interrupt"])
 def test_a_client_giving_up_under_a_spec_server_leaves_it_the_message_and_the_lock(  # type: ignore[no-untyped-def]
         how: str, quirk: str, start, run, tmp_path: Path) -> None:
-    peer = _spec_server(tmp_path, "--think=2", *[q for q in (quirk,) if q])
+    peer = _spec_server(tmp_path, "--think=5", *[q for q in (quirk,) if q])
+    # The peer looks every 0.5 s: it has read the message well before 2 s are up.
     first = start("client", "buf.txt", "-m", "first", "--timeout", "60" if how == "interrupt"
-                  else "1")
+                  else "2")
     _shown(peer, "first")                # read: the peer's operator is typing its reply
     if how == "interrupt":
         first.expect("Waiting for server response...")
