@@ -600,22 +600,23 @@ def _fsync_directory(path: str, durable: bool) -> None:
             os.close(fd)
 
 
-def _open_to_read(path: str) -> Optional[int]:
+def _open_to_read(path: str, noatime: bool = False) -> Optional[int]:
     """Open path for reading; None if it does not exist.
 
     Never through a symlink, and never blocking on a FIFO planted there (it
-    reads as empty); reading a directory raises IsADirectoryError. Without
-    touching its access time where the system allows (the file's owner):
-    a buffer read in place is how a server that is not filechat shows.
+    reads as empty); reading a directory raises IsADirectoryError. With
+    noatime, for a buffer, without touching its access time where the system
+    allows (the file's owner): a buffer read in place is how a server that
+    is not filechat shows.
     """
     flags = os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_BINARY
     try:
-        try:
-            return os.open(path, flags | O_NOATIME)
-        except PermissionError:
-            if not O_NOATIME:
-                raise
-            return os.open(path, flags)          # another user's file: O_NOATIME refused
+        if noatime and O_NOATIME:
+            try:
+                return os.open(path, flags | O_NOATIME)
+            except PermissionError:
+                pass                 # another user's file: O_NOATIME refused
+        return os.open(path, flags)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -2120,7 +2121,7 @@ class _Exchange:
 
 def _message_waiting(buffer: str) -> bool:
     """True if a complete message waits in the buffer."""
-    fd = _open_to_read(buffer)
+    fd = _open_to_read(buffer, noatime=True)
     if fd is None:
         return False
     try:
@@ -2444,7 +2445,7 @@ class _Server:
         The claim's name carries the inode and token of the lock the message
         came with, so that even a restarted server removes that lock and no other.
         """
-        fd = _open_to_read(self.paths.buffer)
+        fd = _open_to_read(self.paths.buffer, noatime=True)
         if fd is None:
             return None
         try:
@@ -2490,7 +2491,7 @@ class _Server:
 
     def _open_claim(self, claim: str, client: _Requester) -> _Claim:
         """Open a claimed message to answer it."""
-        fd = _open_to_read(claim)
+        fd = _open_to_read(claim, noatime=True)
         if fd is None:
             client.close()
             raise FileNotFoundError(errno.ENOENT, "the claimed message went away", claim)

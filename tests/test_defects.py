@@ -396,3 +396,13 @@ def test_with_no_server_at_all_a_timed_out_message_is_still_withdrawn(run, tmp_p
     assert ("no filechat server was running on buf.txt, and no other read the message; it was "
             "withdrawn") in result.stderr.decode()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_filechats_own_looks_at_the_buffer_are_not_a_peers_read(start, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    client = start("client", "buf.txt", "-m", "anyone?", "--timeout", "2")
+    client.expect("Waiting for server response...")
+    state = json.loads(run("status", "buf.txt", "--json").stdout)    # reads the buffer
+    assert state["message_waiting"]
+    assert client.wait() == filechat.EXIT_TIMEOUT
+    assert "no other read the message; it was withdrawn" in client.err
+    assert list(tmp_path.iterdir()) == []
