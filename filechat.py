@@ -123,6 +123,9 @@ RESPONSE_POLL_INTERVAL = 0.5      # seconds between reply checks when polling (s
 POLL_INTERVAL = 0.5               # seconds between buffer checks when polling (spec)
 RESPONSE_TIMEOUT = 60.0           # seconds a client waits for its reply (spec)
 SAFETY_INTERVAL = 1.0             # seconds: longest sleep even when events are trusted
+SHARED_POLL_INTERVAL = 0.02       # seconds between checks on a directory shared between hosts
+HEARTBEAT_INTERVAL = 2.0          # seconds between rewrites of a held file on a shared directory
+HEARTBEATS_MISSED = 3             # intervals without a change after which its holder has ended
 STALE_AFTER = 300.0               # seconds before an unidentifiable lock counts as stale
 HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
 PRESENCE_INTERVAL = 1.0           # seconds between updates of the presence file's count
@@ -718,14 +721,43 @@ def _lstat_or_none(path: str) -> Optional[os.stat_result]:
         return None
 
 
+def _stat_fresh(path: str, noatime: bool = False) -> Optional[os.stat_result]:
+    """Return the stat of the file at path now, None if there is none.
+
+    Looked at by opening it: on a network filesystem an lstat may answer
+    from an attribute cache, and still show a file removed seconds ago,
+    where open() asks the file server. A symbolic link or a file that
+    cannot be opened is looked at with lstat.
+    """
+    try:
+        fd = _open_to_read(path, noatime)
+    except OSError:
+        return _lstat_or_none(path)
+    if fd is None:
+        return None
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def _exists(path: str) -> bool:
+    """True if a file is at path now (see _stat_fresh)."""
+    return _stat_fresh(path) is not None
+
+
 def _file_id(path: str) -> Optional[Tuple[int, int]]:
-    """Return (device, inode) of path itself, None if it does not exist."""
-    st = _lstat_or_none(path)
+    """Return (device, inode) of the file at path now, None if there is none."""
+    st = _stat_fresh(path)
     return None if st is None else (st.st_dev, st.st_ino)
 
 
 def remove_if_same(path: str, identity: Tuple[int, int]) -> bool:
-    """Remove path only if it is still the file with this identity; True if removed."""
+    """Remove path only if it is still the file with this identity; True if removed.
+
+    For files that hold no token (replies, requests, a peer's empty lock): a
+    file that names its holder is removed by its token (remove_holder).
+    """
     if _file_id(path) != identity:
         return False
     try:
@@ -808,6 +840,55 @@ def _ends_with_esc(path: str) -> bool:
         os.close(fd)
 
 
+# Filesystem types through which hosts share a directory. There inotify sees
+# nothing of another host's changes, flock is shared neither between hosts
+# nor between two FUSE mounts of one directory, and attributes are cached.
+_SHARED_TYPES = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs",
+                 "lustre", "gpfs", "gfs2", "ocfs2", "virtiofs", "fuse"}
+_FILESYSTEMS: Dict[str, str] = {}     # directory: the type of the filesystem it is on
+
+
+def filesystem_type(directory: str) -> str:
+    """Return the type of the filesystem directory is on, as Linux names it ("" if unknown)."""
+    directory = os.path.abspath(directory)
+    kind = _FILESYSTEMS.get(directory)
+    if kind is None:
+        kind = _FILESYSTEMS[directory] = _mount_type(os.path.realpath(directory))
+    return kind
+
+
+def _mount_type(real: str) -> str:
+    """Return the type of the innermost mount holding the real path real ("": not Linux)."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().decode("utf-8", "surrogateescape").splitlines()
+    except OSError:
+        return ""
+    longest, kind = -1, ""
+    for line in lines:
+        fields = line.split(" ")
+        try:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            here = fields[fields.index("-", 6) + 1]
+        except (IndexError, ValueError):
+            continue
+        # The later of two mounts on one point hides the earlier: >=.
+        if ((real == point or real.startswith(point.rstrip("/") + "/"))
+                and len(point) >= longest):
+            longest, kind = len(point), here
+    return kind
+
+
+def is_shared(kind: str) -> bool:
+    """True for a filesystem type through which other hosts may share the directory."""
+    return kind in _SHARED_TYPES or kind.startswith("fuse.")
+
+
+def _on_shared(path: str) -> bool:
+    """True if path's directory is on a filesystem shared with other hosts."""
+    return is_shared(filesystem_type(os.path.dirname(path) or "."))
+
+
 def _flock(fd: int, shared: bool) -> bool:
     """Try to flock fd without waiting; True if taken (always False without flock)."""
     if sys.platform == "win32":
@@ -866,13 +947,32 @@ def _crash_point(step: str) -> None:
 
 # --- Holders: the lock, the line and the presence file ---
 
+def _machine() -> Tuple[str, int]:
+    """Return this machine's boot id and pid namespace ("" and 0 where there are none).
+
+    With the host name they say where a holder's pid can be checked: on
+    this very kernel, in this pid namespace.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            boot = f.read().strip().decode("ascii", "replace")
+        return boot, os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return "", 0
+
+
+BOOT_ID, PID_NS = _machine()
+
+
 class Owner:
     """What a lock, ticket or presence file says about the process that holds it."""
 
-    __slots__ = ("answered", "created", "host", "pid", "started", "timeout", "token")
+    __slots__ = ("answered", "beats", "boot", "created", "host", "local", "pid", "pidns",
+                 "started", "timeout", "token")
 
     def __init__(self, pid: int, host: str, token: str, created: float, answered: int = 0,
-                 started: float = 0.0, timeout: Optional[float] = None) -> None:
+                 started: float = 0.0, timeout: Optional[float] = None, boot: str = "",
+                 pidns: int = 0, local: bool = True, beats: bool = False) -> None:
         self.pid = pid
         self.host = host
         self.token = token
@@ -880,6 +980,15 @@ class Owner:
         self.answered = answered    # presence files only: messages the server has handled
         self.started = started      # presence files only: when the server started
         self.timeout = timeout      # locks only: seconds the client waits for its reply
+        self.boot = boot            # the holder's boot id and pid namespace: where its
+        self.pidns = pidns          # pid means something ("", 0: an older record)
+        self.local = local          # its holder saw a local filesystem, and holds an flock
+        self.beats = beats          # its holder rewrites it every HEARTBEAT_INTERVAL
+
+    def here(self) -> bool:
+        """True if the holder runs on this machine, so that its pid can be checked."""
+        return (self.host == HOST and (not self.boot or self.boot == BOOT_ID)
+                and (not self.pidns or self.pidns == PID_NS))
 
     def __repr__(self) -> str:
         return f"Owner(pid={self.pid}, host={self.host!r}, token={self.token!r})"
@@ -891,27 +1000,37 @@ class Owner:
 # other shape (a host name that needs escaping, a record from another tool).
 _OWNER = re.compile(rb'\{"pid": (\d+), "host": "([A-Za-z0-9._-]*)", "token": "([0-9a-f]*)", '
                     rb'"created": ([0-9.]+)(?:, "answered": (\d+), "started": ([0-9.]+))?'
-                    rb'(?:, "timeout": ([0-9.]+))?\}\n?\Z')
+                    rb'(?:, "timeout": ([0-9.]+))?'
+                    rb'(?:, "boot": "([0-9a-f-]*)", "pidns": (\d+), "local": (true|false))?'
+                    rb'(?:, "beat": "[0-9a-f]{8}")?\}\n?\Z')
 _PLAIN_HOST = re.fullmatch(r"[A-Za-z0-9._-]*", HOST) is not None
+BEAT = b'"beat": "00000000"}'       # how a record that beats ends: its counter is rewritten
 
 
-def _owner_record(answered: Optional[int] = None, started: float = 0.0,
+def _owner_record(path: str, answered: Optional[int] = None, started: float = 0.0,
                   token: str = "", timeout: Optional[float] = None) -> bytes:
-    """Return this process's identity as one line of JSON (with a server's count).
+    """Return this process's identity as one line of JSON, for the file path.
 
     token: the random token that makes the file this holder's; a new one if not given.
     timeout: for a client's lock, how long it waits for its reply, for the server to show.
+    On a shared directory the record says so and ends in a heartbeat counter.
     """
+    local = not _on_shared(path)
     record: Dict[str, object] = {"pid": os.getpid(), "host": HOST,
                                  "token": token or os.urandom(8).hex(), "created": time.time()}
     if answered is not None:
         record.update(answered=answered, started=started)
     if timeout is not None:
         record.update(timeout=float(timeout))
-    if not _PLAIN_HOST:
+    record.update(boot=BOOT_ID, pidns=PID_NS, local=local)
+    if not local:
+        record.update(beat="00000000")
+    if not _PLAIN_HOST or not re.fullmatch(r"[0-9a-f-]*", BOOT_ID):
         import json
         return (json.dumps(record) + "\n").encode()
-    fields = ", ".join(f'"{key}": ' + (f'"{value}"' if isinstance(value, str) else repr(value))
+    fields = ", ".join(f'"{key}": ' + (f'"{value}"' if isinstance(value, str) else
+                                       ("true" if value else "false") if isinstance(value, bool)
+                                       else repr(value))
                        for key, value in record.items())
     return ("{" + fields + "}\n").encode()
 
@@ -920,10 +1039,12 @@ def read_owner(data: bytes) -> Optional[Owner]:
     """Parse a lock, ticket or presence file; None for an empty or foreign one."""
     match = _OWNER.match(data)
     if match:
-        pid, host, token, created, answered, started, timeout = match.groups()
+        pid, host, token, created, answered, started, timeout, boot, pidns, local = match.groups()
         return Owner(int(pid), host.decode(), token.decode(), float(created),
                      int(answered or 0), float(started or 0.0),
-                     None if timeout is None else float(timeout))
+                     None if timeout is None else float(timeout),
+                     (boot or b"").decode(), int(pidns or 0), local != b"false",
+                     b'"beat": "' in data)
     if not data.strip():
         return None
     import json
@@ -932,35 +1053,152 @@ def read_owner(data: bytes) -> Optional[Owner]:
         timeout = raw.get("timeout")
         return Owner(int(raw["pid"]), str(raw["host"]), str(raw["token"]),
                      float(raw["created"]), int(raw.get("answered", 0)),
-                     float(raw.get("started", 0.0)), None if timeout is None else float(timeout))
+                     float(raw.get("started", 0.0)), None if timeout is None else float(timeout),
+                     str(raw.get("boot", "")), int(raw.get("pidns", 0)),
+                     raw.get("local", True) is not False, "beat" in raw)
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+class _Heartbeat:
+    """Keeps this process's held files on a shared directory visibly alive.
+
+    A holder on another host cannot be checked by flock or pid, so each
+    one rewrites its record every HEARTBEAT_INTERVAL, in place and at the
+    same length, with a new counter; one whose record has not changed for
+    HEARTBEATS_MISSED intervals, by the watcher's own clock, has ended. A
+    change of content is seen through every attribute cache (each look
+    opens the file) and needs no agreement between the hosts' clocks. A
+    thread does it, so that a holder busy elsewhere (an operator typing a
+    reply, a hook) still beats; it also touches the pending request, whose
+    age is how a sweep tells a dead writer's leftover.
+    """
+
+    def __init__(self) -> None:
+        import _thread
+        self.guard = _thread.allocate_lock()    # the beat and a close never overlap
+        self.records: Dict[int, Tuple[bytearray, int]] = {}   # a held file: its record, and
+                                                              # where its counter is
+        self.touched: Set[str] = set()             # paths whose times are kept fresh
+        self.running = False
+        self.count = 0
+
+    def start(self, fd: int, record: bytes) -> None:
+        """Beat the record held open for writing as fd, if it is one that beats."""
+        if fd < 0 or not record.rstrip(b"\n").endswith(BEAT):
+            return
+        with self.guard:
+            self.records[fd] = bytearray(record), record.rindex(b'"}') - 8
+            self._run()
+
+    def touch(self, path: str) -> None:
+        """Keep path's modification time fresh until forget(path)."""
+        with self.guard:
+            self.touched.add(path)
+            self._run()
+
+    def stop(self, fd: int) -> None:
+        """Stop beating fd: before it is closed, so that no beat hits a reused descriptor."""
+        if fd in self.records:
+            with self.guard:
+                self.records.pop(fd, None)
+
+    def forget(self, path: str) -> None:
+        """Stop touching path."""
+        if path in self.touched:
+            with self.guard:
+                self.touched.discard(path)
+
+    def _run(self) -> None:
+        if not self.running:
+            import _thread
+            self.running = True
+            _thread.start_new_thread(self._beat_forever, ())
+
+    def _beat_forever(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_INTERVAL)
+            with self.guard:
+                self.count += 1
+                counter = f"{self.count & 0xFFFFFFFF:08x}".encode()
+                for fd, (record, at) in self.records.items():
+                    record[at:at + 8] = counter
+                    try:
+                        os.pwrite(fd, record, 0)
+                    except OSError:
+                        pass            # removed meanwhile, or the server is away: try again
+                for path in self.touched:
+                    try:
+                        os.utime(path)
+                    except OSError:
+                        pass
+
+
+_heartbeat = _Heartbeat()
+
+
+def _new_heartbeat() -> None:
+    """In a forked child: the parent's held files are the parent's to beat."""
+    global _heartbeat
+    _heartbeat = _Heartbeat()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_heartbeat)
+
+
+# What a watcher last saw of each beating record, and since when (monotonic).
+_SEEN: Dict[str, Tuple[bytes, float]] = {}
+
+
+def _beats_stopped(path: str, data: bytes) -> float:
+    """Return for how long the beating record at path has not changed; 0 if it just did.
+
+    Counted from this process's first look: a watcher that arrives late
+    waits HEARTBEATS_MISSED intervals before it judges a holder dead.
+    """
+    now = time.monotonic()
+    seen = _SEEN.get(path)
+    if seen is None or seen[0] != data:
+        if len(_SEEN) > 256:            # forget records not looked at for a minute
+            for key in [k for k, (_, at) in _SEEN.items() if now - at > 60.0]:
+                del _SEEN[key]
+        _SEEN[path] = (data, now)
+        return 0.0
+    return now - seen[1]
 
 
 class Holder:
     """A lock, ticket or presence file as found on disk."""
 
-    __slots__ = ("age", "gone", "identity", "owner")
+    __slots__ = ("age", "check", "gone", "identity", "owner", "silent")
 
     def __init__(self, identity: Tuple[int, int], owner: Optional[Owner], gone: Optional[str],
-                 age: float) -> None:
+                 age: float, check: str = "", silent: float = 0.0) -> None:
         self.identity = identity
         self.owner = owner      # None: empty, or written by a spec-following peer
         self.gone = gone        # why its holder is known to have ended
         self.age = age          # seconds since it was written
+        self.check = check      # how its life is seen: "flock" (its death wakes a
+                                # watcher), "pid", "heartbeat", or "" (it cannot be)
+        self.silent = silent    # heartbeat: seconds since its record was last seen to change
+
+    def mine(self, token: str, identity: Tuple[int, int] = (0, 0)) -> bool:
+        """True if this is the file holding token (without one: the file identity names)."""
+        if token:
+            return self.owner is not None and self.owner.token == token
+        return self.identity == identity
 
 
 def inspect_holder(path: str, ours: bool = False) -> Optional[Holder]:
     """Return what the file at path says about its holder; None if there is no file.
 
-    A holder on this host keeps an flock on its file from before it writes
-    its identity until it dies, so a complete identity with a free flock
-    means the holder has ended. Elsewhere nothing can be checked. ours: a
-    file only filechat makes (a ticket, a presence file), so one that names
-    nobody (empty or cut short, as a power loss leaves it) with a free flock
-    is nobody's either, once older than a second: where there are no hard
-    links such a file is empty, unflocked, for the moment it is being put
-    in place.
+    How a holder's life is checked depends on where it runs (see _judge).
+    ours: a file only filechat makes (a ticket, a presence file), so one
+    that names nobody (empty or cut short, as a power loss leaves it) with a
+    free flock is nobody's either, once older than a second: where there
+    are no hard links such a file is empty, unflocked, for the moment it is
+    being put in place.
     """
     for _ in range(3):
         fd = _open_to_read(path)
@@ -969,20 +1207,67 @@ def inspect_holder(path: str, ours: bool = False) -> Optional[Holder]:
         try:
             st = os.fstat(fd)
             identity = (st.st_dev, st.st_ino)
-            owner = read_owner(os.read(fd, 4096))
-            gone = None
-            if owner is not None and owner.host == HOST and _holder_gone(fd, owner):
-                gone = f"its holder, process {owner.pid}, has ended"
-            elif (owner is None and ours and sys.platform != "win32"
+            data = os.read(fd, 4096)
+            owner = read_owner(data)
+            gone, check, silent = None, "", 0.0
+            if owner is not None:
+                gone, check, silent = _judge(fd, owner, path, data)
+            elif (ours and sys.platform != "win32" and not _on_shared(path)
                   and time.time() - st.st_mtime > 1.0 and _flock(fd, shared=True)):
                 gone = "it names no holder, and none holds it"
             # A presence file is replaced while its server runs: an flock
             # freed by that replacement is not a death.
             if gone is None or _file_id(path) == identity:
-                return Holder(identity, owner, gone, _age(identity, st.st_mtime))
+                return Holder(identity, owner, gone, _age(identity, st.st_mtime), check,
+                              silent)
         finally:
             os.close(fd)
-    return Holder(identity, owner, None, 0.0)
+    return Holder(identity, owner, None, 0.0, check)
+
+
+def settled_holder(path: str, ours: bool = False) -> Optional[Holder]:
+    """Return inspect_holder(path), watching a beating record until it is known to live or not.
+
+    For a single look (status, a server starting): a record that beats is
+    watched until it changes (its holder lives: within one heartbeat) or
+    HEARTBEATS_MISSED intervals pass without a change (it has ended).
+    """
+    holder = inspect_holder(path, ours)
+    looks = 0
+    while holder is not None and holder.check == "heartbeat" and not holder.gone:
+        if looks and holder.silent == 0.0:
+            return holder                 # seen to beat
+        looks += 1
+        time.sleep(PROGRESS_INTERVAL)
+        holder = inspect_holder(path, ours)
+    return holder
+
+
+def _judge(fd: int, owner: Owner, path: str,
+           data: bytes) -> Tuple[Optional[str], str, float]:
+    """Return why the holder of the file open as fd has ended (None: it lives), how that was
+    seen, and for a heartbeat how long the record has not changed.
+
+    An flock is trusted only where both its holder and this process see a
+    local filesystem (two FUSE mounts of one directory do not share flocks);
+    a pid only on the holder's own machine (host, boot and pid namespace);
+    anywhere else, its heartbeat.
+    """
+    if owner.here():
+        if sys.platform != "win32" and owner.local and not _on_shared(path):
+            ended = _flock(fd, shared=True)
+            return (f"its holder, process {owner.pid}, has ended" if ended else None), "flock", 0.0
+        if not _pid_alive(owner.pid):
+            return f"its holder, process {owner.pid}, has ended", "pid", 0.0
+        if not owner.beats:
+            return None, "pid", 0.0
+    if owner.beats:
+        silent = _beats_stopped(path, data)
+        if silent > HEARTBEAT_INTERVAL * HEARTBEATS_MISSED:
+            return (f"its holder, process {owner.pid} on {owner.host}, has not rewritten it "
+                    f"for {silent:.0f} s (its heartbeat stopped)"), "heartbeat", silent
+        return None, "heartbeat", silent
+    return None, "", 0.0
 
 
 # When this process first saw each file dated in the future (by a clock set
@@ -998,18 +1283,11 @@ def _age(identity: Tuple[int, int], mtime: float) -> float:
     return time.monotonic() - _FUTURE.setdefault(identity, time.monotonic())
 
 
-def _holder_gone(fd: int, owner: Owner) -> bool:
-    """True if the holder on this host of the file open as fd has ended."""
-    if sys.platform == "win32":
-        return not _pid_alive(owner.pid)
-    return _flock(fd, shared=True)
-
-
 def stale_reason(holder: Holder, stale_after: float) -> Optional[str]:
     """Return why a lock is stale: its holder ended, or it cannot be checked and is old."""
     if holder.gone:
         return holder.gone
-    if holder.owner is not None and holder.owner.host == HOST:
+    if holder.check:
         return None               # a live holder is never broken, however long it holds
     if holder.age > stale_after:
         who = "an unidentified holder" if holder.owner is None else f"host {holder.owner.host}"
@@ -1021,9 +1299,10 @@ def break_stale_lock(path: str, stale_after: float, ours: bool = False) -> Optio
     """Remove the lock (or ticket) at path if it is stale; return why, or None if left alone.
 
     Whoever breaks a lock first takes an exclusive flock on it, which a live
-    holder's flock refuses, and which makes every other waiter that found the
-    same stale lock wait its turn and then see that the name now belongs to
-    another file. Only then is the name, checked once more, removed.
+    holder's flock refuses, and which makes every other waiter on this host
+    that found the same stale lock wait its turn and then see that the name
+    now belongs to another file. Only then is the name, checked once more
+    (by its token, where it has one), removed.
     """
     holder = inspect_holder(path, ours)
     reason = None if holder is None else stale_reason(holder, stale_after)
@@ -1034,13 +1313,51 @@ def break_stale_lock(path: str, stale_after: float, ours: bool = False) -> Optio
         return None
     try:
         st = os.fstat(fd)
-        if ((st.st_dev, st.st_ino) != holder.identity
+        token = holder.owner.token if holder.owner is not None else ""
+        if ((not token and (st.st_dev, st.st_ino) != holder.identity)
                 or (sys.platform != "win32" and not _flock(fd, shared=False))
-                or not remove_if_same(path, holder.identity)):
+                or not remove_holder(path, token, holder.identity)):
             return None
     finally:
         os.close(fd)
     return reason
+
+
+def remove_holder(path: str, token: str, identity: Tuple[int, int] = (0, 0)) -> bool:
+    """Remove the lock, ticket or presence file at path if it holds token; True if removed.
+
+    By its token, not by which file it is: on a network filesystem a hard
+    link may show a new inode number, and a new file the old one's. A file
+    without a token is removed only if it is still the file identity names.
+    """
+    if not token:
+        return remove_if_same(path, identity)
+    fd = _open_to_read(path)
+    if fd is None:
+        return False
+    try:
+        owner = read_owner(os.read(fd, 4096))
+    finally:
+        os.close(fd)
+    if owner is None or owner.token != token:
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _token_at(path: str) -> Optional[str]:
+    """Return the token of the holder file at path ("" if it names none), None if absent."""
+    fd = _open_to_read(path)
+    if fd is None:
+        return None
+    try:
+        owner = read_owner(os.read(fd, 4096))
+    finally:
+        os.close(fd)
+    return "" if owner is None else owner.token
 
 
 def default_lock_path(buffer: str) -> str:
@@ -1073,12 +1390,13 @@ class Lock:
         self.durable = durable
         self.reply_timeout = reply_timeout    # told the server in the record
         self.fd = -1
-        self.identity: Optional[Tuple[int, int]] = None
+        self.token = ""                       # in the lock while this process holds it
 
     def try_acquire(self) -> bool:
         """Create the lock if nobody holds it; True if this process now holds it."""
-        staged = _Staged(self.path, _owner_record(timeout=self.reply_timeout), self.durable,
-                         hold=True)
+        token = os.urandom(8).hex()
+        record = _owner_record(self.path, token=token, timeout=self.reply_timeout)
+        staged = _Staged(self.path, record, self.durable, hold=True)
         try:
             staged.put()
         except BaseException:
@@ -1086,21 +1404,22 @@ class Lock:
             if sys.exc_info()[0] is FileExistsError:
                 return False
             raise
-        self.identity = staged.identity[:2]
+        self.token = token
         if sys.platform == "win32":
             staged.close()   # without flock, an open file only blocks its deletion
         else:
             self.fd = staged.fd
+            _heartbeat.start(self.fd, record)
         log.debug("lock %s acquired", self.path)
         return True
 
     def still_held(self) -> bool:
         """True while the lock file this process created is still in place."""
-        return self.identity is not None and _file_id(self.path) == self.identity
+        return bool(self.token) and _token_at(self.path) == self.token
 
     def release(self) -> None:
         """Remove the lock if it is still the one this process created."""
-        if self.identity is not None and remove_if_same(self.path, self.identity):
+        if self.token and remove_holder(self.path, self.token):
             log.debug("lock %s released", self.path)
         self.close()
 
@@ -1108,8 +1427,9 @@ class Lock:
         """Drop this process's hold (its flock) without touching the file."""
         fd, self.fd = self.fd, -1
         if fd >= 0:
+            _heartbeat.stop(fd)
             os.close(fd)
-        self.identity = None
+        self.token = ""
 
     def stale_reason(self) -> Optional[str]:
         """Return why the current lock file is stale, or None if it is live or absent."""
@@ -1171,9 +1491,11 @@ class WaitingLine:
             named = time.time_ns()
             path = os.path.join(self.directory, f"{named:020d}-{os.getpid()}")
             try:
-                self.fd = publish(path, _owner_record(), hold=True)
+                record = _owner_record(path)
+                self.fd = publish(path, record, hold=True)
             except (FileNotFoundError, FileExistsError):
                 continue            # the last to leave removed the directory: again
+            _heartbeat.start(self.fd, record)
             self.ticket, self.named, self.joined = path, named / 1e9, time.time()
 
     def ahead(self) -> Tuple[int, str]:
@@ -1200,6 +1522,7 @@ class WaitingLine:
             self._remove_if_empty()
         fd, self.fd = self.fd, -1
         if fd >= 0:
+            _heartbeat.stop(fd)
             os.close(fd)
 
     def clear(self) -> None:
@@ -1243,29 +1566,33 @@ class Presence:
     def start(self) -> None:
         """Publish this server's presence; AlreadyServing if a live server has one."""
         while True:
+            record = _owner_record(self.path, 0, self.started, self.token)
             try:
-                fd = publish(self.path, _owner_record(0, self.started, self.token),
-                             durable=self.durable, hold=True)
+                fd = publish(self.path, record, durable=self.durable, hold=True)
             except FileExistsError:
-                holder = inspect_holder(self.path, ours=True)
+                holder = settled_holder(self.path, ours=True)
                 if holder is not None and holder.gone is None:
                     raise AlreadyServing(self.path, holder.owner) from None
-                if holder is not None:
-                    remove_if_same(self.path, holder.identity)   # left by a killed server
+                if holder is not None:                       # left by a killed server
+                    remove_holder(self.path, holder.owner.token if holder.owner else "",
+                                  holder.identity)
                 continue
-            self._hold(fd)
+            self._hold(fd, record)
             return
 
     def update(self, answered: int) -> None:
         """Replace the presence file with one that counts answered messages."""
-        self._hold(publish(self.path, _owner_record(answered, self.started, self.token),
-                           replace=True, durable=self.durable, hold=True))
+        record = _owner_record(self.path, answered, self.started, self.token)
+        self._hold(publish(self.path, record, replace=True, durable=self.durable, hold=True),
+                   record)
         self.answered = answered
 
-    def _hold(self, fd: int) -> None:
+    def _hold(self, fd: int, record: bytes) -> None:
         """Keep fd, the presence file now in place, and let go of the previous one."""
         previous, self.fd = self.fd, fd
+        _heartbeat.start(fd, record)
         if previous >= 0:
+            _heartbeat.stop(previous)
             os.close(previous)
 
     def withdraw(self) -> None:
@@ -1274,11 +1601,10 @@ class Presence:
         By its token, not by which file it is: an interrupt may have come
         between an update putting a new file in place and its being noted.
         """
-        holder = inspect_holder(self.path)
-        if holder is not None and holder.owner is not None and holder.owner.token == self.token:
-            remove_if_same(self.path, holder.identity)
+        remove_holder(self.path, self.token)
         fd, self.fd = self.fd, -1
         if fd >= 0:
+            _heartbeat.stop(fd)
             os.close(fd)
 
 
@@ -1563,19 +1889,50 @@ class Paths:
         return sorted(os.path.join(directory, name) for name in names
                       if name.startswith(prefix) and _claim_ref(name[len(prefix):]))
 
-    def answering(self, lock: Tuple[int, int]) -> bool:
-        """True if a server has claimed the message that came with the lock (device, inode).
+    def answering(self, lock: Holder) -> bool:
+        """True if a server has claimed the message that came with this lock.
 
         Such a lock is never stale, however old: the server removes it once
         it has answered, and a waiter that broke it would take the reply back.
+        A claim names the lock by its token, or by its inode if it has none.
         """
+        token = lock.owner.token if lock.owner is not None else ""
         prefix = os.path.basename(self.claim_prefix)
         refs = (_claim_ref(os.path.basename(claim)[len(prefix):]) for claim in self.claims())
-        return any(ref is not None and ref[0] == lock[1] for ref in refs)
+        return any(ref is not None and (ref[1] == token if token else ref[0] == lock.identity[1])
+                   for ref in refs)
 
     def rejection(self, response_path: str) -> str:
-        """Return where the server says why it would not write to response_path."""
+        """Return where the server says why it would not write to response_path (as sent)."""
         return f"{self.buffer}{REJECTED_SUFFIX}{zlib.crc32(os.fsencode(response_path)):08x}"
+
+    def shared(self) -> bool:
+        """True if the buffer's or the lock's directory is shared with other hosts."""
+        return _on_shared(self.buffer) or _on_shared(self.lock)
+
+    def waiting_mode(self, poll: Optional[bool], interval: Optional[float],
+                     local_interval: float) -> Tuple[bool, float]:
+        """Return whether to poll and how often, as asked (None: the filesystem decides).
+
+        On a directory shared between hosts inotify sees nothing of the
+        other hosts' changes: there filechat polls, every SHARED_POLL_INTERVAL.
+        """
+        shared = self.shared()
+        if poll is None:
+            poll = shared
+        if interval is None:
+            interval = SHARED_POLL_INTERVAL if shared else local_interval
+        directory = os.path.dirname(os.path.abspath(self.buffer))
+        if shared and directory not in _SAID_SHARED:
+            _SAID_SHARED.add(directory)
+            kind = filesystem_type(directory) or filesystem_type(os.path.dirname(self.lock) or ".")
+            log.debug("%s is on %s, which other hosts may share: %s", directory, kind,
+                      f"polling every {interval:g} s" if poll else "waiting for events "
+                      "(--no-poll), which other hosts' changes do not send")
+        return poll, interval
+
+
+_SAID_SHARED: Set[str] = set()     # the shared directories -v has told about
 
 
 def _claim_ref(suffix: str) -> Optional[Tuple[int, str]]:
@@ -1584,6 +1941,22 @@ def _claim_ref(suffix: str) -> Optional[Tuple[int, str]]:
     if not (inode.isdigit() and dash and all(c in "0123456789abcdef" for c in token)):
         return None
     return int(inode), token
+
+
+def sent_path(buffer: str, response_path: str) -> str:
+    """Return the response path as a request carries it.
+
+    Relative to the buffer's directory when it lies inside it, so that a
+    server on a host that mounts the share at another path finds it (a
+    filechat server resolves a filechat client's relative path against the
+    buffer's directory); absolute otherwise.
+    """
+    absolute = os.path.abspath(response_path)
+    try:
+        relative = os.path.relpath(absolute, os.path.dirname(os.path.abspath(buffer)))
+    except ValueError:              # another drive on Windows
+        return absolute
+    return absolute if relative.split(os.sep, 1)[0] == os.pardir else relative
 
 
 def default_response_path(buffer: str) -> str:
@@ -1664,8 +2037,8 @@ def _check_directory(path: str, what: str, writable: bool = False) -> None:
 def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str] = None, *,
          timeout: float = RESPONSE_TIMEOUT, lock_timeout: Optional[float] = None,
          lock_path: Optional[str] = None, stale_after: float = STALE_AFTER,
-         max_bytes: int = MAX_BYTES, durable: bool = False, poll: bool = False,
-         poll_interval: float = RESPONSE_POLL_INTERVAL,
+         max_bytes: int = MAX_BYTES, durable: bool = False, poll: Optional[bool] = None,
+         poll_interval: Optional[float] = None,
          lock_retry_interval: float = LOCK_RETRY_INTERVAL, status: Status = _ignore,
          progress_interval: Optional[float] = None, reply_to: Optional[IO[str]] = None,
          server_timeout: Optional[float] = None) -> str:
@@ -1705,12 +2078,14 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     chosen = response_path is not None
     if response_path is None:
         response_path = default_response_path(buffer)
-    data = _request_data(os.path.abspath(response_path), message, max_bytes)
+    carried = sent_path(buffer, response_path)
+    data = _request_data(carried, message, max_bytes)
     check_buffer_path(buffer, paths.lock)
     if chosen:      # a fresh name beside the buffer needs no checking
         check_response_path(response_path, paths)  # errors name the path as the user gave it
-    exchange = _Exchange(paths, os.path.abspath(response_path), stale_after, durable, poll,
-                         poll_interval, status, progress_interval, server_timeout, timeout)
+    poll, poll_interval = paths.waiting_mode(poll, poll_interval, RESPONSE_POLL_INTERVAL)
+    exchange = _Exchange(paths, os.path.abspath(response_path), carried, stale_after, durable,
+                         poll, poll_interval, status, progress_interval, server_timeout, timeout)
     try:
         exchange.write(data)
         exchange.acquire(lock_timeout, lock_retry_interval)
@@ -1832,12 +2207,13 @@ class _Exchange:
     phase, withdrawing a message no server is answering.
     """
 
-    def __init__(self, paths: Paths, response_path: str, stale_after: float, durable: bool,
-                 poll: bool, poll_interval: float, status: Status,
+    def __init__(self, paths: Paths, response_path: str, sent: str, stale_after: float,
+                 durable: bool, poll: bool, poll_interval: float, status: Status,
                  progress: Optional[float], server_timeout: Optional[float] = None,
                  reply_timeout: Optional[float] = None) -> None:
         self.paths = paths
         self.response_path = response_path
+        self.note = paths.rejection(sent)     # where the server says why it will not reply
         self.lock = Lock(paths.lock, stale_after, durable, reply_timeout)
         self.poll = poll
         self.poll_interval = poll_interval
@@ -1899,7 +2275,7 @@ class _Exchange:
             if not before:
                 # A lock in place is not asked for: making a file only to find the
                 # name taken would cost each waiter woken by the one ahead leaving.
-                if _lstat_or_none(self.lock.path) is None and self.lock.try_acquire():
+                if not _exists(self.lock.path) and self.lock.try_acquire():
                     waiter.progress(f"lock {self.lock.path} free")
                     self._locked(line.named)
                     return
@@ -1935,16 +2311,19 @@ class _Exchange:
         if holder is None:
             return 0.0
         reason = stale_reason(holder, self.lock.stale_after)
-        if reason and (_message_waiting(self.paths.buffer)
-                       or self.paths.answering(holder.identity)):
+        if reason and (_message_waiting(self.paths.buffer) or self.paths.answering(holder)):
             return float("inf")       # the server's to clear: its removing the lock wakes us
         if reason:
             if self.lock.break_stale():
                 log.warning("removed stale lock %s: %s", self.lock.path, reason)
                 sweep_leftovers([os.path.dirname(os.path.abspath(self.lock.path))])
             return 0.0
-        if holder.owner is not None and holder.owner.host == HOST:
+        if holder.check == "flock":
             return float("inf")       # its holder's death will show as an event
+        if holder.check == "heartbeat":   # looked at again when its silence would end it
+            return HEARTBEAT_INTERVAL * HEARTBEATS_MISSED - holder.silent + 0.01
+        if holder.check:
+            return HEARTBEAT_INTERVAL     # a pid, looked at again: its death sends nothing
         stale_in = self.lock.stale_after - holder.age + 0.01
         unchecked.update(who="" if holder.owner is None else holder.owner.host,
                          held_for=holder.age, stale_in=stale_in)
@@ -1970,7 +2349,7 @@ class _Exchange:
                              "nothing was sent: give each client its own response file")
         # A note about this path now is about an earlier exchange, whose client
         # gave up: the next one there is this message's.
-        _unlink_quietly(self.paths.rejection(self.response_path))
+        _unlink_quietly(self.note)
         self.request.put(replace=True)
         self.phase = "sent"
         self._leave_line()
@@ -1985,8 +2364,7 @@ class _Exchange:
         error reply is returned, not copied. Then the lock is let go of.
         """
         paths = self.paths
-        watched = (self.response_path, paths.lock, paths.presence,
-                   paths.rejection(self.response_path))
+        watched = (self.response_path, paths.lock, paths.presence, self.note)
         with Waiter(watched, self.poll, self.poll_interval) as waiter:
             deadline = time.monotonic() + timeout
             server_up: Optional[bool] = None
@@ -2062,10 +2440,9 @@ class _Exchange:
         """
         if self.lock.still_held():
             return None
-        note = self.paths.rejection(self.response_path)
-        reason = read_or_none(note)
+        reason = read_or_none(self.note)
         if reason is not None:
-            _unlink_quietly(note)
+            _unlink_quietly(self.note)
             self.rejected = True
             raise Rejected(reason.decode("utf-8", "replace"))
         return _Reply.find(self.response_path, unended=True)
@@ -2246,7 +2623,7 @@ if TYPE_CHECKING:
 def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = None,
           lock_path: Optional[str] = None, allow_dirs: Sequence[str] = (),
           max_bytes: int = MAX_BYTES, stale_after: float = STALE_AFTER, durable: bool = False,
-          poll: bool = False, poll_interval: float = POLL_INTERVAL,
+          poll: Optional[bool] = None, poll_interval: Optional[float] = None,
           report: Report = _ignore) -> int:
     """Answer messages arriving in buffer until max_messages have been handled.
 
@@ -2264,6 +2641,7 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
     """
     paths = Paths(buffer, lock_path)
     check_buffer_path(buffer, paths.lock)
+    poll, poll_interval = paths.waiting_mode(poll, poll_interval, POLL_INTERVAL)
     allowed = _allowed_directories(buffer, allow_dirs)
     presence = Presence(paths.presence, durable)
     presence.start()
@@ -2331,8 +2709,9 @@ class _Requester:
         owner = read_owner(os.read(fd, 4096))
         if owner is None:
             return cls(fd)
-        return cls(fd, owner.token, owner.host == HOST and sys.platform != "win32",
-                   timeout=owner.timeout)
+        watchable = (owner.here() and owner.local and sys.platform != "win32"
+                     and not _on_shared(lock_path))
+        return cls(fd, owner.token, watchable, timeout=owner.timeout)
 
     def ref(self) -> str:
         """Return the claim name's suffix for this client's lock: "<inode>-<token>"."""
@@ -2345,18 +2724,23 @@ class _Requester:
     def waiting(self, lock_path: str) -> bool:
         """True if the client has not given up nor ended.
 
-        A client whose life can be checked is judged by it alone: its lock
+        A client whose flock can be checked is judged by it alone: its lock
         may be gone by another's hand (a peer that removed it) while it waits.
-        Any other has given up once its lock is no longer in place.
+        Any other has given up once its lock is no longer in place, or once
+        its holder is seen to have ended (its pid, or its heartbeat).
         """
-        if self.fd >= 0 and not (self.alive() if self.watchable
-                                 else _file_id(lock_path) == self.identity):
-            self.gone = True
+        if self.fd >= 0 and not self.gone:
+            if self.watchable:
+                self.gone = not self.alive()
+            else:
+                holder = inspect_holder(lock_path)
+                self.gone = (holder is None or not holder.mine(self.token, self.identity)
+                             or holder.gone is not None)
         return not self.gone
 
     def release_lock(self, lock_path: str) -> None:
         """Remove the client's lock if it is still the one the message came with."""
-        if self.fd >= 0 and remove_if_same(lock_path, self.identity):
+        if self.fd >= 0 and remove_holder(lock_path, self.token, self.identity):
             log.debug("lock %s removed", lock_path)
 
     def close(self) -> None:
@@ -2376,6 +2760,7 @@ class _Claim:
         self.end = end
         self.client = client          # ...and the client it came from
         self.oversize = 0             # bytes of a message over the server's limit
+        self.sent = ""                # its response path as the request carries it
         self.restored = False         # claimed by a server that stopped before it was done
 
     def close(self) -> None:
@@ -2508,7 +2893,7 @@ class _Server:
         client = _Requester()                            # sent without a lock
         if inode != 0:
             client = _Requester.of_lock(self.paths.lock)
-            if client.identity[1] != inode or client.token != token:
+            if (client.token != token if token else client.identity[1] != inode):
                 client.close()
                 client = _Requester(gone=True)           # the client gave up: another's lock
         try:
@@ -2562,7 +2947,11 @@ class _Server:
         # Its clock started when it sent the message, or when this server
         # started, if later: either way about now, as the message is claimed.
         deadline = None if client.timeout is None else time.time() + client.timeout
-        request = Request(message, os.path.abspath(raw_path), self.paths.buffer, deadline,
+        # A filechat client's relative path is relative to the buffer's
+        # directory (see sent_path); a peer's, as the spec has it, to this one.
+        absolute = os.path.join(self.home if client.token else os.getcwd(), raw_path)
+        claim.sent = raw_path
+        request = Request(message, os.path.normpath(absolute), self.paths.buffer, deadline,
                           lambda: client.waiting(self.paths.lock))
         problem = self._target_problem(request.response_path, claim.restored)
         if problem is _ANSWERED:
@@ -2700,7 +3089,7 @@ class _Server:
         problem = exc.strerror or str(exc)
         if request is not None:           # read, so the failure is in writing its reply
             try:
-                self._reject(request.response_path, request, "the server could not write the "
+                self._reject(claim.sent, request, "the server could not write the "
                              f"reply to {request.response_path}: {problem}")
                 return
             except OSError:
@@ -2833,25 +3222,28 @@ def status(buffer: str, lock_path: Optional[str] = None,
     Returns the dictionary that ``filechat status --json`` prints.
     """
     paths = Paths(buffer, lock_path)
-    presence = inspect_holder(paths.presence, ours=True)
+    presence = settled_holder(paths.presence, ours=True)
     server: Optional[Dict[str, object]] = None
     if presence is not None and presence.gone is None:
         owner = presence.owner
         server = {"pid": owner.pid if owner else None, "host": owner.host if owner else None,
                   "started": owner.started if owner else None,
                   "answered": owner.answered if owner else 0}
-    holder = inspect_holder(paths.lock)
+    holder = settled_holder(paths.lock)
     lock: Dict[str, object] = {"path": paths.lock, "held": holder is not None}
     if holder is not None:
-        answering = paths.answering(holder.identity)
+        answering = paths.answering(holder)
         reason = None if answering else stale_reason(holder, stale_after)
         owner = holder.owner
         lock.update(pid=owner.pid if owner else None, host=owner.host if owner else None,
                     age=round(holder.age, 3),
                     state="stale" if reason else "being answered" if answering
-                    else "alive" if owner and owner.host == HOST else "unknown",
+                    else "alive" if holder.check else "unknown",
                     stale_reason=reason)
-    return {"buffer": buffer, "server": server, "lock": lock,
+    poll, interval = paths.waiting_mode(None, None, POLL_INTERVAL)
+    files = {"type": filesystem_type(os.path.dirname(buffer) or "."),
+             "shared": paths.shared(), "polling": interval if poll else None}
+    return {"buffer": buffer, "server": server, "lock": lock, "filesystem": files,
             "message_waiting": _message_waiting(buffer),
             "being_answered": len(paths.claims()),
             "waiting_clients": len(WaitingLine(paths.lock).tickets())}
@@ -3262,12 +3654,15 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stale-after", metavar="SECONDS", type=_seconds, default=STALE_AFTER,
                         help="treat a lock with no live holder on this host as stale after "
                              f"SECONDS (default {STALE_AFTER:g})")
-    parser.add_argument("--poll", action="store_true",
+    parser.add_argument("--poll", action="store_const", const=True, default=None,
                         help="poll the files instead of waiting for filesystem events "
-                             "(for network filesystems)")
+                             "(the default on a directory shared between hosts: NFS, SMB, FUSE)")
+    parser.add_argument("--no-poll", dest="poll", action="store_const", const=False,
+                        help="wait for filesystem events even on a shared directory")
     parser.add_argument("--poll-interval", metavar="SECONDS", type=_positive_seconds,
-                        default=POLL_INTERVAL,
-                        help=f"seconds between checks with --poll (default {POLL_INTERVAL:g})")
+                        help=f"seconds between checks when polling (default "
+                             f"{SHARED_POLL_INTERVAL:g} on a shared directory, else "
+                             f"{POLL_INTERVAL:g}, the spec's)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log lock and wait transitions on stderr")
 
@@ -3689,8 +4084,16 @@ def _status_lines(state: Mapping[str, object]) -> List[Tuple[str, str]]:
     message = "a complete message waits" if state["message_waiting"] else "none waiting"
     if state["being_answered"]:
         message += f"; {state['being_answered']} being answered"
-    return [("buffer", str(state["buffer"])), ("server", running), ("lock", held),
-            ("message", message), ("line", f"{state['waiting_clients']} clients waiting")]
+    lines = [("buffer", str(state["buffer"])), ("server", running), ("lock", held),
+             ("message", message), ("line", f"{state['waiting_clients']} clients waiting")]
+    files = state["filesystem"]
+    assert isinstance(files, dict)
+    if files["shared"]:
+        how = (f"polling every {files['polling']:g} s" if files["polling"] else
+               "waiting for events (--no-poll)")
+        lines.append(("files", f"on {files['type']}, which other hosts may share: {how}; "
+                               f"holders there beat every {HEARTBEAT_INTERVAL:g} s"))
+    return lines
 
 
 def _stop_on_signal(signum: int, frame: object) -> None:

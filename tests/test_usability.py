@@ -179,9 +179,13 @@ def test_status_without_a_server(run) -> None:  # type: ignore[no-untyped-def]
     code, text, data = status(run)
     assert code == 5
     assert "server   not running" in text and "lock     server.lock: free" in text
+    files = data.pop("filesystem")
     assert data == {"buffer": "buf.txt", "server": None,
                     "lock": {"path": "server.lock", "held": False}, "message_waiting": False,
                     "being_answered": 0, "waiting_clients": 0}
+    # The tests' own directory is on a local disk: nothing polls there.
+    assert files["shared"] is False and files["polling"] is None and files["type"]
+    assert "files" not in text
 
 
 def test_status_with_an_idle_server(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
