@@ -541,7 +541,7 @@ class _Staged:
         """
         try:
             if replace:
-                os.replace(self.temp, self.path)
+                self._replace()
             else:
                 self._link()
         except OSError as exc:
@@ -551,16 +551,66 @@ class _Staged:
         self.temp = ""
         _fsync_directory(self.path, self.durable)
 
+    def _replace(self) -> None:
+        """Rename the temp file to the path, whatever is there."""
+        try:
+            os.replace(self.temp, self.path)
+        except OSError:
+            # A network filesystem may report a failure for a rename it made:
+            # put in place is put in place, never a second time.
+            if _exists(self.temp) or not self._landed():
+                raise
+
     def _link(self) -> None:
-        """Hard-link the temp file as the path (see put), then drop its temp name."""
+        """Hard-link the temp file as the path (see put), then drop its temp name.
+
+        A network filesystem may report a failure for a link it made (sshfs:
+        ENOENT), or EPERM or EACCES for a name that exists: what is at the
+        path decides, before anything else is tried.
+        """
         try:
             os.link(self.temp, self.path)
         except OSError as exc:
-            if isinstance(exc, FileExistsError) or exc.errno not in _NO_HARD_LINKS:
+            if isinstance(exc, FileExistsError):
                 raise
-            os.close(_create(self.path))
-            os.replace(self.temp, self.path)
+            if not self._landed():
+                if exc.errno not in _NO_HARD_LINKS:
+                    self._refuse_if_taken()
+                    raise
+                try:
+                    os.close(_create(self.path))
+                except OSError as create_exc:
+                    if not isinstance(create_exc, FileExistsError):
+                        self._refuse_if_taken()
+                    raise
+                os.replace(self.temp, self.path)
         _unlink_quietly(self.temp)
+
+    def _landed(self) -> bool:
+        """True if the file at the path is this one: its size, and its first bytes."""
+        fd = _open_to_read(self.path)
+        if fd is None:
+            return False
+        try:
+            size = self.identity[2]
+            if os.fstat(fd).st_size != size:
+                return False
+            mine = _open_to_read(self.temp) if _exists(self.temp) else None
+            if mine is None:              # renamed: the size is all there is to compare
+                return True
+            try:
+                return os.read(fd, HEAD) == os.read(mine, HEAD)
+            finally:
+                os.close(mine)
+        except FileNotFoundError:         # removed since it was opened (see _stat_fresh)
+            return False
+        finally:
+            os.close(fd)
+
+    def _refuse_if_taken(self) -> None:
+        """Raise FileExistsError if the path exists: a refusal that said something else."""
+        if _exists(self.path):
+            raise FileExistsError(errno.EEXIST, "File exists", self.path)
 
     def close(self) -> None:
         """Close the file's descriptor, letting go of its flock."""
@@ -737,6 +787,8 @@ def _stat_fresh(path: str, noatime: bool = False) -> Optional[os.stat_result]:
         return None
     try:
         return os.fstat(fd)
+    except FileNotFoundError:
+        return None       # removed since it was opened: sshfs looks up an open file by name
     finally:
         os.close(fd)
 
@@ -778,12 +830,18 @@ def remove_empty_directory(path: str) -> None:
 _LEFTOVER = re.compile(r"\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]{8}\.tmp\Z")
 
 
-def sweep_leftovers(directories: Sequence[str]) -> List[str]:
-    """Remove temp files that processes of this host left when killed; return them.
+def sweep_leftovers(directories: Sequence[str], older_than: float = STALE_AFTER,
+                    dead: Optional[Owner] = None) -> List[str]:
+    """Remove temp files that killed processes left; return them.
 
     Never a live process's, this one's included: its other threads may be
-    writing them (an interrupted write removes its own, see _Staged).
+    writing them (an interrupted write removes its own, see _Staged). Those
+    of this host by their pid; another host's by age, once older than
+    older_than (a pending request there is touched by its heartbeat), or at
+    once if they are dead's, a holder found dead.
     """
+    dead_tag = "" if dead is None else f"{zlib.crc32(dead.host.encode()):08x}"
+    older_than = max(older_than, HEARTBEAT_INTERVAL * HEARTBEATS_MISSED)
     removed = []
     for directory in directories:
         try:
@@ -792,11 +850,21 @@ def sweep_leftovers(directories: Sequence[str]) -> List[str]:
             continue
         for name in names:
             match = _LEFTOVER.search(name)
-            if (name.startswith(".") and match and match.group(1) == HOST_TAG
-                    and not _pid_alive(int(match.group(2)))):
-                _unlink_quietly(os.path.join(directory, name))
+            if not (name.startswith(".") and match):
+                continue
+            path = os.path.join(directory, name)
+            tag, pid = match.group(1), int(match.group(2))
+            if ((dead is not None and (tag, pid) == (dead_tag, dead.pid))
+                    or (not _pid_alive(pid) if tag == HOST_TAG else _older_than(path, older_than))):
+                _unlink_quietly(path)
                 removed.append(name)
     return removed
+
+
+def _older_than(path: str, seconds: float) -> bool:
+    """True if the file at path was last written over seconds ago."""
+    st = _stat_fresh(path)
+    return st is not None and time.time() - st.st_mtime > seconds
 
 
 def sweep_orphan_replies(directory: str, older_than: float) -> List[str]:
@@ -836,6 +904,8 @@ def _ends_with_esc(path: str) -> bool:
             return False
         os.lseek(fd, size - 1, os.SEEK_SET)
         return os.read(fd, 1) == END_MARKER.encode()
+    except FileNotFoundError:         # removed since it was opened (see _stat_fresh)
+        return False
     finally:
         os.close(fd)
 
@@ -1220,6 +1290,8 @@ def inspect_holder(path: str, ours: bool = False) -> Optional[Holder]:
             if gone is None or _file_id(path) == identity:
                 return Holder(identity, owner, gone, _age(identity, st.st_mtime), check,
                               silent)
+        except FileNotFoundError:     # removed since it was opened (see _stat_fresh)
+            return None
         finally:
             os.close(fd)
     return Holder(identity, owner, None, 0.0, check)
@@ -1295,8 +1367,12 @@ def stale_reason(holder: Holder, stale_after: float) -> Optional[str]:
     return None
 
 
-def break_stale_lock(path: str, stale_after: float, ours: bool = False) -> Optional[str]:
+def break_stale_lock(path: str, stale_after: float, ours: bool = False,
+                     leftovers: Sequence[str] = ()) -> Optional[str]:
     """Remove the lock (or ticket) at path if it is stale; return why, or None if left alone.
+
+    leftovers: the directories where its holder, once removed as dead, may
+    have left temp files (its pending request): they go too.
 
     Whoever breaks a lock first takes an exclusive flock on it, which a live
     holder's flock refuses, and which makes every other waiter on this host
@@ -1318,8 +1394,12 @@ def break_stale_lock(path: str, stale_after: float, ours: bool = False) -> Optio
                 or (sys.platform != "win32" and not _flock(fd, shared=False))
                 or not remove_holder(path, token, holder.identity)):
             return None
+    except FileNotFoundError:         # removed since it was opened (see _stat_fresh)
+        return None
     finally:
         os.close(fd)
+    if leftovers and holder.owner is not None:
+        sweep_leftovers(leftovers, stale_after, dead=holder.owner)
     return reason
 
 
@@ -1418,10 +1498,15 @@ class Lock:
         return bool(self.token) and _token_at(self.path) == self.token
 
     def release(self) -> None:
-        """Remove the lock if it is still the one this process created."""
-        if self.token and remove_holder(self.path, self.token):
-            log.debug("lock %s released", self.path)
+        """Remove the lock if it is still the one this process created.
+
+        Closed first: a FUSE filesystem keeps a file removed while open under
+        a hidden name beside it until it is closed, and may leave it there.
+        """
+        token = self.token
         self.close()
+        if token and remove_holder(self.path, token):
+            log.debug("lock %s released", self.path)
 
     def close(self) -> None:
         """Drop this process's hold (its flock) without touching the file."""
@@ -1436,9 +1521,12 @@ class Lock:
         holder = inspect_holder(self.path)
         return None if holder is None else stale_reason(holder, self.stale_after)
 
-    def break_stale(self) -> Optional[str]:
-        """Remove the current lock file if stale; return why, or None if left alone."""
-        return break_stale_lock(self.path, self.stale_after)
+    def break_stale(self, leftovers: Sequence[str] = ()) -> Optional[str]:
+        """Remove the current lock file if stale; return why, or None if left alone.
+
+        leftovers: see break_stale_lock.
+        """
+        return break_stale_lock(self.path, self.stale_after, leftovers=leftovers)
 
 
 class WaitingLine:
@@ -1461,9 +1549,11 @@ class WaitingLine:
     nobody who watches the lock's directory.
     """
 
-    def __init__(self, lock_path: str, stale_after: float = STALE_AFTER) -> None:
+    def __init__(self, lock_path: str, stale_after: float = STALE_AFTER,
+                 leftovers: Sequence[str] = ()) -> None:
         self.directory = lock_path + LINE_SUFFIX
         self.stale_after = stale_after
+        self.leftovers = leftovers  # where a dead waiter may have left its request
         self.ticket = ""            # the path of this client's ticket, once it has one
         self.fd = -1
         self.named = 0.0            # when its name was taken, in seconds since the epoch
@@ -1511,19 +1601,24 @@ class WaitingLine:
                 return 0, ""        # first (or removed by somebody: behave as the first)
             index = names.index(mine)
             before = os.path.join(self.directory, names[index - 1])
-            if not break_stale_lock(before, self.stale_after, ours=True):
+            if not break_stale_lock(before, self.stale_after, ours=True,
+                                    leftovers=self.leftovers):
                 return index, before
 
     def leave(self) -> None:
-        """Give up this ticket; the last to leave removes the line's directory."""
-        if self.ticket:
-            _unlink_quietly(self.ticket)
-            self.ticket = ""
-            self._remove_if_empty()
+        """Give up this ticket; the last to leave removes the line's directory.
+
+        Closed before it is removed: a FUSE filesystem keeps a file removed
+        while open under a hidden name in the directory, which rmdir refuses.
+        """
         fd, self.fd = self.fd, -1
         if fd >= 0:
             _heartbeat.stop(fd)
             os.close(fd)
+        if self.ticket:
+            _unlink_quietly(self.ticket)
+            self.ticket = ""
+            self._remove_if_empty()
 
     def clear(self) -> None:
         """Remove the tickets of waiters that died, and the directory if it is empty."""
@@ -1537,8 +1632,25 @@ class WaitingLine:
             os.rmdir(self.directory)
         except OSError as exc:
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and not self.tickets():
-                sweep_leftovers([self.directory])
+                sweep_leftovers([self.directory], self.stale_after)
+                self._sweep_hidden()
                 remove_empty_directory(self.directory)
+
+    def _sweep_hidden(self) -> None:
+        """Remove what FUSE keeps of tickets removed while another process looked at them.
+
+        A FUSE filesystem renames a file removed while open to .fuse_hidden...,
+        to remove it when it is closed, and before libfuse 3.15 it may never
+        do (libfuse issue 746). In this directory, filechat's own, any such
+        file was a ticket.
+        """
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(".fuse_hidden"):
+                _unlink_quietly(os.path.join(self.directory, name))
 
 
 def _is_ticket(name: str) -> bool:
@@ -1601,11 +1713,11 @@ class Presence:
         By its token, not by which file it is: an interrupt may have come
         between an update putting a new file in place and its being noted.
         """
-        remove_holder(self.path, self.token)
         fd, self.fd = self.fd, -1
-        if fd >= 0:
+        if fd >= 0:                       # closed first: see Lock.release
             _heartbeat.stop(fd)
             os.close(fd)
+        remove_holder(self.path, self.token)
 
 
 def running_server(presence_path: str) -> Optional[Owner]:
@@ -1905,6 +2017,11 @@ class Paths:
     def rejection(self, response_path: str) -> str:
         """Return where the server says why it would not write to response_path (as sent)."""
         return f"{self.buffer}{REJECTED_SUFFIX}{zlib.crc32(os.fsencode(response_path)):08x}"
+
+    def directories(self) -> List[str]:
+        """Return the buffer's directory, and the lock's if it is another."""
+        found = [os.path.dirname(os.path.abspath(path)) for path in (self.buffer, self.lock)]
+        return found[:1] if found[0] == found[1] else found
 
     def shared(self) -> bool:
         """True if the buffer's or the lock's directory is shared with other hosts."""
@@ -2229,15 +2346,21 @@ class _Exchange:
         self.server_due = None if server_timeout is None else time.monotonic() + server_timeout
 
     def write(self, data: Data) -> None:
-        """Write the request under a temp name, so that holding the lock only renames it."""
+        """Write the request under a temp name, so that holding the lock only renames it.
+
+        On a shared directory it is touched while it waits: other hosts
+        sweep such files by age.
+        """
         self.request = _Staged(self.paths.buffer, data, self.lock.durable)
+        if self.paths.shared():
+            _heartbeat.touch(self.request.temp)
         self.phase = "written"
 
     def acquire(self, lock_timeout: Optional[float], retry_interval: float) -> None:
         """Take the lock, waiting in line while others hold it or wait for it."""
         asked = time.time()
         # Nobody waits: ask at once. Else, or if it is taken, join the line.
-        line = WaitingLine(self.lock.path, self.lock.stale_after)
+        line = WaitingLine(self.lock.path, self.lock.stale_after, self.paths.directories())
         self._server_wait()
         if not line.tickets() and self.lock.try_acquire():
             self._locked(asked)
@@ -2314,9 +2437,9 @@ class _Exchange:
         if reason and (_message_waiting(self.paths.buffer) or self.paths.answering(holder)):
             return float("inf")       # the server's to clear: its removing the lock wakes us
         if reason:
-            if self.lock.break_stale():
+            if self.lock.break_stale(self.paths.directories()):
                 log.warning("removed stale lock %s: %s", self.lock.path, reason)
-                sweep_leftovers([os.path.dirname(os.path.abspath(self.lock.path))])
+                sweep_leftovers(self.paths.directories(), self.lock.stale_after)
             return 0.0
         if holder.check == "flock":
             return float("inf")       # its holder's death will show as an event
@@ -2350,6 +2473,7 @@ class _Exchange:
         # A note about this path now is about an earlier exchange, whose client
         # gave up: the next one there is this message's.
         _unlink_quietly(self.note)
+        _heartbeat.forget(self.request.temp)
         self.request.put(replace=True)
         self.phase = "sent"
         self._leave_line()
@@ -2464,6 +2588,7 @@ class _Exchange:
         if self.phase in ("locked", "sent"):
             self.lock.release()
         if self.request is not None:
+            _heartbeat.forget(self.request.temp)
             self.request.discard()
         self._leave_line()
         self.phase = "done"
@@ -2480,6 +2605,7 @@ class _Exchange:
         self.left = True
         self.lock.close()             # the file stays; its flock goes
         if self.request is not None:
+            _heartbeat.forget(self.request.temp)
             self.request.discard()
         self.phase = "done"
         log.debug("message in %s left to the server that read it", self.paths.buffer)
@@ -2538,6 +2664,8 @@ class _Reply:
             return cls(fd, head, end, marker == ERROR_MARKER.encode())
         except BaseException as exc:
             os.close(fd)
+            if isinstance(exc, FileNotFoundError):
+                return None           # removed since it was opened (see _stat_fresh)
             if isinstance(exc, OSError):
                 raise OSError(exc.errno, exc.strerror, path) from None    # say which file
             raise
@@ -2647,7 +2775,7 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
     presence.start()
     server = _Server(paths, responder, allowed, max_bytes, durable, report)
     try:
-        sweep_leftovers(allowed)
+        sweep_leftovers(allowed, stale_after)
         for orphan in sweep_orphan_replies(os.path.dirname(os.path.abspath(buffer)),
                                            stale_after):
             log.warning("removed %s: a reply nobody read for over %g s", orphan, stale_after)
@@ -2665,7 +2793,7 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
                 server.check_delivered(waiter, last_look=True)
     finally:
         WaitingLine(paths.lock, stale_after).clear()
-        sweep_leftovers(allowed)
+        sweep_leftovers(allowed, stale_after)
         presence.withdraw()
     return server.handled
 
@@ -2697,8 +2825,11 @@ class _Requester:
         self.gone = gone
         self.identity = (0, 0)
         if fd >= 0:
-            st = os.fstat(fd)
-            self.identity = (st.st_dev, st.st_ino)
+            try:
+                st = os.fstat(fd)
+                self.identity = (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                pass                  # removed since it was opened: its token decides
 
     @classmethod
     def of_lock(cls, lock_path: str) -> _Requester:
@@ -2739,8 +2870,18 @@ class _Requester:
         return not self.gone
 
     def release_lock(self, lock_path: str) -> None:
-        """Remove the client's lock if it is still the one the message came with."""
-        if self.fd >= 0 and remove_holder(lock_path, self.token, self.identity):
+        """Remove the client's lock if it is still the one the message came with.
+
+        One that names its client, and whose flock cannot be watched, is
+        closed first (see Lock.release). A watchable one is kept open while
+        its client reads the reply (see _Server.check_delivered), a nameless
+        one while it is removed: it is known only by its inode.
+        """
+        if self.fd < 0:
+            return
+        if self.token and not self.watchable:
+            self.close()
+        if remove_holder(lock_path, self.token, self.identity):
             log.debug("lock %s removed", lock_path)
 
     def close(self) -> None:
@@ -2834,7 +2975,10 @@ class _Server:
         if fd is None:
             return None
         try:
-            st = os.fstat(fd)
+            try:
+                st = os.fstat(fd)
+            except FileNotFoundError:
+                return None               # withdrawn since it was opened (see _stat_fresh)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "Not a regular file", self.paths.buffer)
             head, end = self._end_of(fd)
@@ -4256,6 +4400,9 @@ def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) 
         # A file changed under filechat's feet (say, the buffer replaced by a
         # directory while it ran): say which and how, never a traceback.
         where = f"{exc.filename}: " if exc.filename else ""
+        if log.verbose:               # for a bug report: where it came from
+            import traceback
+            log.debug("%s", "".join(traceback.format_exception(*sys.exc_info())).rstrip())
         term.error(f"{where}{exc.strerror or exc}; check the files beside the buffer")
         return EXIT_ERROR
     finally:

@@ -1,0 +1,310 @@
+"""A buffer's directory shared between hosts: real bindfs and sshfs mounts of one directory.
+
+The server runs on one mount and the clients on the other, each side with a
+host name of its own (a UTS namespace: scripts/mounts.py's as_host), so that
+neither can check the other by flock or pid. Where this machine cannot mount
+(not root, no /dev/fuse, tools missing) these tests skip and say why; with
+FILECHAT_MOUNT_TESTS=required (as .ci/run sets it) that is a failure instead.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import pytest
+from conftest import ROOT, SAFETY_NET, WAIT, Proc
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import mounts  # noqa: E402
+
+import filechat  # noqa: E402
+
+# The longest a dead holder on another host may keep its file, and a margin.
+DEAD_WITHIN = filechat.HEARTBEAT_INTERVAL * filechat.HEARTBEATS_MISSED
+BOUND = DEAD_WITHIN + 2 * filechat.HEARTBEAT_INTERVAL
+
+
+@pytest.fixture(scope="session")
+def mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[mounts.Mounts]:
+    why = mounts.why_not()
+    if why is not None:
+        if os.environ.get("FILECHAT_MOUNT_TESTS") == "required":
+            pytest.fail(f"the shared-directory tests must run here, but cannot: {why}")
+        pytest.skip(f"cannot mount shared directories: {why}")
+    made = mounts.Mounts(tmp_path_factory.mktemp("shared"),
+                         ["bindfs", "bindfs-cached", "sshfs"]).start()
+    yield made
+    made.stop()
+
+
+class Share:
+    """One fresh directory seen through both mounts of a setup."""
+
+    def __init__(self, made: mounts.Mounts, setup: str, pyz: Path) -> None:
+        name = uuid.uuid4().hex[:8]
+        self.base = made.base / name
+        self.base.mkdir()
+        a, b = made.points[setup]
+        self.a, self.b = a / name, b / name
+        self.pyz = pyz
+        self.procs: List[Proc] = []
+
+    def start(self, host: Optional[str], side: Path, *args: str,
+              env: Optional[Dict[str, str]] = None) -> Proc:
+        """Start filechat in side (a or b), as host (None: this machine's own name)."""
+        argv = [sys.executable, str(self.pyz), *args]
+        proc = Proc(mounts.as_host(host, argv) if host else argv, side, env=env)
+        self.procs.append(proc)
+        return proc
+
+    def server(self, host: Optional[str], side: Path, *options: str) -> Proc:
+        proc = self.start(host, side, "server", "buf.txt", "-v", *options)
+        proc.expect("Waiting for clients...")
+        return proc
+
+    def client(self, host: Optional[str], side: Path, message: str, *options: str,
+               env: Optional[Dict[str, str]] = None) -> Proc:
+        return self.start(host, side, "client", "buf.txt", "-m", message, "-v", *options,
+                          env=env)
+
+    def leftovers(self) -> List[str]:
+        return sorted(os.listdir(self.base))
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+
+
+@pytest.fixture(params=["bindfs", "bindfs-cached", "sshfs"])
+def share(request: pytest.FixtureRequest, mounted: mounts.Mounts, pyz: Path) -> Iterator[Share]:
+    made = Share(mounted, request.param, pyz)
+    yield made
+    made.close()
+
+
+@pytest.fixture(params=["bindfs", "sshfs"])
+def uncached(request: pytest.FixtureRequest, mounted: mounts.Mounts,
+             pyz: Path) -> Iterator[Share]:
+    made = Share(mounted, request.param, pyz)
+    yield made
+    made.close()
+
+
+def finished(proc: Proc, timeout: float = WAIT) -> Tuple[int, str]:
+    code = proc.wait(timeout)
+    assert SAFETY_NET not in proc.err, proc.err
+    return code, proc.out
+
+
+def test_both_sides_know_the_directory_is_shared(share: Share) -> None:
+    srv = share.server("alpha", share.a, "--max-messages", "1")
+    assert "which other hosts may share: polling every 0.02 s" in srv.err
+    result = subprocess.run([sys.executable, str(share.pyz), "status", "buf.txt", "--json"],
+                            cwd=share.b, capture_output=True, timeout=WAIT)
+    state = json.loads(result.stdout)
+    assert state["filesystem"]["shared"] is True and state["filesystem"]["polling"] == 0.02
+    assert state["filesystem"]["type"].startswith("fuse")
+    assert finished(share.client("beta", share.b, "hi"))[0] == 0
+    assert srv.wait() == 0
+
+
+def test_every_exchange_across_hosts_is_delivered_once(share: Share) -> None:
+    srv = share.server("alpha", share.a, "--auto-reply-cmd", "cat", "--log", "log.jsonl")
+    messages = [f"message {n} from beta" for n in range(12)]
+    clients = [share.client("beta", share.b, text) for text in messages]
+    for text, proc in zip(messages, clients):
+        code, out = finished(proc, WAIT * 3)
+        assert code == 0, proc.err
+        assert out == text, proc.err            # its own reply, none other's
+    assert srv.interrupt() == 0
+    assert SAFETY_NET not in srv.err
+    records = [json.loads(line) for line in (share.base / "log.jsonl").open()]
+    assert {record["outcome"] for record in records} == {"replied"}
+    answered = [record["message"] for record in records]
+    assert sorted(answered) == sorted(messages)     # each once: none lost, none twice
+    assert share.leftovers() == ["log.jsonl"], [(p, os.listdir(share.base / p)) for p in share.leftovers() if (share.base / p).is_dir()]
+
+
+def test_one_host_name_on_two_mounts(uncached: Share) -> None:
+    # Same host, boot and pid namespace: pids can be checked, flocks (not
+    # shared between two FUSE mounts) cannot.
+    share = uncached
+    srv = share.server(None, share.a, "--auto-reply-cmd", "cat")
+    for n in range(5):
+        code, out = finished(share.client(None, share.b, f"same host {n}"))
+        assert (code, out) == (0, f"same host {n}")
+    status = subprocess.run([sys.executable, str(share.pyz), "status", "buf.txt"],
+                            cwd=share.b, capture_output=True, timeout=WAIT)
+    assert status.returncode == 0 and b"5 messages answered" in status.stdout
+    second = share.start(None, share.b, "server", "buf.txt")
+    assert second.wait() == 1 and "already serves this buffer" in second.err
+    assert srv.interrupt() == 0
+    assert share.leftovers() == []
+
+
+def test_a_dead_remote_lock_is_cleared_by_its_heartbeat(uncached: Share) -> None:
+    share = uncached
+    # A client on beta dies holding the lock (before sending), as kill -9 would.
+    dead = share.client("beta", share.b, "never sent", env={"FILECHAT_CRASH_AT": "client-locked"})
+    assert dead.wait() == 137 and (share.base / "server.lock").exists()
+    srv = share.server("alpha", share.a, "--auto-reply", "ok")
+    alive = share.client("alpha", share.a, "after the dead one")
+    line = alive.expect("removed stale lock", BOUND)
+    assert "on beta, has not rewritten it for" in line and "(its heartbeat stopped)" in line
+    assert finished(alive)[0] == 0 and alive.out == "ok"
+    assert srv.interrupt() == 0
+    assert share.leftovers() == []
+
+
+def test_a_live_remote_holder_is_never_broken(uncached: Share) -> None:
+    # An exchange ten times longer than --stale-after: the lock is beaten all along.
+    share = uncached
+    srv = share.server("alpha", share.a, "--auto-reply-cmd", "sleep 5; cat",
+                       "--stale-after", "0.5")
+    slow = share.client("beta", share.b, "slow one", "--stale-after", "0.5")
+    srv.expect("slow one")
+    behind = share.client("gamma", share.a, "behind it", "--stale-after", "0.5")
+    behind.expect("Server busy, please wait...")
+    assert finished(slow, WAIT * 2) == (0, "slow one")
+    assert finished(behind, WAIT * 2) == (0, "behind it")
+    for proc in (slow, behind, srv):
+        assert "removed stale lock" not in proc.err and "has gone" not in proc.err
+    assert srv.interrupt() == 0
+    assert share.leftovers() == []
+
+
+def test_a_dead_remote_waiter_leaves_the_line(uncached: Share) -> None:
+    share = uncached
+    srv = share.server("alpha", share.a, "--auto-reply-cmd", "sleep 1; cat")
+    first = share.client("beta", share.b, "first")
+    srv.expect("first")
+    doomed = share.client("beta", share.b, "doomed")
+    doomed.expect("Server busy, please wait...")
+    last = share.client("gamma", share.a, "last")
+    last.expect("(2 ahead of you)")          # the one being answered, and doomed
+    doomed.popen.kill()
+    assert doomed.wait() == -signal.SIGKILL
+    assert finished(first) == (0, "first")
+    code, out = finished(last, BOUND + WAIT)
+    assert (code, out) == (0, "last")
+    assert srv.interrupt() == 0
+    assert share.leftovers() == []
+
+
+def test_status_is_right_from_every_side(uncached: Share) -> None:
+    share = uncached
+    srv = share.server("alpha", share.a, "--auto-reply", "ok")
+
+    def status(host: str, side: Path) -> Tuple[int, str]:
+        proc = share.start(host, side, "status", "buf.txt")
+        return proc.wait(BOUND), proc.out
+
+    for host, side in (("alpha", share.a), ("beta", share.b)):
+        code, out = status(host, side)
+        assert code == 0 and "running, process" in out and "on alpha" in out, out
+    srv.popen.kill()                            # dies without withdrawing its presence
+    srv.wait()
+    code, out = status("beta", share.b)
+    assert code == 5 and "not running" in out, out
+    # A server on the other host takes over the dead one's presence file.
+    again = share.server("beta", share.b, "--auto-reply", "again")
+    assert finished(share.client("alpha", share.a, "hi"))[1] == "again"
+    assert again.interrupt() == 0
+    assert share.leftovers() == []
+
+
+# --- What a network filesystem's errors may mean (no mount needed) ---
+
+def test_a_link_reported_failed_but_made_is_put_in_place_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_link = os.link
+
+    def link_then_fail(src: str, dst: str) -> None:     # as sshfs may do
+        real_link(src, dst)
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(os, "link", link_then_fail)
+    target = tmp_path / "reply.txt"
+    filechat.publish(str(target), b"the reply\x1b")
+    assert target.read_bytes() == b"the reply\x1b"
+    assert os.listdir(tmp_path) == ["reply.txt"]       # no temp file, no second copy
+
+
+@pytest.mark.parametrize("errno_", [1, 13])    # EPERM, EACCES
+def test_a_refusal_for_a_name_that_exists_means_it_exists(
+        errno_: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lock = tmp_path / "server.lock"
+    lock.write_bytes(b"")                       # a peer's lock
+
+    def refuse(src: str, dst: str) -> None:
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr(os, "link", refuse)
+    assert filechat.Lock(str(lock)).try_acquire() is False     # busy, not an error
+    assert os.listdir(tmp_path) == ["server.lock"]
+
+
+def test_a_refusal_for_a_free_name_is_an_error(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(src: str, dst: str) -> None:
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "link", refuse)
+    with pytest.raises(PermissionError):
+        filechat.Lock(str(tmp_path / "server.lock")).try_acquire()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_beating_record_keeps_its_length_and_changes(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "server.lock"
+    monkeypatch.setattr(filechat, "_on_shared", lambda path: True)
+    monkeypatch.setattr(filechat, "HEARTBEAT_INTERVAL", 0.05)
+    lock = filechat.Lock(str(path))
+    assert lock.try_acquire()
+    first = path.read_bytes()
+    owner = filechat.read_owner(first)
+    assert owner is not None and owner.beats and not owner.local
+    seen = {first}
+    while len(seen) < 3:                        # two beats
+        seen.add(path.read_bytes())
+    assert {len(record) for record in seen} == {len(first)}
+    assert all(filechat.read_owner(record).token == lock.token for record in seen)
+    lock.release()
+    assert not path.exists()
+
+
+def test_a_record_that_stops_changing_is_judged_dead(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "server.lock"
+    record = (b'{"pid": 1, "host": "elsewhere", "token": "00ff", "created": 1.0, '
+              b'"boot": "b", "pidns": 1, "local": false, "beat": "00000007"}\n')
+    path.write_bytes(record)
+    clock = [100.0]
+    monkeypatch.setattr(filechat.time, "monotonic", lambda: clock[0])
+    holder = filechat.inspect_holder(str(path))
+    assert holder is not None and holder.check == "heartbeat" and holder.gone is None
+    clock[0] += DEAD_WITHIN - 0.5
+    path.write_bytes(record.replace(b"00000007", b"00000008"))    # it beat: alive
+    assert filechat.inspect_holder(str(path)).gone is None
+    clock[0] += DEAD_WITHIN - 0.5
+    assert filechat.inspect_holder(str(path)).gone is None
+    clock[0] += 1.0
+    gone = filechat.inspect_holder(str(path)).gone
+    assert gone is not None and "heartbeat stopped" in gone
+    assert filechat.stale_reason(filechat.inspect_holder(str(path)), 1e9) == gone
+
+
+def test_relative_response_paths(tmp_path: Path) -> None:
+    buffer = str(tmp_path / "buf.txt")
+    assert filechat.sent_path(buffer, str(tmp_path / "r.txt")) == "r.txt"
+    assert filechat.sent_path(buffer, str(tmp_path / "sub" / "r.txt")) == os.path.join("sub",
+                                                                                       "r.txt")
+    assert filechat.sent_path(buffer, "/elsewhere/r.txt") == "/elsewhere/r.txt"
+    assert filechat.sent_path(buffer, str(tmp_path.parent / "r.txt")) == str(tmp_path.parent
+                                                                             / "r.txt")
