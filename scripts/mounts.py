@@ -97,8 +97,8 @@ class Mounts:
             "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
             "Subsystem sftp internal-sftp\n")
         os.makedirs("/run/sshd", exist_ok=True)     # its privilege separation directory
-        self.sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(ssh / "sshd_config")],
-                                     stderr=open(ssh / "sshd.log", "wb"))
+        self.sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-E", str(ssh / "sshd.log"),
+                                      "-f", str(ssh / "sshd_config")])
         deadline = time.monotonic() + 10
         while True:                    # until it accepts connections: its own event
             try:
@@ -106,8 +106,8 @@ class Mounts:
                 return
             except OSError:
                 if self.sshd.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("sshd did not start: "
-                                       + (ssh / "sshd.log").read_text(errors="replace"))
+                    raise RuntimeError("sshd did not start: " + (ssh / "sshd.log").read_text(
+                        errors="replace")) from None
                 time.sleep(0.05)
 
     def _mount(self, tool: str, options: str, point: Path) -> None:

@@ -13,6 +13,23 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 
+# The shared-directory tests mount one directory twice with bindfs and twice
+# with sshfs, through an sshd of their own (tests/test_shared.py): as root,
+# their tools come from Debian (tested: bindfs 1.14.7, sshfs 3.7.3, OpenSSH 9.2).
+# Elsewhere those tests skip and say why.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    need=()
+    command -v bindfs >/dev/null || need+=(bindfs)
+    command -v sshfs >/dev/null || need+=(sshfs)
+    [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+    if [ ${#need[@]} -gt 0 ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null \
+                 && apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null; }
+    fi
+fi
+
 "$venv/bin/ruff" check filechat.py build_zipapp.py scripts tests
 "$venv/bin/mypy" filechat.py build_zipapp.py
 "$venv/bin/vermin" --no-tips --violations --target=3.8- filechat.py build_zipapp.py
