@@ -125,7 +125,8 @@ RESPONSE_TIMEOUT = 60.0           # seconds a client waits for its reply (spec)
 SAFETY_INTERVAL = 1.0             # seconds: longest sleep even when events are trusted
 SHARED_POLL_INTERVAL = 0.02       # seconds between checks on a directory shared between hosts
 HEARTBEAT_INTERVAL = 2.0          # seconds between rewrites of a held file on a shared directory
-HEARTBEATS_MISSED = 3             # intervals without a change after which its holder has ended
+HEARTBEAT_TIMEOUT = 5.0           # seconds without a rewrite after which its holder has ended:
+                                  # two beats missed and the third due, so within three of a death
 STALE_AFTER = 300.0               # seconds before an unidentifiable lock counts as stale
 HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
 PRESENCE_INTERVAL = 1.0           # seconds between updates of the presence file's count
@@ -764,11 +765,15 @@ def _unlink_quietly(path: str) -> None:
 
 
 def _lstat_or_none(path: str) -> Optional[os.stat_result]:
-    """Return the lstat of path, or None if it does not exist."""
+    """Return the stat of path itself, or None if nothing is there.
+
+    A regular file is looked at anew by opening it (see _stat_fresh).
+    """
     try:
-        return os.lstat(path)
+        st = os.lstat(path)
     except FileNotFoundError:
         return None
+    return _stat_fresh(path) if stat.S_ISREG(st.st_mode) else st
 
 
 def _stat_fresh(path: str, noatime: bool = False) -> Optional[os.stat_result]:
@@ -782,7 +787,10 @@ def _stat_fresh(path: str, noatime: bool = False) -> Optional[os.stat_result]:
     try:
         fd = _open_to_read(path, noatime)
     except OSError:
-        return _lstat_or_none(path)
+        try:
+            return os.lstat(path)
+        except FileNotFoundError:
+            return None
     if fd is None:
         return None
     try:
@@ -841,7 +849,7 @@ def sweep_leftovers(directories: Sequence[str], older_than: float = STALE_AFTER,
     once if they are dead's, a holder found dead.
     """
     dead_tag = "" if dead is None else f"{zlib.crc32(dead.host.encode()):08x}"
-    older_than = max(older_than, HEARTBEAT_INTERVAL * HEARTBEATS_MISSED)
+    older_than = max(older_than, 10 * HEARTBEAT_INTERVAL)    # a touched file is young
     removed = []
     for directory in directories:
         try:
@@ -1136,7 +1144,7 @@ class _Heartbeat:
     A holder on another host cannot be checked by flock or pid, so each
     one rewrites its record every HEARTBEAT_INTERVAL, in place and at the
     same length, with a new counter; one whose record has not changed for
-    HEARTBEATS_MISSED intervals, by the watcher's own clock, has ended. A
+    HEARTBEAT_TIMEOUT seconds, by the watcher's own clock, has ended. A
     change of content is seen through every attribute cache (each look
     opens the file) and needs no agreement between the hosts' clocks. A
     thread does it, so that a holder busy elsewhere (an operator typing a
@@ -1225,7 +1233,7 @@ def _beats_stopped(path: str, data: bytes) -> float:
     """Return for how long the beating record at path has not changed; 0 if it just did.
 
     Counted from this process's first look: a watcher that arrives late
-    waits HEARTBEATS_MISSED intervals before it judges a holder dead.
+    waits HEARTBEAT_TIMEOUT seconds before it judges a holder dead.
     """
     now = time.monotonic()
     seen = _SEEN.get(path)
@@ -1302,7 +1310,7 @@ def settled_holder(path: str, ours: bool = False) -> Optional[Holder]:
 
     For a single look (status, a server starting): a record that beats is
     watched until it changes (its holder lives: within one heartbeat) or
-    HEARTBEATS_MISSED intervals pass without a change (it has ended).
+    HEARTBEAT_TIMEOUT seconds pass without a change (it has ended).
     """
     holder = inspect_holder(path, ours)
     looks = 0
@@ -1335,7 +1343,7 @@ def _judge(fd: int, owner: Owner, path: str,
             return None, "pid", 0.0
     if owner.beats:
         silent = _beats_stopped(path, data)
-        if silent > HEARTBEAT_INTERVAL * HEARTBEATS_MISSED:
+        if silent > HEARTBEAT_TIMEOUT:
             return (f"its holder, process {owner.pid} on {owner.host}, has not rewritten it "
                     f"for {silent:.0f} s (its heartbeat stopped)"), "heartbeat", silent
         return None, "heartbeat", silent
@@ -2444,7 +2452,7 @@ class _Exchange:
         if holder.check == "flock":
             return float("inf")       # its holder's death will show as an event
         if holder.check == "heartbeat":   # looked at again when its silence would end it
-            return HEARTBEAT_INTERVAL * HEARTBEATS_MISSED - holder.silent + 0.01
+            return HEARTBEAT_TIMEOUT - holder.silent + 0.01
         if holder.check:
             return HEARTBEAT_INTERVAL     # a pid, looked at again: its death sends nothing
         stale_in = self.lock.stale_after - holder.age + 0.01
@@ -2466,7 +2474,7 @@ class _Exchange:
         this client would take it for its own.
         """
         assert self.request is not None
-        if os.path.lexists(self.response_path):
+        if _lstat_or_none(self.response_path) is not None:
             raise UsageError(f"response file {self.response_path} appeared while this client "
                              "waited for the lock (another client's reply to the same path?); "
                              "nothing was sent: give each client its own response file")
@@ -2543,7 +2551,7 @@ class _Exchange:
         if left > 0:
             return left
         answering = self.phase == "sent" and self.request is not None and (
-            os.path.lexists(self.response_path)
+            _lstat_or_none(self.response_path) is not None
             or not _still_sent(self.paths.buffer, self.request.identity)
             or _read_in_place(self.paths.buffer, self.request.identity))
         if answering or running_server(self.paths.presence) is not None:

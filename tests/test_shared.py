@@ -25,7 +25,7 @@ import mounts
 import filechat
 
 # The longest a dead holder on another host may keep its file, and a margin.
-DEAD_WITHIN = filechat.HEARTBEAT_INTERVAL * filechat.HEARTBEATS_MISSED
+DEAD_WITHIN = filechat.HEARTBEAT_TIMEOUT
 BOUND = DEAD_WITHIN + 2 * filechat.HEARTBEAT_INTERVAL
 
 
