@@ -4,6 +4,7 @@
     python3 scripts/bench.py            # the full run (about a minute)
     python3 scripts/bench.py --quick    # tiny counts: a smoke check, numbers not meaningful
     python3 scripts/bench.py --json     # the same measurements as JSON
+    python3 scripts/bench.py --shared   # across hosts on bindfs and sshfs mounts (root)
 
 Everything runs on this machine in one go, so the ratios compare like with
 like; the absolute numbers depend on the machine and its load.
@@ -20,11 +21,15 @@ import sys
 import tempfile
 import time
 import zipapp
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import build_zipapp  # noqa: E402
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import mounts  # noqa: E402
 
 PYZ = os.path.join(ROOT, "filechat.pyz")
 MIB = 1 << 20
@@ -93,7 +98,7 @@ ECHO_SERVER = r"""
 import sys, time, json
 sys.path.insert(0, sys.argv[1])
 import filechat
-poll = sys.argv[3] == "poll"
+poll = {"poll": True, "events": False}.get(sys.argv[3])     # "auto": the filesystem decides
 count = int(sys.argv[4]) if len(sys.argv) > 4 else None   # then say when each came
 received = []
 def report(event, **info):
@@ -102,15 +107,16 @@ def report(event, **info):
     elif event == "received" and count:
         received.append((info["request"].message, time.time()))
 filechat.serve(sys.argv[2], lambda request: request.message, poll=poll,
-               poll_interval=filechat.POLL_INTERVAL, max_bytes=64 << 20, report=report,
-               max_messages=count)
+               poll_interval=filechat.POLL_INTERVAL if poll else None, max_bytes=64 << 20,
+               report=report, max_messages=count)
 print(json.dumps(received), flush=True)
 """
 LIBRARY_CLIENT = r"""
 import sys, time, json
 sys.path.insert(0, sys.argv[1])
 import filechat
-buffer, count, poll, size = sys.argv[2], int(sys.argv[3]), sys.argv[4] == "poll", int(sys.argv[5])
+buffer, count, size = sys.argv[2], int(sys.argv[3]), int(sys.argv[5])
+poll = True if sys.argv[4] == "poll" else None      # "auto": the filesystem decides
 message = "x" * size if size else "hello"
 def rss(field="VmRSS:"):       # VmHWM: the peak of this program, not of what forked it
     with open("/proc/self/status") as f:
@@ -121,7 +127,7 @@ times = []
 for i in range(count):
     start = time.perf_counter()
     reply = filechat.send(buffer, message, poll=poll, max_bytes=64 << 20,
-                          poll_interval=filechat.RESPONSE_POLL_INTERVAL)
+                          poll_interval=filechat.RESPONSE_POLL_INTERVAL if poll else None)
     times.append(time.perf_counter() - start)
     assert reply == message
     del reply                     # the caller is done with it before the next exchange
@@ -238,7 +244,7 @@ def measure_library(directory: str, count: int, poll: bool, size: int = 0
     exchanges (the client with its message already made), in KiB.
     """
     buffer = os.path.join(directory, "buf.txt")
-    mode = "poll" if poll else "events"
+    mode = "poll" if poll else "auto"
     server = start_process(ECHO_SERVER, PYZ, buffer, mode)
     server_baseline = rss(server.pid, "VmRSS:")
     result = run_json(LIBRARY_CLIENT, PYZ, buffer, str(count), mode, str(size))
@@ -317,7 +323,7 @@ def measure_line(directory: str, clients: int, messages: int) -> Dict[str, Any]:
     the reply: the line adds little beyond serving those ahead.
     """
     buffer = os.path.join(directory, "buf.txt")
-    server = start_process(ECHO_SERVER, PYZ, buffer, "events", str(clients * messages + 1))
+    server = start_process(ECHO_SERVER, PYZ, buffer, "auto", str(clients * messages + 1))
     out = os.path.join(directory, "records")
     os.mkdir(out)
     parent = subprocess.Popen([sys.executable, "-c", LINE_CLIENTS, PYZ, buffer, str(clients),
@@ -367,7 +373,7 @@ def measure_line(directory: str, clients: int, messages: int) -> Dict[str, Any]:
 def measure_idle(directory: str, seconds: float) -> float:
     """CPU time an idle server uses over a number of seconds."""
     buffer = os.path.join(directory, "buf.txt")
-    server = start_process(ECHO_SERVER, PYZ, buffer, "events")
+    server = start_process(ECHO_SERVER, PYZ, buffer, "auto")
     time.sleep(0.5)                           # past start-up
     before = cpu_seconds(server.pid)
     time.sleep(seconds)
@@ -396,7 +402,7 @@ def measure_big(directory: str, size: int, count: int) -> Dict[str, float]:
 def measure_big_cli(directory: str, source: str, count: int) -> Dict[str, float]:
     """CLI exchanges of the file source with an echo server: wall time and peak memory (bytes)."""
     buffer = os.path.join(directory, "cli-buf.txt")
-    server = start_process(ECHO_SERVER, PYZ, buffer, "events")
+    server = start_process(ECHO_SERVER, PYZ, buffer, "auto")
     server_baseline = rss(server.pid, "VmRSS:")
     reply = os.path.join(directory, "big.reply")
     runs = [run_json(SPAWN, reply, sys.executable, PYZ, "client", buffer, "--message-file",
@@ -421,6 +427,181 @@ def filesystem_of(path: str) -> str:
             if (path + "/").startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
                 best, kind = mount, fields[2]
     return kind
+
+
+# Exchanges one after another through send(), each message unique, each reply checked.
+SHARED_CLIENT = r"""
+import sys, time, json
+sys.path.insert(0, sys.argv[1])
+import filechat
+buffer, count = sys.argv[2], int(sys.argv[3])
+filechat.send(buffer, "warm-up")
+times, wrong = [], 0
+for i in range(count):
+    message = f"message {i} of {sys.argv[4]}"
+    start = time.perf_counter()
+    reply = filechat.send(buffer, message)
+    times.append(time.perf_counter() - start)
+    wrong += reply != message
+print(json.dumps({"times": times, "wrong": wrong}))
+"""
+# One exchange after a client on another host died holding the lock: how long
+# its lock took to clear (the wait for the lock).
+CLEAR_CLIENT = r"""
+import sys, time, json
+sys.path.insert(0, sys.argv[1])
+import filechat
+start, took = time.perf_counter(), []
+def status(event, **info):
+    if event == "locked":
+        took.append(time.perf_counter() - start)
+reply = filechat.send(sys.argv[2], "after the dead one", status=status)
+print(json.dumps({"lock_wait": took[0], "ok": reply == "after the dead one"}))
+"""
+
+
+def shared_exchanges(buffer_a: str, buffer_b: str, hosts: Tuple[Optional[str], Optional[str]],
+                     count: int) -> Dict[str, Any]:
+    """Exchanges from a client on b to a server on a; with host names, each its own host."""
+    def argv(host: Optional[str], code: str, *args: str) -> List[str]:
+        command = [sys.executable, "-c", code, *args]
+        return mounts.as_host(host, command) if host else command
+    server = subprocess.Popen(argv(hosts[0], ECHO_SERVER, PYZ, buffer_a, "auto", str(count + 1)),
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    if server.stdout.readline() != "ready\n":
+        raise RuntimeError("the server did not start")
+    done = subprocess.run(argv(hosts[1], SHARED_CLIENT, PYZ, buffer_b, str(count),
+                               hosts[1] or "this host"),
+                          capture_output=True, text=True, timeout=600, check=True)
+    result = json.loads(done.stdout)
+    received = [message for message, _ in json.loads(server.stdout.readline())][1:]
+    server.wait(30)
+    times = result["times"]
+    return {"attempted": count, "delivered": len(set(received)) - result["wrong"],
+            "duplicates": len(received) - len(set(received)),
+            "median": statistics.median(times), "max": max(times)}
+
+
+def shared_dead_lock(share: str, a: str, b: str) -> Dict[str, Any]:
+    """A client on host beta dies holding the lock; one on alpha then sends."""
+    env = dict(os.environ, FILECHAT_CRASH_AT="client-locked")
+    subprocess.run(mounts.as_host("beta", [sys.executable, PYZ, "client",
+                                           os.path.join(b, "buf.txt"), "-m", "never sent"]),
+                   env=env, capture_output=True, timeout=60)
+    if not os.path.exists(os.path.join(share, "server.lock")):
+        raise RuntimeError("the dying client left no lock")
+    server = subprocess.Popen(mounts.as_host("alpha", [sys.executable, "-c", ECHO_SERVER, PYZ,
+                                                       os.path.join(a, "buf.txt"), "auto"]),
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    server.stdout.readline()
+    done = subprocess.run(mounts.as_host("alpha", [sys.executable, "-c", CLEAR_CLIENT, PYZ,
+                                                   os.path.join(a, "buf.txt")]),
+                          capture_output=True, text=True, timeout=120, check=True)
+    stop(server)
+    return dict(json.loads(done.stdout))
+
+
+def shared_live_holder(a: str, b: str, stale_after: float) -> Dict[str, Any]:
+    """An exchange 10 x longer than --stale-after, with a client on another host behind it."""
+    def cli(host: str, side: str, *args: str) -> "subprocess.Popen[str]":
+        return subprocess.Popen(mounts.as_host(host, [sys.executable, PYZ, *args]), cwd=side,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = cli("alpha", a, "server", "buf.txt", "--auto-reply-cmd",
+                 f"sleep {10 * stale_after:g}; cat", "--stale-after", f"{stale_after:g}")
+    assert server.stdout is not None
+    for line in server.stdout:
+        if "Waiting for clients" in line:
+            break
+    slow = cli("beta", b, "client", "buf.txt", "-m", "slow", "--stale-after", f"{stale_after:g}")
+    time.sleep(stale_after)       # a benchmark, not a test: the one behind comes later
+    behind = cli("gamma", a, "client", "buf.txt", "-m", "behind",
+                 "--stale-after", f"{stale_after:g}")
+    outputs = [proc.communicate(timeout=120) for proc in (slow, behind)]
+    server.send_signal(2)
+    server.communicate(timeout=30)
+    broken = sum(err.count("removed stale lock") for _, err in outputs)
+    return {"held": 10 * stale_after, "broken": broken,
+            "ok": [out for out, _ in outputs] == ["slow", "behind"]}
+
+
+def run_shared(quick: bool) -> Dict[str, Any]:
+    """Measure exchanges across hosts on each mount setup, beside the local directory."""
+    why = mounts.why_not()
+    if why is not None:
+        raise SystemExit(f"bench.py --shared: cannot mount: {why}")
+    count = 5 if quick else 100
+    with tempfile.TemporaryDirectory(prefix="filechat-bench-shared-") as root:
+        made = mounts.Mounts(Path(root)).start()
+        try:
+            rows: List[Dict[str, Any]] = []
+
+            def fresh() -> Tuple[str, str]:
+                name = f"d{len(rows)}-{time.monotonic_ns()}"
+                os.mkdir(made.base / name)
+                return name, str(made.base / name)
+            name, local = fresh()
+            rows.append({"setup": f"local ({filesystem_of(local)})", "mode": "one host",
+                         **shared_exchanges(os.path.join(local, "buf.txt"),
+                                            os.path.join(local, "buf.txt"), (None, None), count)})
+            for setup, (a, b) in made.points.items():
+                for mode, hosts in (("one host, two mounts", (None, None)),
+                                    ("two hosts", ("alpha", "beta"))):
+                    name, _ = fresh()
+                    rows.append({"setup": setup, "mode": mode, **shared_exchanges(
+                        str(a / name / "buf.txt"), str(b / name / "buf.txt"), hosts, count)})
+            faults = []
+            for setup in ("bindfs", "sshfs"):
+                a, b = made.points[setup]
+                name, share = fresh()
+                dead = shared_dead_lock(share, str(a / name), str(b / name))
+                name, _ = fresh()
+                live = shared_live_holder(str(a / name), str(b / name), 0.3 if quick else 1.0)
+                faults.append({"setup": setup, "dead": dead, "live": live})
+        finally:
+            made.stop()
+    return {"rows": rows, "faults": faults, "quick": quick,
+            "poll": filechat_constant("SHARED_POLL_INTERVAL"),
+            "heartbeat": filechat_constant("HEARTBEAT_INTERVAL")}
+
+
+def filechat_constant(name: str) -> float:
+    sys.path.insert(0, ROOT)
+    import filechat
+    return float(getattr(filechat, name))
+
+
+def shared_table(r: Dict[str, Any]) -> str:
+    """Format run_shared's measurements as Markdown tables."""
+    local = r["rows"][0]["median"]
+    bound = 3 * r["poll"] + local
+    out = ["| setup | mode | delivered | twice | median | max | target | met |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in r["rows"]:
+        target, ok = "", True
+        if row["setup"] in ("bindfs", "sshfs"):
+            target, ok = f"<= {fmt_ms(bound)}", row["median"] <= bound
+        elif row["setup"] == "bindfs-cached":
+            target, ok = "<= 200 ms", row["median"] <= 0.2
+        everything = row["delivered"] == row["attempted"] and not row["duplicates"]
+        out.append(f"| {row['setup']} | {row['mode']} | {row['delivered']} of "
+                   f"{row['attempted']} | {row['duplicates']} | {fmt_ms(row['median'])} | "
+                   f"{fmt_ms(row['max'])} | {target} | "
+                   f"{'yes' if ok and everything else '**no**'} |")
+    out += ["", "| setup | dead remote lock cleared after | target | live holder, "
+            "held | broken | target | met |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for fault in r["faults"]:
+        dead, live = fault["dead"], fault["live"]
+        ok = (dead["ok"] and dead["lock_wait"] <= 3 * r["heartbeat"] and live["ok"]
+              and live["broken"] == 0)
+        out.append(f"| {fault['setup']} | {dead['lock_wait']:.2f} s | <= "
+                   f"{3 * r['heartbeat']:g} s (3 heartbeats) | {live['held']:g} s "
+                   f"(10 x --stale-after) | {live['broken']} | 0 | {'yes' if ok else '**no**'} |")
+    note = " (--quick: counts too small to mean anything)" if r["quick"] else ""
+    return "\n".join(out) + (f"\n\nPoll interval {r['poll']:g} s, heartbeat "
+                             f"{r['heartbeat']:g} s; target for uncached mounts: 3 x the poll "
+                             f"interval + the local exchange{note}")
 
 
 def fmt_ms(seconds: float) -> str:
@@ -547,10 +728,17 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--dir", metavar="DIR",
                         help="run in a new directory in DIR (default: the system's temp "
                              "directory); e.g. /dev/shm for tmpfs")
+    parser.add_argument("--shared", action="store_true",
+                        help="measure across hosts on bindfs and sshfs mounts of one "
+                             "directory instead (needs root and /dev/fuse)")
     args = parser.parse_args(argv)
     if not sys.platform.startswith("linux") or shutil.which("cp") is None:
         parser.error("the benchmark needs Linux (inotify, /proc) and cp")
     build_zipapp.build(PYZ)
+    if args.shared:
+        shared = run_shared(args.quick)
+        print(json.dumps(shared, indent=2) if args.json else shared_table(shared))
+        return 0
     results = run(args.quick, args.dir)
     print(json.dumps(results, indent=2) if args.json else table(results))
     return 0
