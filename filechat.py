@@ -130,6 +130,7 @@ HEARTBEAT_TIMEOUT = 5.0           # seconds without a rewrite after which its ho
 STALE_AFTER = 300.0               # seconds before an unidentifiable lock counts as stale
 HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
 PRESENCE_INTERVAL = 1.0           # seconds between updates of the presence file's count
+PRESENCE_LOOKS = 0.25             # seconds between a polling client's looks for its server
 PROGRESS_INTERVAL = 0.1           # seconds between updates of a progress line at a terminal
 MAX_BYTES = 1 << 20               # bytes: the largest message a client sends by default
 MAX_PATH = 4096                   # bytes: the longest response path a server reads
@@ -524,11 +525,16 @@ class _Staged:
             if hold:
                 _flock(self.fd, shared=False)
             _write_all(self.fd, data, durable)
-            st = os.fstat(self.fd)
+            # Which file, and how long. A held file (a record) is known by its
+            # token instead: one look less on a network filesystem.
+            if hold and isinstance(data, bytes):
+                self.identity = (0, 0, len(data))
+            else:
+                st = os.fstat(self.fd)
+                self.identity = (st.st_dev, st.st_ino, st.st_size)
         except BaseException:
             self.discard()
             raise
-        self.identity = (st.st_dev, st.st_ino, st.st_size)    # which file, and how long
         if not hold:
             self.close()
 
@@ -931,30 +937,40 @@ def filesystem_type(directory: str) -> str:
     directory = os.path.abspath(directory)
     kind = _FILESYSTEMS.get(directory)
     if kind is None:
-        kind = _FILESYSTEMS[directory] = _mount_type(os.path.realpath(directory))
+        kind = _FILESYSTEMS[directory] = _mount_type(directory)
     return kind
 
 
-def _mount_type(real: str) -> str:
-    """Return the type of the innermost mount holding the real path real ("": not Linux)."""
+def _mount_type(directory: str) -> str:
+    """Return the type of the mount holding directory ("": not Linux, or not found).
+
+    Found by its device number, one look; else (btrfs subvolumes have their
+    own) by the innermost mount point above its real path.
+    """
     try:
         with open("/proc/self/mountinfo", "rb") as f:
             lines = f.read().decode("utf-8", "surrogateescape").splitlines()
+        dev = os.stat(directory).st_dev
     except OSError:
         return ""
-    longest, kind = -1, ""
+    mounts = []
     for line in lines:
         fields = line.split(" ")
         try:
             point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-            here = fields[fields.index("-", 6) + 1]
+            mounts.append((fields[2], point, fields[fields.index("-", 6) + 1]))
         except (IndexError, ValueError):
             continue
-        # The later of two mounts on one point hides the earlier: >=.
-        if ((real == point or real.startswith(point.rstrip("/") + "/"))
-                and len(point) >= longest):
-            longest, kind = len(point), here
-    return kind
+    # The later of two mounts on one device or point hides the earlier.
+    number = f"{os.major(dev)}:{os.minor(dev)}"
+    kinds = [kind for device, _, kind in mounts if device == number]
+    if kinds:
+        return kinds[-1]
+    real, longest, found = os.path.realpath(directory), -1, ""
+    for _, point, kind in mounts:
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= longest:
+            longest, found = len(point), kind
+    return found
 
 
 def is_shared(kind: str) -> bool:
@@ -1290,9 +1306,13 @@ def inspect_holder(path: str, ours: bool = False) -> Optional[Holder]:
             gone, check, silent = None, "", 0.0
             if owner is not None:
                 gone, check, silent = _judge(fd, owner, path, data)
-            elif (ours and sys.platform != "win32" and not _on_shared(path)
-                  and time.time() - st.st_mtime > 1.0 and _flock(fd, shared=True)):
-                gone = "it names no holder, and none holds it"
+            elif ours and sys.platform != "win32" and not _on_shared(path):
+                if time.time() - st.st_mtime > 1.0 and _flock(fd, shared=True):
+                    gone = "it names no holder, and none holds it"
+            elif ours:       # no flock to ask: nobody's once it stays as it is
+                check, silent = "heartbeat", _beats_stopped(path, data)
+                if silent > HEARTBEAT_TIMEOUT:
+                    gone = f"it names no holder, and has not changed for {silent:.0f} s"
             # A presence file is replaced while its server runs: an flock
             # freed by that replacement is not a death.
             if gone is None or _file_id(path) == identity:
@@ -2501,6 +2521,10 @@ class _Exchange:
             deadline = time.monotonic() + timeout
             server_up: Optional[bool] = None
             tick = _Ticker(self.status, "reply", self.progress)
+            # Polling, the server is looked for less often than the reply: a
+            # look costs the file server as much as the reply's, and where
+            # there are heartbeats its death takes seconds to show anyway.
+            looked, every = -float("inf"), PRESENCE_LOOKS if self.poll else 0.0
             while True:
                 # Its server's death closes the presence file: watched before it is looked at.
                 waiter.watch_files([paths.presence])
@@ -2508,7 +2532,9 @@ class _Exchange:
                 if reply is not None:
                     waiter.progress(f"reply in {self.response_path}")
                     break
-                up = running_server(paths.presence) is not None
+                if time.monotonic() - looked >= every:
+                    looked = time.monotonic()
+                    up = running_server(paths.presence) is not None
                 if up != server_up:
                     if server_up is not None:
                         waiter.progress(f"server on {paths.buffer} {'up' if up else 'gone'}")
@@ -3003,7 +3029,9 @@ class _Server:
                 raise
             _crash_point("server-taken")
             log.debug("message claimed as %s", claim)
-            if _file_id(claim) != (st.st_dev, st.st_ino):    # replaced since it was read
+            # Replaced since it was read? Its own rename: no cache to see through.
+            renamed = os.lstat(claim)
+            if (renamed.st_dev, renamed.st_ino) != (st.st_dev, st.st_ino):
                 os.close(fd)
                 fd = -1
                 return self._open_claim(claim, client)

@@ -509,7 +509,8 @@ def shared_live_holder(a: str, b: str, stale_after: float) -> Dict[str, Any]:
         return subprocess.Popen(mounts.as_host(host, [sys.executable, PYZ, *args]), cwd=side,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     server = cli("alpha", a, "server", "buf.txt", "--auto-reply-cmd",
-                 f"sleep {10 * stale_after:g}; cat", "--stale-after", f"{stale_after:g}")
+                 f"sleep {10 * stale_after:g}; cat", "--stale-after", f"{stale_after:g}",
+                 "--hook-timeout", f"{20 * stale_after + 10:g}")
     assert server.stdout is not None
     for line in server.stdout:
         if "Waiting for clients" in line:

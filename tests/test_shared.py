@@ -308,3 +308,20 @@ def test_relative_response_paths(tmp_path: Path) -> None:
     assert filechat.sent_path(buffer, "/elsewhere/r.txt") == "/elsewhere/r.txt"
     assert filechat.sent_path(buffer, str(tmp_path.parent / "r.txt")) == str(tmp_path.parent
                                                                              / "r.txt")
+
+
+def test_an_empty_file_of_filechat_s_own_is_nobody_s_once_it_stays_empty(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a power loss leaves of a presence file, on a shared directory: no
+    # flock to ask, so it is watched like a heartbeat that never comes.
+    presence = tmp_path / "buf.txt.server"
+    presence.write_bytes(b"")
+    monkeypatch.setattr(filechat, "_on_shared", lambda path: True)
+    clock = [100.0]
+    monkeypatch.setattr(filechat.time, "monotonic", lambda: clock[0])
+    assert filechat.inspect_holder(str(presence), ours=True).gone is None
+    assert filechat.inspect_holder(str(presence)).check == ""     # a peer's empty lock: age
+    clock[0] += DEAD_WITHIN + 0.5
+    gone = filechat.inspect_holder(str(presence), ours=True).gone
+    assert gone is not None and "names no holder" in gone
+    assert filechat.running_server(str(presence)) is None
