@@ -24,9 +24,12 @@ Steps of one exchange:
      the next client in, and deletes its claim.
   5. The client reads the reply, prints it and deletes RESPONSE.
 
-Locks, tickets and presence files name their owner (JSON: pid, host, token,
-time) and the owner holds an flock on them, so one whose owner died is
-recognised at once and cleared; a live owner's never is.
+Locks, tickets and presence files name their owner (JSON: pid, host, boot
+id, pid namespace, token, time) and the owner holds an flock on them, so one
+whose owner died is recognised at once and cleared; a live owner's never is.
+On a directory shared between hosts, where neither flock nor pid can be
+checked across hosts, filechat polls, and each owner rewrites its file every
+2 s instead (a heartbeat): one unchanged for 5 s has ended.
 
 Exit statuses: 0 ok, 1 error, 2 usage or bad input, 3 reply timeout,
 4 lock timeout, 5 no server (status), 130 client interrupted (Ctrl+C
@@ -591,7 +594,21 @@ class _Staged:
                         self._refuse_if_taken()
                     raise
                 os.replace(self.temp, self.path)
+        if self.fd >= 0 and _on_shared(self.path):
+            self._hold_by_name()
         _unlink_quietly(self.temp)
+
+    def _hold_by_name(self) -> None:
+        """Keep the file open by its name rather than its temp name, on a shared directory.
+
+        FUSE keeps a file removed while open under a hidden name, and before
+        libfuse 3.15 may leave it there when the holder dies at that moment
+        (libfuse issue 746); the temp name is removed closed. No flock is
+        trusted there, so none is lost.
+        """
+        fd = os.open(self.path, os.O_WRONLY | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
+        self.fd, temp_fd = fd, self.fd
+        os.close(temp_fd)
 
     def _landed(self) -> bool:
         """True if the file at the path is this one: its size, and its first bytes."""
@@ -1484,11 +1501,11 @@ class Lock:
     dies. The server, not the holder, removes a lock after answering, as
     the spec says.
 
-    Staleness is decided in one place, ``stale_reason``: a holder on this
-    host whose flock is free (or, without flock, whose pid is gone); or a
-    lock that names no holder on this host and is older than
-    ``stale_after``. A lock is only ever removed after checking that it is
-    the very file (device and inode) that was judged.
+    Staleness is decided in one place, ``stale_reason``: a holder known to
+    have ended (by its flock, its pid or its heartbeat: see _judge), or a
+    lock whose holder cannot be checked that is older than ``stale_after``.
+    A lock is only ever removed after checking that it is the very file that
+    was judged: the one holding its token (without one, its inode).
     """
 
     def __init__(self, path: str, stale_after: float = STALE_AFTER,
@@ -1721,14 +1738,21 @@ class Presence:
             return
 
     def update(self, answered: int) -> None:
-        """Replace the presence file with one that counts answered messages."""
+        """Replace the presence file with one that counts answered messages.
+
+        On a shared directory the old one is let go of first: FUSE keeps a
+        file replaced while open under a hidden name (see _Staged), and no
+        flock is trusted there.
+        """
         record = _owner_record(self.path, answered, self.started, self.token)
+        if _on_shared(self.path):
+            self._hold(-1, b"")
         self._hold(publish(self.path, record, replace=True, durable=self.durable, hold=True),
                    record)
         self.answered = answered
 
     def _hold(self, fd: int, record: bytes) -> None:
-        """Keep fd, the presence file now in place, and let go of the previous one."""
+        """Keep fd, the presence file now in place (-1: none), and let go of the previous one."""
         previous, self.fd = self.fd, fd
         _heartbeat.start(fd, record)
         if previous >= 0:
@@ -3832,8 +3856,8 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
                         help="fsync every file and its directory, so that an exchange "
                              "survives a power loss (slower)")
     parser.add_argument("--stale-after", metavar="SECONDS", type=_seconds, default=STALE_AFTER,
-                        help="treat a lock with no live holder on this host as stale after "
-                             f"SECONDS (default {STALE_AFTER:g})")
+                        help="treat a lock whose holder cannot be checked (a spec client's "
+                             f"empty lock) as stale after SECONDS (default {STALE_AFTER:g})")
     parser.add_argument("--poll", action="store_const", const=True, default=None,
                         help="poll the files instead of waiting for filesystem events "
                              "(the default on a directory shared between hosts: NFS, SMB, FUSE)")
