@@ -1457,14 +1457,7 @@ def remove_holder(path: str, token: str, identity: Tuple[int, int] = (0, 0)) -> 
     """
     if not token:
         return remove_if_same(path, identity)
-    fd = _open_to_read(path)
-    if fd is None:
-        return False
-    try:
-        owner = read_owner(os.read(fd, 4096))
-    finally:
-        os.close(fd)
-    if owner is None or owner.token != token:
+    if _token_at(path) != token:
         return False
     try:
         os.unlink(path)
@@ -1480,6 +1473,8 @@ def _token_at(path: str) -> Optional[str]:
         return None
     try:
         owner = read_owner(os.read(fd, 4096))
+    except FileNotFoundError:         # removed since it was opened (see _stat_fresh)
+        return None
     finally:
         os.close(fd)
     return "" if owner is None else owner.token
