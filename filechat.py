@@ -479,11 +479,14 @@ def _create(path: str) -> int:
                    0o644)
 
 
-def _write_all(fd: int, data: Data, durable: bool) -> None:
-    """Write all of data to fd (and to the disk, if durable)."""
+def _write_all(fd: int, data: Data, durable: bool) -> bytes:
+    """Write all of data to fd (and to the disk, if durable); return its first KEPT bytes."""
     if not isinstance(data, bytes):
         data = _coalesced(data)
+    head = b""
     for part in [data] if isinstance(data, bytes) else data:
+        if len(head) < KEPT:
+            head += part[:KEPT - len(head)]
         view = memoryview(part)
         if _CRASH_AT == "mid-write":
             os.write(fd, view[:len(view) // 2])
@@ -492,6 +495,10 @@ def _write_all(fd: int, data: Data, durable: bool) -> None:
             view = view[os.write(fd, view):]
     if durable:
         os.fsync(fd)
+    return head
+
+
+KEPT = 4096                   # bytes of a published file kept to tell it from another
 
 
 def _coalesced(pieces: Iterable[bytes]) -> Iterator[bytes]:
@@ -527,7 +534,8 @@ class _Staged:
         try:
             if hold:
                 _flock(self.fd, shared=False)
-            _write_all(self.fd, data, durable)
+            # Its first bytes and its size tell it where inode numbers change.
+            self.head = _write_all(self.fd, data, durable)
             # Which file, and how long. A held file (a record) is known by its
             # token instead: one look less on a network filesystem.
             if hold and isinstance(data, bytes):
@@ -616,20 +624,26 @@ class _Staged:
         if fd is None:
             return False
         try:
-            size = self.identity[2]
-            if os.fstat(fd).st_size != size:
-                return False
-            mine = _open_to_read(self.temp) if _exists(self.temp) else None
-            if mine is None:              # renamed: the size is all there is to compare
-                return True
-            try:
-                return os.read(fd, HEAD) == os.read(mine, HEAD)
-            finally:
-                os.close(mine)
+            return (os.fstat(fd).st_size == self.identity[2]
+                    and os.read(fd, len(self.head)) == self.head)
         except FileNotFoundError:         # removed since it was opened (see _stat_fresh)
             return False
         finally:
             os.close(fd)
+
+    def take_back(self) -> bool:
+        """Remove the file from its path if it is still this one; True if removed.
+
+        By its size and first bytes: a hard link on a network filesystem may
+        show a new inode number.
+        """
+        if not self._landed():
+            return False
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return False
+        return True
 
     def _refuse_if_taken(self) -> None:
         """Raise FileExistsError if the path exists: a refusal that said something else."""
@@ -3197,7 +3211,7 @@ class _Server:
         # Looked at once the reply is out, not before: the client reads it
         # meanwhile. One whose client has gone is taken back.
         if not client.waiting(self.paths.lock):
-            remove_if_same(path, reply.identity[:2])
+            reply.take_back()
             self.report("discarded", reason=f"the client for {path} has gone", request=request)
             return False
         self._release(claim)             # at once: the client waits for this

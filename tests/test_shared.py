@@ -325,3 +325,18 @@ def test_an_empty_file_of_filechat_s_own_is_nobody_s_once_it_stays_empty(
     gone = filechat.inspect_holder(str(presence), ours=True).gone
     assert gone is not None and "names no holder" in gone
     assert filechat.running_server(str(presence)) is None
+
+
+def test_a_reply_is_taken_back_by_what_it_holds_not_by_its_inode(tmp_path: Path) -> None:
+    path = tmp_path / "reply.txt"
+    reply = filechat._Staged(str(path), b"the reply\x1b")
+    reply.put()
+    # Another file at the path now, as after the client read the reply and a
+    # stranger made one: left alone.
+    path.unlink()
+    path.write_bytes(b"somebody's\x1b")
+    assert reply.take_back() is False and path.read_bytes() == b"somebody's\x1b"
+    # The same bytes under a new inode, as a network filesystem's link shows: its own.
+    path.unlink()
+    path.write_bytes(b"the reply\x1b")
+    assert reply.take_back() is True and not path.exists()
