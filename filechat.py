@@ -3448,8 +3448,10 @@ def status(buffer: str, lock_path: Optional[str] = None,
         answering = paths.answering(holder)
         reason = None if answering else stale_reason(holder, stale_after)
         owner = holder.owner
+        # Held since its record was made: a heartbeat keeps its file's time fresh.
+        held = holder.age if owner is None else max(0.0, time.time() - owner.created)
         lock.update(pid=owner.pid if owner else None, host=owner.host if owner else None,
-                    age=round(holder.age, 3),
+                    age=round(held, 3),
                     state="stale" if reason else "being answered" if answering
                     else "alive" if holder.check else "unknown",
                     stale_reason=reason)
