@@ -883,7 +883,10 @@ def sweep_leftovers(directories: Sequence[str], older_than: float = STALE_AFTER,
     writing them (an interrupted write removes its own, see _Staged). Those
     of this host by their pid; another host's by age, once older than
     older_than (a pending request there is touched by its heartbeat), or at
-    once if they are dead's, a holder found dead.
+    once if they are dead's, a holder found dead. Also what FUSE kept of a
+    lock, ticket or presence file removed while another process looked at
+    it: it renames such a file .fuse_hidden... to remove it once closed,
+    and before libfuse 3.15 may never do (libfuse issue 746).
     """
     dead_tag = "" if dead is None else f"{zlib.crc32(dead.host.encode()):08x}"
     older_than = max(older_than, 10 * HEARTBEAT_INTERVAL)    # a touched file is young
@@ -894,6 +897,11 @@ def sweep_leftovers(directories: Sequence[str], older_than: float = STALE_AFTER,
         except OSError:
             continue
         for name in names:
+            if name.startswith(".fuse_hidden") and _holds_a_record(os.path.join(directory,
+                                                                               name)):
+                _unlink_quietly(os.path.join(directory, name))
+                removed.append(name)
+                continue
             match = _LEFTOVER.search(name)
             if not (name.startswith(".") and match):
                 continue
@@ -904,6 +912,14 @@ def sweep_leftovers(directories: Sequence[str], older_than: float = STALE_AFTER,
                 _unlink_quietly(path)
                 removed.append(name)
     return removed
+
+
+def _holds_a_record(path: str) -> bool:
+    """True if the file at path names a holder, as a lock, ticket or presence file does."""
+    try:
+        return bool(_token_at(path))
+    except OSError:
+        return False
 
 
 def _older_than(path: str, seconds: float) -> bool:
@@ -1687,24 +1703,7 @@ class WaitingLine:
         except OSError as exc:
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and not self.tickets():
                 sweep_leftovers([self.directory], self.stale_after)
-                self._sweep_hidden()
                 remove_empty_directory(self.directory)
-
-    def _sweep_hidden(self) -> None:
-        """Remove what FUSE keeps of tickets removed while another process looked at them.
-
-        A FUSE filesystem renames a file removed while open to .fuse_hidden...,
-        to remove it when it is closed, and before libfuse 3.15 it may never
-        do (libfuse issue 746). In this directory, filechat's own, any such
-        file was a ticket.
-        """
-        try:
-            names = os.listdir(self.directory)
-        except OSError:
-            return
-        for name in names:
-            if name.startswith(".fuse_hidden"):
-                _unlink_quietly(os.path.join(self.directory, name))
 
 
 def _is_ticket(name: str) -> bool:

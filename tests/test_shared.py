@@ -340,3 +340,14 @@ def test_a_reply_is_taken_back_by_what_it_holds_not_by_its_inode(tmp_path: Path)
     path.unlink()
     path.write_bytes(b"the reply\x1b")
     assert reply.take_back() is True and not path.exists()
+
+
+def test_what_fuse_hides_of_a_removed_holder_file_is_swept(tmp_path: Path) -> None:
+    # libfuse 3.14 may leave a lock removed while another process read it as
+    # .fuse_hidden...: a sweep removes such a file if it names a holder, and
+    # nothing else hidden there.
+    record = (b'{"pid": 1, "host": "elsewhere", "token": "00ff", "created": 1.0}\n')
+    (tmp_path / ".fuse_hidden0000000100000001").write_bytes(record)
+    (tmp_path / ".fuse_hidden0000000200000001").write_bytes(b"somebody else's file")
+    assert filechat.sweep_leftovers([str(tmp_path)]) == [".fuse_hidden0000000100000001"]
+    assert os.listdir(tmp_path) == [".fuse_hidden0000000200000001"]
