@@ -3251,12 +3251,16 @@ class _Server:
 
         The lock goes first: its client waits for that. The claim goes at
         once after it, so that a Ctrl+C now leaves no answered message to be
-        taken up again by the next server.
+        taken up again by the next server; closed before it is removed (see
+        Lock.release), as it has been read.
         """
         if claim.path:
             try:
                 claim.client.release_lock(self.paths.lock)
             finally:             # even on Ctrl+C: the message is answered or discarded
+                fd, claim.fd = claim.fd, -1
+                if fd >= 0:
+                    os.close(fd)
                 _unlink_quietly(claim.path)
                 claim.path = ""
 
