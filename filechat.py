@@ -637,13 +637,7 @@ class _Staged:
         By its size and first bytes: a hard link on a network filesystem may
         show a new inode number.
         """
-        if not self._landed():
-            return False
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            return False
-        return True
+        return self._landed() and _unlink_quietly(self.path)
 
     def _refuse_if_taken(self) -> None:
         """Raise FileExistsError if the path exists: a refusal that said something else."""
@@ -793,12 +787,13 @@ def _pieces(fd: int, start: int, end: int, head: bytes) -> Iterator[bytes]:
         yield piece
 
 
-def _unlink_quietly(path: str) -> None:
-    """Remove path if it exists."""
+def _unlink_quietly(path: str) -> bool:
+    """Remove path if it exists; True if it did."""
     try:
         os.unlink(path)
     except FileNotFoundError:
-        pass
+        return False
+    return True
 
 
 def _lstat_or_none(path: str) -> Optional[os.stat_result]:
@@ -855,13 +850,7 @@ def remove_if_same(path: str, identity: Tuple[int, int]) -> bool:
     For files that hold no token (replies, requests, a peer's empty lock): a
     file that names its holder is removed by its token (remove_holder).
     """
-    if _file_id(path) != identity:
-        return False
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
+    return _file_id(path) == identity and _unlink_quietly(path)
 
 
 def remove_empty_directory(path: str) -> None:
@@ -1004,7 +993,9 @@ def _mount_type(directory: str) -> str:
     for line in lines:
         fields = line.split(" ")
         try:
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            point = fields[4]
+            if "\\" in point:            # a space or other character escaped in octal
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point)
             mounts.append((fields[2], point, fields[fields.index("-", 6) + 1]))
         except (IndexError, ValueError):
             continue
@@ -1145,6 +1136,7 @@ _OWNER = re.compile(rb'\{"pid": (\d+), "host": "([A-Za-z0-9._-]*)", "token": "([
                     rb'(?:, "boot": "([0-9a-f-]*)", "pidns": (\d+), "local": (true|false))?'
                     rb'(?:, "beat": "[0-9a-f]{8}")?\}\n?\Z')
 _PLAIN_HOST = re.fullmatch(r"[A-Za-z0-9._-]*", HOST) is not None
+_PLAIN_BOOT = all(c in "0123456789abcdef-" for c in BOOT_ID)
 BEAT = b'"beat": "00000000"}'       # how a record that beats ends: its counter is rewritten
 
 
@@ -1166,7 +1158,7 @@ def _owner_record(path: str, answered: Optional[int] = None, started: float = 0.
     record.update(boot=BOOT_ID, pidns=PID_NS, local=local)
     if not local:
         record.update(beat="00000000")
-    if not _PLAIN_HOST or not re.fullmatch(r"[0-9a-f-]*", BOOT_ID):
+    if not _PLAIN_HOST or not _PLAIN_BOOT:
         import json
         return (json.dumps(record) + "\n").encode()
     fields = ", ".join(f'"{key}": ' + (f'"{value}"' if isinstance(value, str) else
@@ -1487,13 +1479,7 @@ def remove_holder(path: str, token: str, identity: Tuple[int, int] = (0, 0)) -> 
     """
     if not token:
         return remove_if_same(path, identity)
-    if _token_at(path) != token:
-        return False
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
+    return _token_at(path) == token and _unlink_quietly(path)
 
 
 def _token_at(path: str) -> Optional[str]:
