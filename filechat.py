@@ -620,16 +620,8 @@ class _Staged:
 
     def _landed(self) -> bool:
         """True if the file at the path is this one: its size, and its first bytes."""
-        fd = _open_to_read(self.path)
-        if fd is None:
-            return False
-        try:
-            return (os.fstat(fd).st_size == self.identity[2]
-                    and os.read(fd, len(self.head)) == self.head)
-        except FileNotFoundError:         # removed since it was opened (see _stat_fresh)
-            return False
-        finally:
-            os.close(fd)
+        return bool(_looked_at(self.path, lambda fd: os.fstat(fd).st_size == self.identity[2]
+                               and os.read(fd, len(self.head)) == self.head))
 
     def take_back(self) -> bool:
         """Remove the file from its path if it is still this one; True if removed.
@@ -646,11 +638,7 @@ class _Staged:
 
     def close(self) -> None:
         """Close the file's descriptor, letting go of its flock."""
-        # Forgotten before it is closed (here and in every close below): after an
-        # interrupt in between, a second close could hit a file given the same number.
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        _close_fd(self)
 
     def discard(self) -> None:
         """Drop the file if it was not put in place."""
@@ -658,6 +646,19 @@ class _Staged:
         if self.temp:
             _unlink_quietly(self.temp)
             self.temp = ""
+
+
+def _close_fd(holder: Any) -> None:
+    """Close holder.fd, if open, and stop beating it (a lock, ticket or presence file).
+
+    Forgotten before it is closed: after an interrupt in between, a second
+    close could hit a file given the same number. The beat stops first, so
+    that none hits a reused descriptor.
+    """
+    fd, holder.fd = holder.fd, -1
+    if fd >= 0:
+        _heartbeat.stop(fd)
+        os.close(fd)
 
 
 def publish(path: str, data: Data, *, replace: bool = False, durable: bool = False,
@@ -711,20 +712,37 @@ def _open_to_read(path: str, noatime: bool = False) -> Optional[int]:
         raise
 
 
-def read_or_none(path: str) -> Optional[bytes]:
-    """Return the bytes of path, None if it does not exist (for small files only)."""
-    fd = _open_to_read(path)
+def _looked_at(path: str, look: Callable[[int], Any], noatime: bool = False) -> Any:
+    """Return look(fd) for the file at path, open to read; None if there is none now.
+
+    A file removed after it was opened counts as none: sshfs looks up an
+    open file by name. Other errors say which file.
+    """
+    fd = _open_to_read(path, noatime)
     if fd is None:
         return None
     try:
-        chunks = [os.read(fd, READ_SIZE)]
-        while chunks[-1]:
-            chunks.append(os.read(fd, READ_SIZE))
+        return look(fd)
+    except FileNotFoundError:
+        return None
     except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, path) from None    # say which file
+        raise OSError(exc.errno, exc.strerror, exc.filename or path) from None
     finally:
         os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    """Return the rest of the file open as fd (for small files only)."""
+    chunks = [os.read(fd, READ_SIZE)]
+    while chunks[-1]:
+        chunks.append(os.read(fd, READ_SIZE))
     return b"".join(chunks)
+
+
+def read_or_none(path: str) -> Optional[bytes]:
+    """Return the bytes of path, None if it does not exist (for small files only)."""
+    data: Optional[bytes] = _looked_at(path, _read_all)
+    return data
 
 
 HEAD = 65536                  # bytes read first: the whole of most messages and replies
@@ -817,20 +835,13 @@ def _stat_fresh(path: str, noatime: bool = False) -> Optional[os.stat_result]:
     cannot be opened is looked at with lstat.
     """
     try:
-        fd = _open_to_read(path, noatime)
+        found: Optional[os.stat_result] = _looked_at(path, os.fstat, noatime)
+        return found
     except OSError:
         try:
             return os.lstat(path)
         except FileNotFoundError:
             return None
-    if fd is None:
-        return None
-    try:
-        return os.fstat(fd)
-    except FileNotFoundError:
-        return None       # removed since it was opened: sshfs looks up an open file by name
-    finally:
-        os.close(fd)
 
 
 def _exists(path: str) -> bool:
@@ -945,19 +956,12 @@ def sweep_orphan_replies(directory: str, older_than: float) -> List[str]:
 
 def _ends_with_esc(path: str) -> bool:
     """True if the file at path ends with ESC, as a complete reply does."""
-    fd = _open_to_read(path)
-    if fd is None:
-        return False
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return False
-        os.lseek(fd, size - 1, os.SEEK_SET)
-        return os.read(fd, 1) == END_MARKER.encode()
-    except FileNotFoundError:         # removed since it was opened (see _stat_fresh)
-        return False
-    finally:
-        os.close(fd)
+    def last_byte(fd: int) -> bytes:
+        if os.fstat(fd).st_size == 0:
+            return b""
+        os.lseek(fd, -1, os.SEEK_END)
+        return os.read(fd, 1)
+    return bool(_looked_at(path, last_byte) == END_MARKER.encode())
 
 
 # Filesystem types through which hosts share a directory. There inotify sees
@@ -1484,15 +1488,10 @@ def remove_holder(path: str, token: str, identity: Tuple[int, int] = (0, 0)) -> 
 
 def _token_at(path: str) -> Optional[str]:
     """Return the token of the holder file at path ("" if it names none), None if absent."""
-    fd = _open_to_read(path)
-    if fd is None:
+    data = _looked_at(path, lambda fd: os.read(fd, 4096))
+    if data is None:
         return None
-    try:
-        owner = read_owner(os.read(fd, 4096))
-    except FileNotFoundError:         # removed since it was opened (see _stat_fresh)
-        return None
-    finally:
-        os.close(fd)
+    owner = read_owner(data)
     return "" if owner is None else owner.token
 
 
@@ -1566,10 +1565,7 @@ class Lock:
 
     def close(self) -> None:
         """Drop this process's hold (its flock) without touching the file."""
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            _heartbeat.stop(fd)
-            os.close(fd)
+        _close_fd(self)
         self.token = ""
 
     def stale_reason(self) -> Optional[str]:
@@ -1667,10 +1663,7 @@ class WaitingLine:
         Closed before it is removed: a FUSE filesystem keeps a file removed
         while open under a hidden name in the directory, which rmdir refuses.
         """
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            _heartbeat.stop(fd)
-            os.close(fd)
+        _close_fd(self)
         if self.ticket:
             _unlink_quietly(self.ticket)
             self.ticket = ""
@@ -1747,11 +1740,9 @@ class Presence:
 
     def _hold(self, fd: int, record: bytes) -> None:
         """Keep fd, the presence file now in place (-1: none), and let go of the previous one."""
-        previous, self.fd = self.fd, fd
+        _close_fd(self)
+        self.fd = fd
         _heartbeat.start(fd, record)
-        if previous >= 0:
-            _heartbeat.stop(previous)
-            os.close(previous)
 
     def withdraw(self) -> None:
         """Remove the presence file if it is still this server's (holds its token).
@@ -1759,10 +1750,7 @@ class Presence:
         By its token, not by which file it is: an interrupt may have come
         between an update putting a new file in place and its being noted.
         """
-        fd, self.fd = self.fd, -1
-        if fd >= 0:                       # closed first: see Lock.release
-            _heartbeat.stop(fd)
-            os.close(fd)
+        _close_fd(self)                   # closed first: see Lock.release
         remove_holder(self.path, self.token)
 
 
@@ -1988,7 +1976,7 @@ class _Inotify:
 
     def close(self) -> None:
         """Close the instance."""
-        fd, self.fd = self.fd, -1
+        fd, self.fd = self.fd, -1        # plain: it may run at the interpreter's exit
         if fd >= 0:
             os.close(fd)
 
@@ -2676,15 +2664,7 @@ class _Exchange:
 
 def _message_waiting(buffer: str) -> bool:
     """True if a complete message waits in the buffer."""
-    fd = _open_to_read(buffer, noatime=True)
-    if fd is None:
-        return False
-    try:
-        return _find_end(fd)[1] >= 0
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, buffer) from None    # say which file
-    finally:
-        os.close(fd)
+    return bool(_looked_at(buffer, lambda fd: _find_end(fd)[1] >= 0, noatime=True))
 
 
 class _Reply:
@@ -2732,9 +2712,7 @@ class _Reply:
 
     def close(self) -> None:
         """Close the reply's file."""
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        _close_fd(self)
 
 
 def _withdraw(path: str, sent: Fingerprint) -> bool:
@@ -2938,9 +2916,7 @@ class _Requester:
 
     def close(self) -> None:
         """Stop following the client."""
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        _close_fd(self)
 
 
 class _Claim:
@@ -2958,9 +2934,7 @@ class _Claim:
 
     def close(self) -> None:
         """Close the message's file and stop following its client."""
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        _close_fd(self)
         self.client.close()
 
 
