@@ -1,46 +1,29 @@
 """filechat: request/reply text messaging through plain files.
 
-Roles: a *server* runs continuously and answers messages; a *client* runs
-once, sends one message and prints the reply.
+A *server* runs continuously and answers messages; a *client* runs once,
+sends one message and prints the reply. Beside the buffer: BUFFER (the
+request: response path, newline, message, ESC), server.lock (held while one
+client's request is in flight), RESPONSE (the reply, then ESC; ESC ESC for
+an error), and filechat's own BUFFER.server (the running server),
+BUFFER.taken.* (a claimed message), BUFFER.rejected.* (why a reply was not
+written) and server.lock.line/ (waiting clients' tickets, first come first).
 
-Files (all beside the buffer unless told otherwise):
-  BUFFER                  the request: response path, newline, message, ESC.
-  server.lock             exists while one client's request is in flight.
-  RESPONSE                the reply text, then ESC (ESC ESC: an error reply).
-  BUFFER.server           the running server's identity (presence file).
-  BUFFER.taken.<ino>-<t>  a claimed message, named after the lock it came with.
-  BUFFER.rejected.<crc>   why the server will not write a client's reply.
-  server.lock.line/<ns>-<pid>  waiting clients' tickets, first come first.
-
-Steps of one exchange:
-  1. The client creates the lock, exclusively: a temp file holding its
-     identity, hard-linked as server.lock, which fails if the lock exists,
-     as the spec's O_CREAT|O_EXCL does. While another client holds it, the
-     client waits in line, printing "Server busy, please wait...".
-  2. Holding the lock, it renames its request, written beforehand, to BUFFER.
-  3. The server sees a buffer ending in ESC, claims it by renaming it,
-     shows the message and obtains a reply.
-  4. The server publishes RESPONSE whole, then removes the lock, which lets
-     the next client in, and deletes its claim.
-  5. The client reads the reply, prints it and deletes RESPONSE.
-
-Locks, tickets and presence files name their owner (JSON: pid, host, boot
-id, pid namespace, token, time) and the owner holds an flock on them, so one
-whose owner died is recognised at once and cleared; a live owner's never is.
-On a directory shared between hosts, where neither flock nor pid can be
-checked across hosts, filechat polls, and each owner rewrites its file every
-2 s instead (a heartbeat): one unchanged for 5 s has ended.
+One exchange: the client publishes the lock whole and exclusively (a temp
+file hard-linked as server.lock, which fails if it exists, as the spec's
+O_CREAT|O_EXCL does), waiting in line meanwhile ("Server busy, please
+wait..."); renames its request to BUFFER; the server claims it by renaming
+it, obtains a reply, publishes RESPONSE whole and removes the lock; the
+client reads the reply and deletes RESPONSE. Locks, tickets and presence
+files name their owner, who holds an flock on them (on a shared directory:
+rewrites them every 2 s), so a dead owner's file is cleared, a live one's never.
 
 Exit statuses: 0 ok, 1 error, 2 usage or bad input, 3 reply timeout,
-4 lock timeout, 5 no server (status), 130 client interrupted (Ctrl+C
-stops a server with 0).
+4 lock timeout, 5 no server, 130 client interrupted.
 
-Assumptions:
-  - every participant sees the same files (one host or one shared directory);
-  - os.link fails if the name exists, and os.replace and os.rename are atomic;
-  - message and reply text is UTF-8 without ESC or NUL characters;
-  - a peer that follows only the spec may write files in place and leave the
-    lock empty; filechat accepts both.
+Assumptions: every participant sees the same files; os.link fails if the
+name exists and os.replace is atomic; text is UTF-8 without ESC or NUL; a
+peer that follows only the spec may write files in place and leave the lock
+empty.
 """
 
 from __future__ import annotations  # annotations unevaluated: typing is not imported
@@ -518,12 +501,11 @@ def _coalesced(pieces: Iterable[bytes]) -> Iterator[bytes]:
 class _Staged:
     """A file written under a temp name in its path's directory, to be put in place whole.
 
-    This is how filechat publishes every file another process reads: the
-    buffer, replies, locks, tickets and the presence file. Readers see no
-    file, or the old one, or the whole new one, never a half-written one,
-    even if the writer is killed half-way. With hold the file is flocked
-    before it is written and kept open, so a complete file with a free
-    flock means its holder has ended.
+    How filechat publishes every file another process reads (buffer,
+    replies, locks, tickets, the presence file): readers see no file, the old
+    one, or the whole new one, even if the writer is killed half-way. With
+    hold it is flocked before it is written and kept open, so a complete
+    file with a free flock means its holder has ended.
     """
 
     def __init__(self, path: str, data: Data, durable: bool = False, hold: bool = False) -> None:
@@ -879,14 +861,12 @@ def sweep_leftovers(directories: Sequence[str], older_than: float = STALE_AFTER,
                     dead: Optional[Owner] = None) -> List[str]:
     """Remove temp files that killed processes left; return them.
 
-    Never a live process's, this one's included: its other threads may be
-    writing them (an interrupted write removes its own, see _Staged). Those
-    of this host by their pid; another host's by age, once older than
-    older_than (a pending request there is touched by its heartbeat), or at
-    once if they are dead's, a holder found dead. Also what FUSE kept of a
-    lock, ticket or presence file removed while another process looked at
-    it: it renames such a file .fuse_hidden... to remove it once closed,
-    and before libfuse 3.15 may never do (libfuse issue 746).
+    Never a live process's (its threads may be writing them): this host's by
+    their pid, another host's once older than older_than (a pending request
+    there is touched by its heartbeat), or at once if they are dead's. Also
+    what FUSE kept, as .fuse_hidden..., of a lock, ticket or presence file
+    removed while open, which libfuse before 3.15 may never remove (its
+    issue 746).
     """
     dead_tag = "" if dead is None else f"{zlib.crc32(dead.host.encode()):08x}"
     older_than = max(older_than, 10 * HEARTBEAT_INTERVAL)    # a touched file is young
@@ -1200,15 +1180,13 @@ def read_owner(data: bytes) -> Optional[Owner]:
 class _Heartbeat:
     """Keeps this process's held files on a shared directory visibly alive.
 
-    A holder on another host cannot be checked by flock or pid, so each
-    one rewrites its record every HEARTBEAT_INTERVAL, in place and at the
-    same length, with a new counter; one whose record has not changed for
-    HEARTBEAT_TIMEOUT seconds, by the watcher's own clock, has ended. A
-    change of content is seen through every attribute cache (each look
-    opens the file) and needs no agreement between the hosts' clocks. A
-    thread does it, so that a holder busy elsewhere (an operator typing a
-    reply, a hook) still beats; it also touches the pending request, whose
-    age is how a sweep tells a dead writer's leftover.
+    A holder on another host cannot be checked by flock or pid, so a thread
+    rewrites each record every HEARTBEAT_INTERVAL, in place and at the same
+    length, with a new counter (so a holder busy elsewhere still beats); a
+    record unchanged for HEARTBEAT_TIMEOUT by the watcher's own clock has
+    ended. Content is seen through every attribute cache, and needs no
+    agreement between clocks. It also touches the pending request, whose age
+    tells a sweep a dead writer's leftover.
     """
 
     def __init__(self) -> None:
@@ -1331,11 +1309,11 @@ def inspect_holder(path: str, ours: bool = False) -> Optional[Holder]:
     """Return what the file at path says about its holder; None if there is no file.
 
     How a holder's life is checked depends on where it runs (see _judge).
-    ours: a file only filechat makes (a ticket, a presence file), so one
-    that names nobody (empty or cut short, as a power loss leaves it) with a
-    free flock is nobody's either, once older than a second: where there
-    are no hard links such a file is empty, unflocked, for the moment it is
-    being put in place.
+    ours: a file only filechat makes (ticket, presence file), so one naming
+    nobody (empty or cut short by a power loss) is nobody's once it is over
+    a second old with a free flock (without hard links one is empty for the
+    moment it is put in place), or, on a shared directory, unchanged for
+    HEARTBEAT_TIMEOUT.
     """
     for _ in range(3):
         fd = _open_to_read(path)
@@ -1442,14 +1420,11 @@ def break_stale_lock(path: str, stale_after: float, ours: bool = False,
                      leftovers: Sequence[str] = ()) -> Optional[str]:
     """Remove the lock (or ticket) at path if it is stale; return why, or None if left alone.
 
-    leftovers: the directories where its holder, once removed as dead, may
-    have left temp files (its pending request): they go too.
-
-    Whoever breaks a lock first takes an exclusive flock on it, which a live
-    holder's flock refuses, and which makes every other waiter on this host
-    that found the same stale lock wait its turn and then see that the name
-    now belongs to another file. Only then is the name, checked once more
-    (by its token, where it has one), removed.
+    leftovers: directories where its dead holder's temp files go too. The
+    breaker first takes an exclusive flock on the file judged, which a live
+    holder's flock refuses and which makes other waiters on this host wait,
+    then see the name taken by another file; only then is the name, checked
+    once more by its token (without one, its inode), removed.
     """
     holder = inspect_holder(path, ours)
     reason = None if holder is None else stale_reason(holder, stale_after)
@@ -1503,19 +1478,12 @@ def default_lock_path(buffer: str) -> str:
 class Lock:
     """The spec's lockfile: whoever creates it may use the buffer.
 
-    Creating it is the atomic test-and-set, as exclusive as the spec's
-    O_CREAT|O_EXCL, which peers may use: filechat publishes it whole
-    (_Staged), already holding its holder's identity (one line of JSON) and
-    flock, so that it is never seen empty, even if its holder is killed
-    while creating it; the kernel releases the flock the moment the holder
-    dies. The server, not the holder, removes a lock after answering, as
-    the spec says.
-
-    Staleness is decided in one place, ``stale_reason``: a holder known to
-    have ended (by its flock, its pid or its heartbeat: see _judge), or a
-    lock whose holder cannot be checked that is older than ``stale_after``.
-    A lock is only ever removed after checking that it is the very file that
-    was judged: the one holding its token (without one, its inode).
+    Created whole and exclusively (_Staged: as exclusive as the spec's
+    O_CREAT|O_EXCL, and never seen empty), holding its holder's identity and
+    flock; the kernel frees the flock the moment the holder dies. The server,
+    not the holder, removes it after answering, as the spec says. Whether it
+    is stale is decided in one place, ``stale_reason``, and it is removed
+    only as the very file judged (by its token; without one, its inode).
     """
 
     def __init__(self, path: str, stale_after: float = STALE_AFTER,
@@ -1584,21 +1552,14 @@ class Lock:
 class WaitingLine:
     """The queue of clients waiting for one lock, served first come, first served.
 
-    A waiting client holds a ticket: a file in the directory LOCK.line, named
+    A waiting client holds a ticket in the directory LOCK.line, named
     ``<nanoseconds>-<pid>``, published whole, flocked and naming its owner
-    like the lock. Only the client whose ticket comes first tries to take the
-    lock, so nobody is overtaken by a later arrival; each waits for the file
-    just ahead of it to go: the ticket ahead or, first in line, the lock. A
-    ticket whose owner died is removed by the client behind it, exactly as a
-    stale lock would be, so a crashed waiter never blocks the line. Peers that
-    follow only the spec take no ticket and simply find the lock free or not.
-
-    The directory exists while anybody waits: the first to join makes it, the
-    last to leave removes it (rmdir removes only an empty directory, and a
-    ticket cannot be published into a removed one, so a client joining at that
-    moment simply makes it again). Kept apart, the tickets cost a client that
-    finds nobody waiting one failed look, and their coming and going wakes
-    nobody who watches the lock's directory.
+    like the lock. Only the first in line tries to take the lock; each waits
+    for the file just ahead of it to go (the ticket ahead or, first, the
+    lock), and removes that ticket if its owner died. Spec peers take no
+    ticket. The first to join makes the directory, the last to leave removes
+    it (rmdir removes only an empty one; a ticket cannot be published into a
+    removed one, so a client joining then makes it again).
     """
 
     def __init__(self, lock_path: str, stale_after: float = STALE_AFTER,
@@ -1791,27 +1752,21 @@ SAFETY = "safety"        # no event within SAFETY_INTERVAL: look again, just in 
 class Waiter:
     """Sleep until a watched name or file may have changed, or a deadline passes.
 
-    Events are hints: the caller looks at what it waits for after every
-    wake-up, and sets up the watches before it looks, so that nothing that
-    happens after the look goes unseen. On Linux inotify wakes it when one of
-    the names it watches (``paths``, by directory) is created, written,
-    renamed or removed, or when one of the files given to watch_files is
-    removed, renamed, or closed by a writer, which is how a holder's death
-    shows: the kernel closes a dead process's files. A watched directory that
-    is removed is watched again once it exists again. Elsewhere, with
-    poll=True (network filesystems send no events for other hosts' changes)
-    or while a directory is missing, it sleeps in steps of poll_interval.
+    Events are hints: the caller sets up its watches, then looks, and looks
+    again after every wake-up, so that nothing after the look goes unseen.
+    On Linux inotify wakes it when a name in ``paths`` is created, written,
+    renamed or removed, or a file given to watch_files is removed, renamed or
+    closed by a writer (the kernel closes a dead holder's files). A removed
+    directory is watched again once it exists again. With poll=True (other
+    hosts' changes send no events), without inotify, or while a directory is
+    missing, it sleeps in steps of poll_interval.
 
-    Even with events, no sleep lasts longer than SAFETY_INTERVAL, so a missed
-    event could cost a bounded delay, never a hang. That re-check is a net,
-    not the mechanism: a caller that finds progress after it calls progress(),
-    which says so in the debug log, and the tests assert it never does.
-
-    Closing an inotify instance that has watched anything takes the kernel
-    about a millisecond, longer than a whole exchange, so each thread keeps
-    one (_Inotify) and a waiter borrows it, removing its watches when done.
-    A process forked from one that used filechat makes its own: sharing its
-    parent's, each would take the other's events.
+    No sleep lasts longer than SAFETY_INTERVAL: a net, not the mechanism.
+    A caller that finds progress after such a wake calls progress(), which
+    logs it, and the tests assert it never does. Each thread keeps one
+    inotify instance (_Inotify: closing one costs the kernel about a
+    millisecond), and a forked child makes its own, lest they take each
+    other's events.
     """
 
     def __init__(self, paths: Iterable[str] = (), poll: bool = False,
@@ -2197,33 +2152,28 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
 
     Does what the spec's client does: takes the lock, writes the buffer,
     waits for the reply in response_path (default: a fresh file beside the
-    buffer) and deletes the response file. The wait for the lock is
-    unbounded unless lock_timeout is given; the wait for the reply is
-    bounded by timeout, counted anew when a server starts. With
-    server_timeout, a client that finds, that many seconds after it began,
-    no server announced on the buffer and none answering its message gives
-    up (NoServer; 0: before sending anything). ``status`` hears "busy"
-    (every lock_retry_interval while another client holds the lock, with
-    how many are ahead; if it is a lock whose holder cannot be checked, also
-    who: its host or "" if it names nobody, held_for and stale_in seconds), "queued"
-    (if it had to wait: with the time its ticket appeared in line, and the
-    time it was named, just before), "locked" (with the time it asked for
-    the lock), "sent", "waiting", "received" (the reply is complete, just
-    before it is written to reply_to), "no-server", "server-stopped",
-    "server-started" as the server comes and goes, and "interrupted" (sent,
-    withdrawn: what became of the message) on Ctrl+C; with progress_interval,
-    also "tick" (phase "lock" or "reply", seconds waited) that often.
+    buffer) and deletes it. message is text, or a binary file to copy it from
+    (UTF-8) a piece at a time; with reply_to, a text file, the reply is copied
+    there and "" returned. The wait for the lock is unbounded unless
+    lock_timeout is given; the wait for the reply is bounded by timeout,
+    counted anew when a server starts. With server_timeout, a client that
+    finds that many seconds after it began no server announced and none
+    answering its message gives up (0: before sending anything).
 
-    The message is text, or a binary file to read it from (UTF-8), copied
-    into the request a piece at a time; with reply_to, a text file, the
-    reply is copied there instead of returned (and "" returned).
+    ``status(event, **info)`` hears "busy" every lock_retry_interval while
+    others hold or wait for the lock (``ahead``; for a lock whose holder
+    cannot be checked also ``who``, ``held_for``, ``stale_in``), "queued"
+    (``at``, ``named``: when its ticket appeared), "locked" (``asked``),
+    "sent", "waiting", "received" (just before the reply is written to
+    reply_to), "no-server", "server-stopped", "server-started", and
+    "interrupted" (``sent``, ``withdrawn``, ``left``) on Ctrl+C; with
+    progress_interval, also "tick" (``phase`` "lock" or "reply", ``waited``).
 
-    Raises FramingError (ESC, NUL or non-UTF-8 text, a message over
-    max_bytes), UsageError (unusable paths), Rejected (the server will not
-    write response_path), LockTimeout, ReplyTimeout, NoServer and ServerError
-    (the server sent an error reply). On any exception, KeyboardInterrupt
-    included, a message no server is answering is withdrawn and the lock
-    released.
+    Raises FramingError (ESC, NUL or non-UTF-8 text, over max_bytes),
+    UsageError (unusable paths), Rejected (the server will not write
+    response_path), LockTimeout, ReplyTimeout, NoServer and ServerError (an
+    error reply). On any exception, KeyboardInterrupt included, a message no
+    server is answering is withdrawn and the lock released.
     """
     paths = Paths(buffer, lock_path)
     chosen = response_path is not None
