@@ -620,7 +620,11 @@ class _Staged:
 
     def close(self) -> None:
         """Close the file's descriptor, letting go of its flock."""
-        _close_fd(self)
+        # Forgotten before it is closed (here and in _close_fd): after an interrupt
+        # in between, a second close could hit a file given the same number.
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def discard(self) -> None:
         """Drop the file if it was not put in place."""
@@ -628,19 +632,6 @@ class _Staged:
         if self.temp:
             _unlink_quietly(self.temp)
             self.temp = ""
-
-
-def _close_fd(holder: Any) -> None:
-    """Close holder.fd, if open, and stop beating it (a lock, ticket or presence file).
-
-    Forgotten before it is closed: after an interrupt in between, a second
-    close could hit a file given the same number. The beat stops first, so
-    that none hits a reused descriptor.
-    """
-    fd, holder.fd = holder.fd, -1
-    if fd >= 0:
-        _heartbeat.stop(fd)
-        os.close(fd)
 
 
 def publish(path: str, data: Data, *, replace: bool = False, durable: bool = False,
@@ -852,60 +843,6 @@ def remove_empty_directory(path: str) -> None:
         os.rmdir(path)
     except OSError:
         pass                   # not empty, gone already, or not ours to remove
-
-
-_LEFTOVER = re.compile(r"\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]{8}\.tmp\Z")
-
-
-def sweep_leftovers(directories: Sequence[str], older_than: float = STALE_AFTER,
-                    dead: Optional[Owner] = None) -> List[str]:
-    """Remove temp files that killed processes left; return them.
-
-    Never a live process's (its threads may be writing them): this host's by
-    their pid, another host's once older than older_than (a pending request
-    there is touched by its heartbeat), or at once if they are dead's. Also
-    what FUSE kept, as .fuse_hidden..., of a lock, ticket or presence file
-    removed while open, which libfuse before 3.15 may never remove (its
-    issue 746).
-    """
-    dead_tag = "" if dead is None else f"{zlib.crc32(dead.host.encode()):08x}"
-    older_than = max(older_than, 10 * HEARTBEAT_INTERVAL)    # a touched file is young
-    removed = []
-    for directory in directories:
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            continue
-        for name in names:
-            if name.startswith(".fuse_hidden") and _holds_a_record(os.path.join(directory,
-                                                                               name)):
-                _unlink_quietly(os.path.join(directory, name))
-                removed.append(name)
-                continue
-            match = _LEFTOVER.search(name)
-            if not (name.startswith(".") and match):
-                continue
-            path = os.path.join(directory, name)
-            tag, pid = match.group(1), int(match.group(2))
-            if ((dead is not None and (tag, pid) == (dead_tag, dead.pid))
-                    or (not _pid_alive(pid) if tag == HOST_TAG else _older_than(path, older_than))):
-                _unlink_quietly(path)
-                removed.append(name)
-    return removed
-
-
-def _holds_a_record(path: str) -> bool:
-    """True if the file at path names a holder, as a lock, ticket or presence file does."""
-    try:
-        return bool(_token_at(path))
-    except OSError:
-        return False
-
-
-def _older_than(path: str, seconds: float) -> bool:
-    """True if the file at path was last written over seconds ago."""
-    st = _stat_fresh(path)
-    return st is not None and time.time() - st.st_mtime > seconds
 
 
 def sweep_orphan_replies(directory: str, older_than: float) -> List[str]:
@@ -1262,6 +1199,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_heartbeat)
 
 
+def _close_fd(holder: Any) -> None:
+    """Close holder.fd, if open (see _Staged.close), and stop beating it first."""
+    fd, holder.fd = holder.fd, -1
+    if fd >= 0:
+        _heartbeat.stop(fd)
+        os.close(fd)
+
+
 # What a watcher last saw of each beating record, and since when (monotonic).
 _SEEN: Dict[str, Tuple[bytes, float]] = {}
 
@@ -1468,6 +1413,60 @@ def _token_at(path: str) -> Optional[str]:
         return None
     owner = read_owner(data)
     return "" if owner is None else owner.token
+
+
+_LEFTOVER = re.compile(r"\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]{8}\.tmp\Z")
+
+
+def sweep_leftovers(directories: Sequence[str], older_than: float = STALE_AFTER,
+                    dead: Optional[Owner] = None) -> List[str]:
+    """Remove temp files that killed processes left; return them.
+
+    Never a live process's (its threads may be writing them): this host's by
+    their pid, another host's once older than older_than (a pending request
+    there is touched by its heartbeat), or at once if they are dead's. Also
+    what FUSE kept, as .fuse_hidden..., of a lock, ticket or presence file
+    removed while open, which libfuse before 3.15 may never remove (its
+    issue 746).
+    """
+    dead_tag = "" if dead is None else f"{zlib.crc32(dead.host.encode()):08x}"
+    older_than = max(older_than, 10 * HEARTBEAT_INTERVAL)    # a touched file is young
+    removed = []
+    for directory in directories:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(".fuse_hidden") and _holds_a_record(os.path.join(directory,
+                                                                               name)):
+                _unlink_quietly(os.path.join(directory, name))
+                removed.append(name)
+                continue
+            match = _LEFTOVER.search(name)
+            if not (name.startswith(".") and match):
+                continue
+            path = os.path.join(directory, name)
+            tag, pid = match.group(1), int(match.group(2))
+            if ((dead is not None and (tag, pid) == (dead_tag, dead.pid))
+                    or (not _pid_alive(pid) if tag == HOST_TAG else _older_than(path, older_than))):
+                _unlink_quietly(path)
+                removed.append(name)
+    return removed
+
+
+def _holds_a_record(path: str) -> bool:
+    """True if the file at path names a holder, as a lock, ticket or presence file does."""
+    try:
+        return bool(_token_at(path))
+    except OSError:
+        return False
+
+
+def _older_than(path: str, seconds: float) -> bool:
+    """True if the file at path was last written over seconds ago."""
+    st = _stat_fresh(path)
+    return st is not None and time.time() - st.st_mtime > seconds
 
 
 def default_lock_path(buffer: str) -> str:
