@@ -1207,6 +1207,23 @@ def _close_fd(holder: Any) -> None:
         os.close(fd)
 
 
+def _let_go(holder: Any, path: str, remove: Callable[[], object]) -> None:
+    """Remove the lock, ticket or presence file holder holds at path, and close it.
+
+    On a local disk it is removed first, then closed: its flock, held to the
+    end, says that its holder lives, and a file in place with a free flock
+    would be taken for a dead holder's. On a shared directory it is closed
+    first: FUSE keeps a file removed while open under a hidden name, and may
+    leave it there; no flock is trusted there.
+    """
+    if _on_shared(path):
+        _close_fd(holder)
+    try:
+        remove()
+    finally:
+        _close_fd(holder)
+
+
 # What a watcher last saw of each beating record, and since when (monotonic).
 _SEEN: Dict[str, Tuple[bytes, float]] = {}
 
@@ -1422,9 +1439,11 @@ def sweep_leftovers(directories: Sequence[str], older_than: float = STALE_AFTER,
                     dead: Optional[Owner] = None) -> List[str]:
     """Remove temp files that killed processes left; return them.
 
-    Never a live process's (its threads may be writing them): this host's by
-    their pid, another host's once older than older_than (a pending request
-    there is touched by its heartbeat), or at once if they are dead's. Also
+    Never a live process's (its threads may be writing them): this host's
+    once their pid is gone, whatever was judged of a file it held (a holder
+    may have let go of it and gone on); another host's once older than
+    older_than (a pending request there is touched by its heartbeat), or at
+    once if they are dead's, a holder found dead. Also
     what FUSE kept, as .fuse_hidden..., of a lock, ticket or presence file
     removed while open, which libfuse before 3.15 may never remove (its
     issue 746).
@@ -1448,8 +1467,9 @@ def sweep_leftovers(directories: Sequence[str], older_than: float = STALE_AFTER,
                 continue
             path = os.path.join(directory, name)
             tag, pid = match.group(1), int(match.group(2))
-            if ((dead is not None and (tag, pid) == (dead_tag, dead.pid))
-                    or (not _pid_alive(pid) if tag == HOST_TAG else _older_than(path, older_than))):
+            if (not _pid_alive(pid) if tag == HOST_TAG else
+                    (dead is not None and (tag, pid) == (dead_tag, dead.pid))
+                    or _older_than(path, older_than)):
                 _unlink_quietly(path)
                 removed.append(name)
     return removed
@@ -1520,15 +1540,15 @@ class Lock:
         return bool(self.token) and _token_at(self.path) == self.token
 
     def release(self) -> None:
-        """Remove the lock if it is still the one this process created.
+        """Remove the lock if it is still the one this process created (see _let_go)."""
+        token, self.token = self.token, ""
 
-        Closed first: a FUSE filesystem keeps a file removed while open under
-        a hidden name beside it until it is closed, and may leave it there.
-        """
-        token = self.token
-        self.close()
-        if token and remove_holder(self.path, token):
-            log.debug("lock %s released", self.path)
+        def remove() -> None:
+            if remove_holder(self.path, token):
+                log.debug("lock %s released", self.path)
+        if token:
+            _let_go(self, self.path, remove)
+        _close_fd(self)
 
     def close(self) -> None:
         """Drop this process's hold (its flock) without touching the file."""
@@ -1618,16 +1638,12 @@ class WaitingLine:
                 return index, before
 
     def leave(self) -> None:
-        """Give up this ticket; the last to leave removes the line's directory.
-
-        Closed before it is removed: a FUSE filesystem keeps a file removed
-        while open under a hidden name in the directory, which rmdir refuses.
-        """
-        _close_fd(self)
-        if self.ticket:
-            _unlink_quietly(self.ticket)
-            self.ticket = ""
+        """Give up this ticket (see _let_go); the last to leave removes the line's directory."""
+        ticket, self.ticket = self.ticket, ""
+        if ticket:
+            _let_go(self, ticket, lambda: _unlink_quietly(ticket))
             self._remove_if_empty()
+        _close_fd(self)
 
     def clear(self) -> None:
         """Remove the tickets of waiters that died, and the directory if it is empty."""
@@ -1710,8 +1726,7 @@ class Presence:
         By its token, not by which file it is: an interrupt may have come
         between an update putting a new file in place and its being noted.
         """
-        _close_fd(self)                   # closed first: see Lock.release
-        remove_holder(self.path, self.token)
+        _let_go(self, self.path, lambda: remove_holder(self.path, self.token))
 
 
 def running_server(presence_path: str) -> Optional[Owner]:
@@ -2852,7 +2867,7 @@ class _Requester:
         """Remove the client's lock if it is still the one the message came with.
 
         One that names its client, and whose flock cannot be watched, is
-        closed first (see Lock.release). A watchable one is kept open while
+        closed first (see _let_go). A watchable one is kept open while
         its client reads the reply (see _Server.check_delivered), a nameless
         one while it is removed: it is known only by its inode.
         """

@@ -191,3 +191,46 @@ def test_without_hard_links_a_file_is_still_created_exclusively(
     assert json.loads(Path(path).read_text())["pid"] == os.getpid()
     first.release()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_holder_file_goes_while_its_flock_is_held(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a local disk a lock, ticket or presence file is removed before it is
+    # closed: in place with a free flock, it would be taken for a dead
+    # holder's, and its holder's pending files swept as a dead process's.
+    judged = []
+    unlink = filechat._unlink_quietly
+
+    def look_then_unlink(path: str) -> bool:
+        holder = filechat.inspect_holder(path, ours=True)
+        judged.append((os.path.basename(path), holder is not None and holder.gone))
+        return unlink(path)
+    monkeypatch.setattr(filechat, "_unlink_quietly", look_then_unlink)
+    lock = Lock(str(tmp_path / "server.lock"))
+    assert lock.try_acquire()
+    lock.release()
+    line = filechat.WaitingLine(str(tmp_path / "server.lock"))
+    line.join()
+    line.leave()
+    presence = filechat.Presence(str(tmp_path / "buf.txt.server"))
+    presence.start()
+    presence.withdraw()
+    held = [(name, gone) for name, gone in judged if not name.startswith(".")]  # not temps
+    assert [name for name, _ in held][::2] == ["server.lock", "buf.txt.server"]
+    assert filechat._is_ticket(held[1][0])
+    assert [gone for _, gone in held] == [None, None, None]     # each seen alive to the end
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_live_process_s_temp_files_are_never_swept(tmp_path: Path) -> None:
+    # Whatever was judged of a file it held: a holder may have let go of it and
+    # gone on to its next exchange, whose pending request is such a file.
+    mine = tmp_path / filechat._temp_name(str(tmp_path / "buf.txt"))
+    mine.write_bytes(b"a pending request")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    theirs = tmp_path / f".buf.txt.{filechat.HOST_TAG}.{dead.stdout.strip()}.0badf00d.tmp"
+    theirs.write_bytes(b"a killed writer's")
+    me = filechat.Owner(os.getpid(), filechat.HOST, "00ff", time.time())
+    assert filechat.sweep_leftovers([str(tmp_path)], dead=me) == [theirs.name]
+    assert os.listdir(tmp_path) == [mine.name]
