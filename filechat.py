@@ -1609,7 +1609,10 @@ class WaitingLine:
             else:
                 # Whoever may write the lock's directory may join the line.
                 mode = stat.S_IMODE(os.stat(os.path.dirname(self.directory) or ".").st_mode)
-                os.chmod(self.directory, mode)
+                try:
+                    os.chmod(self.directory, mode)
+                except FileNotFoundError:
+                    continue        # the last to leave removed it at once: again
             named = time.time_ns()
             path = os.path.join(self.directory, f"{named:020d}-{os.getpid()}")
             try:

@@ -194,3 +194,22 @@ def test_clients_forked_after_their_parent_used_filechat_each_wait_on_their_own(
     assert not [text for text in logs if SAFETY_NET in text]
     assert srv.interrupt() == 0
     assert SAFETY_NET not in srv.err
+
+
+def test_a_line_removed_as_it_was_made_is_made_again(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # The last waiter to leave removes the empty directory; one who made it an
+    # instant before has to make it again, not fail (seen with 4 forked clients).
+    chmod, removed = os.chmod, []
+
+    def leaver_first(path: str, mode: int) -> None:
+        if not removed:
+            removed.append(path)
+            os.rmdir(path)            # as the last to leave does, between mkdir and chmod
+        chmod(path, mode)
+    monkeypatch.setattr(filechat.os, "chmod", leaver_first)
+    line = filechat.WaitingLine(str(tmp_path / "server.lock"))
+    line.join()
+    assert removed and in_line(tmp_path) == [os.path.basename(line.ticket)]
+    line.leave()
+    assert os.listdir(tmp_path) == []
