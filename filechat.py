@@ -31,6 +31,7 @@ from __future__ import annotations  # annotations unevaluated: typing is not imp
 import argparse
 import codecs
 import errno
+import json
 import os
 import re
 import select
@@ -1047,17 +1048,6 @@ class Owner:
         return f"Owner(pid={self.pid}, host={self.host!r}, token={self.token!r})"
 
 
-# Owner records are one line of JSON. Clients write and read them on every
-# exchange, so the usual shape is formatted and matched here, and the json
-# module, slow to import next to a client's whole run, is used only for any
-# other shape (a host name that needs escaping, a record from another tool).
-_OWNER = re.compile(rb'\{"pid": (\d+), "host": "([A-Za-z0-9._-]*)", "token": "([0-9a-f]*)", '
-                    rb'"created": ([0-9.]+)(?:, "answered": (\d+), "started": ([0-9.]+))?'
-                    rb'(?:, "timeout": ([0-9.]+))?'
-                    rb'(?:, "boot": "([0-9a-f-]*)", "pidns": (\d+), "local": (true|false))?'
-                    rb'(?:, "beat": "[0-9a-f]{8}")?\}\n?\Z')
-_PLAIN_HOST = re.fullmatch(r"[A-Za-z0-9._-]*", HOST) is not None
-_PLAIN_BOOT = all(c in "0123456789abcdef-" for c in BOOT_ID)
 BEAT = b'"beat": "00000000"}'       # how a record that beats ends: its counter is rewritten
 
 
@@ -1079,29 +1069,11 @@ def _owner_record(path: str, answered: Optional[int] = None, started: float = 0.
     record.update(boot=BOOT_ID, pidns=PID_NS, local=local)
     if not local:
         record.update(beat="00000000")
-    if not _PLAIN_HOST or not _PLAIN_BOOT:
-        import json
-        return (json.dumps(record) + "\n").encode()
-    fields = ", ".join(f'"{key}": ' + (f'"{value}"' if isinstance(value, str) else
-                                       ("true" if value else "false") if isinstance(value, bool)
-                                       else repr(value))
-                       for key, value in record.items())
-    return ("{" + fields + "}\n").encode()
+    return (json.dumps(record) + "\n").encode()
 
 
 def read_owner(data: bytes) -> Optional[Owner]:
     """Parse a lock, ticket or presence file; None for an empty or foreign one."""
-    match = _OWNER.match(data)
-    if match:
-        pid, host, token, created, answered, started, timeout, boot, pidns, local = match.groups()
-        return Owner(int(pid), host.decode(), token.decode(), float(created),
-                     int(answered or 0), float(started or 0.0),
-                     None if timeout is None else float(timeout),
-                     (boot or b"").decode(), int(pidns or 0), local != b"false",
-                     b'"beat": "' in data)
-    if not data.strip():
-        return None
-    import json
     try:
         raw = json.loads(data.decode("utf-8"))
         timeout = raw.get("timeout")
@@ -1111,7 +1083,7 @@ def read_owner(data: bytes) -> Optional[Owner]:
                      str(raw.get("boot", "")), int(raw.get("pidns", 0)),
                      raw.get("local", True) is not False, "beat" in raw)
     except (ValueError, KeyError, TypeError, AttributeError):
-        return None
+        return None         # empty, cut short, or another program's
 
 
 class _Heartbeat:
@@ -3999,7 +3971,6 @@ def _outcome(exc: BaseException) -> str:
 
 def _json(record: Mapping[str, object]) -> str:
     """Return record as one line of JSON."""
-    import json  # here: only --json, status and --log need it, and it is slow to import
     return json.dumps(record, ensure_ascii=False)
 
 

@@ -59,7 +59,7 @@ def test_a_client_imports_only_what_an_exchange_needs(server, pyz: Path, tmp_pat
                 for line in result.stderr.decode().splitlines() if line.startswith("import time:")}
     assert {"filechat", "argparse", "select"} <= imported            # what it does need
     # Start-up is most of a client's run: the slow imports of other jobs stay out.
-    assert imported.isdisjoint({"shutil", "subprocess", "json", "mmap", "signal", "tempfile"})
+    assert imported.isdisjoint({"shutil", "subprocess", "mmap", "signal", "tempfile"})
     if sys.version_info < (3, 14):
         assert "typing" not in imported            # annotations are for type checkers
 
