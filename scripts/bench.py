@@ -291,11 +291,14 @@ def timed_runs(command: Sequence[str], count: int, cwd: str) -> List[float]:
     return times
 
 
-def measure_cli(directory: str, count: int) -> Tuple[List[float], List[float]]:
+def measure_cli(directory: str, count: int, flags: Sequence[str] = ("-I",)
+                ) -> Tuple[List[float], List[float]]:
     """CLI exchanges against an auto-reply server, beside the start of an empty zipapp.
 
-    Both run with -I, so that what this machine's site-packages loads at
-    every start counts in neither: the difference is filechat's own cost.
+    Both run with flags: -I keeps the user's site-packages out of both; -S
+    also keeps out what the interpreter's own site loads (.pth files may
+    import modules filechat would otherwise import itself). The difference
+    is filechat's own cost.
     """
     server = subprocess.Popen([sys.executable, PYZ, "server", "buf.txt", "--auto-reply", "pong"],
                               cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -308,12 +311,12 @@ def measure_cli(directory: str, count: int) -> Tuple[List[float], List[float]]:
     with open(os.path.join(empty, "__main__.py"), "w"):
         pass
     zipapp.create_archive(empty, empty + ".pyz")
-    client = [sys.executable, "-I", PYZ, "client", "buf.txt", "--message", "ping"]
+    client = [sys.executable, *flags, PYZ, "client", "buf.txt", "--message", "ping"]
     cli: List[float] = []
     zipped: List[float] = []
     for _ in range(count):                    # interleaved, so that load hits both alike
         cli += timed_runs(client, 1, directory)
-        zipped += timed_runs([sys.executable, "-I", empty + ".pyz"], 1, directory)
+        zipped += timed_runs([sys.executable, *flags, empty + ".pyz"], 1, directory)
     server.terminate()
     server.wait(10)
     return cli, zipped
@@ -641,6 +644,7 @@ def run(quick: bool, where: Optional[str] = None) -> Dict[str, Any]:
             library += measure_library(shared, n // rounds, False)[0]
         spec, _ = measure_library(fresh("spec"), 3 if quick else 12, True)
         cli, zipped = measure_cli(fresh("cli"), 3 if quick else 30)
+        bare_cli, bare_zipped = measure_cli(fresh("cli-bare"), 3 if quick else 30, ("-I", "-S"))
         lines = [measure_line(fresh(f"line{clients}"), clients, 3 if quick else messages)
                  for clients, messages in ((2, 150), (4, 75), (16, 20))]
         idle = measure_idle(fresh("idle"), 1 if quick else 10)
@@ -655,6 +659,7 @@ def run(quick: bool, where: Optional[str] = None) -> Dict[str, Any]:
         "library_per_s": len(library) / sum(library),
         "spec_median": statistics.median(spec),
         "cli_median": statistics.median(cli), "empty_zipapp_median": statistics.median(zipped),
+        "bare_cli_cost": statistics.median(bare_cli) - statistics.median(bare_zipped),
         "lines": lines, "idle_cpu_10s": idle * (10 if quick else 1),
         "big": big, "big_size": (1 if quick else 10) * MIB,
     }
@@ -688,6 +693,8 @@ def table(r: Dict[str, Any]) -> str:
         ("  filechat's own cost: the difference", fmt_ms(r["cli_median"] -
                                                        r["empty_zipapp_median"]), "",
          "<= 10 ms", met(r["cli_median"] - r["empty_zipapp_median"] <= 0.010)),
+        ("  the same with -I -S (nothing loaded by the interpreter's site)",
+         fmt_ms(r["bare_cli_cost"]), "", ""),
     ]
     for line in r["lines"]:
         share = line["exchanges_per_s"] / r["library_per_s"]
