@@ -1404,7 +1404,9 @@ def _token_at(path: str) -> Optional[str]:
     return "" if owner is None else owner.token
 
 
-_LEFTOVER = re.compile(r"\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]{8}\.tmp\Z")
+# A temp file's name (see _temp_name); compiled at its first use, by re's cache:
+# half a millisecond a client that sweeps nothing does not spend.
+_LEFTOVER = r"\.([0-9a-f]{8})\.(\d+)\.[0-9a-f]{8}\.tmp\Z"
 
 
 def sweep_leftovers(directories: Sequence[str], older_than: float = STALE_AFTER,
@@ -1434,7 +1436,7 @@ def sweep_leftovers(directories: Sequence[str], older_than: float = STALE_AFTER,
                 _unlink_quietly(os.path.join(directory, name))
                 removed.append(name)
                 continue
-            match = _LEFTOVER.search(name)
+            match = re.search(_LEFTOVER, name)
             if not (name.startswith(".") and match):
                 continue
             path = os.path.join(directory, name)
