@@ -1180,7 +1180,7 @@ def _close_fd(holder: Any) -> None:
 
 
 def _let_go(holder: Any, path: str, remove: Callable[[], object]) -> None:
-    """Remove the lock, ticket or presence file holder holds at path, and close it.
+    """Remove the ticket or presence file holder holds at path, and close it.
 
     On a local disk it is removed first, then closed: its flock, held to the
     end, says that its holder lives, and a file in place with a free flock
@@ -1388,11 +1388,14 @@ def remove_holder(path: str, token: str, identity: Tuple[int, int] = (0, 0)) -> 
 
     By its token, not by which file it is: on a network filesystem a hard
     link may show a new inode number, and a new file the old one's. A file
-    without a token is removed only if it is still the file identity names.
+    without a token is removed only if it is still the file identity names,
+    as is one that its holder emptied when it left it to this remover
+    (Lock.abandon).
     """
-    if not token:
-        return remove_if_same(path, identity)
-    return _token_at(path) == token and _unlink_quietly(path)
+    found = _token_at(path) if token else ""
+    if found == "":
+        return identity != (0, 0) and remove_if_same(path, identity)
+    return found == token and _unlink_quietly(path)
 
 
 def _token_at(path: str) -> Optional[str]:
@@ -1514,7 +1517,11 @@ class Lock:
         return bool(self.token) and _token_at(self.path) == self.token
 
     def release(self) -> None:
-        """Remove the lock if it is still the one this process created (see _let_go)."""
+        """Remove the lock if it is still the one this process created (see _let_go).
+
+        Only while no server has claimed its message: from then on the server
+        is the lock's only remover (see abandon).
+        """
         token, self.token = self.token, ""
 
         def remove() -> None:
@@ -1523,6 +1530,23 @@ class Lock:
         if token:
             _let_go(self, self.path, remove)
         _close_fd(self)
+
+    def abandon(self) -> None:
+        """Empty the lock in place and let go of it, leaving it to the server that has its message.
+
+        Two removers of one lock could not both check it and remove it: one
+        might remove a new lock that another client took in between. Empty,
+        it names nobody, which tells the server that this client has gone
+        wherever flock is not trusted (its flock, freed, tells it elsewhere),
+        and the server removes it as the very file it holds open.
+        """
+        if self.fd >= 0:
+            _heartbeat.stop(self.fd)      # no beat may write the record again
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass                      # the lock is still its server's to remove
+        self.close()
 
     def close(self) -> None:
         """Drop this process's hold (its flock) without touching the file."""
@@ -2554,7 +2578,7 @@ class _Exchange:
 
     def give_up(self) -> bool:
         """Withdraw a message no server is answering, let go of the lock; True if withdrawn."""
-        withdrawn = False
+        withdrawn = claimed = False
         if self.phase == "sent" and self.request is not None:
             sent = self.request.identity
             if running_server(self.paths.presence) is None and _read_in_place(self.paths.buffer,
@@ -2564,9 +2588,13 @@ class _Exchange:
             if not withdrawn and running_server(self.paths.presence) is None:
                 # Claimed by a server that has stopped since: nobody is answering it.
                 withdrawn = any(_withdraw(claim, sent) for claim in self.paths.claims())
+            elif not withdrawn:
+                claimed = True                # by the running server: its lock is the server's
             if not self.rejected:         # a file there then is not the server's
                 _unlink_quietly(self.response_path)   # a reply that came too late
-        if self.phase in ("locked", "sent"):
+        if claimed:
+            self.lock.abandon()
+        elif self.phase in ("locked", "sent"):
             self.lock.release()
         if self.request is not None:
             _heartbeat.forget(self.request.temp)
@@ -2788,17 +2816,20 @@ class _Requester:
     """
 
     def __init__(self, fd: int = -1, token: str = "", watchable: bool = False,
-                 gone: bool = False, timeout: Optional[float] = None) -> None:
+                 gone: bool = False, timeout: Optional[float] = None,
+                 made: float = 0.0) -> None:
         self.fd = fd                  # its lock, open (-1: it came without one)
         self.token = token
         self.timeout = timeout        # seconds it waits for its reply, if it said
         self.watchable = watchable    # a local filechat client, whose flock is its life
         self.gone = gone
+        self.made = made              # when its lock was made, by this host's clock (0: unknown)
         self.identity = (0, 0)
         if fd >= 0:
             try:
                 st = os.fstat(fd)
                 self.identity = (st.st_dev, st.st_ino)
+                self.made = made or (0.0 if token else st.st_mtime)   # an empty lock: its time
             except FileNotFoundError:
                 pass                  # removed since it was opened: its token decides
 
@@ -2813,7 +2844,8 @@ class _Requester:
             return cls(fd)
         watchable = (owner.here() and owner.local and sys.platform != "win32"
                      and not _on_shared(lock_path))
-        return cls(fd, owner.token, watchable, timeout=owner.timeout)
+        return cls(fd, owner.token, watchable, timeout=owner.timeout,
+                   made=owner.created if owner.here() else 0.0)
 
     def ref(self) -> str:
         """Return the claim name's suffix for this client's lock: "<inode>-<token>"."""
@@ -2953,6 +2985,7 @@ class _Server:
                 return None               # a peer writing it in place is not done
             client = _Requester.of_lock(self.paths.lock)
             claim = self.paths.claim_prefix + client.ref()
+            before = time.time()          # see _claim_replaced
             try:
                 os.rename(self.paths.buffer, claim)
             except BaseException:
@@ -2967,12 +3000,33 @@ class _Server:
             if (renamed.st_dev, renamed.st_ino) != (st.st_dev, st.st_ino):
                 os.close(fd)
                 fd = -1
-                return self._open_claim(claim, client)
+                client.close()
+                return self._claim_replaced(claim, before)
             taken, fd = _Claim(claim, fd, head, end, client), -1
             return taken
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def _claim_replaced(self, claim: str, before: float) -> _Claim:
+        """Take up a message that replaced the one read, as the buffer was claimed.
+
+        The lock read before the claim was the one read's sender's. This
+        message's sender held its own lock when the buffer was renamed: the
+        lock in place now, if it was made before the rename began (before,
+        by this host's clock); one made since is another client's, taken
+        after this message's sender gave up, and with none in place it has
+        gone too: the message is then its gone sender's, and that other
+        lock is never removed for it. The claim is renamed to name its lock.
+        """
+        client = _Requester.of_lock(self.paths.lock)
+        if client.fd < 0 or client.made > before:
+            client.close()
+            client = _Requester(gone=True)
+        named = self.paths.claim_prefix + client.ref()
+        if named != claim:
+            os.rename(claim, named)
+        return self._open_claim(named, client)
 
     def _end_of(self, fd: int) -> Tuple[bytes, int]:
         """Return the first bytes of the message open as fd, and where it ends (-1: not yet).
@@ -3066,6 +3120,10 @@ class _Server:
         claim.sent = raw_path
         request = Request(message, os.path.normpath(absolute), self.paths.buffer, deadline,
                           lambda: client.waiting(self.paths.lock))
+        if client.gone:
+            self.report("discarded", reason=f"the client for {raw_path} has gone",
+                        request=request)
+            return None
         problem = self._target_problem(request.response_path, claim.restored)
         if problem is _ANSWERED:
             self.report("discarded", reason=f"{raw_path} was answered before a restart",

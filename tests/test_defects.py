@@ -406,3 +406,64 @@ def test_filechats_own_looks_at_the_buffer_are_not_a_peers_read(start, run, tmp_
     assert client.wait() == filechat.EXIT_TIMEOUT
     assert "no other read the message; it was withdrawn" in client.err
     assert list(tmp_path.iterdir()) == []
+
+
+# --- A buffer replaced as it is claimed ---
+
+def _replaced_as_claimed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                         then_gives_up: bool) -> tuple:  # type: ignore[type-arg]
+    """Claim A's message, which A withdraws and B replaces between the read and the rename.
+
+    then_gives_up: B also gives up just after the rename, and C takes the lock.
+    """
+    paths = filechat.Paths(str(tmp_path / "buf.txt"))
+    a, b, c = (filechat.Lock(paths.lock) for _ in range(3))
+
+    def send(lock: filechat.Lock, text: str) -> None:
+        assert lock.try_acquire()
+        filechat.publish(paths.buffer, filechat.encode_request(f"{text}.txt", text),
+                         replace=True)
+    send(a, "A")
+    real, calls = filechat._Requester.of_lock, []
+
+    def of_lock(lock_path: str) -> filechat._Requester:
+        calls.append(lock_path)
+        if len(calls) == 1:               # read before the rename: A's lock...
+            found = real(lock_path)
+            os.unlink(paths.buffer)       # ...then A withdraws and lets go, and B sends
+            a.release()
+            send(b, "B")
+            return found
+        if then_gives_up:                 # read after the rename
+            b.release()
+            assert c.try_acquire()
+        return real(lock_path)
+    monkeypatch.setattr(filechat._Requester, "of_lock", staticmethod(of_lock))
+    server = filechat._Server(paths, lambda request: "", [str(tmp_path)], 1 << 20, False,
+                              filechat._ignore)
+    taken = server._claim()
+    assert taken is not None
+    return paths, taken, b, c
+
+
+def test_a_message_that_replaced_the_one_read_is_claimed_with_its_own_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server read A's message and A's lock, then A gave up and B sent: it
+    # claimed B's message with A's (gone) lock, resolved B's path as a spec
+    # client's, and B, its lock never removed, waited out its timeout.
+    paths, taken, b, _ = _replaced_as_claimed(tmp_path, monkeypatch, then_gives_up=False)
+    assert taken.client.token == b.token and not taken.client.gone
+    assert taken.path == paths.claim_prefix + taken.client.ref()
+    assert filechat._read_text(taken.fd, 0, taken.end, "strict", taken.head) == "B.txt\nB"
+    taken.close()
+    b.close()
+
+
+def test_a_replacing_message_whose_sender_gave_up_is_never_tied_to_the_next_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths, taken, _, c = _replaced_as_claimed(tmp_path, monkeypatch, then_gives_up=True)
+    assert taken.client.gone and taken.client.token == ""    # B's: gone; C's lock not its
+    taken.client.release_lock(paths.lock)
+    assert filechat._token_at(paths.lock) == c.token
+    taken.close()
+    c.release()

@@ -202,8 +202,9 @@ def test_a_holder_file_goes_while_its_flock_is_held(tmp_path: Path,
     unlink = filechat._unlink_quietly
 
     def look_then_unlink(path: str) -> bool:
-        holder = filechat.inspect_holder(path, ours=True)
-        judged.append((os.path.basename(path), holder is not None and holder.gone))
+        if not os.path.basename(path).startswith("."):            # not a temp file
+            holder = filechat.inspect_holder(path, ours=True)
+            judged.append((os.path.basename(path), holder is not None and holder.gone))
         return unlink(path)
     monkeypatch.setattr(filechat, "_unlink_quietly", look_then_unlink)
     lock = Lock(str(tmp_path / "server.lock"))
@@ -215,10 +216,39 @@ def test_a_holder_file_goes_while_its_flock_is_held(tmp_path: Path,
     presence = filechat.Presence(str(tmp_path / "buf.txt.server"))
     presence.start()
     presence.withdraw()
-    held = [(name, gone) for name, gone in judged if not name.startswith(".")]  # not temps
-    assert [name for name, _ in held][::2] == ["server.lock", "buf.txt.server"]
-    assert filechat._is_ticket(held[1][0])
-    assert [gone for _, gone in held] == [None, None, None]     # each seen alive to the end
+    assert [name for name, _ in judged][::2] == ["server.lock", "buf.txt.server"]
+    assert filechat._is_ticket(judged[1][0])
+    assert [gone for _, gone in judged] == [None, None, None]   # each seen alive to the end
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_client_that_gives_up_on_a_claimed_message_leaves_its_lock_to_the_server(
+        tmp_path: Path) -> None:
+    # Two removers of one lock, the client giving up and the server done with
+    # its message, could each check it and then remove a new lock another
+    # client took in between (seen: a message then sent without its lock).
+    # The client empties it instead, and the server removes it.
+    paths = filechat.Paths(str(tmp_path / "buf.txt"))
+    presence = filechat.Presence(paths.presence)
+    presence.start()
+    response = str(tmp_path / "reply.txt")
+    exchange = filechat._Exchange(paths, response, "reply.txt", filechat.STALE_AFTER, False,
+                                  False, 0.5, filechat._ignore, None)
+    exchange.write(filechat.encode_request("reply.txt", "hello"))
+    exchange.acquire(None, 2.0)
+    exchange.put_in_place()
+    server = filechat._Server(paths, lambda request: "", [str(tmp_path)], 1 << 20, False,
+                              filechat._ignore)
+    taken = server._claim()
+    assert taken is not None
+    assert exchange.give_up() is False                   # claimed: not withdrawn...
+    assert Path(paths.lock).read_bytes() == b""          # ...and its lock left, emptied
+    assert not taken.client.waiting(paths.lock)          # which says its client has gone
+    taken.client.release_lock(paths.lock)
+    assert not os.path.exists(paths.lock)
+    taken.close()
+    os.unlink(taken.path)
+    presence.withdraw()
     assert os.listdir(tmp_path) == []
 
 
