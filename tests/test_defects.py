@@ -384,6 +384,13 @@ def test_a_client_giving_up_under_a_spec_server_leaves_it_the_message_and_the_lo
         assert first.wait() == filechat.EXIT_TIMEOUT
         assert "the message and the lock are left to it" in first.err
     assert (tmp_path / "server.lock").exists() and (tmp_path / "buf.txt").exists()
+    if quirk:
+        # A peer that removes the lock before it clears the buffer clears the
+        # message of a client quick enough to take the lock in between (seen
+        # once under load): its own race, which no client can prevent. The
+        # next client starts once the peer is done with the first.
+        assert peer.stdout is not None
+        assert any(line.startswith(b"Response sent to: ") for line in peer.stdout)
     # The next client waits for the peer to finish with the first, then is answered.
     second = run("client", "buf.txt", "-m", "second", "--timeout", "30")
     assert (second.returncode, second.stdout) == (0, b"from the peer\n"), second.stderr
