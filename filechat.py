@@ -1388,14 +1388,11 @@ def remove_holder(path: str, token: str, identity: Tuple[int, int] = (0, 0)) -> 
 
     By its token, not by which file it is: on a network filesystem a hard
     link may show a new inode number, and a new file the old one's. A file
-    without a token is removed only if it is still the file identity names,
-    as is one that its holder emptied when it left it to this remover
-    (Lock.abandon).
+    without a token is removed only if it is still the file identity names.
     """
-    found = _token_at(path) if token else ""
-    if found == "":
-        return identity != (0, 0) and remove_if_same(path, identity)
-    return found == token and _unlink_quietly(path)
+    if not token:
+        return remove_if_same(path, identity)
+    return _token_at(path) == token and _unlink_quietly(path)
 
 
 def _token_at(path: str) -> Optional[str]:
@@ -1420,10 +1417,9 @@ def sweep_leftovers(directories: Sequence[str], older_than: float = STALE_AFTER,
     once their pid is gone, whatever was judged of a file it held (a holder
     may have let go of it and gone on); another host's once older than
     older_than (a pending request there is touched by its heartbeat), or at
-    once if they are dead's, a holder found dead. Also
-    what FUSE kept, as .fuse_hidden..., of a lock, ticket or presence file
-    removed while open, which libfuse before 3.15 may never remove (its
-    issue 746).
+    once if they are dead's, a holder found dead. Also what FUSE kept, as
+    .fuse_hidden..., of a lock, ticket or presence file removed while open,
+    which libfuse before 3.15 may never remove (its issue 746).
     """
     dead_tag = "" if dead is None else f"{zlib.crc32(dead.host.encode()):08x}"
     older_than = max(older_than, 10 * HEARTBEAT_INTERVAL)    # a touched file is young
@@ -1520,7 +1516,11 @@ class Lock:
         """Remove the lock if it is still the one this process created (see _let_go).
 
         Only while no server has claimed its message: from then on the server
-        is the lock's only remover (see abandon).
+        is the lock's only remover. Two removers could each check the lock and
+        then remove its name, one of them a new lock that another client took
+        in between; a client that gives up on a claimed message only closes
+        its lock, and the server, seeing its flock free (elsewhere its pid or
+        heartbeat end), removes it.
         """
         token, self.token = self.token, ""
 
@@ -1530,23 +1530,6 @@ class Lock:
         if token:
             _let_go(self, self.path, remove)
         _close_fd(self)
-
-    def abandon(self) -> None:
-        """Empty the lock in place and let go of it, leaving it to the server that has its message.
-
-        Two removers of one lock could not both check it and remove it: one
-        might remove a new lock that another client took in between. Empty,
-        it names nobody, which tells the server that this client has gone
-        wherever flock is not trusted (its flock, freed, tells it elsewhere),
-        and the server removes it as the very file it holds open.
-        """
-        if self.fd >= 0:
-            _heartbeat.stop(self.fd)      # no beat may write the record again
-            try:
-                os.ftruncate(self.fd, 0)
-            except OSError:
-                pass                      # the lock is still its server's to remove
-        self.close()
 
     def close(self) -> None:
         """Drop this process's hold (its flock) without touching the file."""
@@ -2593,7 +2576,7 @@ class _Exchange:
             if not self.rejected:         # a file there then is not the server's
                 _unlink_quietly(self.response_path)   # a reply that came too late
         if claimed:
-            self.lock.abandon()
+            self.lock.close()                 # the server's to remove (see Lock.release)
         elif self.phase in ("locked", "sent"):
             self.lock.release()
         if self.request is not None:
@@ -3012,12 +2995,14 @@ class _Server:
         """Take up a message that replaced the one read, as the buffer was claimed.
 
         The lock read before the claim was the one read's sender's. This
-        message's sender held its own lock when the buffer was renamed: the
-        lock in place now, if it was made before the rename began (before,
-        by this host's clock); one made since is another client's, taken
-        after this message's sender gave up, and with none in place it has
-        gone too: the message is then its gone sender's, and that other
-        lock is never removed for it. The claim is renamed to name its lock.
+        message's sender held its own lock when the buffer was renamed, and a
+        filechat client leaves it in place from then on (see Lock.release):
+        the lock in place now, if it was made before the rename began (before,
+        by this host's clock). One made since is another client's, taken after
+        a spec client that sent this message gave up and removed its lock;
+        with that, or none in place, the message is its gone sender's, and
+        that other lock is never removed for it. The claim is renamed to name
+        its lock.
         """
         client = _Requester.of_lock(self.paths.lock)
         if client.fd < 0 or client.made > before:

@@ -421,7 +421,8 @@ def _replaced_as_claimed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                          then_gives_up: bool) -> tuple:  # type: ignore[type-arg]
     """Claim A's message, which A withdraws and B replaces between the read and the rename.
 
-    then_gives_up: B also gives up just after the rename, and C takes the lock.
+    then_gives_up: B also gives up just after the rename, removing its lock as a spec
+    client does (a filechat client leaves it to the server), and C takes the lock.
     """
     paths = filechat.Paths(str(tmp_path / "buf.txt"))
     a, b, c = (filechat.Lock(paths.lock) for _ in range(3))
