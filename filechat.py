@@ -84,6 +84,7 @@ __all__ = [
     "WaitingLine",
     "encode_reply",
     "encode_request",
+    "newline_added",
     "parse_reply",
     "parse_request",
     "reply_pieces",
@@ -116,6 +117,8 @@ HEARTBEAT_TIMEOUT = 5.0           # seconds without a rewrite after which its ho
                                   # two beats missed and the third due, so within three of a death
 STALE_AFTER = 300.0               # seconds before an unidentifiable lock counts as stale
 HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
+PEER_CLEAR_WAIT = 3.0             # seconds a client lets a server that removed the lock before
+                                  # clearing the buffer clear it (a spec peer's order)
 PRESENCE_INTERVAL = 1.0           # seconds between updates of the presence file's count
 PRESENCE_LOOKS = 0.25             # seconds between a polling client's looks for its server
 PROGRESS_INTERVAL = 0.1           # seconds between updates of a progress line at a terminal
@@ -230,28 +233,46 @@ class ReplyTimeout(FilechatError, TimeoutError):
 
     exit_code = EXIT_TIMEOUT
 
-    def __init__(self, response_path: str, timeout: float, buffer: str, withdrawn: bool,
-                 server_running: bool, left: bool = False) -> None:
-        super().__init__(response_path, timeout, buffer, withdrawn, server_running, left)
+    def __init__(self, response_path: str, timeout: float, buffer: str, fate: str,
+                 server_running: bool, lock_path: str = "") -> None:
+        super().__init__(response_path, timeout, buffer, fate, server_running, lock_path)
         self.response_path = response_path
         self.timeout = timeout
         self.buffer = buffer
-        self.withdrawn = withdrawn
+        self.fate = fate              # what the client saw of its message: see FATES
         self.server_running = server_running
-        self.left = left          # read by a server that is not filechat: left to it
+        self.lock_path = lock_path
+        self.withdrawn = fate == "withdrawn"
+        self.left = fate in ("left", "taken")     # to a server that is not filechat
 
     def __str__(self) -> str:
-        if self.left:
-            fate = ("a server that is not filechat read the message but did not answer in "
-                    "time; the message and the lock are left to it, as the spec's clients do")
-        elif not self.server_running:
+        if self.fate == "withdrawn" and not self.server_running:
             fate = (f"no filechat server was running on {self.buffer}, and no other read the "
                     f"message; it was withdrawn; start one with: filechat server {self.buffer}")
-        elif self.withdrawn:
-            fate = "the server did not take the message; it was withdrawn"
-        else:
+        elif self.fate == "claimed":
             fate = "the server took the message but did not answer in time; raise --timeout"
+        else:
+            fate = fate_of(self.fate, self.buffer, self.response_path, self.lock_path)
         return f"no reply in {self.response_path} within {self.timeout:g} s: {fate}"
+
+
+# What a client that gave up saw of its message, as it says so: only what it saw.
+FATES = {
+    "unsent": "nothing was sent",
+    "withdrawn": "the message was withdrawn",
+    "claimed": "the server had taken the message, and will find this client gone",
+    "left": ("a server that is not filechat had read the message; it and the lock are left "
+             "to that server, as the spec's clients do"),
+    "taken": ("a program that is not filechat took the message from {buffer} without "
+              "answering yet; the lock is left to it, as the spec's clients do"),
+    "replied": ("a reply arrived in {response} but the lock {lock} was never released; "
+                "the reply is left there"),
+}
+
+
+def fate_of(fate: str, buffer: str, response: str, lock: str) -> str:
+    """Say what a client that gave up saw of its message (see FATES)."""
+    return FATES[fate].format(buffer=buffer, response=response, lock=lock)
 
 
 class LockTimeout(FilechatError, TimeoutError):
@@ -371,15 +392,32 @@ def _text_pieces(text: str, what: str) -> Iterator[bytes]:
         yield _utf8(text[start:start + PIECE], what)
 
 
+def newline_added(text: str) -> bool:
+    """True if framing adds a newline to text, so that its ESC stands on a line of its own."""
+    return text[-1:] not in ("", "\n")
+
+
+def _closing(text: str, drawn: bool = True) -> bytes:
+    """Return what ends a framed text: ESC, after a newline if the text's last line needs one.
+
+    The spec draws ESC on a line of its own, and peers that read it so wait
+    for that line; text that ends a line already is sent as it is.
+    """
+    return (b"\n" if drawn and newline_added(text) else b"") + END_MARKER.encode()
+
+
 def request_pieces(response_path: str, message: str) -> Iterator[bytes]:
-    """Frame a request as pieces to write in order: response path, newline, message, ESC."""
+    """Frame a request as pieces to write in order: response path, newline, message, ESC.
+
+    ESC stands on a line of its own: see newline_added.
+    """
     yield _check_path(response_path) + b"\n"
     yield from _text_pieces(message, "message")
-    yield END_MARKER.encode()
+    yield _closing(message)
 
 
 def encode_request(response_path: str, message: str) -> bytes:
-    """Frame a request: response path, newline, message, ESC."""
+    """Frame a request: response path, newline, message, ESC on a line of its own."""
     return b"".join(request_pieces(response_path, message))
 
 
@@ -399,28 +437,36 @@ def _decode_path(raw: bytes) -> str:
     return str(raw, "utf-8").rstrip("\r")     # a peer on Windows may write CRLF
 
 
-def parse_request(data: bytes) -> Optional[Tuple[str, str]]:
+def parse_request(data: bytes, added: bool = False) -> Optional[Tuple[str, str]]:
     """Return (response path, message) of a complete request, None if incomplete.
 
-    Raises ValueError for a complete request that is malformed.
+    added: its sender says framing added a newline (see newline_added),
+    which is then not part of the message. Raises ValueError for a complete
+    request that is malformed.
     """
     end = data.find(END_MARKER.encode())
     if end < 0:
         return None
     newline = _path_end(data, end)
+    if added and end > newline + 1 and data[end - 1:end] == b"\n":
+        end -= 1
     view = memoryview(data)
     return _decode_path(view[:newline].tobytes()), str(view[newline + 1:end], "utf-8")
 
 
-def reply_pieces(text: str, error: bool = False) -> Iterator[bytes]:
-    """Frame a reply as pieces to write in order: text, then ESC (ESC ESC for an error)."""
+def reply_pieces(text: str, error: bool = False, drawn: bool = True) -> Iterator[bytes]:
+    """Frame a reply as pieces to write in order: text, then ESC (ESC ESC for an error).
+
+    drawn: ESC on a line of its own (see newline_added), for a reader that
+    may be any program; a filechat client gets the text exactly as it is.
+    """
     yield from _text_pieces(text, "reply")
-    yield (ERROR_MARKER if error else END_MARKER).encode()
+    yield _closing(text, drawn) + (END_MARKER.encode() if error else b"")
 
 
-def encode_reply(text: str, error: bool = False) -> bytes:
-    """Frame a reply: text then ESC, or ESC ESC for an error reply."""
-    return b"".join(reply_pieces(text, error))
+def encode_reply(text: str, error: bool = False, drawn: bool = True) -> bytes:
+    """Frame a reply: text then ESC, or ESC ESC for an error reply (see reply_pieces)."""
+    return b"".join(reply_pieces(text, error, drawn))
 
 
 def parse_reply(data: bytes) -> Optional[Tuple[str, bool]]:
@@ -451,7 +497,7 @@ def _temp_name(path: str) -> str:
     return os.path.join(head, f".{tail}.{HOST_TAG}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
 
 
-def _create(path: str) -> int:
+def _create(path: str, mode: int = 0o644) -> int:
     """Create path for writing, failing with FileExistsError if it exists."""
     return os.open(path,
                    os.O_WRONLY      # written by its creator only
@@ -460,7 +506,7 @@ def _create(path: str) -> int:
                    | O_NOFOLLOW     # never through a planted symlink
                    | O_CLOEXEC      # hooks and children must not inherit a flock on it
                    | O_BINARY,
-                   0o644)
+                   mode)
 
 
 def _write_all(fd: int, data: Data, durable: bool) -> bytes:
@@ -764,6 +810,14 @@ def _read_text(fd: int, start: int, end: int, errors: str, head: bytes = b"",
     return text + rest
 
 
+def _byte_at(fd: int, offset: int, head: bytes) -> bytes:
+    """Return the byte at offset of the file open as fd; those in head from it."""
+    if offset < len(head):
+        return head[offset:offset + 1]
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.read(fd, 1)
+
+
 def _pieces(fd: int, start: int, end: int, head: bytes) -> Iterator[bytes]:
     """Yield the bytes between start and end of the file open as fd; those in head from it."""
     if start < len(head):
@@ -1021,12 +1075,13 @@ BOOT_ID, PID_NS = _machine()
 class Owner:
     """What a lock, ticket or presence file says about the process that holds it."""
 
-    __slots__ = ("answered", "beats", "boot", "created", "host", "local", "pid", "pidns",
-                 "started", "timeout", "token")
+    __slots__ = ("answered", "beats", "boot", "created", "host", "local", "newline", "pid",
+                 "pidns", "started", "timeout", "token")
 
     def __init__(self, pid: int, host: str, token: str, created: float, answered: int = 0,
                  started: float = 0.0, timeout: Optional[float] = None, boot: str = "",
-                 pidns: int = 0, local: bool = True, beats: bool = False) -> None:
+                 pidns: int = 0, local: bool = True, beats: bool = False,
+                 newline: bool = False) -> None:
         self.pid = pid
         self.host = host
         self.token = token
@@ -1038,6 +1093,7 @@ class Owner:
         self.pidns = pidns          # pid means something ("", 0: an older record)
         self.local = local          # its holder saw a local filesystem, and holds an flock
         self.beats = beats          # its holder rewrites it every HEARTBEAT_INTERVAL
+        self.newline = newline      # locks only: framing added a newline to the message
 
     def here(self) -> bool:
         """True if the holder runs on this machine, so that its pid can be checked."""
@@ -1052,11 +1108,13 @@ BEAT = b'"beat": "00000000"}'       # how a record that beats ends: its counter 
 
 
 def _owner_record(path: str, answered: Optional[int] = None, started: float = 0.0,
-                  token: str = "", timeout: Optional[float] = None) -> bytes:
+                  token: str = "", timeout: Optional[float] = None,
+                  newline: bool = False) -> bytes:
     """Return this process's identity as one line of JSON, for the file path.
 
     token: the random token that makes the file this holder's; a new one if not given.
     timeout: for a client's lock, how long it waits for its reply, for the server to show.
+    newline: for a client's lock, framing added a newline to its message (newline_added).
     On a shared directory the record says so and ends in a heartbeat counter.
     """
     local = not _on_shared(path)
@@ -1066,6 +1124,8 @@ def _owner_record(path: str, answered: Optional[int] = None, started: float = 0.
         record.update(answered=answered, started=started)
     if timeout is not None:
         record.update(timeout=float(timeout))
+    if newline:
+        record.update(newline=True)
     record.update(boot=BOOT_ID, pidns=PID_NS, local=local)
     if not local:
         record.update(beat="00000000")
@@ -1081,7 +1141,8 @@ def read_owner(data: bytes) -> Optional[Owner]:
                      float(raw["created"]), int(raw.get("answered", 0)),
                      float(raw.get("started", 0.0)), None if timeout is None else float(timeout),
                      str(raw.get("boot", "")), int(raw.get("pidns", 0)),
-                     raw.get("local", True) is not False, "beat" in raw)
+                     raw.get("local", True) is not False, "beat" in raw,
+                     raw.get("newline") is True)
     except (ValueError, KeyError, TypeError, AttributeError):
         return None         # empty, cut short, or another program's
 
@@ -1484,13 +1545,15 @@ class Lock:
         self.stale_after = stale_after
         self.durable = durable
         self.reply_timeout = reply_timeout    # told the server in the record
+        self.newline = False                  # likewise: framing added a newline
         self.fd = -1
         self.token = ""                       # in the lock while this process holds it
 
     def try_acquire(self) -> bool:
         """Create the lock if nobody holds it; True if this process now holds it."""
         token = os.urandom(8).hex()
-        record = _owner_record(self.path, token=token, timeout=self.reply_timeout)
+        record = _owner_record(self.path, token=token, timeout=self.reply_timeout,
+                               newline=self.newline)
         staged = _Staged(self.path, record, self.durable, hold=True)
         try:
             staged.put()
@@ -2164,7 +2227,7 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     (``at``, ``named``: when its ticket appeared), "locked" (``asked``),
     "sent", "waiting", "received" (just before the reply is written to
     reply_to), "no-server", "server-stopped", "server-started", and
-    "interrupted" (``sent``, ``withdrawn``, ``left``) on Ctrl+C; with
+    "interrupted" (``fate``, a key of FATES, and ``said``, its sentence) on Ctrl+C; with
     progress_interval, also "tick" (``phase`` "lock" or "reply", ``waited``).
 
     Raises FramingError (ESC, NUL or non-UTF-8 text, over max_bytes),
@@ -2178,7 +2241,8 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     if response_path is None:
         response_path = default_response_path(buffer)
     carried = sent_path(buffer, response_path)
-    data = _request_data(carried, message, max_bytes)
+    added: List[bool] = []            # whether framing added a newline, once data is written
+    data = _request_data(carried, message, max_bytes, added)
     check_buffer_path(buffer, paths.lock)
     if chosen:      # a fresh name beside the buffer needs no checking
         check_response_path(response_path, paths)  # errors name the path as the user gave it
@@ -2187,40 +2251,47 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
                          poll, poll_interval, status, progress_interval, server_timeout, timeout)
     try:
         exchange.write(data)
+        exchange.lock.newline = added[0]
         exchange.acquire(lock_timeout, lock_retry_interval)
         exchange.put_in_place()
         text, is_error = exchange.await_reply(timeout, reply_to)
     except BaseException as exc:
-        sent = exchange.phase == "sent"
-        withdrawn = exchange.give_up()
+        if exchange.phase != "done":
+            exchange.give_up()
         if isinstance(exc, KeyboardInterrupt):
-            status("interrupted", sent=sent, withdrawn=withdrawn, left=exchange.left)
+            status("interrupted", fate=exchange.fate, said=fate_of(
+                exchange.fate, buffer, exchange.response_path, paths.lock))
         raise
     if is_error:
         raise ServerError(text)
     return text
 
 
-def _request_data(response_path: str, message: Union[str, BinaryIO], max_bytes: int) -> Data:
+def _request_data(response_path: str, message: Union[str, BinaryIO], max_bytes: int,
+                  added: List[bool]) -> Data:
     """Check what can be checked before the request is written; return its pieces.
 
     A message from a file is read and checked as its pieces are written.
+    Whether framing added a newline (newline_added) is appended to added
+    once the pieces have been written.
     """
     _check_path(response_path)
     if not isinstance(message, str):
         size = _file_size(message)
         if size > max_bytes:
             raise _too_long(_message_name(message), size, max_bytes)
-        return _file_request(response_path, message, max_bytes)
+        return _file_request(response_path, message, max_bytes, added)
     check_characters(message, "message")
     size = (len(message) if message.isascii()
             else sum(map(len, _text_pieces(message, "message"))))
     if size > max_bytes:
         raise _too_long("message", size, max_bytes)
+    added.append(newline_added(message))
     return request_pieces(response_path, message)
 
 
-def _file_request(response_path: str, source: BinaryIO, max_bytes: int) -> Iterable[bytes]:
+def _file_request(response_path: str, source: BinaryIO, max_bytes: int,
+                  added: List[bool]) -> Iterable[bytes]:
     """Frame a request whose message is read from the binary file source, a piece at a time.
 
     Each piece is checked as it comes (UTF-8 text, no ESC or NUL), so that a
@@ -2230,6 +2301,7 @@ def _file_request(response_path: str, source: BinaryIO, max_bytes: int) -> Itera
     yield _check_path(response_path) + b"\n"
     decoder = codecs.getincrementaldecoder("utf-8")()
     size = 0
+    last = b""
     while True:
         try:
             piece = source.read(READ_SIZE)
@@ -2247,11 +2319,13 @@ def _file_request(response_path: str, source: BinaryIO, max_bytes: int) -> Itera
         check_characters(piece, what)
         if not piece:
             break
+        last = piece[-1:]
         yield piece
     if size == 0 and what == "message on stdin":
         raise UsageError("nothing to send: standard input is empty; to send an empty "
                          "message, say so with --message ''")
-    yield END_MARKER.encode()
+    added.append(newline_added(last.decode("latin-1")))
+    yield _closing(last.decode("latin-1"))
 
 
 def _file_size(message: BinaryIO) -> int:
@@ -2321,7 +2395,7 @@ class _Exchange:
         self.phase = "new"
         self.request: Optional[_Staged] = None
         self.rejected = False         # the server said it will not write the reply
-        self.left = False             # given up, but left to a server that is not filechat
+        self.fate = ""                # what became of the message, once given up (FATES)
         self.line: Optional[WaitingLine] = None
         self.server_timeout = server_timeout
         # When to look whether any server has shown up (never, once one has).
@@ -2455,6 +2529,7 @@ class _Exchange:
         # A note about this path now is about an earlier exchange, whose client
         # gave up: the next one there is this message's.
         _unlink_quietly(self.note)
+        self._let_peer_clear()
         _heartbeat.forget(self.request.temp)
         self.request.put(replace=True)
         self.phase = "sent"
@@ -2462,6 +2537,28 @@ class _Exchange:
         _crash_point("client-sent")
         self.status("sent")
         self.status("waiting")
+
+    def _let_peer_clear(self) -> None:
+        """Wait, holding the lock, for a server that read the buffer in place to clear it.
+
+        Some servers that follow only the spec remove the lock before they
+        clear the buffer: the message they answered still stands there, read,
+        and their late clearing would erase this one. Woken by the buffer's
+        change, for at most PEER_CLEAR_WAIT seconds.
+        """
+        buffer = self.paths.buffer
+        if not _answered_in_place(buffer):
+            return
+        deadline = time.monotonic() + PEER_CLEAR_WAIT
+        with Waiter([buffer], self.poll, self.poll_interval) as waiter:
+            while _answered_in_place(buffer):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("%s still holds a message a server read but has not cleared "
+                                "after %g s; replacing it", buffer, PEER_CLEAR_WAIT)
+                    return
+                waiter.wait(left)
+            waiter.progress(f"{buffer} cleared by the server that read it")
 
     def await_reply(self, timeout: float, sink: Optional[IO[str]]) -> Tuple[str, bool]:
         """Wait for the complete reply and return it as (text, is_error); delete the file.
@@ -2503,9 +2600,9 @@ class _Exchange:
                 _crash_point("client-waiting")
                 now = time.monotonic()
                 if now >= deadline:
-                    withdrawn = self.give_up()
-                    raise ReplyTimeout(self.response_path, timeout, paths.buffer, withdrawn,
-                                       running_server(paths.presence) is not None, self.left)
+                    self.give_up()
+                    raise ReplyTimeout(self.response_path, timeout, paths.buffer, self.fate,
+                                       running_server(paths.presence) is not None, paths.lock)
                 waiter.wait(min(deadline - now, tick(now), self._server_wait()))
         try:
             self.status("received")
@@ -2560,23 +2657,17 @@ class _Exchange:
         return _Reply.find(self.response_path, unended=True)
 
     def give_up(self) -> bool:
-        """Withdraw a message no server is answering, let go of the lock; True if withdrawn."""
-        withdrawn = claimed = False
-        if self.phase == "sent" and self.request is not None:
-            sent = self.request.identity
-            if running_server(self.paths.presence) is None and _read_in_place(self.paths.buffer,
-                                                                             sent):
-                return self._leave_to_peer()
-            withdrawn = _withdraw(self.paths.buffer, sent)
-            if not withdrawn and running_server(self.paths.presence) is None:
-                # Claimed by a server that has stopped since: nobody is answering it.
-                withdrawn = any(_withdraw(claim, sent) for claim in self.paths.claims())
-            elif not withdrawn:
-                claimed = True                # by the running server: its lock is the server's
-            if not self.rejected:         # a file there then is not the server's
-                _unlink_quietly(self.response_path)   # a reply that came too late
-        if claimed:
-            self.lock.close()                 # the server's to remove (see Lock.release)
+        """Withdraw a message no server is answering, let go of the lock; True if withdrawn.
+
+        What became of the message is noted in fate (see FATES), as seen, and
+        a reply that arrived is never removed unread.
+        """
+        self.fate = self._message_fate() if self.phase == "sent" else "unsent"
+        if self.fate in ("claimed", "left", "taken"):
+            # The lock is its server's to remove: a filechat server's (see
+            # Lock.release), or a peer's, which once it has answered removes
+            # whatever lock is in place then, and clears the buffer.
+            self.lock.close()
         elif self.phase in ("locked", "sent"):
             self.lock.release()
         if self.request is not None:
@@ -2584,24 +2675,29 @@ class _Exchange:
             self.request.discard()
         self._leave_line()
         self.phase = "done"
-        return withdrawn
+        if self.fate in ("left", "taken"):
+            log.debug("message in %s left to the server that took it", self.paths.buffer)
+        return self.fate == "withdrawn"
 
-    def _leave_to_peer(self) -> bool:
-        """Give up, leaving the message and the lock to the server that read the message.
-
-        A server that follows only the spec reads the buffer in place, and
-        once it has answered, clears the buffer and removes the lock,
-        whichever they are by then: withdrawing the message and releasing the
-        lock would have it clear the next client's message and lock instead.
-        """
-        self.left = True
-        self.lock.close()             # the file stays; its flock goes
-        if self.request is not None:
-            _heartbeat.forget(self.request.temp)
-            self.request.discard()
-        self.phase = "done"
-        log.debug("message in %s left to the server that read it", self.paths.buffer)
-        return False
+    def _message_fate(self) -> str:
+        """Withdraw the sent message if nobody has it; return what became of it (FATES)."""
+        assert self.request is not None
+        sent, buffer = self.request.identity, self.paths.buffer
+        serving = running_server(self.paths.presence) is not None
+        if not serving and _read_in_place(buffer, sent):
+            return "left"                     # read in place by a server that is not filechat
+        if _withdraw(buffer, sent):
+            return "withdrawn"
+        if serving:
+            return "claimed"
+        # Claimed by a server that has stopped since: nobody is answering it.
+        if any(_withdraw(claim, sent) for claim in self.paths.claims()):
+            return "withdrawn"
+        reply = None if self.rejected else _Reply.find(self.response_path)
+        if reply is not None:
+            reply.close()
+            return "replied"                  # by a server that kept the lock
+        return "taken"
 
     def _leave_line(self) -> None:
         """Give up the ticket, if this client waited in line.
@@ -2617,6 +2713,15 @@ class _Exchange:
 def _message_waiting(buffer: str) -> bool:
     """True if a complete message waits in the buffer."""
     return bool(_looked_at(buffer, lambda fd: _find_end(fd)[1] >= 0, noatime=True))
+
+
+def _answered_in_place(buffer: str) -> bool:
+    """True if a complete message stands in the buffer and someone has read it (see
+    _read_in_place): a server that is not filechat, yet to clear it."""
+    def look(fd: int) -> bool:
+        st = os.fstat(fd)
+        return st.st_atime_ns > st.st_mtime_ns and _find_end(fd)[1] >= 0
+    return bool(_looked_at(buffer, look, noatime=True))
 
 
 class _Reply:
@@ -2761,6 +2866,7 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
         for orphan in sweep_orphan_replies(os.path.dirname(os.path.abspath(buffer)),
                                            stale_after):
             log.warning("removed %s: a reply nobody read for over %g s", orphan, stale_after)
+        server.leave_empty_buffer()
         report("ready", buffer=buffer, lock_path=paths.lock)
         with Waiter([buffer], poll, poll_interval, SERVER_EVENTS) as waiter:
             # Messages claimed by a server that stopped before answering come first.
@@ -2776,6 +2882,7 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
     finally:
         WaitingLine(paths.lock, stale_after).clear()
         sweep_leftovers(allowed, stale_after)
+        server.remove_empty_buffer()
         presence.withdraw()
     return server.handled
 
@@ -2800,9 +2907,10 @@ class _Requester:
 
     def __init__(self, fd: int = -1, token: str = "", watchable: bool = False,
                  gone: bool = False, timeout: Optional[float] = None,
-                 made: float = 0.0) -> None:
+                 made: float = 0.0, newline: bool = False) -> None:
         self.fd = fd                  # its lock, open (-1: it came without one)
-        self.token = token
+        self.token = token            # a filechat client's (""; a peer's, or none)
+        self.newline = newline        # framing added a newline to its message
         self.timeout = timeout        # seconds it waits for its reply, if it said
         self.watchable = watchable    # a local filechat client, whose flock is its life
         self.gone = gone
@@ -2828,7 +2936,7 @@ class _Requester:
         watchable = (owner.here() and owner.local and sys.platform != "win32"
                      and not _on_shared(lock_path))
         return cls(fd, owner.token, watchable, timeout=owner.timeout,
-                   made=owner.created if owner.here() else 0.0)
+                   made=owner.created if owner.here() else 0.0, newline=owner.newline)
 
     def ref(self) -> str:
         """Return the claim name's suffix for this client's lock: "<inode>-<token>"."""
@@ -2976,6 +3084,7 @@ class _Server:
                 if sys.exc_info()[0] is FileNotFoundError:
                     return None           # withdrawn by its client an instant ago
                 raise
+            self.leave_empty_buffer()
             _crash_point("server-taken")
             log.debug("message claimed as %s", claim)
             # Replaced since it was read? Its own rename: no cache to see through.
@@ -2990,6 +3099,25 @@ class _Server:
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def leave_empty_buffer(self) -> None:
+        """Put an empty buffer in place, unless a file is there (a request put in place).
+
+        A spec client may open the buffer without O_CREAT, as the spec's
+        server empties it in place. Writable as the umask allows: such a
+        client writes it in place.
+        """
+        try:
+            os.close(_create(self.paths.buffer, 0o666))
+        except FileExistsError:
+            pass
+
+    def remove_empty_buffer(self) -> None:
+        """Remove the buffer if it is empty, unless a spec client holds the lock to write it."""
+        st = _lstat_or_none(self.paths.buffer)
+        if (st is not None and stat.S_ISREG(st.st_mode) and st.st_size == 0
+                and _token_at(self.paths.lock) != ""):       # none, or a filechat client's
+            remove_if_same(self.paths.buffer, (st.st_dev, st.st_ino))
 
     def _claim_replaced(self, claim: str, before: float) -> _Claim:
         """Take up a message that replaced the one read, as the buffer was claimed.
@@ -3087,11 +3215,13 @@ class _Server:
         try:
             newline = _path_end(head, min(claim.end, MAX_PATH + 1))
             raw_path = _decode_path(head[:newline])
-            size = claim.end - newline - 1
+            end = claim.end - (claim.client.newline and claim.end > newline + 1
+                               and _byte_at(claim.fd, claim.end - 1, head) == b"\n")
+            size = end - newline - 1
             if size > self.max_bytes:
                 claim.oversize, message = size, ""
             else:
-                message = _read_text(claim.fd, newline + 1, claim.end, "strict", head)
+                message = _read_text(claim.fd, newline + 1, end, "strict", head)
         except ValueError as exc:
             self.report("discarded", reason=f"malformed message in {self.paths.buffer}: {exc}")
             return None
@@ -3140,7 +3270,8 @@ class _Server:
             text = self.responder(request)
             if not isinstance(text, str):
                 raise HookError(f"the responder returned {type(text).__name__}, not text")
-            reply = _Staged(path, reply_pieces(text), self.durable)
+            # A filechat client (its lock names it) gets the text exactly as it is.
+            reply = _Staged(path, reply_pieces(text, drawn=not client.token), self.durable)
         except (HookError, FramingError) as exc:
             failure = str(exc)
             text = f"filechat server: {failure}\n"
@@ -3487,9 +3618,11 @@ class Terminal:
 
         At a terminal, Ctrl+D after text on a line ends that text at once
         (the terminal hands over the partial line without a newline), instead
-        of needing a second Ctrl+D; with line editing it does the same.
+        of needing a second Ctrl+D; with line editing it does the same. Text
+        typed before the prompt (a paste, a script) is read as the terminal
+        has it, Ctrl+D included: it was shown as it was typed.
         """
-        if self.editing():
+        if self.editing() and not _typed_ahead(self.stdin):
             return _read_edited(what), False
         tty = self.stdin_is_tty()
         try:
@@ -3519,6 +3652,9 @@ def _line_editor() -> Any:
     editing key instead of reaching the text. Ctrl+D after text runs a
     completer that only notes it was pressed, then accepts the line: the
     text ends there, as without readline, and nothing shows on the screen.
+    A NUL does the same: it is how a Ctrl+D typed before readline took the
+    terminal out of line mode reaches it (the kernel queues an end of file
+    as a NUL), and a NUL can never be part of the text.
     """
     if "readline" not in _EDITOR:
         editor: Any = None
@@ -3529,10 +3665,21 @@ def _line_editor() -> Any:
         if editor is not None and "libedit" not in (editor.__doc__ or ""):
             editor.set_completer(lambda text, state: _CTRL_D.append(True))
             for binding in (r'"\C-x\C-f": complete', r'"\C-d": "\C-e\C-x\C-f\C-m"',
+                            r'"\C-@": "\C-e\C-x\C-f\C-m"',
                             r'"\t": tab-insert', "set bell-style none"):
                 editor.parse_and_bind(binding)
         _EDITOR["readline"] = editor
     return _EDITOR["readline"]
+
+
+def _typed_ahead(stream: IO[str]) -> bool:
+    """True if whole lines typed at the terminal stream wait to be read."""
+    try:
+        import termios
+        return int.from_bytes(fcntl.ioctl(stream.fileno(), termios.FIONREAD, bytes(4)),
+                              sys.byteorder) > 0
+    except (ImportError, OSError, ValueError, AttributeError, NameError):
+        return False              # not a terminal that can say (or not POSIX)
 
 
 def _read_edited(what: str) -> str:
@@ -3883,11 +4030,8 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
     def status(event: str, **info: object) -> None:
         if event == "received":
             shown.done()          # the reply is printed next
-        if event == "interrupted" and info["sent"]:
-            fate[0] = ("a server that is not filechat had read the message; it and the lock "
-                       "are left to that server" if info.get("left") else
-                       "the message was withdrawn" if info["withdrawn"] else
-                       "the server had taken the message, and will find this client gone")
+        if event == "interrupted":
+            fate[0] = str(info["said"])
         if event in ("queued", "received", "interrupted"):
             return
         if event == "tick":
@@ -4105,6 +4249,9 @@ class _ServerView:
         self.args = args
         self.term = term
         self.lock_path = args.lock_file or default_lock_path(args.buffer)
+        # The person at this terminal types the replies.
+        self.operator = (args.auto_reply is None and args.auto_reply_file is None
+                         and args.auto_reply_cmd is None and term.stdin_is_tty())
         self.state_shown = False
         self.received = time.monotonic()
         self.log: Optional[IO[str]] = None
@@ -4133,6 +4280,7 @@ class _ServerView:
             term.out("Waiting for clients...")
         elif event == "received" and isinstance(request, Request):
             self.received = time.monotonic()
+            self.discard_typed()
             term.out()
             term.out(BANNER)
             term.out(f"Message received from client (response file: "
@@ -4153,6 +4301,17 @@ class _ServerView:
             term.out("Lockfile removed. Ready for next client.")
         if event in ("replied", "failed", "discarded", "rejected"):
             self.write_log(event, info)
+
+    def discard_typed(self) -> None:
+        """Discard, and say so, what the operator typed while no message was shown.
+
+        What is typed once the message shows is the reply, typed ahead or not.
+        """
+        if self.operator:
+            stray = _discard_typeahead(self.term.stdin)
+            if stray:
+                self.term.err(f"filechat: note: {stray} bytes typed before the prompt were "
+                              "discarded; type the reply below")
 
     def write_log(self, event: str, info: Mapping[str, object]) -> None:
         """Append one exchange to the --log file."""
@@ -4289,10 +4448,6 @@ def _operator_responder(term: Terminal) -> Responder:
         if not tty:
             exhausted.append(True)
             return _ask_reply(term)
-        stray = _discard_typeahead(term.stdin)
-        if stray:
-            term.err(f"filechat: note: {stray} bytes typed before the prompt were "
-                     "discarded; type the reply below")
         left = None if request.deadline is None else request.deadline - time.time()
         if left is not None and abs(left - RESPONSE_TIMEOUT) > 1:   # the spec's is known
             until = time.strftime("%H:%M:%S", time.localtime(request.deadline))

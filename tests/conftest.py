@@ -161,14 +161,16 @@ def run(pyz: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
 def leftovers(directory: Path) -> List[str]:
     """Names of files filechat may leave behind, which a clean run must not.
 
-    A running server's presence file, and the temp file of its update in
-    flight, are its own; tests that stop the server check that it leaves
-    nothing at all.
+    A running server's presence file, the temp file of its update in
+    flight, and the empty buffer it keeps for spec clients are its own;
+    tests that stop the server check that it leaves nothing at all.
     """
+    serving = (directory / "buf.txt.server").exists()
     return sorted(p.name for p in directory.iterdir()
                   if (p.name.endswith((".lock", ".tmp", ".stale")) or ".taken." in p.name
                       or ".rejected." in p.name or p.name.startswith("filechat-reply-")
-                      or p.name == "buf.txt") and not p.name.startswith(".buf.txt.server."))
+                      or p.name == "buf.txt") and not p.name.startswith(".buf.txt.server.")
+                  and not (serving and p.name == "buf.txt" and p.stat().st_size == 0))
 
 
 HOLDER = """
@@ -235,6 +237,11 @@ class _Emulator(pyte.HistoryScreen):
         super().erase_in_line(how, *args, **kwargs)
 
 
+# Runs the .pyz given first as where Python has no readline module.
+WITHOUT_READLINE = ("import runpy, sys; sys.modules['readline'] = None; del sys.argv[0]; "
+                    "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 class Screen:
     """A filechat process on a pseudo-terminal, and what a person sees on it.
 
@@ -244,13 +251,16 @@ class Screen:
     """
 
     def __init__(self, pyz: Path, cwd: Path, *args: str, rows: int = 24, columns: int = 80,
-                 env: Optional[Dict[str, str]] = None) -> None:
+                 env: Optional[Dict[str, str]] = None, readline: bool = True) -> None:
         self.raw: List[str] = []
         self.screen = _Emulator(columns, rows, history=100000)
         self.stream = pyte.Stream(self.screen)
-        self.child = pexpect.spawn(sys.executable, [str(pyz), *args], cwd=str(cwd),
+        argv = [str(pyz), *args] if readline else ["-c", WITHOUT_READLINE, str(pyz), *args]
+        self.child = pexpect.spawn(sys.executable, argv, cwd=str(cwd),
                                    encoding="utf-8", timeout=WAIT, dimensions=(rows, columns),
                                    env=dict(os.environ, **(env or {})))
+        # Keys go out the moment they are sent, as an expect script or a paste sends them.
+        self.child.delaybeforesend = None
         self.child.logfile_read = self
 
     def write(self, text: str) -> None:
@@ -321,8 +331,9 @@ def terminal(pyz: Path, tmp_path: Path) -> Iterator[Callable[..., Screen]]:
     spawned: List[Screen] = []
 
     def _spawn(*args: str, rows: int = 24, columns: int = 80, cwd: Optional[Path] = None,
-               env: Optional[Dict[str, str]] = None) -> Screen:
-        term = Screen(pyz, cwd or tmp_path, *args, rows=rows, columns=columns, env=env)
+               env: Optional[Dict[str, str]] = None, readline: bool = True) -> Screen:
+        term = Screen(pyz, cwd or tmp_path, *args, rows=rows, columns=columns, env=env,
+                      readline=readline)
         spawned.append(term)
         return term
     yield _spawn

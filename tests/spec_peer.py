@@ -1,26 +1,48 @@
-"""A client and a server written from the spec's text alone, as another team would.
+"""A client and a server written from the spec's text alone, as other teams would.
 
-They poll, write files in place, leave the lock empty, and the server writes
-its reply without an end marker (unless --esc): the interoperability tests run
-filechat against them in both directions.
+They poll, write files in place and leave the lock empty; by default the
+server writes its reply without an end marker. Options give each the quirk
+of one program seen beside filechat:
 
-    python spec_peer.py client BUFFER RESPONSE MESSAGE
-    python spec_peer.py server BUFFER REPLY [--esc] [--lock-first] [--pause=SECONDS]
-        [--think=SECONDS] [--interval=SECONDS] [--count=N]     (answers N messages, default 1;
-        --think: seconds before writing the first reply, as an operator typing it)
+    python spec_peer.py client BUFFER RESPONSE MESSAGE [--drawn] [--no-create]
+    python spec_peer.py server BUFFER REPLY [--esc] [--drawn] [--lock-first] [--keep-lock]
+        [--gap=SECONDS] [--pause=SECONDS] [--think=SECONDS] [--interval=SECONDS] [--count=N]
+
+--drawn       reads the "Message Format" as drawn: a message or reply ends when its
+              last line is ESC; writes ESC on a line of its own (implies --esc)
+--no-create   opens the buffer without O_CREAT, retrying while it is missing
+--esc         ends the reply with ESC
+--lock-first  removes the lock before it clears the buffer (--gap seconds before)
+--keep-lock   never removes the lock
+--pause       seconds the reply stays half written
+--think       seconds before writing the first reply, as an operator typing it
+--count       messages to answer (default 1)
 """
 
 import os
 import sys
 import time
-from typing import List
+from typing import Dict, List, Tuple
 
 LOCKFILE_NAME = "server.lock"
 END_MARKER = "\x1b"
 INTERVAL = 0.02     # the spec's intervals, shortened so that tests run quickly
 
 
-def client(buffer: str, response: str, message: str) -> int:
+def ended(content: str, drawn: bool) -> bool:
+    """True once content holds its end marker (drawn: ESC as its last line)."""
+    if drawn:
+        return content.split("\n")[-1] == END_MARKER
+    return END_MARKER in content
+
+
+def as_drawn(text: str) -> str:
+    """Return text with ESC on a line of its own after it."""
+    return text + ("\n" if text and not text.endswith("\n") else "") + END_MARKER
+
+
+def client(buffer: str, response: str, message: str, flags: List[str]) -> int:
+    drawn = "--drawn" in flags
     while True:
         try:
             os.close(os.open(LOCKFILE_NAME, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -28,14 +50,28 @@ def client(buffer: str, response: str, message: str) -> int:
         except FileExistsError:
             print("Server busy, please wait...", flush=True)
             time.sleep(INTERVAL)
-    with open(buffer, "w", newline="") as f:
-        f.write(f"{response}\n{message}{END_MARKER}")
+    text = as_drawn(message) if drawn else message + END_MARKER
+    if "--no-create" in flags:
+        while True:                 # holding the lock, as the program seen did
+            try:
+                fd = os.open(buffer, os.O_WRONLY | os.O_TRUNC)
+                break
+            except FileNotFoundError:
+                time.sleep(INTERVAL)
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(f"{response}\n{text}")
+    else:
+        with open(buffer, "w", newline="") as f:
+            f.write(f"{response}\n{text}")
     print("Message sent to server.", flush=True)
     deadline = time.time() + 60
     while time.time() < deadline:
         if os.path.exists(response):
             with open(response, newline="") as f:
                 content = f.read()
+            if drawn and not ended(content, drawn):
+                time.sleep(INTERVAL)
+                continue
             os.remove(response)
             print("Server response:", flush=True)
             print(content.replace(END_MARKER, ""), end="", flush=True)
@@ -45,13 +81,18 @@ def client(buffer: str, response: str, message: str) -> int:
     return 1
 
 
-def server(buffer: str, reply: str, options: List[str]) -> int:
+def options(flags: List[str]) -> Tuple[List[str], Dict[str, str]]:
+    """Split --name and --name=value options."""
+    return ([flag for flag in flags if "=" not in flag],
+            dict(flag[2:].split("=", 1) for flag in flags if "=" in flag))
+
+
+def server(buffer: str, reply: str, flags: List[str]) -> int:
     """Answer messages as the spec's server does, with the quirks options ask for."""
-    esc = "--esc" in options
-    lock_first = "--lock-first" in options       # removes the lock before clearing the buffer
-    values = dict(option[2:].split("=", 1) for option in options if "=" in option)
-    pause = float(values.get("pause", 0.2))      # the reply half written for a while
-    think = float(values.get("think", 0))        # the operator slow to type the first reply
+    switches, values = options(flags)
+    drawn = "--drawn" in switches
+    pause = float(values.get("pause", 0.2))
+    think = float(values.get("think", 0))
     interval = float(values.get("interval", INTERVAL))
     for n in range(int(values.get("count", 1))):
         print("Waiting for clients...", flush=True)
@@ -59,7 +100,7 @@ def server(buffer: str, reply: str, options: List[str]) -> int:
             if os.path.exists(buffer):
                 with open(buffer, newline="") as f:
                     content = f.read()
-                if END_MARKER in content:
+                if ended(content, drawn):
                     break
             time.sleep(interval)
         response, _, message = content.partition("\n")
@@ -67,25 +108,26 @@ def server(buffer: str, reply: str, options: List[str]) -> int:
         print(f"Message received from client (response file: {response})", flush=True)
         print(message, flush=True)
         time.sleep(think if n == 0 else 0)
+        text = as_drawn(reply) if drawn else reply + END_MARKER * ("--esc" in switches)
         with open(response, "w", newline="") as f:
-            half = len(reply) // 2
-            f.write(reply[:half])
+            half = len(text) // 2
+            f.write(text[:half])
             f.flush()
             time.sleep(pause)
-            f.write(reply[half:])
-            if esc:
-                f.write(END_MARKER)
-        if lock_first:
+            f.write(text[half:])
+        if "--lock-first" in switches:
             os.remove(LOCKFILE_NAME)
+            time.sleep(float(values.get("gap", 0)))
             open(buffer, "w").close()
         else:
             open(buffer, "w").close()
-            os.remove(LOCKFILE_NAME)
+            if "--keep-lock" not in switches:
+                os.remove(LOCKFILE_NAME)
         print(f"Response sent to: {response}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "client":
-        sys.exit(client(*sys.argv[2:5]))
+        sys.exit(client(*sys.argv[2:5], sys.argv[5:]))
     sys.exit(server(sys.argv[2], sys.argv[3], sys.argv[4:]))

@@ -248,7 +248,7 @@ def test_lock_beside_buffer_from_other_directories(start, run, tmp_path: Path) -
     result = run("client", str(shared / "buf.txt"), "r.txt", "-m", "hi", cwd=tmp_path / "b")
     assert result.stdout == b"ok"
     assert srv.expect("response file:").strip().endswith(str(tmp_path / "b" / "r.txt") + ")")
-    assert sorted(p.name for p in shared.iterdir()) == ["buf.txt.server"]
+    assert sorted(p.name for p in shared.iterdir()) == ["buf.txt", "buf.txt.server"]
     assert srv.interrupt() == 0
     assert sorted(p.name for p in shared.iterdir()) == []
 

@@ -213,7 +213,7 @@ def test_relative_path_is_resolved_against_the_servers_directory(  # type: ignor
     srv.expect("Waiting for clients...")
     spec_request(shared, "r.txt")
     srv.expect("Response sent to: r.txt")
-    assert (home / "r.txt").read_bytes() == b"ok\x1b"
+    assert (home / "r.txt").read_bytes() == b"ok\n\x1b"      # ESC on a line of its own
     assert not (shared / "r.txt").exists()
 
 

@@ -79,16 +79,16 @@ def test_pieces_of_a_message_file_are_checked_across_their_joins(tmp_path: Path)
     # pieces is refused before anything is sent.
     for text in ("é" * filechat.READ_SIZE, "€" * filechat.READ_SIZE, "a🙂" * 70000):
         data = text.encode()
-        assert b"".join(filechat._file_request("/r", named(data), MAX_BYTES)) == \
+        assert b"".join(filechat._file_request("/r", named(data), MAX_BYTES, [])) == \
             encode_request("/r", text)
     late_esc = named(b"x" * (3 * filechat.READ_SIZE) + b"\x1b")
     with pytest.raises(FramingError, match=r"^message file m contains the ESC character"):
-        list(filechat._file_request("/r", late_esc, MAX_BYTES))
+        list(filechat._file_request("/r", late_esc, MAX_BYTES, []))
     size = filechat.READ_SIZE
     for cut in ("é".encode() * size + b"\xc3",                  # cut at the very end
                 b"x" * (size - 1) + b"\xc3" + b"x" * size):      # cut, then ASCII
         with pytest.raises(FramingError, match=r"^message file m is not valid UTF-8 text"):
-            list(filechat._file_request("/r", named(cut), MAX_BYTES))
+            list(filechat._file_request("/r", named(cut), MAX_BYTES, []))
 
 
 @pytest.mark.parametrize("content, error", [

@@ -249,6 +249,7 @@ def test_a_client_that_gives_up_on_a_claimed_message_leaves_its_lock_to_the_serv
     assert not os.path.exists(paths.lock)
     taken.close()
     os.unlink(taken.path)
+    server.remove_empty_buffer()
     presence.withdraw()
     assert os.listdir(tmp_path) == []
 

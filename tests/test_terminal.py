@@ -6,6 +6,8 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+import pytest
+
 from conftest import WAIT, release
 
 import filechat
@@ -213,3 +215,39 @@ def test_a_restarted_server_gets_the_clients_whole_time(terminal) -> None:  # ty
     server.end_text()
     assert client.exit_status() == 0
     assert client.lines()[-1] == "in time"
+
+
+# Typed before the prompt is up, with no pause between keys: a paste, a quick
+# typist, an expect script. Ctrl+D either on a line of its own or straight
+# after the text.
+AHEAD = [("Hello server!\nThis is a test message.\n\x04",
+          "Hello server!\nThis is a test message.\n"),
+         ("no newline\x04", "no newline")]
+
+
+@pytest.mark.parametrize("readline", [True, False], ids=["readline", "no-readline"])
+@pytest.mark.parametrize("keys, text", AHEAD, ids=["ctrl-d-on-its-own-line", "ctrl-d-after-text"])
+def test_a_message_typed_ahead_ends_where_ctrl_d_was_typed(  # type: ignore[no-untyped-def]
+        keys: str, text: str, readline: bool, terminal, server, tmp_path: Path) -> None:
+    server("--auto-reply-cmd", "cat")
+    client = terminal("client", "buf.txt", readline=readline)
+    client.child.send(keys)                       # at once: the prompt is not up yet
+    assert client.exit_status() == 0
+    shown = ["Server response:", "=" * 60, *text.splitlines(), "=" * 60]
+    assert client.lines()[-len(shown):] == shown, client.lines()
+
+
+@pytest.mark.parametrize("shown", ["Message received from client", "when done):"])
+@pytest.mark.parametrize("readline", [True, False], ids=["readline", "no-readline"])
+@pytest.mark.parametrize("keys, text", AHEAD, ids=["ctrl-d-on-its-own-line", "ctrl-d-after-text"])
+def test_a_reply_typed_ahead_once_the_message_shows_ends_where_ctrl_d_was_typed(  # type: ignore[no-untyped-def]
+        keys: str, text: str, readline: bool, shown: str, terminal, start) -> None:
+    server = terminal("server", "buf.txt", readline=readline)
+    server.expect("Waiting for clients...")
+    client = start("client", "buf.txt", "-m", "the question")
+    server.expect(shown)          # the message, or the prompt's text: the reply is typed at once
+    server.child.send(keys)
+    assert client.wait() == 0
+    assert client.out == text
+    server.expect("Lockfile removed. Ready for next client.")
+    assert "discarded" not in server.output()

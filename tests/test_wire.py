@@ -5,7 +5,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import filechat
-from filechat import FramingError, encode_reply, encode_request, parse_reply, parse_request
+from filechat import (
+    FramingError,
+    encode_reply,
+    encode_request,
+    newline_added,
+    parse_reply,
+    parse_request,
+)
 
 ESC = "\x1b"
 TEXTS = ["", "Hello server!\nThis is a test message.\n", "no final newline",
@@ -17,29 +24,43 @@ text_without_esc = st.text(st.characters(blacklist_characters=ESC + "\0",
 
 def test_request_layout_is_the_specs() -> None:
     assert encode_request("/tmp/r.txt", "Hi\nthere\n") == b"/tmp/r.txt\nHi\nthere\n\x1b"
+    assert encode_request("/tmp/r.txt", "Hi") == b"/tmp/r.txt\nHi\n\x1b"     # as drawn
+    assert encode_request("/tmp/r.txt", "") == b"/tmp/r.txt\n\x1b"
 
 
 def test_reply_layout() -> None:
     assert encode_reply("ok\n") == b"ok\n\x1b"
+    assert encode_reply("ok") == b"ok\n\x1b"
+    assert encode_reply("ok", drawn=False) == b"ok\x1b"          # for a filechat client
     assert encode_reply("it broke\n", error=True) == b"it broke\n\x1b\x1b"
 
 
 @pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
+def test_esc_stands_on_a_line_of_its_own(text: str) -> None:
+    assert encode_request("/r.txt", text).split(b"\n")[-1] == b"\x1b"
+    assert encode_reply(text).split(b"\n")[-1] == b"\x1b"
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
 def test_request_round_trip(text: str) -> None:
-    assert parse_request(encode_request("/dir/resp.txt", text)) == ("/dir/resp.txt", text)
+    framed = encode_request("/dir/resp.txt", text)
+    assert parse_request(framed, newline_added(text)) == ("/dir/resp.txt", text)
 
 
 @pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
 @pytest.mark.parametrize("error", [False, True])
 def test_reply_round_trip(text: str, error: bool) -> None:
-    assert parse_reply(encode_reply(text, error)) == (text, error)
+    assert parse_reply(encode_reply(text, error, drawn=False)) == (text, error)
 
 
 @given(text_without_esc, text_without_esc.filter(lambda p: "\n" not in p and "\r" not in p
                                                  and p.strip() != ""))
 def test_any_text_round_trips(message: str, path: str) -> None:
-    assert parse_request(encode_request(path, message)) == (path, message)
-    assert parse_reply(encode_reply(message)) == (message, False)
+    assert parse_request(encode_request(path, message), newline_added(message)) == (path, message)
+    assert parse_reply(encode_reply(message, drawn=False)) == (message, False)
+    drawn = message + "\n" * newline_added(message)
+    assert parse_request(encode_request(path, message)) == (path, drawn)   # as a peer reads it
+    assert parse_reply(encode_reply(message)) == (drawn, False)
 
 
 @pytest.mark.parametrize("data", [b"", b"/tmp/r.txt\nhalf a mess", b"/tmp/r.txt"])
