@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-
 from conftest import WAIT, release
 
 import filechat
