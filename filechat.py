@@ -49,6 +49,7 @@ if sys.platform != "win32":
 # of its run, and annotations are never evaluated.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal as _signal
     from subprocess import Popen  # imported where hooks run: clients never need it
     from typing import (
         IO,
@@ -64,8 +65,13 @@ if TYPE_CHECKING:
         Sequence,
         Set,
         Tuple,
+        TypeVar,
         Union,
     )
+    F = TypeVar("F", bound=Callable[..., Any])    # a function, as a decorator returns it
+
+if not TYPE_CHECKING:
+    import _signal  # signal's core: signal.py imports enum, a millisecond clients need not spend
 
 __all__ = [
     "AlreadyServing",
@@ -267,6 +273,7 @@ FATES = {
               "answering yet; the lock is left to it, as the spec's clients do"),
     "replied": ("a reply arrived in {response} but the lock {lock} was never released; "
                 "the reply is left there"),
+    "answered": "the reply had arrived, and was being printed",
 }
 
 
@@ -479,6 +486,88 @@ def parse_reply(data: bytes) -> Optional[Tuple[str, bool]]:
 
 
 # --- Filesystem primitives ---
+
+# Signals first: every primitive below that opens a file relies on their being held.
+
+class _Interrupts:
+    """Holds back SIGINT, SIGTERM and SIGHUP while an exchange has files in flight.
+
+    Entered (``with _interrupts:``), a handler that acts on one of them
+    (Ctrl+C's raises KeyboardInterrupt) acts only while a wait (a function
+    marked with @_wait_point) runs, where nothing is half made, or once the
+    outermost holder has left: an interrupt just after a file was opened and
+    before it was noted would leak it, and one in the middle of cleaning up
+    would leave files behind. Whether a wait runs is told by the frame the
+    signal came in, not by a flag that an interrupt could leave set. Only
+    the main thread acts on signals; in other threads nothing is held.
+    """
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.saved: Dict[int, Any] = {}         # the handlers held back
+        self.pending: List[int] = []            # signals received meanwhile
+
+    def __enter__(self) -> _Interrupts:
+        if self.depth == 0:
+            try:
+                for name in self.NAMES:
+                    signum = getattr(_signal, name, None)
+                    handler = None if signum is None else _signal.getsignal(signum)
+                    if signum is not None and callable(handler):
+                        self.saved[signum] = handler
+                        _signal.signal(signum, self._received)
+            except ValueError:
+                self._restore()                 # not the main thread: nothing to hold
+                return self
+        self.depth += 1
+        return self
+
+    def __exit__(self, kind: object, exc: object, trace: object) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            pending, self.pending = self.pending, []
+            self._restore()
+            if pending and kind is None:
+                self._act(pending[0])
+
+    def check(self) -> None:
+        """In a wait: act on a signal held back until now."""
+        if self.pending:
+            self._act(self.pending.pop(0))
+
+    def _received(self, signum: int, frame: Any) -> None:
+        if frame is not None and frame.f_code in _WAITS:
+            self._act(signum)
+        else:
+            self.pending.append(signum)
+
+    def _act(self, signum: int) -> None:
+        handler = self.saved.get(signum, _signal.getsignal(signum))
+        if callable(handler) and handler != self._received:
+            handler(signum, None)
+
+    def _restore(self) -> None:
+        for signum, handler in self.saved.items():     # noted until put back
+            _signal.signal(signum, handler)
+        self.saved = {}
+
+
+_WAITS: Set[Any] = set()      # the code of the functions in which held signals act at once
+
+
+def _wait_point(function: F) -> F:
+    """Mark function as a wait: held signals are acted on while it runs (see _Interrupts).
+
+    Nothing in it may open a file or leave one half made.
+    """
+    _WAITS.add(function.__code__)
+    return function
+
+
+_interrupts = _Interrupts()
+
 
 if TYPE_CHECKING:
     Data = Union[bytes, Iterable[bytes]]     # one bytes object, or pieces to write in order
@@ -787,6 +876,7 @@ def _find_end(fd: int, limit: Optional[int] = None) -> Tuple[bytes, int]:
     return head, end
 
 
+@_wait_point          # a long reply, copied to a slow reader: its file is closed by the caller
 def _read_text(fd: int, start: int, end: int, errors: str, head: bytes = b"",
                sink: Optional[IO[str]] = None) -> str:
     """Return the UTF-8 text between offsets start and end of the file open as fd.
@@ -798,6 +888,7 @@ def _read_text(fd: int, start: int, end: int, errors: str, head: bytes = b"",
     decoder = codecs.getincrementaldecoder("utf-8")(errors)
     text = ""
     for piece in _pieces(fd, start, end, head):
+        _interrupts.check()
         decoded = decoder.decode(piece)
         if sink is not None:
             sink.write(decoded)
@@ -1884,8 +1975,12 @@ class Waiter:
         Returns EVENT, DEADLINE (timeout passed), POLLED (a polling step
         ended) or SAFETY (no event for SAFETY_INTERVAL).
         """
-        deadline = time.monotonic() + timeout
+        return self._wait(time.monotonic() + timeout)
+
+    @_wait_point
+    def _wait(self, deadline: float) -> str:
         while True:
+            _interrupts.check()
             left = deadline - time.monotonic()
             if left <= 0:
                 self.woke = DEADLINE
@@ -1956,6 +2051,7 @@ class _Inotify:
     """A thread's inotify instance, lent to one waiter at a time."""
 
     _threads = _thread_local()
+    fd = -1
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -2236,32 +2332,34 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     error reply). On any exception, KeyboardInterrupt included, a message no
     server is answering is withdrawn and the lock released.
     """
-    paths = Paths(buffer, lock_path)
-    chosen = response_path is not None
-    if response_path is None:
-        response_path = default_response_path(buffer)
-    carried = sent_path(buffer, response_path)
-    added: List[bool] = []            # whether framing added a newline, once data is written
-    data = _request_data(carried, message, max_bytes, added)
-    check_buffer_path(buffer, paths.lock)
-    if chosen:      # a fresh name beside the buffer needs no checking
-        check_response_path(response_path, paths)  # errors name the path as the user gave it
-    poll, poll_interval = paths.waiting_mode(poll, poll_interval, RESPONSE_POLL_INTERVAL)
-    exchange = _Exchange(paths, os.path.abspath(response_path), carried, stale_after, durable,
-                         poll, poll_interval, status, progress_interval, server_timeout, timeout)
-    try:
-        exchange.write(data)
-        exchange.lock.newline = added[0]
-        exchange.acquire(lock_timeout, lock_retry_interval)
-        exchange.put_in_place()
-        text, is_error = exchange.await_reply(timeout, reply_to)
-    except BaseException as exc:
-        if exchange.phase != "done":
-            exchange.give_up()
-        if isinstance(exc, KeyboardInterrupt):
-            status("interrupted", fate=exchange.fate, said=fate_of(
-                exchange.fate, buffer, exchange.response_path, paths.lock))
-        raise
+    with _interrupts:       # acted on in waits only, where every file is accounted for
+        paths = Paths(buffer, lock_path)
+        chosen = response_path is not None
+        if response_path is None:
+            response_path = default_response_path(buffer)
+        carried = sent_path(buffer, response_path)
+        added: List[bool] = []            # whether framing added a newline, once data is written
+        data = _request_data(carried, message, max_bytes, added)
+        check_buffer_path(buffer, paths.lock)
+        if chosen:      # a fresh name beside the buffer needs no checking
+            check_response_path(response_path, paths)  # errors name the path as the user gave it
+        poll, poll_interval = paths.waiting_mode(poll, poll_interval, RESPONSE_POLL_INTERVAL)
+        exchange = _Exchange(paths, os.path.abspath(response_path), carried, stale_after,
+                             durable, poll, poll_interval, status, progress_interval,
+                             server_timeout, timeout)
+        try:
+            exchange.write(data)
+            exchange.lock.newline = added[0]
+            exchange.acquire(lock_timeout, lock_retry_interval)
+            exchange.put_in_place()
+            text, is_error = exchange.await_reply(timeout, reply_to)
+        except BaseException as exc:
+            if exchange.phase != "done":
+                exchange.give_up()
+            if isinstance(exc, KeyboardInterrupt):
+                status("interrupted", fate=exchange.fate, said=fate_of(
+                    exchange.fate, buffer, exchange.response_path, paths.lock))
+            raise
     if is_error:
         raise ServerError(text)
     return text
@@ -2290,6 +2388,7 @@ def _request_data(response_path: str, message: Union[str, BinaryIO], max_bytes: 
     return request_pieces(response_path, message)
 
 
+@_wait_point          # reading a slow pipe: the request being written is discarded
 def _file_request(response_path: str, source: BinaryIO, max_bytes: int,
                   added: List[bool]) -> Iterable[bytes]:
     """Frame a request whose message is read from the binary file source, a piece at a time.
@@ -2303,6 +2402,7 @@ def _file_request(response_path: str, source: BinaryIO, max_bytes: int,
     size = 0
     last = b""
     while True:
+        _interrupts.check()
         try:
             piece = source.read(READ_SIZE)
         except OSError as exc:
@@ -2606,14 +2706,14 @@ class _Exchange:
                 waiter.wait(min(deadline - now, tick(now), self._server_wait()))
         try:
             self.status("received")
-            return reply.read(sink), reply.is_error
+            return reply.read(sink), reply.is_error       # a wait: its file is closed below
         finally:
             reply.close()
             # The response file goes after the release, so that a server restarted
             # before it sees the message was answered.
             _unlink_quietly(self.response_path)
             self.lock.close()
-            self.phase = "done"
+            self.phase, self.fate = "done", "answered"
 
     def _server_wait(self) -> float:
         """Return the seconds left for a server to show up; NoServer if they are up and none has.
@@ -3439,59 +3539,101 @@ def _run_hook(command: str, stdin: bytes, env: Dict[str, str], timeout: float) -
     # Its own session, so that a timeout can stop the whole process group and
     # not only the shell, whose children would keep the pipe open.
     posix = os.name == "posix"
-    interrupted: List[int] = []
-    saved = _hold_interrupts(interrupted)
-    try:
+    with _interrupts:           # an interrupt inside Popen would leave a hook none can stop
         proc = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, env=env, start_new_session=posix)
-    finally:
-        _restore_handlers(saved)
-    try:
-        if interrupted:
-            raise KeyboardInterrupt     # held back until the hook could be stopped
-        _crash_point("server-hook")
-        output, _ = proc.communicate(stdin, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_hook(proc, posix)
-        raise HookError(f"--auto-reply-cmd {command!r} ran longer than "
-                        f"{timeout:g} s and was stopped") from None
-    except BaseException:
-        _kill_hook(proc, posix)
-        raise
+        try:
+            _crash_point("server-hook")
+            if posix:
+                output = _hook_output(proc, stdin, timeout)
+            else:
+                output, _ = proc.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_hook(proc, posix)
+            raise HookError(f"--auto-reply-cmd {command!r} ran longer than "
+                            f"{timeout:g} s and was stopped") from None
+        except BaseException:
+            _kill_hook(proc, posix)
+            raise
     if proc.returncode != 0:
         raise HookError(f"--auto-reply-cmd {command!r} failed with exit status "
                         f"{proc.returncode}")
     return output
 
 
-def _hold_interrupts(received: List[int]) -> Dict[int, object]:
-    """Note Ctrl+C and SIGTERM in received instead of acting on them; return the old handlers.
+def _hook_output(proc: Popen[bytes], stdin: bytes, timeout: float) -> bytes:
+    """Give the hook its stdin and return its stdout, read until it ends or the hook does.
 
-    An interrupt inside Popen would leave a started hook that nothing can stop.
-    Only the main thread can change handlers; elsewhere nothing is held.
+    Once the hook's own process has ended, what its pipe holds is its output:
+    a daemon it started in a session of its own may keep the pipe open for
+    ever. TimeoutExpired once timeout seconds have passed.
     """
-    import signal
-    saved: Dict[int, object] = {}
-    for name in ("SIGINT", "SIGTERM"):
-        signum = getattr(signal, name, None)
-        if signum is None:
-            continue
-        try:
-            saved[signum] = signal.signal(signum, lambda number, frame: received.append(number))
-        except ValueError:
+    import threading
+    assert proc.stdin is not None and proc.stdout is not None
+    ended, ending = os.pipe()            # readable (at end of file) once the hook has ended
+    try:
+        def watch() -> None:
+            proc.wait()
+            os.close(ending)
+        threading.Thread(target=watch, daemon=True).start()
+        os.set_blocking(proc.stdout.fileno(), False)
+        os.set_blocking(proc.stdin.fileno(), False)
+        return _pump_hook(proc, memoryview(stdin), time.monotonic() + timeout, ended)
+    finally:
+        os.close(ended)
+        proc.stdin.close()
+
+
+@_wait_point
+def _pump_hook(proc: Popen[bytes], pending: memoryview, deadline: float, ended: int) -> bytes:
+    """Write pending to the hook's stdin and read its stdout, until either ends (see
+    _hook_output)."""
+    import subprocess
+    assert proc.stdin is not None and proc.stdout is not None
+    source, sink = proc.stdout.fileno(), proc.stdin.fileno()
+    chunks: List[bytes] = []
+    while True:
+        _interrupts.check()
+        if not pending:
+            proc.stdin.close()                # the message ends here
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise subprocess.TimeoutExpired(str(proc.args), left)
+        readable, writable, _ = select.select([source, ended], [sink] if pending else [], [],
+                                              left)
+        if writable:
+            try:
+                pending = pending[os.write(sink, pending[:PIPE_PIECE]):]
+            except BrokenPipeError:
+                pending = pending[:0]         # it reads no more of the message
+        if (source in readable or ended in readable) and (_drain(source, chunks)
+                                                          or ended in readable):
             break
-    return saved
+    proc.wait(max(0.0, deadline - time.monotonic()))
+    return b"".join(chunks)
 
 
-def _restore_handlers(saved: Dict[int, object]) -> None:
-    """Put back the handlers _hold_interrupts replaced."""
-    import signal
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)  # type: ignore[arg-type]
+PIPE_PIECE = 65536              # bytes written to a hook's stdin at a time
+
+
+def _drain(fd: int, chunks: List[bytes]) -> bool:
+    """Append what the pipe fd holds now to chunks; True once it is at its end."""
+    while True:
+        try:
+            chunk = os.read(fd, PIPE_PIECE)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            return True
+        chunks.append(chunk)
 
 
 def _kill_hook(proc: Popen[bytes], posix: bool) -> None:
-    """Stop a hook and everything it started."""
+    """Stop a hook and everything it started in its session, and let go of its pipes.
+
+    Its output is not waited for: a daemon it started in a session of its
+    own may hold it open for ever.
+    """
     try:
         if posix:
             os.killpg(proc.pid, 9)
@@ -3499,7 +3641,10 @@ def _kill_hook(proc: Popen[bytes], posix: bool) -> None:
             proc.kill()
     except OSError:
         pass
-    proc.communicate()
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            stream.close()
+    proc.wait()
 
 
 # --- Status ---

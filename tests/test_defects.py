@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import WAIT, leftovers
+from conftest import ROOT, WAIT, leftovers
 
 import filechat
 
@@ -161,12 +161,32 @@ def test_an_exception_after_the_reply_leaks_no_file_or_descriptor(tmp_path: Path
     assert len(os.listdir("/proc/self/fd")) <= before + 1
 
 
-def test_a_hook_that_leaves_a_daemon_behind_is_stopped_at_the_hook_timeout(  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("start_daemon", ["setsid sleep 60", "sleep 60"])
+def test_a_hook_that_leaves_a_daemon_behind_is_answered_once_it_has_ended(  # type: ignore[no-untyped-def]
+        start_daemon: str, server, run, tmp_path: Path) -> None:
+    # The daemon keeps the hook's stdout open; the hook itself ends at once.
+    srv = server("--auto-reply-cmd", f"{start_daemon} & echo $! >> daemons; echo started",
+                 "--hook-timeout", "60")
+    try:
+        result = run("client", "buf.txt", "-m", "hi", "--timeout", "10")
+        assert (result.returncode, result.stdout) == (0, b"started\n"), result.stderr
+        assert run("client", "buf.txt", "-m", "again", "--timeout", "10").returncode == 0
+    finally:
+        for pid in (tmp_path / "daemons").read_text().split():
+            os.kill(int(pid), signal.SIGKILL)
+    assert srv.interrupt() == 0
+
+
+def test_a_hook_past_its_timeout_is_stopped_whatever_its_daemon_holds(  # type: ignore[no-untyped-def]
         server, run, tmp_path: Path) -> None:
-    server("--auto-reply-cmd", "sleep 60 & echo started", "--hook-timeout", "1")
-    result = run("client", "buf.txt", "-m", "hi", "--timeout", "20")
-    assert result.returncode == filechat.EXIT_ERROR, result.stderr
-    assert "ran longer than 1 s and was stopped" in result.stderr.decode()
+    server("--auto-reply-cmd", "setsid sleep 60 & echo $! > daemons; sleep 30",
+           "--hook-timeout", "1")
+    try:
+        result = run("client", "buf.txt", "-m", "hi", "--timeout", "10")
+        assert result.returncode == filechat.EXIT_ERROR, result.stderr
+        assert "ran longer than 1 s and was stopped" in result.stderr.decode()
+    finally:
+        os.kill(int((tmp_path / "daemons").read_text()), signal.SIGKILL)
 
 
 # --- A server keeps serving through secondary failures ---
@@ -475,3 +495,22 @@ def test_a_replacing_message_whose_sender_gave_up_is_never_tied_to_the_next_lock
     assert filechat._token_at(paths.lock) == c.token
     taken.close()
     c.release()
+
+
+INTERRUPTED = str(Path(__file__).with_name("interrupted_sends.py"))
+
+
+@pytest.mark.parametrize(("mode", "sends"), [("every-line", 1200), ("random", 2000)])
+def test_an_interrupted_send_leaves_no_descriptor_or_temp_file(  # type: ignore[no-untyped-def]
+        mode: str, sends: int, server, tmp_path: Path) -> None:
+    # Every line of a whole exchange and more, or at random moments, as a
+    # person pressing Ctrl+C would: every way out of send() closes what it
+    # opened and removes its own temp files.
+    server("--auto-reply", "ok")
+    result = subprocess.run([sys.executable, INTERRUPTED, mode, str(tmp_path / "buf.txt"),
+                             str(sends)], capture_output=True, timeout=240,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    summary = result.stdout.decode().splitlines()[-1].split()
+    assert summary[-2:] == ["0", "leaks"], result.stdout.decode()[-3000:]
+    assert int(summary[2]) > sends // 10           # it did interrupt them
