@@ -110,6 +110,7 @@ TAKEN_SUFFIX = ".taken."          # BUFFER + this + lock inode-token: a message 
 PRESENCE_SUFFIX = ".server"       # BUFFER + this: the running server's identity
 LINE_SUFFIX = ".line"             # LOCK + this: the directory of waiting clients' tickets
 REJECTED_SUFFIX = ".rejected."    # BUFFER + this + hash: why a reply was not written
+REPLY_PREFIX = "filechat-reply-"  # + host tag-pid-random.txt: a default response file
 BANNER = "=" * 60
 
 LOCK_RETRY_INTERVAL = 2.0         # seconds between "Server busy" lines (spec)
@@ -126,6 +127,7 @@ HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
 PEER_CLEAR_WAIT = 3.0             # seconds a client lets a server that removed the lock before
                                   # clearing the buffer clear it (a spec peer's order)
 PRESENCE_INTERVAL = 1.0           # seconds between updates of the presence file's count
+SWEEP_INTERVAL = 60.0             # seconds between a running server's sweeps of leftovers
 PRESENCE_LOOKS = 0.25             # seconds between a polling client's looks for its server
 PROGRESS_INTERVAL = 0.1           # seconds between updates of a progress line at a terminal
 MAX_BYTES = 1 << 20               # bytes: the largest message a client sends by default
@@ -991,29 +993,41 @@ def remove_empty_directory(path: str) -> None:
         pass                   # not empty, gone already, or not ours to remove
 
 
-def sweep_orphan_replies(directory: str, older_than: float) -> List[str]:
-    """Remove the replies in default response files that nobody read; return their paths.
+def sweep_orphan_replies(directory: str, older_than: float) -> List[Tuple[str, str]]:
+    """Remove the replies in default response files that nobody will read; return them, and why.
 
-    A client reads its reply the moment it is complete, so one left unread
-    for long lost its client, and whoever would have removed it (a server
-    killed before it looked) cannot: only files named as a client names a
-    default response file, only complete replies, only old ones.
+    A client reads its reply the moment it is complete, and whoever would
+    have removed one it never read (a server killed before it looked) cannot.
+    A default response file names its client (see default_response_path):
+    one of this host's is removed once its process has ended; another
+    host's, or one named before names said so, once it is older than
+    older_than. Only complete replies, only in files named so.
     """
-    removed: List[str] = []
+    removed: List[Tuple[str, str]] = []
     try:
         names = os.listdir(directory)
     except OSError:
         return removed
     now = time.time()
     for name in names:
-        if not (name.startswith("filechat-reply-") and name.endswith(".txt")):
+        if not (name.startswith(REPLY_PREFIX) and name.endswith(".txt")):
             continue
         path = os.path.join(directory, name)
         st = _lstat_or_none(path)
-        if st is None or not stat.S_ISREG(st.st_mode) or now - st.st_mtime <= older_than:
+        if st is None or not stat.S_ISREG(st.st_mode):
+            continue
+        tag, _, pid = name[len(REPLY_PREFIX):].partition("-")
+        pid = pid.partition("-")[0]
+        if tag == HOST_TAG and pid.isdigit():
+            if _pid_alive(int(pid)):
+                continue
+            why = f"its client, process {pid}, has ended without reading it"
+        elif now - st.st_mtime > older_than:
+            why = f"nobody read it for over {older_than:g} s"
+        else:
             continue
         if _ends_with_esc(path) and remove_if_same(path, (st.st_dev, st.st_ino)):
-            removed.append(path)
+            removed.append((path, why))
     return removed
 
 
@@ -1372,11 +1386,12 @@ def _beats_stopped(path: str, data: bytes) -> float:
 class Holder:
     """A lock, ticket or presence file as found on disk."""
 
-    __slots__ = ("age", "check", "gone", "identity", "owner", "silent")
+    __slots__ = ("age", "check", "gone", "identity", "owner", "silent", "strange")
 
     def __init__(self, identity: Tuple[int, int], owner: Optional[Owner], gone: Optional[str],
-                 age: float, check: str = "", silent: float = 0.0) -> None:
+                 age: float, check: str = "", silent: float = 0.0, strange: str = "") -> None:
         self.identity = identity
+        self.strange = strange  # what it is, if not a regular file (a FIFO...): nobody's lock
         self.owner = owner      # None: empty, or written by a spec-following peer
         self.gone = gone        # why its holder is known to have ended
         self.age = age          # seconds since it was written
@@ -1408,6 +1423,8 @@ def inspect_holder(path: str, ours: bool = False) -> Optional[Holder]:
         try:
             st = os.fstat(fd)
             identity = (st.st_dev, st.st_ino)
+            if not stat.S_ISREG(st.st_mode):
+                return Holder(identity, None, None, 0.0, strange=_kind(st.st_mode))
             data = os.read(fd, 4096)
             owner = read_owner(data)
             gone, check, silent = None, "", 0.0
@@ -1427,9 +1444,20 @@ def inspect_holder(path: str, ours: bool = False) -> Optional[Holder]:
                               silent)
         except FileNotFoundError:     # removed since it was opened (see _stat_fresh)
             return None
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, exc.filename or path) from None
         finally:
             os.close(fd)
     return Holder(identity, owner, None, 0.0, check)
+
+
+def _kind(mode: int) -> str:
+    """Name what a file that is not a regular one is, as an error says it."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "a device"
 
 
 def settled_holder(path: str, ours: bool = False) -> Optional[Holder]:
@@ -1494,8 +1522,9 @@ def stale_reason(holder: Holder, stale_after: float) -> Optional[str]:
     """Return why a lock is stale: its holder ended, or it cannot be checked and is old."""
     if holder.gone:
         return holder.gone
-    if holder.check:
-        return None               # a live holder is never broken, however long it holds
+    if holder.check or holder.strange:
+        return None               # a live holder is never broken, however long it holds,
+                                  # nor what is not a lock file, which is not ours
     if holder.age > stale_after:
         who = "an unidentified holder" if holder.owner is None else f"host {holder.owner.host}"
         return f"held by {who} for {holder.age:.0f} s (over {stale_after:g} s)"
@@ -1727,12 +1756,13 @@ class WaitingLine:
         self.joined = 0.0           # when it appeared, just after
 
     def tickets(self) -> List[str]:
-        """Return the names of the tickets in line, first come first."""
+        """Return the names of the tickets in line, first come first (files only)."""
         try:
-            names = os.listdir(self.directory)
+            with os.scandir(self.directory) as entries:
+                return sorted(entry.name for entry in entries
+                              if _is_ticket(entry.name) and entry.is_file(follow_symlinks=False))
         except OSError:
             return []
-        return sorted(n for n in names if _is_ticket(n))
 
     def join(self) -> None:
         """Take a ticket at the end of the line."""
@@ -1824,7 +1854,7 @@ class Presence:
     def start(self) -> None:
         """Publish this server's presence; AlreadyServing if a live server has one."""
         while True:
-            record = _owner_record(self.path, 0, self.started, self.token)
+            record = _owner_record(self.path, self.answered, self.started, self.token)
             try:
                 fd = publish(self.path, record, durable=self.durable, hold=True)
             except FileExistsError:
@@ -1851,6 +1881,17 @@ class Presence:
         self._hold(publish(self.path, record, replace=True, durable=self.durable, hold=True),
                    record)
         self.answered = answered
+
+    def keep(self) -> bool:
+        """Publish this server's presence again if its file went; True if it had.
+
+        AlreadyServing if another live server's is there now.
+        """
+        if _token_at(self.path) == self.token:
+            return False
+        self._hold(-1, b"")
+        self.start()
+        return True
 
     def _hold(self, fd: int, record: bytes) -> None:
         """Keep fd, the presence file now in place (-1: none), and let go of the previous one."""
@@ -1890,7 +1931,8 @@ IN_IGNORED = 0x8000      # a watch ended: its file or directory went away
 
 # What each side wakes for. A directory's watch reports every file in it, and
 # each event costs a read and a look, so a mask has only what ends a wait.
-SERVER_EVENTS = IN_CREATE | IN_MOVED_TO | IN_CLOSE_WRITE   # a buffer appears, or is written
+SERVER_EVENTS = (IN_CREATE | IN_MOVED_TO | IN_CLOSE_WRITE   # a buffer appears, or is written
+                 | IN_DELETE)                              # the presence file goes
 CLIENT_EVENTS = SERVER_EVENTS | IN_DELETE      # a reply appears; the lock or the server goes
 FILE_EVENTS = IN_ATTRIB | IN_CLOSE_WRITE | IN_DELETE_SELF | IN_MOVE_SELF   # the file goes
 
@@ -2223,9 +2265,14 @@ def sent_path(buffer: str, response_path: str) -> str:
 
 
 def default_response_path(buffer: str) -> str:
-    """Return a fresh, unique response file name beside the buffer."""
+    """Return a fresh, unique response file name beside the buffer.
+
+    It names this host (HOST_TAG) and process, so that a sweep can tell a
+    reply whose client has ended (see sweep_orphan_replies).
+    """
     directory = os.path.dirname(os.path.abspath(buffer))
-    return os.path.join(directory, f"filechat-reply-{os.getpid()}-{os.urandom(4).hex()}.txt")
+    return os.path.join(directory, f"{REPLY_PREFIX}{HOST_TAG}-{os.getpid()}-"
+                                   f"{os.urandom(4).hex()}.txt")
 
 
 def check_response_path(response_path: str, paths: Optional[Paths] = None) -> None:
@@ -2495,6 +2542,7 @@ class _Exchange:
         self.phase = "new"
         self.request: Optional[_Staged] = None
         self.rejected = False         # the server said it will not write the reply
+        self.said_strange = False     # warned of what is not a lock file at the lock's path
         self.fate = ""                # what became of the message, once given up (FATES)
         self.line: Optional[WaitingLine] = None
         self.server_timeout = server_timeout
@@ -2589,6 +2637,13 @@ class _Exchange:
         holder = inspect_holder(self.lock.path)
         if holder is None:
             return 0.0
+        if holder.strange:
+            if not self.said_strange:
+                log.warning("%s is %s, not a lock file: no client makes one (it is created "
+                            "with O_CREAT|O_EXCL); remove it, and this client goes on",
+                            self.lock.path, holder.strange)
+                self.said_strange = True
+            return float("inf")       # its removal wakes us
         reason = stale_reason(holder, self.lock.stale_after)
         if reason and (_message_waiting(self.paths.buffer) or self.paths.answering(holder)):
             return float("inf")       # the server's to clear: its removing the lock wakes us
@@ -2960,15 +3015,12 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
     allowed = _allowed_directories(buffer, allow_dirs)
     presence = Presence(paths.presence, durable)
     presence.start()
-    server = _Server(paths, responder, allowed, max_bytes, durable, report)
+    server = _Server(paths, responder, allowed, max_bytes, durable, report, stale_after)
     try:
-        sweep_leftovers(allowed, stale_after)
-        for orphan in sweep_orphan_replies(os.path.dirname(os.path.abspath(buffer)),
-                                           stale_after):
-            log.warning("removed %s: a reply nobody read for over %g s", orphan, stale_after)
+        server.sweep()
         server.leave_empty_buffer()
         report("ready", buffer=buffer, lock_path=paths.lock)
-        with Waiter([buffer], poll, poll_interval, SERVER_EVENTS) as waiter:
+        with Waiter([buffer, paths.presence], poll, poll_interval, SERVER_EVENTS) as waiter:
             # Messages claimed by a server that stopped before answering come first.
             pending = paths.claims()
             try:
@@ -2981,7 +3033,7 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
                 server.check_delivered(waiter, last_look=True)
     finally:
         WaitingLine(paths.lock, stale_after).clear()
-        sweep_leftovers(allowed, stale_after)
+        server.sweep()
         server.remove_empty_buffer()
         presence.withdraw()
     return server.handled
@@ -3106,7 +3158,7 @@ class _Server:
     """One server's way of claiming, answering and clearing up messages."""
 
     def __init__(self, paths: Paths, responder: Responder, allowed: List[str], max_bytes: int,
-                 durable: bool, report: Report) -> None:
+                 durable: bool, report: Report, stale_after: float = STALE_AFTER) -> None:
         self.paths = paths
         self.responder = responder
         self.allowed = allowed
@@ -3115,6 +3167,9 @@ class _Server:
         self.report = report
         self.handled = 0
         self.counted = 0.0            # when the presence file's count was last updated
+        self.kept = 0.0               # when the presence file was last looked at
+        self.stale_after = stale_after
+        self.swept = 0.0              # when leftovers were last swept
         self.count_failing = False    # the last update of it failed (and was said)
         self.home = os.path.dirname(os.path.abspath(paths.buffer))
         # The most a whole request of max_bytes can take: path, newline, message, ESC.
@@ -3135,12 +3190,34 @@ class _Server:
             except OSError as exc:
                 self.report("discarded", reason=f"cannot use {exc.filename or self.paths.buffer}"
                             f": {exc.strerror or exc}")
+            self._keep(waiter, presence)
+            if time.monotonic() >= self.swept + SWEEP_INTERVAL:
+                self.sweep()
             # The count in the presence file, for status, at most once a second.
             due = self.counted + PRESENCE_INTERVAL - time.monotonic()
             if presence.answered != self.handled and due <= 0:
                 self._count(presence)
             self.report("idle", answered=self.handled)
-            waiter.wait(due if presence.answered != self.handled else float("inf"))
+            waiter.wait(min(due if presence.answered != self.handled else float("inf"),
+                            self.swept + SWEEP_INTERVAL - time.monotonic()))
+
+    def sweep(self) -> None:
+        """Remove what ended processes left: temp files, and replies nobody will read."""
+        self.swept = time.monotonic()
+        sweep_leftovers(self.allowed, self.stale_after)
+        for orphan, why in sweep_orphan_replies(self.home, self.stale_after):
+            log.warning("removed the reply %s: %s", orphan, why)
+
+    def _keep(self, waiter: Waiter, presence: Presence) -> None:
+        """Put back the presence file and the empty buffer if they went (the directory made
+        anew): looked at when inotify says they may have, or once a second when polling."""
+        now = time.monotonic()
+        if waiter.fd < 0 and now < self.kept + PRESENCE_INTERVAL:
+            return
+        self.kept = now
+        if presence.keep():
+            log.warning("%s was removed while this server ran; it is back", presence.path)
+        self.leave_empty_buffer()
 
     def _count(self, presence: Presence) -> None:
         """Update the count in the presence file; a failure is said, and tried again later."""
@@ -3666,15 +3743,18 @@ def status(buffer: str, lock_path: Optional[str] = None,
                   "started": owner.started if owner else None,
                   "answered": owner.answered if owner else 0}
     holder = settled_holder(paths.lock)
-    lock: Dict[str, object] = {"path": paths.lock, "held": holder is not None}
-    if holder is not None:
+    lock: Dict[str, object] = {"path": paths.lock, "held": False, "pid": None, "host": None,
+                               "age": None, "state": "free", "stale_reason": None}
+    if holder is not None and holder.strange:
+        lock.update(state=f"not a lock file: {holder.strange}")
+    elif holder is not None:
         answering = paths.answering(holder)
         reason = None if answering else stale_reason(holder, stale_after)
         owner = holder.owner
         # Held since its record was made: a heartbeat keeps its file's time fresh.
         held = holder.age if owner is None else max(0.0, time.time() - owner.created)
-        lock.update(pid=owner.pid if owner else None, host=owner.host if owner else None,
-                    age=round(held, 3),
+        lock.update(held=True, pid=owner.pid if owner else None,
+                    host=owner.host if owner else None, age=round(held, 3),
                     state="stale" if reason else "being answered" if answering
                     else "alive" if holder.check else "unknown",
                     stale_reason=reason)
@@ -4539,7 +4619,9 @@ def _status_lines(state: Mapping[str, object]) -> List[Tuple[str, str]]:
     lock = state["lock"]
     assert isinstance(lock, dict)
     if not lock["held"]:
-        held = f"{lock['path']}: free"
+        held = f"{lock['path']}: {lock['state']}"
+        if lock["state"] != "free":
+            held += "; no client makes one: remove it"
     else:
         who = (f"process {lock['pid']} on {lock['host']}" if lock["pid"]
                else "a client that does not name itself")

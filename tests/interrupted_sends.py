@@ -76,9 +76,9 @@ def main(mode: str, buffer: str, n: int) -> int:
         except KeyboardInterrupt:
             interrupted += 1
         finally:
+            armed[0] = False            # first: a signal from now on is not the send's
             sys.settrace(None)
             signal.setitimer(signal.ITIMER_REAL, 0)
-            armed[0] = False
         now = descriptors()
         temps = [name for name in os.listdir(directory) if mine in name]
         if now != before or temps:

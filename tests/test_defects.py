@@ -11,9 +11,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import List
 
 import pytest
-from conftest import ROOT, WAIT, leftovers
+from conftest import ROOT, WAIT, Proc, leftovers, release
 
 import filechat
 
@@ -112,19 +113,31 @@ def test_a_strange_file_at_the_response_path_is_refused_and_the_server_goes_on( 
     assert run("client", "buf.txt", "-m", "still serving").stdout == b"ok"
 
 
-@pytest.mark.parametrize("where", ["server.lock", "server.lock.line/00000000000000000001-1"])
-def test_a_fifo_at_the_lock_or_in_the_line_hangs_nobody(where: str, server, run,  # type: ignore[no-untyped-def]
-                                                        tmp_path: Path) -> None:
-    srv = server("--auto-reply", "ok")
+def test_a_fifo_at_the_lock_is_named_at_once_and_served_once_it_is_gone(  # type: ignore[no-untyped-def]
+        server, start, run, tmp_path: Path) -> None:
+    server("--auto-reply", "ok")
+    os.mkfifo(tmp_path / "server.lock")
+    status = run("status", "buf.txt", "--json", timeout=10)
+    assert json.loads(status.stdout)["lock"] == {
+        "path": "server.lock", "held": False, "pid": None, "host": None, "age": None,
+        "state": "not a lock file: a FIFO", "stale_reason": None}
+    client = start("client", "buf.txt", "-m", "hi", "--lock-timeout", "20")
+    client.expect("server.lock is a FIFO, not a lock file: no client makes one (it is created "
+                  "with O_CREAT|O_EXCL); remove it, and this client goes on")
+    os.unlink(tmp_path / "server.lock")
+    assert client.wait() == 0 and client.out == "ok"
+
+
+@pytest.mark.parametrize("make", [os.mkdir, os.mkfifo], ids=["directory", "fifo"])
+def test_what_is_not_a_ticket_in_the_line_is_ignored(make, holder, server, start,  # type: ignore[no-untyped-def]
+                                                      tmp_path: Path) -> None:
+    server("--auto-reply", "ok")
     (tmp_path / "server.lock.line").mkdir()
-    os.mkfifo(tmp_path / where)
-    status = run("status", "buf.txt", timeout=10)
-    assert status.returncode == 0
-    result = run("client", "buf.txt", "-m", "hi", "--lock-timeout", "1", timeout=10)
-    assert result.returncode in (0, filechat.EXIT_LOCK_TIMEOUT), result.stderr
-    assert b"Traceback" not in result.stderr
-    srv.popen.send_signal(signal.SIGTERM)
-    assert srv.wait() == 0
+    make(str(tmp_path / "server.lock.line" / f"{1:020d}-1"))      # named as the first ticket
+    client = start("client", "buf.txt", "-m", "hi")
+    client.expect("Server busy, please wait... (1 ahead of you)")
+    release(holder)
+    assert client.wait() == 0 and client.out == "ok", client.err
 
 
 # --- Exceptions in a long-lived process ---
@@ -274,18 +287,46 @@ def test_a_reply_that_cannot_be_written_is_told_to_the_client_at_once(  # type: 
     assert not (tmp_path / "r.txt").exists()
 
 
+def ended_pid() -> int:
+    """Return the pid of a process that has ended."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, check=True)
+    return int(done.stdout)
+
+
 def test_replies_nobody_read_are_swept_when_a_server_starts(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    old = tmp_path / "filechat-reply-4242-0badcafe.txt"
+    old = tmp_path / "filechat-reply-4242-0badcafe.txt"          # named before names said whose
     fresh = tmp_path / "filechat-reply-4243-0badcafe.txt"
+    ended = tmp_path / f"filechat-reply-{filechat.HOST_TAG}-{ended_pid()}-0badcafe.txt"
+    live = tmp_path / f"filechat-reply-{filechat.HOST_TAG}-{os.getpid()}-0badcafe.txt"
+    elsewhere = tmp_path / "filechat-reply-0badf00d-4244-0badcafe.txt"     # another host's
     mine = tmp_path / "filechat-reply-notes.txt"          # a user's file, not a reply
-    for path in (old, fresh):
+    for path in (old, fresh, ended, live, elsewhere):
         path.write_bytes(b"an orphan reply\x1b")
     mine.write_bytes(b"keep me")
     for path in (old, mine):
         os.utime(path, (time.time() - 3600,) * 2)
-    srv = server("--auto-reply", "ok")
-    srv.expect(f"removed {old}: a reply nobody read for over 300 s")
-    assert not old.exists() and fresh.exists() and mine.exists()
+    srv = server("--auto-reply", "ok")              # swept before it is ready
+    assert f"removed the reply {old}: nobody read it for over 300 s" in srv.err
+    assert f"removed the reply {ended}: its client, process" in srv.err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("filechat-reply")) \
+        == sorted(p.name for p in (fresh, live, elsewhere, mine))
+
+
+def test_a_running_server_sweeps_the_reply_of_a_client_that_ended(tmp_path: Path) -> None:
+    # Its sweeps, every SWEEP_INTERVAL (a minute; here a tenth of a second).
+    server = Proc([sys.executable, "-c", "import sys, filechat; filechat.SWEEP_INTERVAL = 0.1; "
+                   "sys.exit(filechat.main(sys.argv[1:]))", "server", "buf.txt", "--auto-reply",
+                   "ok"], tmp_path, env={"PYTHONPATH": str(ROOT)})
+    try:
+        server.expect("Waiting for clients...")
+        orphan = tmp_path / f"filechat-reply-{filechat.HOST_TAG}-{ended_pid()}-0badcafe.txt"
+        orphan.write_bytes(b"a reply its client never read\x1b")
+        server.expect(f"removed the reply {orphan}: its client, process")
+        assert not orphan.exists()
+        assert server.interrupt() == 0
+    finally:
+        server.kill()
 
 
 def test_a_server_stopped_at_any_moment_leaves_nothing(start, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -514,3 +555,22 @@ def test_an_interrupted_send_leaves_no_descriptor_or_temp_file(  # type: ignore[
     summary = result.stdout.decode().splitlines()[-1].split()
     assert summary[-2:] == ["0", "leaks"], result.stdout.decode()[-3000:]
     assert int(summary[2]) > sends // 10           # it did interrupt them
+
+
+@pytest.mark.parametrize("waiting", [[], ["--poll"]], ids=["events", "polling"])
+def test_a_server_puts_back_its_presence_file_when_its_directory_is_made_anew(  # type: ignore[no-untyped-def]
+        waiting: List[str], start, run, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    first = start("server", "shared/buf.txt", "--auto-reply", "first", *waiting)
+    first.expect("Waiting for clients...")
+    subprocess.run(["rm", "-rf", str(shared)], check=True)
+    shared.mkdir()
+    first.expect("shared/buf.txt.server was removed while this server ran; it is back")
+    second = run("server", "shared/buf.txt", "--auto-reply", "second")
+    assert second.returncode == filechat.EXIT_ERROR
+    assert "already serves this buffer" in second.stderr.decode()
+    assert run("client", "shared/buf.txt", "-m", "hi").stdout == b"first"
+    assert (shared / "buf.txt").read_bytes() == b""          # for spec clients, again
+    assert first.interrupt() == 0
+    assert list(shared.iterdir()) == []

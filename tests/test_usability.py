@@ -175,13 +175,18 @@ def status(run, *args: str):  # type: ignore[no-untyped-def]
     return text.returncode, text.stdout.decode(), json.loads(data.stdout)
 
 
+# One schema whether the lock is held or not.
+FREE = {"path": "server.lock", "held": False, "pid": None, "host": None, "age": None,
+        "state": "free", "stale_reason": None}
+
+
 def test_status_without_a_server(run) -> None:  # type: ignore[no-untyped-def]
     code, text, data = status(run)
     assert code == 5
     assert "server   not running" in text and "lock     server.lock: free" in text
     files = data.pop("filesystem")
     assert data == {"buffer": "buf.txt", "server": None,
-                    "lock": {"path": "server.lock", "held": False}, "message_waiting": False,
+                    "lock": FREE, "message_waiting": False,
                     "being_answered": 0, "waiting_clients": 0}
     # The tests' own directory is on a local disk: nothing polls there.
     assert files["shared"] is False and files["polling"] is None and files["type"]
@@ -205,7 +210,7 @@ def test_status_with_an_idle_server(server, run, tmp_path: Path) -> None:  # typ
             pass
     code, text, data = status(run)
     assert data["server"]["answered"] == 1 and "1 messages answered" in text
-    assert data["lock"] == {"path": "server.lock", "held": False}
+    assert data["lock"] == FREE
 
 
 def test_status_with_the_lock_held_and_clients_waiting(holder, start, run) -> None:  # type: ignore[no-untyped-def]
