@@ -75,6 +75,7 @@ if not TYPE_CHECKING:
 
 __all__ = [
     "AlreadyServing",
+    "Ended",
     "FilechatError",
     "FramingError",
     "HookError",
@@ -352,6 +353,20 @@ class AlreadyServing(FilechatError):
 
 class HookError(FilechatError):
     """A responder failed to produce a reply."""
+
+
+class Ended(KeyboardInterrupt):
+    """A client ended by SIGTERM or SIGHUP, which it takes as Ctrl+C; exits 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+    def __str__(self) -> str:
+        if self.signum == getattr(_signal, "SIGHUP", 0):
+            return "ended by SIGHUP (its terminal closed)"
+        return "ended by SIGTERM"
 
 
 # --- Wire format ---
@@ -2645,7 +2660,8 @@ class _Exchange:
                 self.said_strange = True
             return float("inf")       # its removal wakes us
         reason = stale_reason(holder, self.lock.stale_after)
-        if reason and (_message_waiting(self.paths.buffer) or self.paths.answering(holder)):
+        if reason and (self.paths.answering(holder) or (_message_waiting(self.paths.buffer)
+                                                        and not self._withdraw_left(reason))):
             return float("inf")       # the server's to clear: its removing the lock wakes us
         if reason:
             if self.lock.break_stale(self.paths.directories()):
@@ -2662,6 +2678,23 @@ class _Exchange:
         unchecked.update(who="" if holder.owner is None else holder.owner.host,
                          held_for=holder.age, stale_in=stale_in)
         return stale_in
+
+    def _withdraw_left(self, reason: str) -> bool:
+        """Withdraw the message a stale lock's holder left, if no server will take it.
+
+        Its sender has ended (or, naming nobody, gave up long ago): nobody
+        would read a reply. Left to a running filechat server, which takes
+        it and removes the lock, and to a server that has read it in place.
+        """
+        buffer = self.paths.buffer
+        st = _lstat_or_none(buffer)
+        if (st is None or running_server(self.paths.presence) is not None
+                or st.st_atime_ns > st.st_mtime_ns
+                or not remove_if_same(buffer, (st.st_dev, st.st_ino))):
+            return False
+        log.warning("withdrew the message in %s, which no server took: the lock it came with "
+                    "is stale (%s)", buffer, reason)
+        return True
 
     def _locked(self, asked: float) -> None:
         """Note that the lock is held, asked for at asked (seconds since the epoch)."""
@@ -4251,6 +4284,9 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
     shown = _StatusDisplay(term, args.quiet)
     times = {"start": time.monotonic()}
     fate = ["nothing was sent"]           # what Ctrl+C did to the message
+    for name in ("SIGTERM", "SIGHUP"):    # as Ctrl+C: `timeout`, a CI job's end, a closed tab
+        if hasattr(_signal, name):
+            _signal.signal(getattr(_signal, name), _end_on_signal)
 
     def status(event: str, **info: object) -> None:
         if event == "received":
@@ -4287,16 +4323,21 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
             if args.message_file not in (None, "-") and not isinstance(message, str):
                 message.close()
     except (FilechatError, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            term.lenient = True   # its terminal may be gone (SIGHUP): nothing more may fail
         shown.done()
+        said = f"{exc or 'interrupted'}; {fate[0]}" if isinstance(exc, KeyboardInterrupt) \
+            else str(exc)
         if args.json:
-            record.update(_waits(times), outcome=_outcome(exc), error=str(exc) or "interrupted",
+            record.update(_waits(times), outcome=_outcome(exc), error=said,
                           exit_status=getattr(exc, "exit_code", EXIT_INTERRUPTED),
                           reply=exc.text if isinstance(exc, ServerError) else None)
             term.out(_json(record))
         elif isinstance(exc, KeyboardInterrupt):
-            term.err()            # after the ^C the terminal shows
-            term.err(f"filechat: interrupted; {fate[0]}")
-            return EXIT_INTERRUPTED
+            if not isinstance(exc, Ended):
+                term.err()        # after the ^C the terminal shows
+            term.err(f"filechat: {said}")
+            return getattr(exc, "exit_code", EXIT_INTERRUPTED)
         raise
     shown.done()
     if args.json:
@@ -4443,7 +4484,9 @@ def run_server(args: argparse.Namespace, term: Terminal) -> int:
     term.lenient = True       # only the buffer itself being unusable stops a server
     view = _ServerView(args, term)
     import signal
-    signal.signal(signal.SIGTERM, _stop_on_signal)
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _stop_on_signal)
     # Ctrl+C stops a server whatever it inherited: a shell script's background
     # job starts with SIGINT ignored, and could not be stopped with kill -INT.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -4644,8 +4687,13 @@ def _status_lines(state: Mapping[str, object]) -> List[Tuple[str, str]]:
 
 
 def _stop_on_signal(signum: int, frame: object) -> None:
-    """Stop the server on SIGTERM as on Ctrl+C."""
+    """Stop the server on SIGTERM or SIGHUP as on Ctrl+C."""
     raise KeyboardInterrupt
+
+
+def _end_on_signal(signum: int, frame: object) -> None:
+    """End the client on SIGTERM or SIGHUP as on Ctrl+C."""
+    raise Ended(signum)
 
 
 def _cli_responder(args: argparse.Namespace, term: Terminal) -> Responder:
@@ -4788,9 +4836,10 @@ def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) 
     except FilechatError as exc:
         term.error(str(exc))
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        term.lenient = True
         term.err()
-        return EXIT_INTERRUPTED
+        return getattr(exc, "exit_code", EXIT_INTERRUPTED)
     except BrokenPipeError:
         # The reader of stdout went away (e.g. `| head`); nothing left to say.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from conftest import ROOT, WAIT, Proc, leftovers, release
+from conftest import ROOT, WAIT, Proc, hold_lock, kill, leftovers, release
 
 import filechat
 
@@ -574,3 +574,40 @@ def test_a_server_puts_back_its_presence_file_when_its_directory_is_made_anew(  
     assert (shared / "buf.txt").read_bytes() == b""          # for spec clients, again
     assert first.interrupt() == 0
     assert list(shared.iterdir()) == []
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_client_ended_by_sigterm_or_sighup_withdraws_as_on_ctrl_c(  # type: ignore[no-untyped-def]
+        signum: int, status: int, start, tmp_path: Path) -> None:
+    client = start("client", "buf.txt", "-m", "hi", "--json")
+    client.expect("Waiting for server response...")
+    client.popen.send_signal(signum)
+    assert client.wait() == status
+    record = json.loads(client.out)
+    assert (record["outcome"], record["exit_status"]) == ("interrupted", status)
+    assert record["error"].endswith("; the message was withdrawn")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_timeout_ending_a_waiting_client_leaves_no_ticket(holder, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ended = subprocess.run(["timeout", "1", sys.executable, str(ROOT / "filechat.py"), "client",
+                            "buf.txt", "-m", "next"], cwd=tmp_path, capture_output=True,
+                           timeout=WAIT)
+    assert ended.returncode == 124                  # timeout's own status for a TERM it sent
+    assert b"ended by SIGTERM; nothing was sent" in ended.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["server.lock"]   # the holder's
+
+
+def test_a_client_never_waits_for_ever_behind_an_ended_client_s_message(  # type: ignore[no-untyped-def]
+        start, server, tmp_path: Path) -> None:
+    # A client killed (-9) after it sent: its lock and message stay, and no
+    # server has taken the message. The next client withdraws it and goes on.
+    dead = hold_lock(tmp_path)
+    (tmp_path / "buf.txt").write_bytes(filechat.encode_request("gone.txt", "from the dead"))
+    kill(dead)
+    client = start("client", "buf.txt", "-m", "next", "--timeout", "20")
+    client.expect("withdrew the message in buf.txt, which no server took: the lock it came "
+                  "with is stale (its holder, process")
+    client.expect("Waiting for server response...")
+    server("--auto-reply", "answered")
+    assert client.wait() == 0 and client.out == "answered"
