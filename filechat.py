@@ -2315,6 +2315,29 @@ def check_response_path(response_path: str, paths: Optional[Paths] = None) -> No
                          "not overwrite it: remove it or choose another path")
 
 
+def sticky_problem(path: str) -> str:
+    """Return why users cannot share path's directory if it has the sticky bit, else ""."""
+    directory = os.path.dirname(path) or "."
+    try:
+        sticky = os.stat(directory).st_mode & stat.S_ISVTX
+    except OSError:
+        return ""
+    return "" if not sticky else (
+        f"directory {directory} has the sticky bit (as /tmp has): only a file's owner may "
+        "rename or remove it there, so a server and clients run by different users cannot "
+        "hand the buffer and the lock to each other; use a directory without it that they "
+        "all can write, e.g. install -d -m 2775 -g GROUP DIR")
+
+
+def _check_same_user(paths: Paths) -> None:
+    """Refuse to send, in a sticky directory, to a server another user runs (sticky_problem)."""
+    problem = sticky_problem(paths.buffer)
+    st = _lstat_or_none(paths.presence) if problem else None
+    if (st is not None and st.st_uid not in (0, os.geteuid())
+            and running_server(paths.presence) is not None):
+        raise FilechatError(f"the server on {paths.buffer} runs as another user, and {problem}")
+
+
 def check_buffer_path(buffer: str, lock_path: str) -> None:
     """Refuse a buffer or lock path that cannot be used."""
     if os.path.abspath(buffer) == os.path.abspath(lock_path):
@@ -2403,6 +2426,7 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
         added: List[bool] = []            # whether framing added a newline, once data is written
         data = _request_data(carried, message, max_bytes, added)
         check_buffer_path(buffer, paths.lock)
+        _check_same_user(paths)
         if chosen:      # a fresh name beside the buffer needs no checking
             check_response_path(response_path, paths)  # errors name the path as the user gave it
         poll, poll_interval = paths.waiting_mode(poll, poll_interval, RESPONSE_POLL_INTERVAL)
@@ -2716,7 +2740,12 @@ class _Exchange:
                              "nothing was sent: give each client its own response file")
         # A note about this path now is about an earlier exchange, whose client
         # gave up: the next one there is this message's.
-        _unlink_quietly(self.note)
+        try:
+            _unlink_quietly(self.note)
+        except PermissionError:
+            raise FilechatError(f"cannot remove {self.note}, an earlier note for this response "
+                                f"path: {sticky_problem(self.note) or 'permission denied'}; "
+                                "nothing was sent") from None
         self._let_peer_clear()
         _heartbeat.forget(self.request.temp)
         self.request.put(replace=True)
@@ -2835,13 +2864,16 @@ class _Exchange:
         stranger may have made it). A note from the server saying why it
         will not write the reply raises Rejected, whatever is at the path.
         """
-        if self.lock.still_held():
-            return None
         reason = read_or_none(self.note)
         if reason is not None:
-            _unlink_quietly(self.note)
+            try:
+                _unlink_quietly(self.note)
+            except PermissionError:
+                pass                  # another user's, in a sticky directory: said below
             self.rejected = True
             raise Rejected(reason.decode("utf-8", "replace"))
+        if self.lock.still_held():
+            return None
         return _Reply.find(self.response_path, unended=True)
 
     def give_up(self) -> bool:
@@ -3044,6 +3076,9 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
     """
     paths = Paths(buffer, lock_path)
     check_buffer_path(buffer, paths.lock)
+    if sticky_problem(buffer) and os.name == "posix" and os.geteuid() != 0:
+        log.warning("%s; this server can answer only its own user's clients",
+                    sticky_problem(buffer))
     poll, poll_interval = paths.waiting_mode(poll, poll_interval, POLL_INTERVAL)
     allowed = _allowed_directories(buffer, allow_dirs)
     presence = Presence(paths.presence, durable)
@@ -3203,6 +3238,7 @@ class _Server:
         self.kept = 0.0               # when the presence file was last looked at
         self.stale_after = stale_after
         self.swept = 0.0              # when leftovers were last swept
+        self.unclaimable: Tuple[Optional[bytes], str] = (None, "")   # the last said
         self.count_failing = False    # the last update of it failed (and was said)
         self.home = os.path.dirname(os.path.abspath(paths.buffer))
         # The most a whole request of max_bytes can take: path, newline, message, ESC.
@@ -3221,8 +3257,7 @@ class _Server:
                     waiter.progress(f"a message in {self.paths.buffer}")
                     return claim
             except OSError as exc:
-                self.report("discarded", reason=f"cannot use {exc.filename or self.paths.buffer}"
-                            f": {exc.strerror or exc}")
+                self._unclaimable(exc)
             self._keep(waiter, presence)
             if time.monotonic() >= self.swept + SWEEP_INTERVAL:
                 self.sweep()
@@ -3579,7 +3614,30 @@ class _Server:
             return _ANSWERED
         return "the file already exists, and the server never overwrites a file"
 
-    def _reject(self, raw_path: str, request: Request, reason: str) -> None:
+    def _unclaimable(self, exc: OSError) -> None:
+        """Say, once for each message, why the message in the buffer cannot be claimed.
+
+        In a sticky directory (see sticky_problem) another user's message can
+        be read but not renamed: its client is told at once, by a note.
+        """
+        problem = (sticky_problem(self.paths.buffer)
+                   if exc.errno in (errno.EPERM, errno.EACCES) else "")
+        reason = problem or f"cannot use {exc.filename or self.paths.buffer}: " \
+                            f"{exc.strerror or exc}"
+        head = _looked_at(self.paths.buffer, lambda fd: os.read(fd, MAX_PATH + 1), noatime=True)
+        if (head, reason) == self.unclaimable:
+            return                    # said already
+        self.unclaimable = (head, reason)
+        raw = (head or b"").partition(b"\n")
+        if problem and raw[1]:
+            try:
+                self._reject(_decode_path(raw[0]), None, problem)
+                return
+            except (OSError, ValueError):
+                pass                  # no note can be written either: the client times out
+        self.report("discarded", reason=reason)
+
+    def _reject(self, raw_path: str, request: Optional[Request], reason: str) -> None:
         """Tell the client at once why its reply cannot be delivered."""
         publish(self.paths.rejection(raw_path), reason.encode("utf-8"), replace=True,
                 durable=self.durable)

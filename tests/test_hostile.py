@@ -9,9 +9,10 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Iterator, List
 
 import pytest
-from conftest import WAIT, hold_lock, kill, leftovers
+from conftest import WAIT, Proc, hold_lock, kill, leftovers
 
 import filechat
 
@@ -298,3 +299,58 @@ def test_max_bytes_is_enforced_while_reading_not_after(server, tmp_path: Path) -
     assert srv.interrupt() == 0
     response.unlink()
     assert leftovers(tmp_path) == []
+
+
+# Two users sharing a directory as a class shares /tmp: run through setpriv.
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture
+def sticky(pyz: Path) -> "Iterator[Path]":
+    """A directory with the sticky bit under /tmp (mode 1777), holding a copy of the .pyz."""
+    if os.name != "posix" or os.geteuid() != 0 or not shutil.which("setpriv") \
+            or not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("needs root, setpriv and a python3 in /usr/bin that other users can run")
+    directory = Path(tempfile.mkdtemp(prefix="filechat-sticky-", dir="/tmp"))
+    directory.chmod(0o1777)
+    shutil.copy(pyz, directory / "filechat.pyz")
+    (directory / "filechat.pyz").chmod(0o644)
+    yield directory
+    shutil.rmtree(directory)
+
+
+def as_user(uid: int, *args: str) -> List[str]:
+    """Return filechat's command line run as the user uid (and group uid)."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", SYSTEM_PYTHON,
+            "filechat.pyz", *args]
+
+
+def test_users_in_a_sticky_directory_are_told_at_once_on_both_sides(sticky: Path) -> None:
+    server = Proc(as_user(65534, "server", "buf.txt", "--auto-reply", "ok"), sticky)
+    try:
+        server.expect("directory . has the sticky bit (as /tmp has): only a file's owner may "
+                      "rename or remove it there")
+        server.expect("Waiting for clients...")
+        assert ("install -d -m 2775 -g GROUP DIR; this server can answer only its own user's "
+                "clients") in server.err
+        client = Proc(as_user(65533, "client", "buf.txt", "-m", "hi", "--timeout", "30"), sticky)
+        assert client.wait() == filechat.EXIT_ERROR
+        assert ("the server on buf.txt runs as another user, and directory . has the sticky "
+                "bit") in client.err
+        assert "install -d -m 2775 -g GROUP DIR" in client.err
+    finally:
+        server.kill()
+
+
+def test_a_message_sent_before_another_user_s_server_started_is_refused_at_once(
+        sticky: Path) -> None:
+    client = Proc(as_user(65533, "client", "buf.txt", "-m", "hi", "--timeout", "30"), sticky)
+    client.expect("Waiting for server response...")
+    server = Proc(as_user(65534, "server", "buf.txt", "--auto-reply", "ok"), sticky)
+    try:
+        assert client.wait() == filechat.EXIT_USAGE
+        assert "directory . has the sticky bit" in client.err
+        server.expect("the client was told")
+        assert not (sticky / "buf.txt").exists() or (sticky / "buf.txt").stat().st_size == 0
+    finally:
+        server.kill()
