@@ -3846,8 +3846,9 @@ def status(buffer: str, lock_path: Optional[str] = None,
         held = holder.age if owner is None else max(0.0, time.time() - owner.created)
         lock.update(held=True, pid=owner.pid if owner else None,
                     host=owner.host if owner else None, age=round(held, 3),
-                    state="stale" if reason else "being answered" if answering
-                    else "alive" if holder.check else "unknown",
+                    state="stale" if reason else
+                    "being answered; its client has ended" if answering and holder.gone else
+                    "being answered" if answering else "alive" if holder.check else "unknown",
                     stale_reason=reason)
     poll, interval = paths.waiting_mode(None, None, POLL_INTERVAL)
     files = {"type": filesystem_type(os.path.dirname(buffer) or "."),
@@ -4538,6 +4539,8 @@ def _read_typed(term: Terminal, what: str, end_line: Callable[[], None]) -> Opti
 
 def run_server(args: argparse.Namespace, term: Terminal) -> int:
     """Run the server subcommand until Ctrl+C or --max-messages."""
+    # The files first: a server that cannot use them need not say how it would answer.
+    check_buffer_path(args.buffer, args.lock_file or default_lock_path(args.buffer))
     responder = _cli_responder(args, term)
     term.lenient = True       # only the buffer itself being unusable stops a server
     view = _ServerView(args, term)
@@ -4766,7 +4769,32 @@ def _cli_responder(args: argparse.Namespace, term: Terminal) -> Responder:
         return file_responder(args.auto_reply_file)
     if args.auto_reply_cmd is not None:
         return command_responder(args.auto_reply_cmd, args.hook_timeout)
+    if _nothing_to_read(term.stdin):
+        raise UsageError("standard input is not a terminal and holds nothing to read, so no "
+                         "message could be answered; give --auto-reply, --auto-reply-file or "
+                         "--auto-reply-cmd, or start the server at a terminal")
     return _operator_responder(term)
+
+
+def _nothing_to_read(stream: Optional[IO[str]]) -> bool:
+    """True if stream is closed, /dev/null, an empty file or a pipe already at its end."""
+    if stream is None:
+        return True
+    try:
+        fd = stream.fileno()
+        st = os.fstat(fd)
+    except (OSError, ValueError, AttributeError):
+        return False                  # not a file: the caller's own stream, read as it is
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size == 0
+    if stat.S_ISCHR(st.st_mode):
+        return os.path.samestat(st, os.stat(os.devnull))
+    if stat.S_ISFIFO(st.st_mode) and sys.platform != "win32":
+        import termios
+        ready = select.select([fd], [], [], 0)[0]
+        waiting = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+        return bool(ready) and waiting == 0       # readable with nothing in it: at its end
+    return False
 
 
 def _operator_responder(term: Terminal) -> Responder:
@@ -4811,17 +4839,18 @@ def _ask_reply(term: Terminal) -> str:
 def _watch_client(request: Request, term: Terminal) -> Callable[[], None]:
     """Warn at the terminal, while the reply is typed, once its client stops waiting.
 
-    A timer rings at the client's deadline (SIGALRM: the reply is read in
-    this thread), and every second after while the client still waits, as
-    the two clocks never agree exactly. Returns what stops it.
+    A timer (SIGALRM: the reply is read in this thread) looks every second,
+    and at the client's deadline if it says one, whether the client still
+    waits: one that gave up, or ended (its flock, pid or heartbeat), is said
+    within a second of it. Returns what stops it.
     """
     import signal
-    if request.deadline is None or not hasattr(signal, "setitimer"):
-        return lambda: None           # no deadline known, or no timers (Windows)
+    if not hasattr(signal, "setitimer"):
+        return lambda: None           # no timers (Windows)
 
     def ring(signum: int, frame: object) -> None:
         if request.client_waiting():
-            signal.setitimer(signal.ITIMER_REAL, 1.0)
+            signal.setitimer(signal.ITIMER_REAL, _next_look(request))
             return
         term.err()
         log.warning("the client has stopped waiting for this reply, which will be "
@@ -4830,12 +4859,19 @@ def _watch_client(request: Request, term: Terminal) -> Callable[[], None]:
             term.write(_line_editor().get_line_buffer())
 
     saved = signal.signal(signal.SIGALRM, ring)
-    signal.setitimer(signal.ITIMER_REAL, max(0.01, request.deadline - time.time()))
+    signal.setitimer(signal.ITIMER_REAL, _next_look(request))
 
     def stop() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, saved)
     return stop
+
+
+def _next_look(request: Request) -> float:
+    """Return the seconds until the next look at a client: 1, or less to its deadline."""
+    if request.deadline is None:
+        return 1.0
+    return min(1.0, max(0.01, request.deadline - time.time()))
 
 
 def _discard_typeahead(stream: IO[str]) -> int:

@@ -566,3 +566,18 @@ def test_a_lock_that_cannot_be_checked_is_called_so(record: str, who: str, run,
             r"checked, for 1 min 4\d s; it counts as stale in 3 min [12]\d s\)\n")
     assert re.search(said, result.stderr.decode()), result.stderr
     assert "ahead of you" not in result.stderr.decode()
+
+
+@pytest.mark.parametrize("stdin", ["/dev/null", "an empty pipe", "an empty file"])
+def test_a_server_with_nothing_to_read_and_no_terminal_is_refused_at_start(  # type: ignore[no-untyped-def]
+        stdin: str, pyz: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").write_bytes(b"")
+    server = f"{sys.executable} {pyz} server buf.txt"
+    command = {"/dev/null": f"{server} < /dev/null", "an empty pipe": f"true | {server}",
+               "an empty file": f"{server} < empty"}[stdin]
+    result = subprocess.run(["sh", "-c", command], cwd=tmp_path, capture_output=True,
+                            timeout=WAIT)
+    assert result.returncode == filechat.EXIT_USAGE
+    assert ("standard input is not a terminal and holds nothing to read, so no message could "
+            "be answered; give --auto-reply") in result.stderr.decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]

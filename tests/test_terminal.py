@@ -1,6 +1,7 @@
 """What a person sees at a real terminal, small windows included (a pty and an emulator)."""
 
 import io
+import json
 import re
 import threading
 from pathlib import Path
@@ -250,3 +251,17 @@ def test_a_reply_typed_ahead_once_the_message_shows_ends_where_ctrl_d_was_typed(
     assert client.out == text
     server.expect("Lockfile removed. Ready for next client.")
     assert "discarded" not in server.output()
+
+
+def test_the_operator_hears_at_once_that_the_client_ended(terminal, start, run) -> None:  # type: ignore[no-untyped-def]
+    server = terminal("server", "buf.txt")
+    server.expect("Waiting for clients...")
+    client = start("client", "buf.txt", "-m", "hi")         # it would wait 60 s
+    server.expect("when done):\r\n" + "=" * 60 + "\r\n")
+    client.popen.kill()
+    client.popen.wait(WAIT)
+    server.child.expect_exact("the client has stopped waiting for this reply", timeout=3)
+    state = json.loads(run("status", "buf.txt", "--json").stdout)
+    assert state["lock"]["state"] == "being answered; its client has ended"
+    server.end_text()
+    server.expect("has gone; no reply sent")
