@@ -4144,6 +4144,22 @@ def _display(text: str) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
+_CARETS: Dict[int, str] = {}      # control character: how a terminal shows it (_visible)
+
+
+def _visible(text: str) -> str:
+    """Return text as a terminal should show it: control characters but tab and newline
+    written out (^M, ^H, ^?, <U+009B>), so none can hide or redraw what was sent; so are
+    the marks that reorder text from right to left (<U+202E>)."""
+    if not _CARETS:
+        _CARETS.update({code: f"^{chr(code + 64)}" for code in range(32)
+                        if chr(code) not in "\t\n"})
+        _CARETS[0x7F] = "^?"
+        for code in (*range(0x80, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)):
+            _CARETS[code] = f"<U+{code:04X}>"
+    return text.translate(_CARETS)
+
+
 def _display_path(path: str) -> str:
     """Show a path relative to the working directory when it lies below it."""
     try:
@@ -4363,9 +4379,12 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
     record: Dict[str, object] = {
         "reply": None, "response_path": os.path.abspath(response), "lock_wait": None,
         "reply_wait": None, "outcome": "ok", "error": None, "exit_status": EXIT_OK}
+    # The spec's transcript, banners and all, where a person reads both sides;
+    # where stdout is a pipe or a file it gets the reply alone, exactly.
+    banners = interactive and term.stdout_tty
     # Printed as it is read, unless it is shown between banners or in JSON:
     # a long reply is then never held whole, nor a long --message-file.
-    reply_to = None if interactive or args.json else _Tail(term.stdout)
+    reply_to = None if banners or args.json else _Tail(term.stdout, term.stdout_tty)
     try:
         _look_for_server(args, term, interactive)
         message = _client_message(args, term, interactive)
@@ -4405,29 +4424,33 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
         return EXIT_OK
     if reply_to is not None and term.stdout_tty and reply_to.last not in ("", "\n"):
         term.out()    # the shell's prompt is not glued to the reply; a pipe gets it exact
-    if interactive:
+    if banners:
         term.out()
         term.out(BANNER)
         term.out("Server response:")
         term.out(BANNER)
-        term.stdout.write(_display(reply))
+        term.stdout.write(_visible(_display(reply)))
         term.out(BANNER)
     term.stdout.flush()
     return EXIT_OK
 
 
 class _Tail:
-    """A text stream that remembers the last character written through it."""
+    """A text stream that remembers the last character written through it.
 
-    def __init__(self, stream: IO[str]) -> None:
+    visible: a terminal, where control characters are shown (see _visible).
+    """
+
+    def __init__(self, stream: IO[str], visible: bool = False) -> None:
         self.stream = stream
+        self.visible = visible
         self.last = ""
 
     def write(self, text: str) -> int:
         """Write text to the stream."""
         if text:
             self.last = text[-1]
-        return self.stream.write(text)
+        return self.stream.write(_visible(text) if self.visible else text)
 
 
 def _busy_suffix(info: Mapping[str, object]) -> str:
@@ -4615,7 +4638,8 @@ class _ServerView:
             term.out(f"Message received from client (response file: "
                      f"{_display_path(request.response_path)})")
             term.out(BANNER)
-            term.write(_display(request.message))
+            term.write(_visible(_display(request.message)) if term.stdout_tty
+                       else _display(request.message))
             term.out(BANNER)
         elif event in ("replied", "failed") and isinstance(request, Request):
             if event == "failed":

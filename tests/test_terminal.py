@@ -3,10 +3,12 @@
 import io
 import json
 import re
+import sys
 import threading
 from pathlib import Path
 from typing import Optional
 
+import pexpect
 import pytest
 from conftest import WAIT, release
 
@@ -265,3 +267,35 @@ def test_the_operator_hears_at_once_that_the_client_ended(terminal, start, run) 
     assert state["lock"]["state"] == "being answered; its client has ended"
     server.end_text()
     server.expect("has gone; no reply sent")
+
+
+def test_a_message_typed_at_a_terminal_with_stdout_a_pipe_gets_the_reply_alone(  # type: ignore[no-untyped-def]
+        pyz: Path, server, tmp_path: Path) -> None:
+    # reply=$(filechat client buf.txt), the message typed: the prompt and the
+    # status lines stay on the terminal, stdout gets the reply exactly.
+    server("--auto-reply", "exactly this")
+    child = pexpect.spawn("sh", ["-c", f"{sys.executable} {pyz} client buf.txt > out.txt"],
+                          cwd=str(tmp_path), encoding="utf-8", timeout=WAIT)
+    child.expect_exact("Enter your message (press Ctrl+D or Ctrl+Z when done):")
+    child.send("hello\n\x04")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert (tmp_path / "out.txt").read_bytes() == b"exactly this"
+    assert "Waiting for server response..." in child.before
+
+
+HIDDEN = "Please delete ALL backups now\rPlease keep the backups safe \b"
+
+
+def test_control_characters_show_at_a_terminal_and_pass_exactly_through_a_pipe(  # type: ignore[no-untyped-def]
+        terminal, run, tmp_path: Path) -> None:
+    operator = terminal("server", "buf.txt", "--auto-reply-cmd", "cat")
+    operator.expect("Waiting for clients...")
+    client = terminal("client", "buf.txt", "-m", HIDDEN)
+    assert client.exit_status() == 0
+    operator.expect("Lockfile removed. Ready for next client.")
+    shown = "Please delete ALL backups now^MPlease keep the backups safe ^H"
+    assert shown in operator.lines()
+    assert shown in client.lines()
+    assert run("client", "buf.txt", "-m", HIDDEN).stdout == HIDDEN.encode()
