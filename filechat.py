@@ -86,6 +86,7 @@ __all__ = [
     "ReplyTimeout",
     "Request",
     "ServerError",
+    "StopServing",
     "UsageError",
     "Waiter",
     "WaitingLine",
@@ -352,7 +353,16 @@ class AlreadyServing(FilechatError):
 
 
 class HookError(FilechatError):
-    """A responder failed to produce a reply."""
+    """A responder failed to produce a reply: its client gets an error reply naming why.
+
+    serve() turns any other exception a responder raises into one, but
+    StopServing (and KeyboardInterrupt), so that one message never stops it.
+    """
+
+
+class StopServing(FilechatError):
+    """Raised by a responder that cannot answer at all: serve() stops, and the message
+    stays claimed for the next server."""
 
 
 class Ended(KeyboardInterrupt):
@@ -3065,7 +3075,9 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
     For each complete message the server claims it, calls
     ``responder(request)`` for the reply text, publishes the reply in the
     request's response file and removes the lock. A responder that raises
-    HookError gets the client an error reply instead. Replies are written
+    (HookError, or any other exception) gets the client an error reply
+    naming why, and serving goes on; one that raises StopServing stops it,
+    the message left claimed for the next server. Replies are written
     only into the buffer's directory and allow_dirs. ``report(event,
     **info)`` hears "ready", "idle", "received", "replied", "failed",
     "rejected", "discarded" and "released". Returns the number of messages
@@ -3509,12 +3521,7 @@ class _Server:
         # read the reply, or when it dies without reading it.
         watched = client.watchable and waiter.watch_files([self.paths.lock])
         try:
-            if claim.oversize:
-                raise HookError(f"the message is {claim.oversize} bytes, over this server's "
-                                f"limit of {self.max_bytes} (--max-bytes)")
-            text = self.responder(request)
-            if not isinstance(text, str):
-                raise HookError(f"the responder returned {type(text).__name__}, not text")
+            text = self._respond(request, claim)
             # A filechat client (its lock names it) gets the text exactly as it is.
             reply = _Staged(path, reply_pieces(text, drawn=not client.token), self.durable)
         except (HookError, FramingError) as exc:
@@ -3541,6 +3548,26 @@ class _Server:
                     reply=text)
         self.report("released", lock_path=self.paths.lock)
         return True
+
+    def _respond(self, request: Request, claim: _Claim) -> str:
+        """Return the responder's reply; HookError for anything that keeps it from one."""
+        if claim.oversize:
+            raise HookError(f"the message is {claim.oversize} bytes, over this server's "
+                            f"limit of {self.max_bytes} (--max-bytes)")
+        try:
+            text = self.responder(request)
+        except (HookError, StopServing):
+            raise
+        except Exception as exc:
+            failure = f"the responder raised {type(exc).__name__}: {exc}"
+            log.warning("%s; sent an error reply, serving on", failure)
+            if log.verbose or log.stream is None:     # the traceback, for whoever debugs it
+                import traceback
+                log.debug("%s", "".join(traceback.format_exception(*sys.exc_info())).rstrip())
+            raise HookError(failure) from exc
+        if not isinstance(text, str):
+            raise HookError(f"the responder returned {type(text).__name__}, not text")
+        return text
 
     def check_delivered(self, waiter: Waiter, last_look: bool = False) -> None:
         """Forget the last reply delivered once read; remove it if its client died unread.
@@ -4827,9 +4854,9 @@ def _operator_responder(term: Terminal) -> Responder:
         if exhausted:
             # Piped replies ran out: stop, leaving the message claimed for the
             # next server rather than answering it with nothing.
-            raise FilechatError("standard input has ended, so there is no reply for "
-                                "this message; it stays queued for the next server "
-                                "(use --auto-reply* options to answer unattended)")
+            raise StopServing("standard input has ended, so there is no reply for "
+                              "this message; it stays queued for the next server "
+                              "(use --auto-reply* options to answer unattended)")
         if not tty:
             exhausted.append(True)
             return _ask_reply(term)

@@ -30,7 +30,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     fi
 fi
 
-"$venv/bin/ruff" check filechat.py build_zipapp.py scripts tests
+"$venv/bin/ruff" check filechat.py build_zipapp.py setup.py scripts tests
 "$venv/bin/mypy" filechat.py build_zipapp.py
 "$venv/bin/vermin" --no-tips --violations --target=3.8- filechat.py build_zipapp.py
 found=$( (ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.*/bin/python3 2>/dev/null || true;

@@ -581,3 +581,25 @@ def test_a_server_with_nothing_to_read_and_no_terminal_is_refused_at_start(  # t
     assert ("standard input is not a terminal and holds nothing to read, so no message could "
             "be answered; give --auto-reply") in result.stderr.decode()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_a_responder_that_raises_gets_its_client_an_error_reply_and_serving_goes_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    buffer = str(tmp_path / "buf.txt")
+
+    def responder(request: filechat.Request) -> str:
+        if request.message == "bad":
+            raise ValueError("cannot answer 'bad'")
+        return "fine"
+
+    server = threading.Thread(target=filechat.serve, args=(buffer, responder),
+                              kwargs={"max_messages": 2}, daemon=True)
+    server.start()
+    with pytest.raises(filechat.ServerError) as raised:
+        filechat.send(buffer, "bad", timeout=WAIT)
+    assert "the responder raised ValueError: cannot answer 'bad'" in str(raised.value)
+    assert filechat.send(buffer, "good", timeout=WAIT) == "fine"
+    server.join(WAIT)
+    assert not server.is_alive()
+    assert "the responder raised ValueError: cannot answer 'bad'; sent an error reply, " \
+           "serving on" in caplog.text

@@ -10,6 +10,7 @@ import sys
 import time
 import venv
 from pathlib import Path
+from typing import Dict
 
 import pexpect
 import pytest
@@ -31,16 +32,23 @@ def spawn(pyz: Path, cwd: Path, *args: str, **env: str) -> pexpect.spawn:
 
 # --- Installing and running ---
 
-def test_pip_install_gives_a_filechat_command(tmp_path: Path) -> None:
-    source = tmp_path / "src"
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A virtual environment with filechat installed by pip, as a user installs it."""
+    root = tmp_path_factory.mktemp("installed")
+    source = root / "src"
     source.mkdir()
-    for name in ("filechat.py", "pyproject.toml", "README.md"):
+    for name in ("filechat.py", "pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    venv.create(tmp_path / "venv", with_pip=True)
-    bin_dir = tmp_path / "venv" / "bin"
+    venv.create(root / "venv", with_pip=True)
+    bin_dir = root / "venv" / "bin"
     subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "--quiet", str(source)],
                    check=True, timeout=300)
-    command = str(bin_dir / "filechat")
+    return bin_dir
+
+
+def test_pip_install_gives_a_filechat_command(installed: Path, tmp_path: Path) -> None:
+    command = str(installed / "filechat")
     server = subprocess.Popen([command, "server", "buf.txt", "--auto-reply", "installed",
                                "--max-messages", "1"], cwd=tmp_path, stdout=subprocess.DEVNULL)
     reply = subprocess.run([command, "client", "buf.txt", "-m", "hi"], cwd=tmp_path,
@@ -49,6 +57,43 @@ def test_pip_install_gives_a_filechat_command(tmp_path: Path) -> None:
     assert server.wait(WAIT) == 0
     version = subprocess.run([command, "--version"], capture_output=True, text=True, timeout=30)
     assert version.stdout == f"filechat {filechat.__version__}\n"
+
+
+def readme_programs() -> Dict[str, str]:
+    """The README's library programs, by the file name each one's first line gives."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## As a library"):text.index("## Development")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    return {block.split(":", 1)[0].lstrip("# "): block for block in blocks}
+
+
+def test_the_readme_s_library_programs_run_and_type_check_as_installed(
+        installed: Path, tmp_path: Path) -> None:
+    programs = readme_programs()
+    assert sorted(programs) == ["answer.py", "ask.py"]
+    for name, code in programs.items():
+        (tmp_path / name).write_text(code)
+    python = str(installed / "python")
+    server = subprocess.Popen([python, "answer.py"], cwd=tmp_path, stderr=subprocess.PIPE)
+    try:
+        asked = subprocess.run([python, "ask.py"], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=60)
+        assert asked.returncode == 0, asked.stderr
+        assert asked.stdout == "HELLO\n" + programs["ask.py"].upper()
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(WAIT)
+    # Its annotations reach a type checker in the installed copy: a program
+    # that misuses them is caught.
+    (tmp_path / "wrong.py").write_text("import filechat\n\ncount: int = filechat.send('b', 'm')\n")
+    checked = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--python-executable",
+                              python, "answer.py", "ask.py"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stdout
+    wrong = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--python-executable",
+                            python, "wrong.py"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    assert 'Incompatible types in assignment (expression has type "str"' in wrong.stdout
 
 
 def test_python_m_filechat_from_a_checkout(tmp_path: Path) -> None:
