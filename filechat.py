@@ -177,7 +177,8 @@ class _Log:
     stream: Optional[IO[str]] = None
     verbose = False
     color = False
-
+    live: Optional[Any] = None    # what redraws a live line, and prints a line above it
+                                  # (interject): a client's status, a server's state
     def debug(self, message: str, *args: object) -> None:
         """Log a debug line: lock and wait transitions."""
         if self.stream is not None:
@@ -199,8 +200,11 @@ class _Log:
         if self.color:
             level = f"\x1b[{33 if level == 'warning' else 2}m{level}\x1b[0m"
         try:
-            self.stream.write(f"filechat: {level}: {text}\n")
-            self.stream.flush()
+            if self.live is not None:
+                self.live.interject(f"filechat: {level}: {text}")
+            else:
+                self.stream.write(f"filechat: {level}: {text}\n")
+                self.stream.flush()
         except (OSError, ValueError):
             pass              # stderr gone: there is nowhere left to say anything
 
@@ -1235,6 +1239,7 @@ class Owner:
 
 
 BEAT = b'"beat": "00000000"}'       # how a record that beats ends: its counter is rewritten
+COUNT = 10                          # digits of a presence file's count of answered messages
 
 
 def _owner_record(path: str, answered: Optional[int] = None, started: float = 0.0,
@@ -1250,8 +1255,8 @@ def _owner_record(path: str, answered: Optional[int] = None, started: float = 0.
     local = not _on_shared(path)
     record: Dict[str, object] = {"pid": os.getpid(), "host": HOST,
                                  "token": token or os.urandom(8).hex(), "created": time.time()}
-    if answered is not None:
-        record.update(answered=answered, started=started)
+    if answered is not None:     # rewritten in place: a fixed width (COUNT), as a string
+        record.update(answered=f"{answered:0{COUNT}d}", started=started)
     if timeout is not None:
         record.update(timeout=float(timeout))
     if newline:
@@ -1306,6 +1311,18 @@ class _Heartbeat:
             self.records[fd] = bytearray(record), record.rindex(b'"}') - 8
             self._run()
 
+    def rewrite(self, fd: int, record: bytes) -> None:
+        """Write record over the one held open as fd, in place: it has the same length.
+
+        A record that beats keeps its current beat.
+        """
+        with self.guard:
+            if fd in self.records:
+                kept, at = self.records[fd]
+                kept[:at] = record[:at]
+                record = bytes(kept)
+            _write_in_place(fd, record)
+
     def touch(self, path: str) -> None:
         """Keep path's modification time fresh until forget(path)."""
         with self.guard:
@@ -1339,7 +1356,7 @@ class _Heartbeat:
                 for fd, (record, at) in self.records.items():
                     record[at:at + 8] = counter
                     try:
-                        os.pwrite(fd, record, 0)
+                        _write_in_place(fd, bytes(record))
                     except OSError:
                         pass            # removed meanwhile, or the server is away: try again
                 for path in self.touched:
@@ -1350,6 +1367,12 @@ class _Heartbeat:
 
 
 _heartbeat = _Heartbeat()
+
+
+def _write_in_place(fd: int, record: bytes) -> None:
+    """Write record at the start of the file open as fd, over one of the same length."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, record)
 
 
 def _new_heartbeat() -> None:
@@ -1862,10 +1885,12 @@ def _is_ticket(name: str) -> bool:
 class Presence:
     """The server's presence file, BUFFER.server: which server runs, since when.
 
-    It holds the server's identity and its count of handled messages, and the
-    server keeps an flock on it, so clients and ``status`` can tell a running
-    server from one that was killed. Published whole and exclusively at start
-    (a second server is refused), then replaced whole by each update.
+    It holds the server's identity and its count of answered messages, and
+    the server keeps an flock on it, so clients and ``status`` can tell a
+    running server from one that was killed. Published whole and exclusively
+    at start (a second server is refused); its count is then rewritten in
+    place, at a fixed width: a file replaced while another mount holds it
+    open goes stale there (ESTALE on NFS and GlusterFS).
     """
 
     def __init__(self, path: str, durable: bool = False) -> None:
@@ -1875,6 +1900,7 @@ class Presence:
         self.token = os.urandom(8).hex()    # in every record of this server's: "mine"
         self.started = time.time()
         self.answered = 0
+        self.record = bytearray()           # as published; its count is rewritten in place
 
     def start(self) -> None:
         """Publish this server's presence; AlreadyServing if a live server has one."""
@@ -1894,17 +1920,12 @@ class Presence:
             return
 
     def update(self, answered: int) -> None:
-        """Replace the presence file with one that counts answered messages.
-
-        On a shared directory the old one is let go of first: FUSE keeps a
-        file replaced while open under a hidden name (see _Staged), and no
-        flock is trusted there.
-        """
-        record = _owner_record(self.path, answered, self.started, self.token)
-        if _on_shared(self.path):
-            self._hold(-1, b"")
-        self._hold(publish(self.path, record, replace=True, durable=self.durable, hold=True),
-                   record)
+        """Rewrite the count of answered messages in the presence file, in place."""
+        at = self.record.index(b'"answered": "') + len(b'"answered": "')
+        self.record[at:at + COUNT] = f"{answered:0{COUNT}d}".encode()
+        _heartbeat.rewrite(self.fd, bytes(self.record))
+        if self.durable:
+            os.fsync(self.fd)
         self.answered = answered
 
     def keep(self) -> bool:
@@ -1922,6 +1943,7 @@ class Presence:
         """Keep fd, the presence file now in place (-1: none), and let go of the previous one."""
         _close_fd(self)
         self.fd = fd
+        self.record = bytearray(record)
         _heartbeat.start(fd, record)
 
     def withdraw(self) -> None:
@@ -2759,6 +2781,7 @@ class _Exchange:
         self._let_peer_clear()
         _heartbeat.forget(self.request.temp)
         self.request.put(replace=True)
+        log.debug("message put in place as %s", self.paths.buffer)
         self.phase = "sent"
         self._leave_line()
         _crash_point("client-sent")
@@ -2833,12 +2856,14 @@ class _Exchange:
                 waiter.wait(min(deadline - now, tick(now), self._server_wait()))
         try:
             self.status("received")
+            log.debug("reply read from %s", self.response_path)
             return reply.read(sink), reply.is_error       # a wait: its file is closed below
         finally:
             reply.close()
             # The response file goes after the release, so that a server restarted
             # before it sees the message was answered.
-            _unlink_quietly(self.response_path)
+            if _unlink_quietly(self.response_path):
+                log.debug("reply %s removed", self.response_path)
             self.lock.close()
             self.phase, self.fate = "done", "answered"
 
@@ -2905,6 +2930,8 @@ class _Exchange:
             self.request.discard()
         self._leave_line()
         self.phase = "done"
+        if self.fate == "withdrawn":
+            log.debug("message withdrawn from %s", self.paths.buffer)
         if self.fate in ("left", "taken"):
             log.debug("message in %s left to the server that took it", self.paths.buffer)
         return self.fate == "withdrawn"
@@ -3108,7 +3135,7 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
                     claim = (server.restore(pending.pop(0)) if pending
                              else server.next_claim(waiter, presence))
                     if claim is not None:
-                        server.answer(claim, waiter)
+                        server.answer(claim, waiter, presence)
             finally:
                 server.check_delivered(waiter, last_look=True)
     finally:
@@ -3245,8 +3272,8 @@ class _Server:
         self.max_bytes = max_bytes
         self.durable = durable
         self.report = report
-        self.handled = 0
-        self.counted = 0.0            # when the presence file's count was last updated
+        self.handled = 0              # messages taken, answered or not (--max-messages)
+        self.answered = 0             # messages whose client got a reply (status)
         self.kept = 0.0               # when the presence file was last looked at
         self.stale_after = stale_after
         self.swept = 0.0              # when leftovers were last swept
@@ -3273,13 +3300,11 @@ class _Server:
             self._keep(waiter, presence)
             if time.monotonic() >= self.swept + SWEEP_INTERVAL:
                 self.sweep()
-            # The count in the presence file, for status, at most once a second.
-            due = self.counted + PRESENCE_INTERVAL - time.monotonic()
-            if presence.answered != self.handled and due <= 0:
-                self._count(presence)
-            self.report("idle", answered=self.handled)
-            waiter.wait(min(due if presence.answered != self.handled else float("inf"),
-                            self.swept + SWEEP_INTERVAL - time.monotonic()))
+            if presence.answered != self.answered:
+                self._count(presence)     # failed before: tried again as the server waits
+            self.report("idle", answered=self.answered)
+            waiter.wait(min(PRESENCE_INTERVAL if presence.answered != self.answered
+                            else float("inf"), self.swept + SWEEP_INTERVAL - time.monotonic()))
 
     def sweep(self) -> None:
         """Remove what ended processes left: temp files, and replies nobody will read."""
@@ -3301,9 +3326,8 @@ class _Server:
 
     def _count(self, presence: Presence) -> None:
         """Update the count in the presence file; a failure is said, and tried again later."""
-        self.counted = time.monotonic()
         try:
-            presence.update(self.handled)
+            presence.update(self.answered)
         except OSError as exc:
             if not self.count_failing:
                 log.warning("cannot update %s (%s); status shows an old count until it can "
@@ -3341,9 +3365,9 @@ class _Server:
                 if sys.exc_info()[0] is FileNotFoundError:
                     return None           # withdrawn by its client an instant ago
                 raise
+            log.debug("message claimed as %s", claim)
             self.leave_empty_buffer()
             _crash_point("server-taken")
-            log.debug("message claimed as %s", claim)
             # Replaced since it was read? Its own rename: no cache to see through.
             renamed = os.lstat(claim)
             if (renamed.st_dev, renamed.st_ino) != (st.st_dev, st.st_ino):
@@ -3367,7 +3391,8 @@ class _Server:
         try:
             os.close(_create(self.paths.buffer, 0o666))
         except FileExistsError:
-            pass
+            return
+        log.debug("empty buffer %s made", self.paths.buffer)
 
     def remove_empty_buffer(self) -> None:
         """Remove the buffer if it is empty, unless a spec client holds the lock to write it."""
@@ -3440,8 +3465,11 @@ class _Server:
         taken.restored = True
         return taken
 
-    def answer(self, claim: _Claim, waiter: Waiter) -> None:
-        """Answer one claimed message, then free the lock it came with and the claim."""
+    def answer(self, claim: _Claim, waiter: Waiter, presence: Optional[Presence] = None) -> None:
+        """Answer one claimed message, then free the lock it came with and the claim.
+
+        presence: where the count of answered messages is kept, for status.
+        """
         replied = False
         request: Optional[Request] = None
         self.check_delivered(waiter, last_look=True)     # one reply is watched at a time
@@ -3462,6 +3490,10 @@ class _Server:
         self.handled += 1
         if not replied:
             self.report("released", lock_path=self.paths.lock)
+            return
+        self.answered += 1
+        if presence is not None:
+            self._count(presence)
 
     def _request(self, claim: _Claim) -> Optional[Request]:
         """Read and check the claimed message; None if there is nothing to answer."""
@@ -3533,17 +3565,18 @@ class _Server:
         except BaseException:
             reply.discard()
             raise
+        log.debug("reply published in %s", path)
         _crash_point("server-replied")
         # Looked at once the reply is out, not before: the client reads it
         # meanwhile. One whose client has gone is taken back.
         if not client.waiting(self.paths.lock):
-            reply.take_back()
+            if reply.take_back():
+                log.debug("reply %s taken back: its client has gone", path)
             self.report("discarded", reason=f"the client for {path} has gone", request=request)
             return False
         self._release(claim)             # at once: the client waits for this
         if watched:
             self.delivered, claim.client = (path, reply.identity[:2], client), _Requester()
-        log.debug("reply published in %s", path)
         self.report("failed" if failure else "replied", request=request, reason=failure,
                     reply=text)
         self.report("released", lock_path=self.paths.lock)
@@ -3608,7 +3641,8 @@ class _Server:
                 fd, claim.fd = claim.fd, -1
                 if fd >= 0:
                     os.close(fd)
-                _unlink_quietly(claim.path)
+                if _unlink_quietly(claim.path):
+                    log.debug("claim %s removed", claim.path)
                 claim.path = ""
 
     def _target_problem(self, path: str, restored: bool = False) -> Optional[str]:
@@ -4091,6 +4125,7 @@ class _StatusDisplay:
         self.quiet = quiet
         self.live = term.stderr_tty and not quiet
         self.current: Optional[str] = None
+        self.reply: Optional[_Tail] = None    # the reply, as it is printed at a terminal
 
     def say(self, text: str) -> None:
         """Show the next status line."""
@@ -4110,6 +4145,15 @@ class _StatusDisplay:
             row = _live_row(self.current, f" {waited:.1f} s", self.term.stderr)
             if row is not None:
                 self._write(f"\r{row}\x1b[K")
+
+    def interject(self, line: str) -> None:
+        """Print line on a line of its own above the live line, which is drawn again below."""
+        if self.reply is not None:
+            self.reply.end_line()         # a reply at this terminal, not ending its line
+        if self.current is None:
+            self.term.err(line)
+            return
+        self._write(f"\r\x1b[K{line}\n{_live_row(self.current, '', self.term.stderr) or ''}")
 
     def done(self) -> None:
         """End the current line, whole and without its timer (wrapping as it must)."""
@@ -4384,6 +4428,7 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
         "no-server": f"No filechat server is running on {args.buffer}; waiting for a server "
                      "to answer..."})
     shown = _StatusDisplay(term, args.quiet)
+    log.live = shown if shown.live or term.stdout_tty else None
     times = {"start": time.monotonic()}
     fate = ["nothing was sent"]           # what Ctrl+C did to the message
     for name in ("SIGTERM", "SIGHUP"):    # as Ctrl+C: `timeout`, a CI job's end, a closed tab
@@ -4412,6 +4457,8 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
     # Printed as it is read, unless it is shown between banners or in JSON:
     # a long reply is then never held whole, nor a long --message-file.
     reply_to = None if banners or args.json else _Tail(term.stdout, term.stdout_tty)
+    if term.stdout_tty:
+        shown.reply = reply_to
     try:
         _look_for_server(args, term, interactive)
         message = _client_message(args, term, interactive)
@@ -4431,8 +4478,8 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
         if isinstance(exc, KeyboardInterrupt):
             term.lenient = True   # its terminal may be gone (SIGHUP): nothing more may fail
         shown.done()
-        said = f"{exc or 'interrupted'}; {fate[0]}" if isinstance(exc, KeyboardInterrupt) \
-            else str(exc)
+        said = f"{str(exc) or 'interrupted'}; {fate[0]}" \
+            if isinstance(exc, KeyboardInterrupt) else str(exc)
         if args.json:
             record.update(_waits(times), outcome=_outcome(exc), error=said,
                           exit_status=getattr(exc, "exit_code", EXIT_INTERRUPTED),
@@ -4449,8 +4496,8 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
         record.update(_waits(times), reply=reply)
         term.out(_json(record))
         return EXIT_OK
-    if reply_to is not None and term.stdout_tty and reply_to.last not in ("", "\n"):
-        term.out()    # the shell's prompt is not glued to the reply; a pipe gets it exact
+    if reply_to is not None and term.stdout_tty:
+        reply_to.end_line()   # the shell's prompt is not glued to the reply; a pipe gets it exact
     if banners:
         term.out()
         term.out(BANNER)
@@ -4478,6 +4525,12 @@ class _Tail:
         if text:
             self.last = text[-1]
         return self.stream.write(_visible(text) if self.visible else text)
+
+    def end_line(self) -> None:
+        """End the line the text written left open, if it did."""
+        if self.last not in ("", "\n"):
+            self.write("\n")
+            self.stream.flush()
 
 
 def _busy_suffix(info: Mapping[str, object]) -> str:
@@ -4594,6 +4647,7 @@ def run_server(args: argparse.Namespace, term: Terminal) -> int:
     responder = _cli_responder(args, term)
     term.lenient = True       # only the buffer itself being unusable stops a server
     view = _ServerView(args, term)
+    log.live = view if term.stdout_tty else None
     import signal
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
@@ -4632,6 +4686,7 @@ class _ServerView:
         self.operator = (args.auto_reply is None and args.auto_reply_file is None
                          and args.auto_reply_cmd is None and term.stdin_is_tty())
         self.state_shown = False
+        self.row = ""                 # the state line shown last
         self.received = time.monotonic()
         self.log: Optional[IO[str]] = None
         self.log_failing = False
@@ -4726,6 +4781,8 @@ class _ServerView:
         holder = inspect_holder(self.lock_path)
         if holder is None:
             lock = "lock free"
+        elif holder.strange:
+            lock = f"at the lock's path: {holder.strange}"
         elif holder.owner is None:
             lock = f"lock held by a client without a name for {holder.age:.0f} s"
         else:
@@ -4734,7 +4791,16 @@ class _ServerView:
         if row is None:
             return                # too narrow a window for it
         self.term.write(f"\r{row}\x1b[K")
-        self.state_shown = True
+        self.state_shown, self.row = True, row
+
+    def interject(self, line: str) -> None:
+        """Print line (a warning, a debug line) on a line of its own; the state line stays last."""
+        shown = self.state_shown
+        self.clear_state()
+        self.term.err(line)
+        if shown:
+            self.term.write(f"\r{self.row}\x1b[K")
+            self.state_shown = True
 
     def clear_state(self) -> None:
         """Erase the state line, so that the transcript goes on where it stood."""
@@ -4768,7 +4834,7 @@ def _status_lines(state: Mapping[str, object]) -> List[Tuple[str, str]]:
     if isinstance(server, dict):
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(server["started"] or 0))
         running = (f"running, process {server['pid']} on {server['host']}, since {since}, "
-                   f"{server['answered']} messages answered")
+                   f"{_count_of(server['answered'], 'message')} answered")
     else:
         running = "not running"
     lock = state["lock"]
@@ -4787,7 +4853,8 @@ def _status_lines(state: Mapping[str, object]) -> List[Tuple[str, str]]:
     if state["being_answered"]:
         message += f"; {state['being_answered']} being answered"
     lines = [("buffer", str(state["buffer"])), ("server", running), ("lock", held),
-             ("message", message), ("line", f"{state['waiting_clients']} clients waiting")]
+             ("message", message), ("line", _count_of(state["waiting_clients"], "client") +
+                                    " waiting")]
     files = state["filesystem"]
     assert isinstance(files, dict)
     if files["shared"]:
@@ -4796,6 +4863,11 @@ def _status_lines(state: Mapping[str, object]) -> List[Tuple[str, str]]:
         lines.append(("files", f"on {files['type']}, which other hosts may share: {how}; "
                                f"holders there beat every {HEARTBEAT_INTERVAL:g} s"))
     return lines
+
+
+def _count_of(number: object, thing: str) -> str:
+    """Say how many things: 1 client, 2 clients."""
+    return f"{number} {thing}{'' if number == 1 else 's'}"
 
 
 def _stop_on_signal(signum: int, frame: object) -> None:
@@ -4999,7 +5071,7 @@ def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) 
         term.error(f"{where}{exc.strerror or exc}; check the files beside the buffer")
         return EXIT_ERROR
     finally:
-        log.stream, log.verbose, log.color = None, False, False
+        log.stream, log.verbose, log.color, log.live = None, False, False, None
 
 
 def exit_now(status: int) -> None:

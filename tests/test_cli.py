@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import List
 
 import pytest
 from conftest import WAIT, kill, leftovers
@@ -349,11 +350,27 @@ def test_poll_mode_both_sides(server, run) -> None:  # type: ignore[no-untyped-d
     assert "filechat: debug: waiting with polling" in result.stderr.decode()
 
 
-def test_verbose_logs_lock_transitions(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server("--auto-reply", "ok")
-    err = run("client", "buf.txt", "-m", "hi", "--verbose").stderr.decode()
-    assert "filechat: debug: waiting with inotify" in err
-    assert "filechat: debug: lock server.lock acquired" in err
+def debug_steps(err: str) -> List[str]:
+    """The protocol steps a -v run logged, in order, without their paths' details."""
+    steps = []
+    for line in err.splitlines():
+        if line.startswith("filechat: debug: ") and "waiting with" not in line:
+            steps.append(re.sub(r"(taken\.|reply-)[0-9a-f-]+", r"\1*", line[17:]))
+    return steps
+
+
+def test_verbose_logs_each_protocol_step_once_in_order(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = server("--auto-reply", "ok", "-v")
+    client = run("client", "buf.txt", "r.txt", "-m", "hi", "--verbose")
+    reply = tmp_path / "r.txt"
+    assert debug_steps(client.stderr.decode()) == [
+        "lock server.lock acquired", "message put in place as buf.txt",
+        f"reply read from {reply}", f"reply {reply} removed"]
+    srv.expect("claim buf.txt.taken.")
+    assert debug_steps(srv.err) == [
+        "empty buffer buf.txt made", "message claimed as buf.txt.taken.*",
+        "empty buffer buf.txt made", f"reply published in {reply}",
+        "lock server.lock removed", "claim buf.txt.taken.* removed"]
     assert "debug" not in run("client", "buf.txt", "-m", "hi").stderr.decode()
 
 

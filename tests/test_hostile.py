@@ -247,7 +247,7 @@ def test_presence_file_says_who_serves(server, tmp_path: Path) -> None:  # type:
     srv = server("--auto-reply", "x")
     presence = json.loads((tmp_path / "buf.txt.server").read_text())
     assert presence["pid"] == srv.popen.pid
-    assert presence["answered"] == 0
+    assert presence["answered"] == "0000000000"          # rewritten in place: a fixed width
     assert filechat.running_server(str(tmp_path / "buf.txt.server")) is not None
     assert srv.interrupt() == 0
     assert filechat.running_server(str(tmp_path / "buf.txt.server")) is None

@@ -182,7 +182,7 @@ def test_without_line_editing_an_arrow_key_asks_again(tmp_path: Path) -> None:
     assert err.getvalue().count("Enter your message") == 2
     assert "message contains the ESC character" in err.getvalue()
     assert "please type the message again\n" in err.getvalue()
-    assert out.getvalue().splitlines()[-2] == "ok"
+    assert out.getvalue() == "ok"                  # stdout not a terminal: the reply alone
     server.join(WAIT)
 
 
@@ -299,3 +299,17 @@ def test_control_characters_show_at_a_terminal_and_pass_exactly_through_a_pipe( 
     assert shown in operator.lines()
     assert shown in client.lines()
     assert run("client", "buf.txt", "-m", HIDDEN).stdout == HIDDEN.encode()
+
+
+def test_debug_lines_stand_on_lines_of_their_own_at_a_terminal(terminal) -> None:  # type: ignore[no-untyped-def]
+    client = terminal("client", "buf.txt", "-m", "hi", "-v", columns=120)
+    client.child.expect(r"waiting for a server to answer\.\.\. \d+\.\d s")
+    server = terminal("server", "buf.txt", "--auto-reply", "ok", "-v", columns=120)
+    assert client.exit_status() == 0
+    server.expect("[waiting · 1 answered")
+    for screen in (client, server):
+        assert all(line.startswith("filechat: debug: ") for line in screen.lines()
+                   if "debug:" in line), screen.lines()
+    assert client.lines()[-3].startswith("filechat: debug: reply read from")
+    assert client.lines()[-2] == "ok"                     # the reply, on its own line
+    assert client.lines()[-1].startswith("filechat: debug: reply ")

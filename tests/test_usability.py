@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import venv
 from pathlib import Path
 from typing import Dict
@@ -206,7 +205,7 @@ def test_server_log_is_json_lines(server, run, tmp_path: Path) -> None:  # type:
 
 
 def test_server_log_in_a_missing_directory(run) -> None:  # type: ignore[no-untyped-def]
-    result = run("server", "buf.txt", "--log", "nodir/chat.jsonl")
+    result = run("server", "buf.txt", "--auto-reply", "x", "--log", "nodir/chat.jsonl")
     assert result.returncode == 2
     assert b"cannot open --log nodir/chat.jsonl: No such file or directory" in result.stderr
 
@@ -241,21 +240,18 @@ def test_status_without_a_server(run) -> None:  # type: ignore[no-untyped-def]
 def test_status_with_an_idle_server(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     srv = server("--auto-reply", "ok")
     assert run("client", "buf.txt", "-m", "hi").stdout == b"ok"
-    srv.expect("Ready for next client.")
+    # Counted as the reply goes out: right at once, and only what was answered.
     code, text, data = status(run)
     assert code == 0
     assert f"running, process {srv.popen.pid} on " in text
     assert data["server"]["pid"] == srv.popen.pid
-    # The count is written at most once a second: wait for the presence file to say 1.
-    presence = tmp_path / "buf.txt.server"
-    deadline = time.monotonic() + WAIT
-    with filechat.Waiter([str(presence)]) as waiter:
-        while (filechat.read_owner(presence.read_bytes()).answered != 1  # type: ignore[union-attr]
-               and waiter.wait(deadline - time.monotonic()) != filechat.DEADLINE):
-            pass
-    code, text, data = status(run)
-    assert data["server"]["answered"] == 1 and "1 messages answered" in text
+    assert data["server"]["answered"] == 1 and "1 message answered" in text
     assert data["lock"] == FREE
+    outside = run("client", "buf.txt", "/tmp/not-beside-the-buffer.txt", "-m", "hi")
+    assert outside.returncode == filechat.EXIT_USAGE             # refused by the server
+    assert run("client", "buf.txt", "-m", "again").stdout == b"ok"
+    code, text, data = status(run)
+    assert data["server"]["answered"] == 2 and "2 messages answered" in text
 
 
 def test_status_with_the_lock_held_and_clients_waiting(holder, start, run) -> None:  # type: ignore[no-untyped-def]
@@ -265,7 +261,7 @@ def test_status_with_the_lock_held_and_clients_waiting(holder, start, run) -> No
     assert code == 5
     assert f"held by process {holder.pid} on " in text and ", alive" in text
     assert data["lock"]["pid"] == holder.pid and data["lock"]["state"] == "alive"
-    assert data["waiting_clients"] == 1 and "1 clients waiting" in text
+    assert data["waiting_clients"] == 1 and "1 client waiting" in text
 
 
 def test_status_with_a_stale_lock(holder, run) -> None:  # type: ignore[no-untyped-def]
