@@ -144,15 +144,38 @@ EXIT_LOCK_TIMEOUT = 4
 EXIT_NO_SERVER = 5
 EXIT_INTERRUPTED = 130
 
-EXIT_STATUS_TABLE = """\
+# Each command's exit statuses, as its --help says them ("": every command's).
+EXIT_STATUSES = {
+    "": """\
 exit status:
-  0    success (a server stopped by Ctrl+C or --max-messages)
+  0    success (a server stopped by Ctrl+C, SIGTERM, SIGHUP or --max-messages)
   1    error (the server reported a failure, a file could not be used)
   2    usage error or bad input (e.g. a message containing ESC)
   3    no reply within --timeout
   4    lock not acquired within --lock-timeout
   5    no server is running on the buffer (status; a client's --server-timeout)
-  130  client interrupted by Ctrl+C"""
+  130  client interrupted by Ctrl+C (129: SIGHUP, 143: SIGTERM)""",
+    "server": """\
+exit status:
+  0    stopped by Ctrl+C, SIGTERM, SIGHUP or --max-messages
+  1    another server already serves the buffer, or a file could not be used
+  2    usage error (a missing directory, a symlink, nothing to answer with)""",
+    "client": """\
+exit status:
+  0    the reply was printed
+  1    the server sent an error reply, or a file could not be used
+  2    usage error or bad input (e.g. a message containing ESC); the server
+       will not write the reply where asked
+  3    no reply within --timeout
+  4    lock not acquired within --lock-timeout
+  5    no server showed up within --server-timeout
+  130  interrupted by Ctrl+C (129: SIGHUP, 143: SIGTERM)""",
+    "status": """\
+exit status:
+  0    a server is running on the buffer
+  2    usage error (e.g. a missing directory)
+  5    no server is running on the buffer""",
+}
 
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # absent on Windows
 O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)   # a FIFO planted at a protocol path must not hang
@@ -4061,19 +4084,47 @@ def _typed_ahead(stream: IO[str]) -> bool:
 
 
 def _read_edited(what: str) -> str:
-    """Read typed lines with readline up to Ctrl+D; return them as one text."""
+    """Read typed lines with readline up to Ctrl+D; return them as one text.
+
+    After Ctrl+Z and fg the line being typed is drawn again where the cursor
+    is now: readline would go on as if the shell had printed nothing.
+    """
     lines: List[str] = []
-    while True:
-        del _CTRL_D[:]
-        try:
-            line = input()
-        except EOFError:
-            return "".join(lines)
-        except UnicodeDecodeError:
-            raise FramingError(what, "is not valid UTF-8 text") from None
-        if _CTRL_D:
-            return "".join(lines) + line
-        lines.append(line + "\n")
+    resumed = getattr(_signal, "SIGCONT", None)
+    saved = None if resumed is None else _signal.signal(resumed, _redraw_typed)
+    try:
+        while True:
+            del _CTRL_D[:]
+            try:
+                line = input()
+            except EOFError:
+                return "".join(lines)
+            except UnicodeDecodeError:
+                raise FramingError(what, "is not valid UTF-8 text") from None
+            if _CTRL_D:
+                return "".join(lines) + line
+            lines.append(line + "\n")
+    finally:
+        if resumed is not None:
+            _signal.signal(resumed, saved)
+
+
+def _redraw_typed(signum: int, frame: object) -> None:
+    """Take the terminal back and draw the line being typed again (see _read_edited).
+
+    The shell gave the terminal back in its own line mode, which would echo
+    keys as well as readline does; readline sets it up anew, then draws.
+    """
+    editor = _line_editor()
+    try:
+        import ctypes
+        library = ctypes.CDLL(editor.__file__)    # readline's own, through its module
+        library.rl_deprep_terminal()
+        library.rl_prep_terminal(1)
+        library.rl_on_new_line()
+        library.rl_forced_update_display()
+    except (OSError, AttributeError):
+        pass                  # a readline without them: the line is still there, unseen
 
 
 def _nowhere() -> IO[str]:
@@ -4240,31 +4291,40 @@ def _display_path(path: str) -> str:
     return path if relative.startswith(os.pardir) else relative
 
 
-EXAMPLES = """\
-examples:
+# Each command's examples, and (under "") all of them, for --help.
+EXAMPLES = {
+    "server": """\
   filechat server buf.txt                        answer at this terminal
-  filechat client buf.txt resp.txt               type a message, end it with Ctrl+D
   filechat server buf.txt --auto-reply 'got it'  answer every message unattended
-  filechat server buf.txt --auto-reply-cmd 'tr a-z A-Z' --log chat.jsonl
+  filechat server buf.txt --auto-reply-cmd 'tr a-z A-Z' --log chat.jsonl""",
+    "client": """\
+  filechat client buf.txt resp.txt               type a message, end it with Ctrl+D
   reply=$(filechat client buf.txt --message 'hello')
-  filechat client buf.txt --message-file report.txt --json
-  filechat status buf.txt                        is a server up? who holds the lock?
-  (run as python3 filechat.pyz ..., python3 -m filechat ..., or filechat ... once installed)
-"""
+  filechat client buf.txt --message-file report.txt --json""",
+    "status": """\
+  filechat status buf.txt                        is a server up? who holds the lock?""",
+}
+RUN_AS = ("  (run as python3 filechat.pyz ..., python3 -m filechat ..., or filechat ... "
+          "once installed)")
+
+
+def _epilog(command: str) -> str:
+    """Return the examples and exit statuses a command's --help ends with ("": all)."""
+    examples = EXAMPLES[command] if command else "\n".join(EXAMPLES.values())
+    return f"examples:\n{examples}\n{RUN_AS}\n\n{EXIT_STATUSES[command]}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser."""
-    epilog = EXAMPLES + "\n" + EXIT_STATUS_TABLE
     formatter = _HelpFormatter
     parser = argparse.ArgumentParser(
-        prog="filechat", formatter_class=formatter, epilog=epilog,
+        prog="filechat", formatter_class=formatter, epilog=_epilog(""),
         description="Client/server text messaging through plain files and a lockfile.")
     parser.add_argument("--version", action="version", version=f"filechat {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     server = commands.add_parser("server", help="answer messages arriving in a buffer file",
-                                 formatter_class=formatter, epilog=epilog,
+                                 formatter_class=formatter, epilog=_epilog("server"),
                                  description="Run continuously, show each message and reply.")
     server.add_argument("buffer", metavar="BUFFER", help="the buffer file clients write to")
     replies = server.add_mutually_exclusive_group()
@@ -4287,7 +4347,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(server)
 
     client = commands.add_parser("client", help="send one message and print the reply",
-                                 formatter_class=formatter, epilog=epilog,
+                                 formatter_class=formatter, epilog=_epilog("client"),
                                  description="Send one message to the server and print its reply.")
     client.add_argument("buffer", metavar="BUFFER", help="the server's buffer file")
     client.add_argument("response", metavar="RESPONSE", nargs="?",
@@ -4316,7 +4376,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(client)
 
     state = commands.add_parser("status", help="show the server, the lock and who waits",
-                                formatter_class=formatter, epilog=epilog,
+                                formatter_class=formatter, epilog=_epilog("status"),
                                 description="Show whether a server runs on BUFFER, who holds "
                                             "the lock, and what waits.")
     state.add_argument("buffer", metavar="BUFFER", help="the buffer file")
@@ -4325,6 +4385,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"the lockfile (default: {LOCKFILE_NAME} beside BUFFER)")
     state.add_argument("--stale-after", metavar="SECONDS", type=_seconds, default=STALE_AFTER,
                        help=f"as for client and server (default {STALE_AFTER:g})")
+    parser.set_defaults(parsers={"server": server, "client": client, "status": state})
     return parser
 
 
@@ -4614,11 +4675,18 @@ def _client_message(args: argparse.Namespace, term: Terminal,
     if stdin is not None and not term.stdin_is_tty():
         return stdin          # type: ignore[no-any-return]
     if not interactive:
-        return term.read_text("message on stdin")[0]
+        piped = term.read_text("message on stdin")[0]
+        if not piped:
+            raise UsageError("nothing to send: standard input is empty; to send an empty "
+                             "message, say so with --message ''")
+        return piped
     while True:
         term.err("Enter your message (press Ctrl+D or Ctrl+Z when done):")
         text = _read_typed(term, "message", term.err)
-        if text is not None:
+        if text == "":
+            term.error("nothing was typed, and an empty message is sent only with "
+                       "--message ''; type the message, or press Ctrl+C to send nothing")
+        elif text is not None:
             return text
 
 
@@ -5033,11 +5101,16 @@ def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) 
     term = term or Terminal()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    command = args.parsers[args.command]     # its own usage in its errors
     if (args.command == "client" and args.response is None and len(extra) == 1
             and not extra[0].startswith("-")):
         args.response = extra[0]          # RESPONSE after the options: client BUF -m hi RESP
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    for name, said in (("buffer", "BUFFER"), ("response", "RESPONSE"),
+                       ("lock_file", "--lock-file")):
+        if getattr(args, name, None) == "":
+            command.error(f"{said} is empty; name a file")
     log.stream, log.verbose = term.stderr, getattr(args, "verbose", False)
     log.color = term.color
     try:

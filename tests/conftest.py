@@ -251,12 +251,16 @@ class Screen:
     """
 
     def __init__(self, pyz: Path, cwd: Path, *args: str, rows: int = 24, columns: int = 80,
-                 env: Optional[Dict[str, str]] = None, readline: bool = True) -> None:
+                 env: Optional[Dict[str, str]] = None, readline: bool = True,
+                 shell: bool = False) -> None:
         self.raw: List[str] = []
         self.screen = _Emulator(columns, rows, history=100000)
         self.stream = pyte.Stream(self.screen)
         argv = [str(pyz), *args] if readline else ["-c", WITHOUT_READLINE, str(pyz), *args]
-        self.child = pexpect.spawn(sys.executable, argv, cwd=str(cwd),
+        program = sys.executable
+        if shell:             # an interactive shell, with job control, to run filechat in
+            program, argv = "bash", ["--norc", "--noprofile", "-i"]
+        self.child = pexpect.spawn(program, argv, cwd=str(cwd),
                                    encoding="utf-8", timeout=WAIT, dimensions=(rows, columns),
                                    env=dict(os.environ, **(env or {})))
         # Keys go out the moment they are sent, as an expect script or a paste sends them.
@@ -331,9 +335,10 @@ def terminal(pyz: Path, tmp_path: Path) -> Iterator[Callable[..., Screen]]:
     spawned: List[Screen] = []
 
     def _spawn(*args: str, rows: int = 24, columns: int = 80, cwd: Optional[Path] = None,
-               env: Optional[Dict[str, str]] = None, readline: bool = True) -> Screen:
+               env: Optional[Dict[str, str]] = None, readline: bool = True,
+               shell: bool = False) -> Screen:
         term = Screen(pyz, cwd or tmp_path, *args, rows=rows, columns=columns, env=env,
-                      readline=readline)
+                      readline=readline, shell=shell)
         spawned.append(term)
         return term
     yield _spawn

@@ -217,9 +217,14 @@ def test_usage_errors_exit_2(args, run) -> None:  # type: ignore[no-untyped-def]
 
 def test_version_and_help(run) -> None:  # type: ignore[no-untyped-def]
     assert run("--version").stdout.decode() == f"filechat {filechat.__version__}\n"
-    for args in (["--help"], ["server", "--help"], ["client", "--help"]):
+    for args, last in ((["--help"], "130  client interrupted by Ctrl+C (129: SIGHUP, 143: "
+                                     "SIGTERM)"),
+                       (["server", "--help"], "2    usage error (a missing directory, a symlink, "
+                                              "nothing to answer with)"),
+                       (["client", "--help"], "130  interrupted by Ctrl+C (129: SIGHUP, 143: "
+                                              "SIGTERM)")):
         out = run(*args).stdout.decode()
-        assert out.rstrip().endswith("130  client interrupted by Ctrl+C"), args
+        assert out.rstrip().endswith(last), args
         assert "examples:" in out and "exit status:" in out
 
 
@@ -620,3 +625,32 @@ def test_a_responder_that_raises_gets_its_client_an_error_reply_and_serving_goes
     assert not server.is_alive()
     assert "the responder raised ValueError: cannot answer 'bad'; sent an error reply, " \
            "serving on" in caplog.text
+
+
+@pytest.mark.parametrize("args", [["client", "", "-m", "hi"], ["client", "buf.txt", "", "-m", "hi"],
+                                  ["client", "buf.txt", "-m", "hi", "--lock-file", ""],
+                                  ["server", "", "--auto-reply", "x"], ["status", ""]])
+def test_an_empty_path_is_a_usage_error_before_anything_is_taken(  # type: ignore[no-untyped-def]
+        args: List[str], run, tmp_path: Path) -> None:
+    result = run(*args)
+    assert result.returncode == filechat.EXIT_USAGE
+    assert b"is empty; name a file" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_subcommand_s_usage_errors_show_its_own_usage(run) -> None:  # type: ignore[no-untyped-def]
+    result = run("client", "buf.txt", "--bogus")
+    assert result.returncode == filechat.EXIT_USAGE
+    assert result.stderr.decode().startswith("usage: filechat client ")
+    assert "filechat client: error: unrecognized arguments: --bogus" in result.stderr.decode()
+
+
+def test_each_command_s_help_says_its_own_exit_statuses(run) -> None:  # type: ignore[no-untyped-def]
+    helps = {command: run(command, "--help").stdout.decode()
+             for command in ("server", "client", "status")}
+    assert "0    a server is running on the buffer" in helps["status"]
+    assert "Ctrl+C" not in helps["status"] and "--timeout" not in helps["status"].split(
+        "exit status:")[1]
+    assert "3    no reply within --timeout" in helps["client"]
+    assert "0    stopped by Ctrl+C, SIGTERM, SIGHUP or --max-messages" in helps["server"]
+    assert "filechat status buf.txt" not in helps["client"]

@@ -25,13 +25,18 @@ def test_a_reply_without_a_final_newline_ends_its_line_at_a_terminal(terminal, s
     assert run("client", "buf.txt", "-m", "hi").stdout == b"no newline"   # a pipe gets it exact
 
 
-def test_live_lines_fit_a_narrow_window(terminal, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_live_lines_fit_a_narrow_window(terminal, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / LONG).mkdir()
     buffer = f"{LONG}/buf.txt"
     client = terminal("client", buffer, "-m", "hi", columns=40)
     for _ in range(10):                                     # ten redraws, a second of waiting
         client.child.expect(r" \d+\.\d s\x1b\[K")
-    server("--auto-reply", "answered", buffer=buffer)
+    # The reply is typed once the client has said so: however loaded the
+    # machine, it shows the server start before the reply.
+    operator = terminal("server", buffer)
+    client.child.expect(r"A server sta.*… \d+\.\d s\x1b\[K")
+    operator.expect("when done):\r\n" + "=" * 60 + "\r\n")
+    operator.type("answered\x04")
     assert client.exit_status() == 0
     lines = client.lines()
     said = f"No filechat server is running on {buffer}; waiting for a server to answer..."
@@ -313,3 +318,38 @@ def test_debug_lines_stand_on_lines_of_their_own_at_a_terminal(terminal) -> None
     assert client.lines()[-3].startswith("filechat: debug: reply read from")
     assert client.lines()[-2] == "ok"                     # the reply, on its own line
     assert client.lines()[-1].startswith("filechat: debug: reply ")
+
+
+def test_ctrl_d_at_an_empty_prompt_asks_again(terminal, server) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply-cmd", "cat")
+    client = terminal("client", "buf.txt")
+    client.child.send("\x04")                     # nothing typed, at once
+    client.expect("nothing was typed, and an empty message is sent only with --message ''")
+    client.expect("Enter your message (press Ctrl+D or Ctrl+Z when done):")
+    client.type_lines("now something")
+    client.end_text()
+    assert client.exit_status() == 0
+    assert client.lines()[-2] == "now something"
+
+
+def test_after_ctrl_z_and_fg_the_reply_being_typed_is_shown_again(  # type: ignore[no-untyped-def]
+        terminal, start, pyz: Path) -> None:
+    shell = terminal(shell=True, env={"PS1": "$ "})
+    shell.child.send(f"{sys.executable} {pyz} server buf.txt\n")
+    shell.expect("Waiting for clients...")
+    client = start("client", "buf.txt", "-m", "the question")
+    shell.expect("when done):\r\n" + "=" * 60 + "\r\n")
+    shell.type("half a line")
+    shell.expect("half a line")                   # read by the prompt, as a person sees it
+    shell.child.send("\x1a")                      # Ctrl+Z: the server is stopped
+    shell.expect("Stopped")
+    shell.child.send("fg\n")
+    shell.expect("half a line")                   # drawn again, below what the shell said
+    shell.type(" more\n")
+    shell.type("next\x04")
+    assert client.wait() == 0
+    assert client.out == "half a line more\nnext"
+    shell.expect("Lockfile removed. Ready for next client.")
+    lines = shell.lines()
+    typed = lines[lines.index("$ fg") + 2:]          # after the shell's line for the job
+    assert typed[:2] == ["half a line more", "next"], lines
