@@ -102,7 +102,7 @@ def finished(proc: Proc, timeout: float = WAIT) -> Tuple[int, str]:
 
 
 def test_both_sides_know_the_directory_is_shared(share: Share) -> None:
-    srv = share.server("alpha", share.a, "--max-messages", "1")
+    srv = share.server("alpha", share.a, "--auto-reply", "", "--max-messages", "1")
     assert "which other hosts may share: polling every 0.02 s" in srv.err
     result = subprocess.run([sys.executable, str(share.pyz), "status", "buf.txt", "--json"],
                             cwd=share.b, capture_output=True, timeout=WAIT)
@@ -141,7 +141,7 @@ def test_one_host_name_on_two_mounts(uncached: Share) -> None:
     status = subprocess.run([sys.executable, str(share.pyz), "status", "buf.txt"],
                             cwd=share.b, capture_output=True, timeout=WAIT)
     assert status.returncode == 0 and b"5 messages answered" in status.stdout
-    second = share.start(None, share.b, "server", "buf.txt")
+    second = share.start(None, share.b, "server", "buf.txt", "--auto-reply", "second")
     assert second.wait() == 1 and "already serves this buffer" in second.err
     assert srv.interrupt() == 0
     assert share.leftovers() == []
