@@ -15,14 +15,23 @@ and `stop()` ends every daemon and mount, also after a failed `start()`.
 both mounts see it. A process run through `as_host(name, argv)` gets a UTS
 namespace of its own, so its host name differs and filechat must treat the
 other side as another host.
+
+`python3 scripts/mounts.py --check SETUP...` brings setups up, checks what the
+tests rely on (a file written on a is read on b, O_CREAT|O_EXCL is exclusive
+across the mounts, whether flock is) and tears them down.
 """
 
+import argparse
+import fcntl
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ElementTree
@@ -538,3 +547,131 @@ class Mounts:
             end(self.sshd)
             self.sshd = None
 
+
+# --- The check: python3 scripts/mounts.py --check SETUP... ---
+
+def write_read(a: Path, b: Path) -> str:
+    """Write a file through a and read it through b; say what b read, and after how long."""
+    text = f"written through a: {uuid.uuid4().hex}\n"
+    started = time.monotonic()
+    (a / "file.txt").write_text(text)
+    written = time.monotonic()
+    while True:
+        try:
+            seen = (b / "file.txt").read_text()
+        except FileNotFoundError:
+            seen = None
+        if seen == text:
+            return (f"ok: the write took {1000 * (written - started):.1f} ms, b read it "
+                    f"{1000 * (time.monotonic() - written):.1f} ms after")
+        if time.monotonic() - written > 5:
+            return f"FAILED: b read {seen!r} for 5 s, not {text!r}"
+        time.sleep(POLL)
+
+
+def racer(directory: str, rounds: int, barrier: "multiprocessing.synchronize.Barrier",
+          results: "multiprocessing.Queue[Tuple[List[int], List[str]]]") -> None:
+    """Create race-N in directory with O_CREAT|O_EXCL for each round, all at the barrier."""
+    won, errors = [], []
+    for n in range(rounds):
+        barrier.wait(30)
+        try:
+            os.close(os.open(os.path.join(directory, f"race-{n}"),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            won.append(n)
+        except FileExistsError:
+            pass
+        except OSError as error:
+            errors.append(f"round {n}: {error}")
+    results.put((won, errors))
+
+
+def race_exclusive(a: Path, b: Path, rounds: int) -> Tuple[List[int], int, List[str]]:
+    """Race a process on a against one on b to create each of rounds names exclusively;
+    return how many rounds each won, how many both won, and the errors."""
+    fork = multiprocessing.get_context("fork")
+    barrier, results = fork.Barrier(2), fork.Queue()
+    procs = [fork.Process(target=racer, args=(str(side), rounds, barrier, results))
+             for side in (a, b)]
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join()
+    wins = [set(won) for won, _ in outcomes]
+    return ([len(won) for won in wins], len(wins[0] & wins[1]),
+            [error for _, errors in outcomes for error in errors])
+
+
+def flock_excludes(a: Path, b: Path) -> str:
+    """Whether an exclusive flock through a keeps one through b from being taken."""
+    # A flock belongs to an open file description: two opens in one process are as two
+    # processes.
+    mine = os.open(a / "flock.txt", os.O_RDWR | os.O_CREAT, 0o644)
+    theirs = -1
+    try:
+        fcntl.flock(mine, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        theirs = os.open(b / "flock.txt", os.O_RDWR)
+        fcntl.flock(theirs, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return "no (b took it while a held it)"
+    except BlockingIOError:
+        return "yes"
+    except OSError as error:
+        return f"error: {error}"
+    finally:
+        for fd in (mine, theirs):
+            if fd >= 0:
+                os.close(fd)
+
+
+def check(made: Mounts, setup: str, rounds: int) -> bool:
+    """Print what setup's mounts do of what the tests rely on; return whether it is enough."""
+    started = time.monotonic()
+    a, b = made.fresh_dir(setup)
+    print(f"{setup}: fresh_dir: {a.name}, seen through b after "
+          f"{1000 * (time.monotonic() - started):.1f} ms")
+    written = write_read(a, b)
+    print(f"{setup}: a file written through a, read through b: {written}")
+    started = time.monotonic()
+    (won_a, won_b), both, errors = race_exclusive(a, b, rounds)
+    neither = rounds - (won_a + won_b - both)
+    print(f"{setup}: O_CREAT|O_EXCL across the mounts, {rounds} rounds: {both} double winners, "
+          f"{neither} rounds without a winner; a won {won_a}, b {won_b} "
+          f"({time.monotonic() - started:.1f} s)")
+    if errors:      # sshfs says EPERM, not EEXIST, to the loser
+        print(f"{setup}:   {len(errors)} losses with another error than EEXIST, the first: "
+              f"{errors[0]}")
+    print(f"{setup}: flock through a excludes flock through b: {flock_excludes(a, b)}")
+    return written.startswith("ok") and both == 0 and neither == 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+
+    parser = argparse.ArgumentParser(prog="mounts.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", nargs="+", required=True, choices=list(SETUPS),
+                        metavar="SETUP", help=f"the setups to check: {', '.join(SETUPS)}")
+    parser.add_argument("--rounds", type=int, default=200,
+                        help="rounds of the O_CREAT|O_EXCL race (default: 200)")
+    args = parser.parse_args(argv)
+    why = why_not(args.check)
+    if why is not None:
+        print(f"mounts.py: cannot mount: {why}", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="filechat-mounts-") as root:
+        made = Mounts(Path(root), args.check)
+        started = time.monotonic()
+        made.start()
+        print(f"up in {time.monotonic() - started:.2f} s: " + ", ".join(
+            f"{what} {seconds:.2f} s" for what, seconds in made.timings.items()))
+        try:
+            ok = all([check(made, setup, args.rounds) for setup in args.check])
+        finally:
+            started = time.monotonic()
+            made.stop()
+            print(f"stopped in {time.monotonic() - started:.2f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
