@@ -100,7 +100,8 @@ def why_not(setups: Sequence[str] = LOCAL_SETUPS) -> Optional[str]:
         needs, debian = TOOLS[tool]
         lacking = [need for need in needs if shutil.which(need) is None]
         if lacking:
-            missing.append(f"{', '.join(lacking)} (for {tool})")
+            users = [name for name in setups if SETUPS[name].tool == tool]
+            missing.append(f"{', '.join(lacking)} (for {', '.join(users)})")
             packages.append(debian)
     missing += [need for need in COMMON_TOOLS if shutil.which(need) is None]
     if missing:
