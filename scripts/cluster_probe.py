@@ -58,7 +58,7 @@ def exchanges(a: Path, b: Path, work: Path, count: int) -> Dict[str, Any]:
         server = subprocess.Popen([sys.executable, str(PYZ), "server", str(a / "buf.txt"),
                                    "--auto-reply", "ok", "--log", str(a / "log.jsonl")],
                                   stdout=stdout, stderr=stderr)
-    runs = []
+    runs: List[Dict[str, Any]] = []
     try:
         mounts.wait_for("the filechat server did not start",
                         lambda: "Waiting for clients" in out.read_text(), [out, err], [server],

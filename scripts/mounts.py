@@ -135,7 +135,7 @@ def wait_for(what: str, ready: Callable[[], bool], logs: Sequence[Path] = (),
     while not ready():
         dead = [proc for proc in procs if proc.poll() is not None]
         if dead or time.monotonic() > deadline:
-            why = (f"exit status {dead[0].returncode} of {' '.join(dead[0].args)}" if dead
+            why = (f"exit status {dead[0].returncode} of {dead[0].args!r}" if dead
                    else f"not within {timeout:g} s")
             raise RuntimeError(f"{what}: {why}" + "".join(f"\n--- {log}:\n{tail(log)}"
                                                           for log in logs))
