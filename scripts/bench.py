@@ -5,6 +5,7 @@
     python3 scripts/bench.py --quick    # tiny counts: a smoke check, numbers not meaningful
     python3 scripts/bench.py --json     # the same measurements as JSON
     python3 scripts/bench.py --shared   # across hosts on bindfs and sshfs mounts (root)
+    python3 scripts/bench.py --shared --setups glusterfs,cephfs   # or any of mounts.SETUPS
 
 Everything runs on this machine in one go, so the ratios compare like with
 like; the absolute numbers depend on the machine and its load.
@@ -494,13 +495,13 @@ def shared_exchanges(buffer_a: str, buffer_b: str, hosts: Tuple[Optional[str], O
             "median": statistics.median(times), "max": max(times)}
 
 
-def shared_dead_lock(share: str, a: str, b: str) -> Dict[str, Any]:
+def shared_dead_lock(a: str, b: str) -> Dict[str, Any]:
     """A client on host beta dies holding the lock; one on alpha then sends."""
     env = dict(os.environ, FILECHAT_CRASH_AT="client-locked")
     subprocess.run(mounts.as_host("beta", [sys.executable, PYZ, "client",
                                            os.path.join(b, "buf.txt"), "-m", "never sent"]),
                    env=env, capture_output=True, timeout=60)
-    if not os.path.exists(os.path.join(share, "server.lock")):
+    if not os.path.exists(os.path.join(a, "server.lock")):
         raise RuntimeError("the dying client left no lock")
     server = subprocess.Popen(mounts.as_host("alpha", [sys.executable, "-c", ECHO_SERVER, PYZ,
                                                        os.path.join(a, "buf.txt"), "auto"]),
@@ -538,38 +539,35 @@ def shared_live_holder(a: str, b: str, stale_after: float) -> Dict[str, Any]:
             "ok": [out for out, _ in outputs] == ["slow", "behind"]}
 
 
-def run_shared(quick: bool) -> Dict[str, Any]:
+def run_shared(quick: bool, setups: Sequence[str] = mounts.LOCAL_SETUPS) -> Dict[str, Any]:
     """Measure exchanges across hosts on each mount setup, beside the local directory."""
-    why = mounts.why_not()
+    why = mounts.why_not(setups)
     if why is not None:
         raise SystemExit(f"bench.py --shared: cannot mount: {why}")
     count = 5 if quick else 100
     with tempfile.TemporaryDirectory(prefix="filechat-bench-shared-") as root:
-        made = mounts.Mounts(Path(root)).start()
+        made = mounts.Mounts(Path(root), setups).start()
         try:
             rows: List[Dict[str, Any]] = []
-
-            def fresh() -> Tuple[str, str]:
-                name = f"d{len(rows)}-{time.monotonic_ns()}"
-                os.mkdir(made.base / name)
-                return name, str(made.base / name)
-            name, local = fresh()
+            local = str(made.base / "local")
+            os.mkdir(local)
             rows.append({"setup": f"local ({filesystem_of(local)})", "mode": "one host",
                          **shared_exchanges(os.path.join(local, "buf.txt"),
                                             os.path.join(local, "buf.txt"), (None, None), count)})
-            for setup, (a, b) in made.points.items():
+            for setup in made.points:
                 for mode, hosts in (("one host, two mounts", (None, None)),
                                     ("two hosts", ("alpha", "beta"))):
-                    name, _ = fresh()
+                    a, b = made.fresh_dir(setup)
                     rows.append({"setup": setup, "mode": mode, **shared_exchanges(
-                        str(a / name / "buf.txt"), str(b / name / "buf.txt"), hosts, count)})
+                        str(a / "buf.txt"), str(b / "buf.txt"), hosts, count)})
             faults = []
             for setup in ("bindfs", "sshfs"):
-                a, b = made.points[setup]
-                name, share = fresh()
-                dead = shared_dead_lock(share, str(a / name), str(b / name))
-                name, _ = fresh()
-                live = shared_live_holder(str(a / name), str(b / name), 0.3 if quick else 1.0)
+                if setup not in made.points:
+                    continue
+                a, b = made.fresh_dir(setup)
+                dead = shared_dead_lock(str(a), str(b))
+                a, b = made.fresh_dir(setup)
+                live = shared_live_holder(str(a), str(b), 0.3 if quick else 1.0)
                 faults.append({"setup": setup, "dead": dead, "live": live})
         finally:
             made.stop()
@@ -751,12 +749,16 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--shared", action="store_true",
                         help="measure across hosts on bindfs and sshfs mounts of one "
                              "directory instead (needs root and /dev/fuse)")
+    parser.add_argument("--setups", metavar="SETUP,...",
+                        default=",".join(mounts.LOCAL_SETUPS),
+                        help="with --shared: the mount setups, of "
+                             f"{', '.join(mounts.SETUPS)} (default: %(default)s)")
     args = parser.parse_args(argv)
     if not sys.platform.startswith("linux") or shutil.which("cp") is None:
         parser.error("the benchmark needs Linux (inotify, /proc) and cp")
     build_zipapp.build(PYZ)
     if args.shared:
-        shared = run_shared(args.quick)
+        shared = run_shared(args.quick, args.setups.split(","))
         print(json.dumps(shared, indent=2) if args.json else shared_table(shared))
         return 0
     results = run(args.quick, args.dir)

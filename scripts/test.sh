@@ -14,14 +14,21 @@ fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 
 # The shared-directory tests mount one directory twice with bindfs and twice
-# with sshfs, through an sshd of their own (tests/test_shared.py): as root,
-# their tools come from Debian (tested: bindfs 1.14.7, sshfs 3.7.3, OpenSSH 9.2).
+# with sshfs, through an sshd of their own (tests/test_shared.py), and
+# scripts/mounts.py serves GlusterFS and CephFS volumes on this machine, each
+# mounted twice: as root, their tools come from Debian (tested: bindfs 1.14.7,
+# sshfs 3.7.3, OpenSSH 9.2, GlusterFS 10.3, Ceph 16.2.15).
 # Elsewhere those tests skip and say why.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     need=()
     command -v bindfs >/dev/null || need+=(bindfs)
     command -v sshfs >/dev/null || need+=(sshfs)
     [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+    [ -x /usr/sbin/glusterd ] || need+=(glusterfs-server)
+    [ -x /usr/sbin/glusterfs ] || need+=(glusterfs-client)
+    for ceph in ceph-mon ceph-osd ceph-mds ceph-fuse; do
+        command -v "$ceph" >/dev/null || need+=("$ceph")
+    done
     if [ ${#need[@]} -gt 0 ]; then
         export DEBIAN_FRONTEND=noninteractive
         apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null 2>&1 \
