@@ -303,7 +303,9 @@ def test_replies_nobody_read_are_swept_when_a_server_starts(server, run, tmp_pat
     mine.write_bytes(b"keep me")
     for path in (old, mine):
         os.utime(path, (time.time() - 3600,) * 2)
-    srv = server("--auto-reply", "ok")              # swept before it is ready
+    srv = server("--auto-reply", "ok")
+    srv.expect("removed the reply")                 # the two, in the order they are listed
+    srv.expect("removed the reply")
     assert f"removed the reply {old}: nobody read it for over 300 s" in srv.err
     assert f"removed the reply {ended}: its client, process" in srv.err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("filechat-reply")) \
@@ -490,9 +492,9 @@ def _replaced_as_claimed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         filechat.publish(paths.buffer, filechat.encode_request(f"{text}.txt", text),
                          replace=True)
     send(a, "A")
-    real, calls = filechat._Requester.of_lock, []
+    real, calls = filechat._Client.of_lock, []
 
-    def of_lock(lock_path: str) -> filechat._Requester:
+    def of_lock(lock_path: str) -> filechat._Client:
         calls.append(lock_path)
         if len(calls) == 1:               # read before the rename: A's lock...
             found = real(lock_path)
@@ -504,7 +506,7 @@ def _replaced_as_claimed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
             b.release()
             assert c.try_acquire()
         return real(lock_path)
-    monkeypatch.setattr(filechat._Requester, "of_lock", staticmethod(of_lock))
+    monkeypatch.setattr(filechat._Client, "of_lock", staticmethod(of_lock))
     server = filechat._Server(paths, lambda request: "", [str(tmp_path)], 1 << 20, False,
                               filechat._ignore)
     taken = server._claim()
@@ -520,7 +522,7 @@ def test_a_message_that_replaced_the_one_read_is_claimed_with_its_own_lock(
     paths, taken, b, _ = _replaced_as_claimed(tmp_path, monkeypatch, then_gives_up=False)
     assert taken.client.token == b.token and not taken.client.gone
     assert taken.path == paths.claim_prefix + taken.client.ref()
-    assert filechat._read_text(taken.fd, 0, taken.end, "strict", taken.head) == "B.txt\nB\n"
+    assert taken.framed.data(taken.framed.end) == b"B.txt\nB\n"
     taken.close()
     b.close()
 
@@ -530,7 +532,7 @@ def test_a_replacing_message_whose_sender_gave_up_is_never_tied_to_the_next_lock
     paths, taken, _, c = _replaced_as_claimed(tmp_path, monkeypatch, then_gives_up=True)
     assert taken.client.gone and taken.client.token == ""    # B's: gone; C's lock not its
     taken.client.release_lock(paths.lock)
-    assert filechat._token_at(paths.lock) == c.token
+    assert filechat.token_at(paths.lock) == c.token
     taken.close()
     c.release()
 

@@ -110,7 +110,7 @@ def test_a_newcomer_joins_a_waiting_line_rather_than_take_the_free_lock(
         filechat.send(str(tmp_path / "buf.txt"), "late", str(tmp_path / "late.txt"),
                       lock_timeout=0.2)
     assert tried == [] and not os.path.exists(lock)     # never taken, not even for a moment
-    assert filechat.WaitingLine(lock).tickets() == [os.path.basename(waiting.ticket)]
+    assert filechat.WaitingLine(lock).tickets() == [os.path.basename(waiting.ticket.path)]
     waiting.leave()
     assert os.listdir(tmp_path) == []
 
@@ -210,6 +210,6 @@ def test_a_line_removed_as_it_was_made_is_made_again(tmp_path: Path,
     monkeypatch.setattr(filechat.os, "chmod", leaver_first)
     line = filechat.WaitingLine(str(tmp_path / "server.lock"))
     line.join()
-    assert removed and in_line(tmp_path) == [os.path.basename(line.ticket)]
+    assert removed and in_line(tmp_path) == [os.path.basename(line.ticket.path)]
     line.leave()
     assert os.listdir(tmp_path) == []

@@ -9,12 +9,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from conftest import WAIT
 
 import filechat
-from filechat import Lock, Waiter, remove_if_same
+from filechat import Lock, Waiter, break_stale, judge, look, remove_if_same
+
+
+def stale(path: Path, stale_after: float = filechat.STALE_AFTER) -> Optional[str]:
+    """Why the lock at path is stale, as any waiter judges it (None: it is not)."""
+    verdict = judge(str(path))
+    assert verdict is not None
+    return filechat.stale_reason(verdict, stale_after)
 
 
 def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
@@ -43,19 +51,18 @@ def test_release_never_removes_a_lock_it_does_not_hold(tmp_path: Path) -> None:
 
 
 def test_live_holder_is_never_stale(tmp_path: Path, holder: subprocess.Popen) -> None:  # type: ignore[type-arg]
-    lock = Lock(str(tmp_path / "server.lock"), stale_after=0)
-    assert lock.stale_reason() is None
-    assert lock.break_stale() is None
+    assert stale(tmp_path / "server.lock", stale_after=0) is None
+    assert break_stale(str(tmp_path / "server.lock"), 0) is None
     assert (tmp_path / "server.lock").exists()
 
 
 def test_dead_holder_is_stale_at_once(tmp_path: Path, holder: subprocess.Popen) -> None:  # type: ignore[type-arg]
     holder.send_signal(signal.SIGKILL)
     holder.wait(WAIT)
-    lock = Lock(str(tmp_path / "server.lock"))
-    assert lock.stale_reason() == f"its holder, process {holder.pid}, has ended"
-    assert lock.break_stale() is not None
+    assert stale(tmp_path / "server.lock") == f"its holder, process {holder.pid}, has ended"
+    assert break_stale(str(tmp_path / "server.lock"), filechat.STALE_AFTER) is not None
     assert not (tmp_path / "server.lock").exists()
+    lock = Lock(str(tmp_path / "server.lock"))
     assert lock.try_acquire()
     lock.release()
 
@@ -63,10 +70,10 @@ def test_dead_holder_is_stale_at_once(tmp_path: Path, holder: subprocess.Popen) 
 def test_unidentified_lock_is_stale_only_by_age(tmp_path: Path) -> None:
     path = tmp_path / "server.lock"
     path.write_text("")             # what a spec-following client leaves
-    assert Lock(str(path), stale_after=300).stale_reason() is None
+    assert stale(path, 300) is None
     old = time.time() - 301
     os.utime(path, (old, old))
-    reason = Lock(str(path), stale_after=300).stale_reason()
+    reason = stale(path, 300)
     assert reason is not None and "unidentified holder" in reason
 
 
@@ -74,23 +81,27 @@ def test_other_hosts_lock_is_stale_only_by_age(tmp_path: Path) -> None:
     path = tmp_path / "server.lock"
     path.write_text(json.dumps({"pid": 1, "host": "elsewhere.invalid", "token": "t",
                                 "created": 0}))
-    assert Lock(str(path)).stale_reason() is None
+    assert stale(path) is None
     old = time.time() - 400
     os.utime(path, (old, old))
-    assert "host elsewhere.invalid" in (Lock(str(path)).stale_reason() or "")
+    assert "host elsewhere.invalid" in (stale(path) or "")
 
 
-def test_remove_if_same_checks_identity(tmp_path: Path) -> None:
+def test_remove_if_same_checks_what_the_file_holds(tmp_path: Path) -> None:
     path = tmp_path / "server.lock"
     path.write_text("first")
-    st = os.stat(path)
-    first = (st.st_dev, st.st_ino)
+    first = look(str(path))
     (tmp_path / "other").write_text("second")
-    os.replace(tmp_path / "other", path)    # both existed at once: another inode
-    assert not remove_if_same(str(path), first)
+    os.replace(tmp_path / "other", path)
+    assert first is not None and not remove_if_same(str(path), first)
     assert path.read_text() == "second"
-    st = os.stat(path)
-    assert remove_if_same(str(path), (st.st_dev, st.st_ino))
+    path.write_text("")                     # empty: told apart by its inode
+    empty = look(str(path))
+    (tmp_path / "other").write_text("")
+    os.replace(tmp_path / "other", path)
+    assert empty is not None and not remove_if_same(str(path), empty)
+    now = look(str(path))
+    assert now is not None and remove_if_same(str(path), now)
     assert not path.exists()
 
 
@@ -120,7 +131,7 @@ def test_waiter_is_woken_when_a_holder_dies(tmp_path: Path,
         assert waiter.wait(0.1) == filechat.DEADLINE
         holder.send_signal(signal.SIGKILL)                 # its files are closed by the kernel
         assert waiter.wait(WAIT) == filechat.EVENT
-        assert Lock(lock).stale_reason() is not None
+        assert stale(Path(lock)) is not None
         assert not waiter.watch_files([str(tmp_path / "absent")])
 
 
@@ -165,15 +176,15 @@ def test_the_safety_re_check_says_when_it_found_progress(
 
 def test_publish_is_whole_exclusive_or_replacing(tmp_path: Path) -> None:
     path = str(tmp_path / "f.txt")
-    assert filechat.publish(path, b"one") == -1
+    assert filechat.publish(path, b"one").fd == -1
     with pytest.raises(FileExistsError):
         filechat.publish(path, b"two")
     assert Path(path).read_bytes() == b"one"
     filechat.publish(path, [b"thr", b"ee"], replace=True)
     assert Path(path).read_bytes() == b"three"
-    fd = filechat.publish(str(tmp_path / "held"), b"x", hold=True)
-    assert fd >= 0 and os.fstat(fd).st_ino == os.stat(tmp_path / "held").st_ino
-    os.close(fd)
+    held = filechat.publish(str(tmp_path / "held"), b"x", hold=True)
+    assert held.fd >= 0 and os.fstat(held.fd).st_ino == os.stat(tmp_path / "held").st_ino
+    held.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt", "held"]    # no temp left
 
 
@@ -203,8 +214,8 @@ def test_a_holder_file_goes_while_its_flock_is_held(tmp_path: Path,
 
     def look_then_unlink(path: str) -> bool:
         if not os.path.basename(path).startswith("."):            # not a temp file
-            holder = filechat.inspect_holder(path, ours=True)
-            judged.append((os.path.basename(path), holder is not None and holder.gone))
+            verdict = judge(path, ours=True)
+            judged.append((os.path.basename(path), verdict is not None and verdict.ended))
         return unlink(path)
     monkeypatch.setattr(filechat, "_unlink_quietly", look_then_unlink)
     lock = Lock(str(tmp_path / "server.lock"))
@@ -215,7 +226,7 @@ def test_a_holder_file_goes_while_its_flock_is_held(tmp_path: Path,
     line.leave()
     presence = filechat.Presence(str(tmp_path / "buf.txt.server"))
     presence.start()
-    presence.withdraw()
+    presence.let_go()
     assert [name for name, _ in judged][::2] == ["server.lock", "buf.txt.server"]
     assert filechat._is_ticket(judged[1][0])
     assert [gone for _, gone in judged] == [None, None, None]   # each seen alive to the end
@@ -229,28 +240,29 @@ def test_a_client_that_gives_up_on_a_claimed_message_leaves_its_lock_to_the_serv
     # client took in between (seen: a message then sent without its lock).
     # The client only closes it, and the server removes it.
     paths = filechat.Paths(str(tmp_path / "buf.txt"))
-    presence = filechat.Presence(paths.presence)
-    presence.start()
-    response = str(tmp_path / "reply.txt")
-    exchange = filechat._Exchange(paths, response, "reply.txt", filechat.STALE_AFTER, False,
-                                  False, 0.5, filechat._ignore, None)
-    exchange.write(filechat.encode_request("reply.txt", "hello"))
-    exchange.acquire(None, 2.0)
-    exchange.put_in_place()
     server = filechat._Server(paths, lambda request: "", [str(tmp_path)], 1 << 20, False,
                               filechat._ignore)
+    server.presence.start()
+    response = str(tmp_path / "reply.txt")
+    exchange = filechat._Exchange(paths, response, "reply.txt", filechat.STALE_AFTER, False,
+                                  filechat._ignore, None)
+    with Waiter() as exchange.waiter:
+        exchange.write(filechat.encode_request("reply.txt", "hello"))
+        exchange.lock.newline = False
+        exchange.acquire(None, 2.0)
+        exchange.put_in_place()
     taken = server._claim()
     assert taken is not None
     token = exchange.lock.token
     assert exchange.give_up() is False                   # claimed: not withdrawn...
-    assert filechat._token_at(paths.lock) == token       # ...and its lock left in place,
+    assert filechat.token_at(paths.lock) == token        # ...and its lock left in place,
     assert not taken.client.waiting(paths.lock)          # its flock free: its client gone
     taken.client.release_lock(paths.lock)
     assert not os.path.exists(paths.lock)
     taken.close()
     os.unlink(taken.path)
     server.remove_empty_buffer()
-    presence.withdraw()
+    server.presence.let_go()
     assert os.listdir(tmp_path) == []
 
 
@@ -264,5 +276,5 @@ def test_a_live_process_s_temp_files_are_never_swept(tmp_path: Path) -> None:
     theirs = tmp_path / f".buf.txt.{filechat.HOST_TAG}.{dead.stdout.strip()}.0badf00d.tmp"
     theirs.write_bytes(b"a killed writer's")
     me = filechat.Owner(os.getpid(), filechat.HOST, "00ff", time.time())
-    assert filechat.sweep_leftovers([str(tmp_path)], dead=me) == [theirs.name]
+    assert filechat.sweep([str(tmp_path)], dead=me) == [theirs.name]
     assert os.listdir(tmp_path) == [mine.name]

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -29,15 +28,22 @@ DEAD_WITHIN = filechat.HEARTBEAT_TIMEOUT
 BOUND = DEAD_WITHIN + 2 * filechat.HEARTBEAT_INTERVAL
 
 
+# Every setup on its defaults as users mount it, and the stand-ins' with caches off.
+SETUPS = ["bindfs", "bindfs-cached", "sshfs", "glusterfs", "glusterfs-nocache", "cephfs"]
+# Those where a look sees another host's change at once (no attribute cache for seconds).
+FRESH = ["bindfs", "sshfs", "glusterfs", "glusterfs-nocache", "cephfs"]
+# Those whose flocks keep the other mount out (measured: scripts/mounts.py --check).
+FLOCKS = ["glusterfs", "glusterfs-nocache", "cephfs"]
+
+
 @pytest.fixture(scope="session")
 def mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[mounts.Mounts]:
-    why = mounts.why_not()
+    why = mounts.why_not(SETUPS)
     if why is not None:
         if os.environ.get("FILECHAT_MOUNT_TESTS") == "required":
             pytest.fail(f"the shared-directory tests must run here, but cannot: {why}")
         pytest.skip(f"cannot mount shared directories: {why}")
-    made = mounts.Mounts(tmp_path_factory.mktemp("shared"),
-                         ["bindfs", "bindfs-cached", "sshfs"]).start()
+    made = mounts.Mounts(tmp_path_factory.mktemp("shared"), SETUPS).start()
     yield made
     made.stop()
 
@@ -46,11 +52,8 @@ class Share:
     """One fresh directory seen through both mounts of a setup."""
 
     def __init__(self, made: mounts.Mounts, setup: str, pyz: Path) -> None:
-        name = uuid.uuid4().hex[:8]
-        self.base = made.base / name
-        self.base.mkdir()
-        a, b = made.points[setup]
-        self.a, self.b = a / name, b / name
+        self.setup = setup
+        self.a, self.b = made.fresh_dir(setup)
         self.pyz = pyz
         self.procs: List[Proc] = []
 
@@ -73,21 +76,21 @@ class Share:
                           env=env)
 
     def leftovers(self) -> List[str]:
-        return sorted(os.listdir(self.base))
+        return sorted(os.listdir(self.a))
 
     def close(self) -> None:
         for proc in self.procs:
             proc.kill()
 
 
-@pytest.fixture(params=["bindfs", "bindfs-cached", "sshfs"])
+@pytest.fixture(params=SETUPS)
 def share(request: pytest.FixtureRequest, mounted: mounts.Mounts, pyz: Path) -> Iterator[Share]:
     made = Share(mounted, request.param, pyz)
     yield made
     made.close()
 
 
-@pytest.fixture(params=["bindfs", "sshfs"])
+@pytest.fixture(params=FRESH)
 def uncached(request: pytest.FixtureRequest, mounted: mounts.Mounts,
              pyz: Path) -> Iterator[Share]:
     made = Share(mounted, request.param, pyz)
@@ -123,7 +126,7 @@ def test_every_exchange_across_hosts_is_delivered_once(share: Share) -> None:
         assert out == text, proc.err            # its own reply, none other's
     assert srv.interrupt() == 0
     assert SAFETY_NET not in srv.err
-    records = [json.loads(line) for line in (share.base / "log.jsonl").open()]
+    records = [json.loads(line) for line in (share.a / "log.jsonl").open()]
     assert {record["outcome"] for record in records} == {"replied"}
     answered = [record["message"] for record in records]
     assert sorted(answered) == sorted(messages)     # each once: none lost, none twice
@@ -151,11 +154,14 @@ def test_a_dead_remote_lock_is_cleared_by_its_heartbeat(uncached: Share) -> None
     share = uncached
     # A client on beta dies holding the lock (before sending), as kill -9 would.
     dead = share.client("beta", share.b, "never sent", env={"FILECHAT_CRASH_AT": "client-locked"})
-    assert dead.wait() == 137 and (share.base / "server.lock").exists()
+    assert dead.wait() == 137 and (share.a / "server.lock").exists()
     srv = share.server("alpha", share.a, "--auto-reply", "ok")
     alive = share.client("alpha", share.a, "after the dead one")
     line = alive.expect("removed stale lock", BOUND)
-    assert "on beta, has not rewritten it for" in line and "(its heartbeat stopped)" in line
+    if share.setup in FLOCKS:        # its flock freed as it died: seen at once
+        assert "its holder, process" in line and "on beta, has ended" in line
+    else:
+        assert "on beta, has not rewritten it for" in line and "(its heartbeat stopped)" in line
     assert finished(alive)[0] == 0 and alive.out == "ok"
     assert srv.interrupt() == 0
     assert share.leftovers() == []
@@ -269,7 +275,7 @@ def test_a_beating_record_keeps_its_length_and_changes(tmp_path: Path,
     assert lock.try_acquire()
     first = path.read_bytes()
     owner = filechat.read_owner(first)
-    assert owner is not None and owner.beats and not owner.local
+    assert owner is not None and owner.beats
     seen = {first}
     while len(seen) < 3:                        # two beats
         seen.add(path.read_bytes())
@@ -277,6 +283,13 @@ def test_a_beating_record_keeps_its_length_and_changes(tmp_path: Path,
     assert all(filechat.read_owner(record).token == lock.token for record in seen)
     lock.release()
     assert not path.exists()
+
+
+def judge(path: Path, ours: bool = False) -> filechat.Verdict:
+    """What a look at the file says of its holder (there is one)."""
+    verdict = filechat.judge(str(path), ours)
+    assert verdict is not None
+    return verdict
 
 
 def test_a_record_that_stops_changing_is_judged_dead(tmp_path: Path,
@@ -287,17 +300,17 @@ def test_a_record_that_stops_changing_is_judged_dead(tmp_path: Path,
     path.write_bytes(record)
     clock = [100.0]
     monkeypatch.setattr(filechat.time, "monotonic", lambda: clock[0])
-    holder = filechat.inspect_holder(str(path))
-    assert holder is not None and holder.check == "heartbeat" and holder.gone is None
+    verdict = judge(path)
+    assert verdict.how == "heartbeat" and verdict.ended is None
     clock[0] += DEAD_WITHIN - 0.5
     path.write_bytes(record.replace(b"00000007", b"00000008"))    # it beat: alive
-    assert filechat.inspect_holder(str(path)).gone is None
+    assert judge(path).ended is None
     clock[0] += DEAD_WITHIN - 0.5
-    assert filechat.inspect_holder(str(path)).gone is None
+    assert judge(path).ended is None
     clock[0] += 1.0
-    gone = filechat.inspect_holder(str(path)).gone
+    gone = judge(path).ended
     assert gone is not None and "heartbeat stopped" in gone
-    assert filechat.stale_reason(filechat.inspect_holder(str(path)), 1e9) == gone
+    assert filechat.stale_reason(judge(path), 1e9) == gone
 
 
 def test_relative_response_paths(tmp_path: Path) -> None:
@@ -319,10 +332,10 @@ def test_an_empty_file_of_filechat_s_own_is_nobody_s_once_it_stays_empty(
     monkeypatch.setattr(filechat, "_on_shared", lambda path: True)
     clock = [100.0]
     monkeypatch.setattr(filechat.time, "monotonic", lambda: clock[0])
-    assert filechat.inspect_holder(str(presence), ours=True).gone is None
-    assert filechat.inspect_holder(str(presence)).check == ""     # a peer's empty lock: age
+    assert judge(presence, ours=True).ended is None
+    assert judge(presence).how == ""                      # a peer's empty lock: age
     clock[0] += DEAD_WITHIN + 0.5
-    gone = filechat.inspect_holder(str(presence), ours=True).gone
+    gone = judge(presence, ours=True).ended
     assert gone is not None and "names no holder" in gone
     assert filechat.running_server(str(presence)) is None
 
@@ -349,5 +362,33 @@ def test_what_fuse_hides_of_a_removed_holder_file_is_swept(tmp_path: Path) -> No
     record = (b'{"pid": 1, "host": "elsewhere", "token": "00ff", "created": 1.0}\n')
     (tmp_path / ".fuse_hidden0000000100000001").write_bytes(record)
     (tmp_path / ".fuse_hidden0000000200000001").write_bytes(b"somebody else's file")
-    assert filechat.sweep_leftovers([str(tmp_path)]) == [".fuse_hidden0000000100000001"]
+    assert filechat.sweep([str(tmp_path)]) == [".fuse_hidden0000000100000001"]
     assert os.listdir(tmp_path) == [".fuse_hidden0000000200000001"]
+
+
+@pytest.mark.parametrize("kind", ["smbnetfs", "rclone"])
+def test_a_filesystem_that_cannot_create_exclusively_is_refused(kind: str, tmp_path: Path,
+                                                                pyz: Path) -> None:
+    # smbnetfs and rclone mounts let two O_CREAT|O_EXCL creators win: no lock
+    # keeps clients apart there. A bindfs mount with their type's name stands
+    # for them (mountinfo says fuse.smbnetfs).
+    why = mounts.why_not(["bindfs"])
+    if why is not None:
+        if os.environ.get("FILECHAT_MOUNT_TESTS") == "required":
+            pytest.fail(f"the shared-directory tests must run here, but cannot: {why}")
+        pytest.skip(f"cannot mount: {why}")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "share").mkdir()
+    subprocess.run(["bindfs", "-o", f"subtype={kind}", str(tmp_path / "base"),
+                    str(tmp_path / "share")], check=True, timeout=30)
+    try:
+        for args in (["server", "buf.txt", "--auto-reply", "x"], ["client", "buf.txt", "-m", "hi"]):
+            done = subprocess.run([sys.executable, str(pyz), *args], cwd=tmp_path / "share",
+                                  capture_output=True, text=True, timeout=WAIT)
+            assert done.returncode == filechat.EXIT_ERROR, done.stderr
+            assert (f". is on fuse.{kind}, where O_CREAT|O_EXCL and hard links are not "
+                    "exclusive") in done.stderr
+            assert "use a local directory, NFS, GlusterFS, CephFS" in done.stderr
+        assert os.listdir(tmp_path / "base") == []
+    finally:
+        subprocess.run(["umount", "--lazy", str(tmp_path / "share")], check=True, timeout=30)
