@@ -781,8 +781,37 @@ def _unlink_quietly(path: str) -> bool:
 
 def remove_if_same(path: str, seen: Seen) -> bool:
     """Remove path only if it is still the file seen (see Seen.same); True if removed."""
-    now = look(path)
+    now = look(path) if listed(path, seen) else None
     return now is not None and now.same(seen) and _unlink_quietly(path)
+
+
+def _names_cached(path: str) -> bool:
+    """True if the mount of path's directory may keep a name's file after another mount
+    replaced or removed it (FUSE: GlusterFS's default is a second; CephFS's is coherent)."""
+    kind = filesystem_type(os.path.dirname(path) or ".")
+    return kind.startswith("fuse.") and kind != "fuse.ceph-fuse"
+
+
+def listed(path: str, seen: Optional[Seen] = None) -> bool:
+    """True if path's directory, listed afresh, has path's name (for the file seen, by its
+    inode where the listing gives one), always True where names are not cached.
+
+    Where they are, an open of a name another mount replaced may get the old
+    file, old content and all, or one it removed: a removal decided on that
+    look would remove a new file. A listing (FUSE's readdirplus) asks the
+    file server, and has the kernel look the names it lists up afresh.
+    """
+    if not _names_cached(path):
+        return True
+    directory, name = os.path.split(path)
+    try:
+        with os.scandir(directory or ".") as entries:
+            for entry in entries:
+                if entry.name == name:
+                    return seen is None or entry.inode() in (seen.ino, 0, 0xFFFFFFFF)
+    except OSError:
+        return True               # no listing: the look alone decides
+    return False
 
 
 def ends_with_esc(path: str) -> Optional[Seen]:
@@ -1439,7 +1468,8 @@ def stale_reason(verdict: Verdict, stale_after: float) -> Optional[str]:
 def remove_judged(path: str, verdict: Verdict) -> bool:
     """Remove the file at path if it is still the one judged: its token, or what it holds."""
     if verdict.owner is not None:
-        return token_at(path) == verdict.owner.token and _unlink_quietly(path)
+        return (listed(path, verdict.seen) and token_at(path) == verdict.owner.token
+                and _unlink_quietly(path))
     return remove_if_same(path, verdict.seen)
 
 
@@ -2559,7 +2589,7 @@ class _Exchange:
         watches, or by polling; "tick" is told as progress_interval asks.
         """
         tick = _Ticker(self.status, phase, self.progress)
-        next_notice = time.monotonic()
+        next_notice = time.monotonic() if notice is not None else float("inf")
         while True:
             again = look()
             if again is None:
@@ -3229,6 +3259,7 @@ class _Server:
         self.answered = 0             # messages whose client got a reply (status)
         self.count_failing = False    # the last update of the presence file's count failed
         self.kept = 0.0               # when the presence file was last looked at
+        self.missing = 0.0            # since when it (or the buffer) has been missing (0: not)
         self.swept = 0.0              # when leftovers were last swept
         self.unclaimable: Tuple[Optional[bytes], str] = (None, "")   # the last said
         self.home = os.path.dirname(os.path.abspath(paths.buffer))
@@ -3244,35 +3275,50 @@ class _Server:
             self.check_delivered(waiter)
             try:
                 message = self._claim()
+                if (message is None and _names_cached(self.paths.buffer)
+                        and look(self.paths.lock, 0) is not None):
+                    listed(self.paths.buffer)     # a message comes: see it, not a cache
+                    message = self._claim()
                 if message is not None:
                     waiter.progress(f"a message in {self.paths.buffer}")
                     return message
             except OSError as exc:
                 self._unclaimable(exc)
-            self._keep(waiter)
+            back = self._keep(waiter)
             if time.monotonic() >= self.swept + SWEEP_INTERVAL:
                 self.sweep()
             if self.presence.answered != self.answered:
                 self._count()             # failed before: tried again as the server waits
             self.report("idle", answered=self.answered)
             waiter.wait(min(PRESENCE_INTERVAL if self.presence.answered != self.answered
-                            else float("inf"), self.swept + SWEEP_INTERVAL - time.monotonic()))
+                            else back, self.swept + SWEEP_INTERVAL - time.monotonic()))
 
     def sweep(self) -> None:
         """Remove what ended processes left: temp files, and replies nobody will read."""
         self.swept = time.monotonic()
         sweep(self.allowed, self.stale_after, replies=self.home)
 
-    def _keep(self, waiter: Waiter) -> None:
-        """Put back the presence file and the empty buffer if they went (the directory made
-        anew): looked at when inotify says they may have, or once a second when polling."""
+    def _keep(self, waiter: Waiter) -> float:
+        """Put back the presence file and the empty buffer once they have been gone for
+        PRESENCE_INTERVAL (the directory made anew; not while an rm -r runs, which would then
+        fail); return the seconds until then. Looked at when inotify says they may have
+        gone, or once a second when polling."""
         now = time.monotonic()
         if waiter.fd < 0 and now < self.kept + PRESENCE_INTERVAL:
-            return
+            return float("inf")
         self.kept = now
+        if token_at(self.presence.path) == self.presence.id \
+                and look(self.paths.buffer, 0) is not None:
+            self.missing = 0.0
+            return float("inf")
+        self.missing = self.missing or now
+        if now - self.missing < PRESENCE_INTERVAL:
+            return self.missing + PRESENCE_INTERVAL - now
+        self.missing = 0.0
         if self.presence.keep():
             log.warning("%s was removed while this server ran; it is back", self.presence.path)
         self.leave_empty_buffer()
+        return float("inf")
 
     def _count(self) -> None:
         """Update the count in the presence file; a failure is said, and tried again later."""
