@@ -120,9 +120,10 @@ POLL_INTERVAL = 0.5               # seconds between buffer checks when polling (
 RESPONSE_TIMEOUT = 60.0           # seconds a client waits for its reply (spec)
 SAFETY_INTERVAL = 1.0             # seconds: longest sleep even when events are trusted
 SHARED_POLL_INTERVAL = 0.02       # seconds between checks on a directory shared between hosts
-HEARTBEAT_INTERVAL = 2.0          # seconds between rewrites of a held file on a shared directory
-HEARTBEAT_TIMEOUT = 5.0           # seconds without a rewrite after which its holder has ended:
-                                  # two beats missed and the third due, so within three of a death
+HEARTBEAT_INTERVAL = 1.5          # seconds between rewrites of a held file on a shared directory
+                                  # (and the longest a status waits to see its holder live)
+HEARTBEAT_TIMEOUT = 4.0           # seconds without a rewrite after which its holder has ended:
+                                  # two beats missed and a second's margin for a slow file server
 STALE_AFTER = 300.0               # seconds before an unidentifiable lock counts as stale
 HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
 PEER_CLEAR_WAIT = 3.0             # seconds a client lets a server that removed the lock before
@@ -814,6 +815,19 @@ def listed(path: str, seen: Optional[Seen] = None) -> bool:
     return False
 
 
+def _name_cached_gone(path: str) -> bool:
+    """True if path, refused to a link as taken, is gone on the file server: GlusterFS's
+    md-cache answers for a name another mount removed for up to a second; listxattr asks
+    the brick (md-cache never keeps the list), and its ENOENT clears that entry."""
+    if not _names_cached(path) or not hasattr(os, "listxattr"):
+        return False
+    try:
+        os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        return exc.errno in GONE
+    return False
+
+
 def ends_with_esc(path: str) -> Optional[Seen]:
     """Return what is at path if it is a file that ends with ESC, as a complete reply does."""
     def use(fd: int, st: os.stat_result) -> Optional[Seen]:
@@ -1062,7 +1076,12 @@ class _Staged:
         path decides, before anything else is tried.
         """
         try:
-            os.link(self.temp, self.path)
+            try:
+                os.link(self.temp, self.path)
+            except FileExistsError:
+                if not _name_cached_gone(self.path):
+                    raise
+                os.link(self.temp, self.path)       # the refusal came from a stale cache
         except OSError as exc:
             if isinstance(exc, FileExistsError):
                 raise
@@ -1788,20 +1807,23 @@ def _inotify_init() -> int:
         return -1
 
 
-def settled(path: str, ours: bool = False) -> Optional[Verdict]:
-    """Return judge(path), watched until a beating record is known to live or not.
+def settled(looks: Dict[str, bool]) -> Dict[str, Optional[Verdict]]:
+    """Return judge(path, ours) for each path: ours in looks, all watched at once until
+    each beating record is known to live or not.
 
     For a single look (status, a server starting): a record that beats is
     watched until it changes (its holder lives: within one heartbeat) or
     HEARTBEAT_TIMEOUT seconds pass without a change (it has ended).
     """
-    verdict = judge(path, ours)
+    def open_question(verdict: Optional[Verdict]) -> bool:
+        return (verdict is not None and verdict.how == "heartbeat" and not verdict.ended
+                and (verdict.silent > 0 or not waiter.woke))      # unchanged, or not seen yet
+    verdicts = {path: judge(path, ours) for path, ours in looks.items()}
     with Waiter((), poll=True, poll_interval=PROGRESS_INTERVAL) as waiter:
-        while (verdict is not None and verdict.how == "heartbeat" and not verdict.ended
-               and (verdict.silent or not waiter.woke)):        # unchanged, or not seen yet
+        while any(map(open_question, verdicts.values())):
             waiter.wait(PROGRESS_INTERVAL)
-            verdict = judge(path, ours)
-    return verdict
+            verdicts = {path: judge(path, ours) for path, ours in looks.items()}
+    return verdicts
 
 
 
@@ -2034,7 +2056,7 @@ class Presence(Held):
     def start(self) -> None:
         """Publish this server's presence; AlreadyServing if a live server has one."""
         while not self.take(self.id, answered=self.answered, started=self.started):
-            verdict = settled(self.path, ours=True)
+            verdict = settled({self.path: True})[self.path]
             if verdict is not None and verdict.ended is None:
                 raise AlreadyServing(self.path, verdict.owner)
             if verdict is not None:                          # left by a killed server
@@ -2989,7 +3011,6 @@ class _Turn:
         self.exchange = exchange
         self.line = line
         self.ahead = -1               # tickets ahead at the last look (-1: not looked yet)
-        self.watched = ""             # the file whose going is watched
         self.unchecked: Dict[str, object] = {}    # a lock whose holder cannot be checked
 
     def look(self) -> Optional[float]:
@@ -3004,27 +3025,20 @@ class _Turn:
         if 0 <= ahead < self.ahead:
             exchange.waiter.progress(f"{ahead} ahead in line for {lock.path}")
         self.ahead = ahead
-        target = before or lock.path
-        if target != self.watched:
-            # Watched before it is looked at, so that its going is not missed.
-            if exchange.waiter.watch_files([target]):
-                self.watched = target
-            elif before:
-                return 0.0            # the ticket ahead went meanwhile: look again
+        # Watched anew before every look, so that its going is not missed: a
+        # watch follows a file, and another lock may have the name by now.
+        watching = exchange.waiter.watch_files([before or lock.path])
         self.unchecked = {}
-        if before:
-            return float("inf")       # the ticket ahead's going wakes us
+        if before:                    # its going wakes us; gone meanwhile: look again
+            return float("inf") if watching else 0.0
         # A lock in place is not asked for: making a file only to find the name
         # taken would cost each waiter woken by the one ahead leaving.
         if look(lock.path, 0) is None and lock.try_acquire():
             exchange.waiter.progress(f"lock {lock.path} free")
             return None
-        if self.watched != target:
+        if not watching:
             return 0.0                # taken meanwhile: watch it, then look again
-        again = exchange._clear_stale_lock(self.unchecked)
-        if again <= 0:
-            self.watched = ""
-        return again
+        return exchange._clear_stale_lock(self.unchecked)
 
 
 # --- Server ---
@@ -3870,14 +3884,15 @@ def status(buffer: str, lock_path: Optional[str] = None,
     Returns the dictionary that ``filechat status --json`` prints.
     """
     paths = Paths(buffer, lock_path)
-    presence = settled(paths.presence, ours=True)
+    verdicts = settled({paths.presence: True, paths.lock: False})
+    presence = verdicts[paths.presence]
     server: Optional[Dict[str, object]] = None
     if presence is not None and presence.ended is None and not presence.seen.kind:
         owner = presence.owner
         server = {"pid": owner.pid if owner else None, "host": owner.host if owner else None,
                   "started": owner.started if owner else None,
                   "answered": owner.answered if owner else 0}
-    verdict = settled(paths.lock)
+    verdict = verdicts[paths.lock]
     lock: Dict[str, object] = {"path": paths.lock, "held": False, "pid": None, "host": None,
                                "age": None, "state": "free", "stale_reason": None}
     if verdict is not None and verdict.seen.kind:

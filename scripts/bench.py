@@ -4,7 +4,7 @@
     python3 scripts/bench.py            # the full run (about a minute)
     python3 scripts/bench.py --quick    # tiny counts: a smoke check, numbers not meaningful
     python3 scripts/bench.py --json     # the same measurements as JSON
-    python3 scripts/bench.py --shared   # across hosts on bindfs and sshfs mounts (root)
+    python3 scripts/bench.py --shared   # across hosts: GlusterFS, CephFS, bindfs, sshfs (root)
     python3 scripts/bench.py --shared --setups glusterfs,cephfs   # or any of mounts.SETUPS
 
 Everything runs on this machine in one go, so the ratios compare like with
@@ -12,18 +12,24 @@ like; the absolute numbers depend on the machine and its load.
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 import zipapp
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -441,177 +447,401 @@ def filesystem_of(path: str) -> str:
     return kind
 
 
-# Exchanges one after another through send(), each message unique, each reply checked.
-SHARED_CLIENT = r"""
-import sys, time, json
-sys.path.insert(0, sys.argv[1])
-import filechat
-buffer, count = sys.argv[2], int(sys.argv[3])
-filechat.send(buffer, "warm-up")
-times, wrong = [], 0
-for i in range(count):
-    message = f"message {i} of {sys.argv[4]}"
+# --- Across hosts (--shared) ---
+# Each setup's two mounts of one directory: a server on mount a as host
+# "alpha", clients on mount b as host "beta", everything through the CLI of
+# the zipapp, as people and scripts on two machines would run it.
+
+SHARED_SETUPS = ("glusterfs", "glusterfs-nocache", "cephfs", "bindfs", "sshfs")
+MODES = ("sequential", "4 at once")
+# Median CLI exchange targets (seconds) for each mode, where the file server is a cluster's.
+CLUSTER_TARGETS = {"glusterfs": (0.15, 0.25), "glusterfs-nocache": (0.15, 0.25),
+                   "cephfs": (1.0, 2.0)}
+CLIENT_TIMEOUT = 60         # the client's --timeout: the spec's
+STATUS_WITHIN = 2.0         # seconds status may take to be right after a change
+STATUS_LOOK = 5.0           # seconds status is looked at after a change, at most
+STATUS_EVERY = 0.1          # seconds between looks
+SLOW_REPLY = 6              # seconds the slow server takes to answer: past STATUS_LOOK
+KEPT = ("log.jsonl",)       # the only name a stopped server may leave behind: ours
+
+
+def filechat_argv(host: str, *args: str) -> List[str]:
+    """The zipapp's command line, run as another host (a UTS namespace of its own)."""
+    return mounts.as_host(host, [sys.executable, PYZ, *args])
+
+
+class Server:
+    """A CLI server on side's buf.txt as host alpha, started and waited for.
+
+    Its output is read by threads all along: a server whose pipe fills up
+    would stop answering, and its stderr says what went wrong.
+    """
+
+    def __init__(self, side: str, *options: str) -> None:
+        self.proc = subprocess.Popen(filechat_argv("alpha", "server", "buf.txt", *options),
+                                     cwd=side, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.ready = threading.Event()
+        self.stderr: List[str] = []
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        for stream, lines in ((self.proc.stdout, []), (self.proc.stderr, self.stderr)):
+            threading.Thread(target=self._read, args=(stream, lines), daemon=True).start()
+        if not self.ready.wait(60):
+            self.stop()
+            raise RuntimeError(f"the server did not start: {''.join(self.stderr)}")
+        self.started = time.monotonic()
+
+    def _read(self, stream: IO[str], lines: List[str]) -> None:
+        for line in stream:
+            lines.append(line)
+            if "Waiting for clients" in line:
+                self.ready.set()
+
+    def interrupt(self) -> float:
+        """Send SIGINT, as Ctrl+C; return when."""
+        self.proc.send_signal(signal.SIGINT)
+        return time.monotonic()
+
+    def stop(self) -> List[str]:
+        """Stop it as Ctrl+C does (killed if it takes 30 s); return what it said on stderr."""
+        if self.proc.poll() is None:
+            self.interrupt()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            self.stderr.append("bench.py: killed: not stopped 30 s after SIGINT\n")
+        return [line.rstrip("\n") for line in self.stderr]
+
+
+def exchange(side: str, message: str) -> Dict[str, Any]:
+    """One CLI client as host beta: what it printed, and its wall time from start to exit."""
     start = time.perf_counter()
-    reply = filechat.send(buffer, message)
-    times.append(time.perf_counter() - start)
-    wrong += reply != message
-print(json.dumps({"times": times, "wrong": wrong}))
-"""
-# One exchange after a client on another host died holding the lock: how long
-# its lock took to clear (the wait for the lock).
-CLEAR_CLIENT = r"""
-import sys, time, json
-sys.path.insert(0, sys.argv[1])
-import filechat
-start, took = time.perf_counter(), []
-def status(event, **info):
-    if event == "locked":
-        took.append(time.perf_counter() - start)
-reply = filechat.send(sys.argv[2], "after the dead one", status=status)
-print(json.dumps({"lock_wait": took[0], "ok": reply == "after the dead one"}))
-"""
+    try:
+        done = subprocess.run(filechat_argv("beta", "client", "buf.txt", "-m", message,
+                                            "--timeout", str(CLIENT_TIMEOUT)),
+                              cwd=side, capture_output=True, text=True,
+                              timeout=2 * CLIENT_TIMEOUT)
+        status, reply, error = done.returncode, done.stdout, done.stderr
+    except subprocess.TimeoutExpired:
+        status, reply, error = -1, "", f"bench.py: no exit within {2 * CLIENT_TIMEOUT} s"
+    took = time.perf_counter() - start
+    last = (error.strip().splitlines() or [""])[-1]
+    return {"message": message, "time": took, "status": status, "reply": reply,
+            "error": f"exit {status}: {last}" if status else None}
 
 
-def shared_exchanges(buffer_a: str, buffer_b: str, hosts: Tuple[Optional[str], Optional[str]],
-                     count: int) -> Dict[str, Any]:
-    """Exchanges from a client on b to a server on a; with host names, each its own host."""
-    def argv(host: Optional[str], code: str, *args: str) -> List[str]:
-        command = [sys.executable, "-c", code, *args]
-        return mounts.as_host(host, command) if host else command
-    server = subprocess.Popen(argv(hosts[0], ECHO_SERVER, PYZ, buffer_a, "auto", str(count + 1)),
-                              stdout=subprocess.PIPE, text=True)
-    assert server.stdout is not None
-    if server.stdout.readline() != "ready\n":
-        raise RuntimeError("the server did not start")
-    done = subprocess.run(argv(hosts[1], SHARED_CLIENT, PYZ, buffer_b, str(count),
-                               hosts[1] or "this host"),
-                          capture_output=True, text=True, timeout=600, check=True)
-    result = json.loads(done.stdout)
-    received = [message for message, _ in json.loads(server.stdout.readline())][1:]
-    server.wait(30)
-    times = result["times"]
-    return {"attempted": count, "delivered": len(set(received)) - result["wrong"],
-            "duplicates": len(received) - len(set(received)),
-            "median": statistics.median(times), "max": max(times)}
+def at_once(side: str, tag: str, rounds: int, clients: int = 4) -> List[Dict[str, Any]]:
+    """Rounds of clients started together, each round once the last has ended."""
+    records: List[Dict[str, Any]] = []
+    with ThreadPoolExecutor(clients) as pool:
+        for r in range(rounds):
+            messages = [f"{tag} round {r} client {i}" for i in range(clients)]
+            records += pool.map(functools.partial(exchange, side), messages)
+    return records
+
+
+def read_log(path: str) -> Tuple["Counter[str]", Set[str]]:
+    """How often the server's --log names each message, and which it says it replied to."""
+    logged: Counter[str] = Counter()
+    replied: Set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            logged[record["message"]] += 1
+            if record["outcome"] == "replied":
+                replied.add(record["message"])
+    return logged, replied
+
+
+def tally(records: List[Dict[str, Any]], logged: "Counter[str]", replied: Set[str]
+          ) -> Dict[str, Any]:
+    """Delivered: logged once, as replied, and printed back right by its own client.
+
+    Both ends count: a server that answers twice, or a client that prints
+    another's reply, would each look fine from one end alone.
+    """
+    times = [r["time"] for r in records]
+    return {
+        "attempted": len(records),
+        "delivered": sum(1 for r in records if logged[r["message"]] == 1
+                         and r["message"] in replied and not r["status"]
+                         and r["reply"] == r["message"]),
+        "duplicates": sum(1 for r in records if logged[r["message"]] > 1),
+        "wrong": sum(1 for r in records if not r["status"] and r["reply"] != r["message"]),
+        "failures": [r["error"] for r in records if r["status"]],
+        "median": statistics.median(times), "max": max(times)}
+
+
+def shared_exchanges(a: str, b: str, count: int, rounds: int) -> Dict[str, Any]:
+    """Sequential exchanges, then rounds of 4 at once, from beta on b to alpha on a."""
+    server = Server(a, "--auto-reply-cmd", "cat", "--log", "log.jsonl")
+    tag = uuid.uuid4().hex[:8]
+    records = {"sequential": [exchange(b, f"{tag} sequential {i}") for i in range(count)],
+               "4 at once": at_once(b, tag, rounds)}
+    said = server.stop()
+    logged, replied = read_log(os.path.join(a, "log.jsonl"))
+    return {"modes": {mode: tally(records[mode], logged, replied) for mode in MODES},
+            "server_stderr": said}
+
+
+def status_of(host: str, side: str) -> Optional[Dict[str, Any]]:
+    """What `filechat status buf.txt --json` says, as host on side (None: no JSON)."""
+    done = subprocess.run(filechat_argv(host, "status", "buf.txt", "--json"), cwd=side,
+                          capture_output=True, text=True, timeout=30)
+    try:
+        return dict(json.loads(done.stdout))
+    except ValueError:
+        return None
+
+
+def said(report: Optional[Dict[str, Any]]) -> str:
+    """A status report in a few words, for the JSON results when it was not right."""
+    if report is None:
+        return "no JSON"
+    return (f"server {'running' if report['server'] else 'none'}, lock "
+            f"{report['lock']['state']}, being answered {report['being_answered']}")
+
+
+def time_to_right(host: str, side: str, right: Callable[[Dict[str, Any]], bool],
+                  since: float) -> Dict[str, Any]:
+    """Look at status until it is right, up to STATUS_LOOK s after since.
+
+    The time is when the look that was right returned: what a person or a
+    script asking then would have learned, the look's own cost included.
+    """
+    report = None
+    while time.monotonic() - since <= STATUS_LOOK:
+        began = time.monotonic()
+        report = status_of(host, side)
+        if report is not None and right(report):
+            return {"after": time.monotonic() - since, "look": time.monotonic() - began,
+                    "said": said(report)}
+        time.sleep(max(0.0, STATUS_EVERY - (time.monotonic() - began)))
+    return {"after": None, "look": None, "said": said(report)}
+
+
+def from_both(a: str, b: str, right: Callable[[Dict[str, Any]], bool], since: float
+              ) -> Dict[str, Any]:
+    """time_to_right from alpha on a and beta on b at once."""
+    with ThreadPoolExecutor(2) as pool:
+        looks = [pool.submit(time_to_right, host, side, right, since)
+                 for host, side in (("alpha", a), ("beta", b))]
+        return {"a": looks[0].result(), "b": looks[1].result()}
+
+
+def running(report: Dict[str, Any]) -> bool:
+    return report["server"] is not None
+
+
+def held(report: Dict[str, Any]) -> bool:
+    return bool(report["lock"]["held"]) and report["lock"]["state"] in ("alive",
+                                                                         "being answered")
+
+
+def stopped(report: Dict[str, Any]) -> bool:
+    return report["server"] is None
+
+
+def shared_status(a: str, b: str) -> Dict[str, Any]:
+    """Whether status on either side is right within STATUS_WITHIN s of each change.
+
+    The changes: a server starts; a client on beta takes the lock and waits
+    for a slow reply; the server stops on SIGINT. Another host's files are
+    seen through caches and judged by heartbeats, so each side may lag.
+    """
+    server = Server(a, "--auto-reply-cmd", f"sleep {SLOW_REPLY}; cat")
+    checks = {"server started": from_both(a, b, running, server.started)}
+    sent = time.monotonic()
+    client = subprocess.Popen(filechat_argv("beta", "client", "buf.txt", "-m", "slow"), cwd=b,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checks["lock held"] = from_both(a, b, held, sent)
+    client.communicate(timeout=2 * CLIENT_TIMEOUT)
+    checks["server stopped"] = from_both(a, b, stopped, server.interrupt())
+    server.stop()
+    return checks
 
 
 def shared_dead_lock(a: str, b: str) -> Dict[str, Any]:
-    """A client on host beta dies holding the lock; one on alpha then sends."""
+    """A client on host beta dies holding the lock; one on alpha then sends.
+
+    lock_wait, as the client's --json says it, is how long the dead
+    holder's lock kept it waiting.
+    """
     env = dict(os.environ, FILECHAT_CRASH_AT="client-locked")
-    subprocess.run(mounts.as_host("beta", [sys.executable, PYZ, "client",
-                                           os.path.join(b, "buf.txt"), "-m", "never sent"]),
+    subprocess.run(filechat_argv("beta", "client", "buf.txt", "-m", "never sent"), cwd=b,
                    env=env, capture_output=True, timeout=60)
     if not os.path.exists(os.path.join(a, "server.lock")):
         raise RuntimeError("the dying client left no lock")
-    server = subprocess.Popen(mounts.as_host("alpha", [sys.executable, "-c", ECHO_SERVER, PYZ,
-                                                       os.path.join(a, "buf.txt"), "auto"]),
-                              stdout=subprocess.PIPE, text=True)
-    assert server.stdout is not None
-    server.stdout.readline()
-    done = subprocess.run(mounts.as_host("alpha", [sys.executable, "-c", CLEAR_CLIENT, PYZ,
-                                                   os.path.join(a, "buf.txt")]),
-                          capture_output=True, text=True, timeout=120, check=True)
-    stop(server)
-    return dict(json.loads(done.stdout))
+    server = Server(a, "--auto-reply-cmd", "cat")
+    done = subprocess.run(filechat_argv("alpha", "client", "buf.txt", "-m", "after the dead one",
+                                        "--json"),
+                          cwd=a, capture_output=True, text=True, timeout=120)
+    server.stop()
+    record = json.loads(done.stdout)
+    return {"lock_wait": record["lock_wait"], "ok": record["reply"] == "after the dead one",
+            "error": record["error"]}
 
 
 def shared_live_holder(a: str, b: str, stale_after: float) -> Dict[str, Any]:
     """An exchange 10 x longer than --stale-after, with a client on another host behind it."""
     def cli(host: str, side: str, *args: str) -> "subprocess.Popen[str]":
-        return subprocess.Popen(mounts.as_host(host, [sys.executable, PYZ, *args]), cwd=side,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    server = cli("alpha", a, "server", "buf.txt", "--auto-reply-cmd",
-                 f"sleep {10 * stale_after:g}; cat", "--stale-after", f"{stale_after:g}",
-                 "--hook-timeout", f"{20 * stale_after + 10:g}")
-    assert server.stdout is not None
-    for line in server.stdout:
-        if "Waiting for clients" in line:
-            break
+        return subprocess.Popen(filechat_argv(host, *args), cwd=side, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    server = Server(a, "--auto-reply-cmd", f"sleep {10 * stale_after:g}; cat",
+                    "--stale-after", f"{stale_after:g}",
+                    "--hook-timeout", f"{20 * stale_after + 10:g}")
     slow = cli("beta", b, "client", "buf.txt", "-m", "slow", "--stale-after", f"{stale_after:g}")
     time.sleep(stale_after)       # a benchmark, not a test: the one behind comes later
     behind = cli("gamma", a, "client", "buf.txt", "-m", "behind",
                  "--stale-after", f"{stale_after:g}")
     outputs = [proc.communicate(timeout=120) for proc in (slow, behind)]
-    server.send_signal(2)
-    server.communicate(timeout=30)
+    server.stop()
     broken = sum(err.count("removed stale lock") for _, err in outputs)
     return {"held": 10 * stale_after, "broken": broken,
             "ok": [out for out, _ in outputs] == ["slow", "behind"]}
 
 
-def run_shared(quick: bool, setups: Sequence[str] = mounts.LOCAL_SETUPS) -> Dict[str, Any]:
-    """Measure exchanges across hosts on each mount setup, beside the local directory."""
+def leftovers(dirs: Dict[str, Tuple[str, str]]) -> List[str]:
+    """Names left in each step's directory once its server stopped, as each mount lists it."""
+    return [f"{step}: {name} (mount {mount})" for step, (a, b) in dirs.items()
+            for mount, side in (("a", a), ("b", b))
+            for name in sorted(os.listdir(side)) if name not in KEPT]
+
+
+def shared_setup(made: mounts.Mounts, setup: str, quick: bool) -> Dict[str, Any]:
+    """Every measurement on one setup, each step in a directory of its own."""
+    started = time.monotonic()
+    dirs: Dict[str, Tuple[str, str]] = {}
+
+    def fresh(step: str) -> Tuple[str, str]:
+        a, b = made.fresh_dir(setup)
+        dirs[step] = (str(a), str(b))
+        return dirs[step]
+    result = {"setup": setup,
+              **shared_exchanges(*fresh("exchanges"), 3 if quick else 24, 1 if quick else 6),
+              "status": shared_status(*fresh("status")),
+              "dead": shared_dead_lock(*fresh("dead holder")),
+              "live": shared_live_holder(*fresh("live holder"), 0.3 if quick else 1.0)}
+    return {**result, "leftovers": leftovers(dirs), "seconds": time.monotonic() - started}
+
+
+def shared_local(made: mounts.Mounts, quick: bool) -> Dict[str, Any]:
+    """The same exchanges in a local directory: what bindfs and sshfs add to."""
+    local = made.base / "local"
+    local.mkdir()
+    result = shared_exchanges(str(local), str(local), 3 if quick else 24, 1 if quick else 6)
+    return {"setup": f"local ({filesystem_of(str(local))})", **result}
+
+
+def run_shared(quick: bool, setups: Sequence[str] = SHARED_SETUPS) -> Dict[str, Any]:
+    """Measure each mount setup across hosts, beside the local directory."""
     why = mounts.why_not(setups)
     if why is not None:
         raise SystemExit(f"bench.py --shared: cannot mount: {why}")
-    count = 5 if quick else 100
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="filechat-bench-shared-") as root:
         made = mounts.Mounts(Path(root), setups).start()
         try:
-            rows: List[Dict[str, Any]] = []
-            local = str(made.base / "local")
-            os.mkdir(local)
-            rows.append({"setup": f"local ({filesystem_of(local)})", "mode": "one host",
-                         **shared_exchanges(os.path.join(local, "buf.txt"),
-                                            os.path.join(local, "buf.txt"), (None, None), count)})
-            for setup in made.points:
-                for mode, hosts in (("one host, two mounts", (None, None)),
-                                    ("two hosts", ("alpha", "beta"))):
-                    a, b = made.fresh_dir(setup)
-                    rows.append({"setup": setup, "mode": mode, **shared_exchanges(
-                        str(a / "buf.txt"), str(b / "buf.txt"), hosts, count)})
-            faults = []
-            for setup in ("bindfs", "sshfs"):
-                if setup not in made.points:
-                    continue
-                a, b = made.fresh_dir(setup)
-                dead = shared_dead_lock(str(a), str(b))
-                a, b = made.fresh_dir(setup)
-                live = shared_live_holder(str(a), str(b), 0.3 if quick else 1.0)
-                faults.append({"setup": setup, "dead": dead, "live": live})
+            local = shared_local(made, quick)
+            results = [shared_setup(made, setup, quick) for setup in setups]
+            timings = dict(made.timings)
         finally:
             made.stop()
-    return {"rows": rows, "faults": faults, "quick": quick,
+    return {"local": local, "setups": results, "quick": quick, "mount_timings": timings,
+            "seconds": time.monotonic() - started,
             "poll": filechat_constant("SHARED_POLL_INTERVAL"),
             "heartbeat": filechat_constant("HEARTBEAT_INTERVAL")}
 
 
 def filechat_constant(name: str) -> float:
+    """One of filechat's constants, which the targets derive from."""
     sys.path.insert(0, ROOT)
     import filechat
     return float(getattr(filechat, name))
 
 
+def exchange_target(r: Dict[str, Any], setup: str, mode: str) -> Optional[float]:
+    """A mode's median target on a setup: a cluster's own, else 3 polls beyond local."""
+    if setup in CLUSTER_TARGETS:
+        return CLUSTER_TARGETS[setup][MODES.index(mode)]
+    if setup in ("bindfs", "sshfs"):
+        return float(3 * r["poll"] + r["local"]["modes"][mode]["median"])
+    return 0.2 if setup == "bindfs-cached" else None
+
+
+def met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def exchanges_table(r: Dict[str, Any]) -> List[str]:
+    """One row per setup and mode: what arrived, and how fast, beside its target."""
+    out = ["| setup | mode | delivered | duplicates | wrong | failures | median | max | "
+           "target (median) | met |", "|" + " --- |" * 10]
+    for result in [r["local"], *r["setups"]]:
+        for mode in MODES:
+            row = result["modes"][mode]
+            target = exchange_target(r, result["setup"], mode)
+            ok = (row["delivered"] == row["attempted"] and not row["duplicates"]
+                  and not row["wrong"] and (target is None or row["median"] <= target))
+            out.append(f"| {result['setup']} | {mode} | {row['delivered']} of "
+                       f"{row['attempted']} | {row['duplicates']} | {row['wrong']} | "
+                       f"{len(row['failures'])} | {fmt_ms(row['median'])} | "
+                       f"{fmt_ms(row['max'])} | "
+                       f"{'' if target is None else '<= ' + fmt_ms(target)} | {met(ok)} |")
+    return out
+
+
+def lag(look: Dict[str, Any]) -> str:
+    return "never" if look["after"] is None else f"{look['after']:.2f}"
+
+
+def faults_table(r: Dict[str, Any]) -> List[str]:
+    """One row per setup: status's lag, the dead and live holders, what was left behind."""
+    beats = 3 * r["heartbeat"]
+    out = ["| setup | status right after, s (a / b): started | lock held | stopped | "
+           f"<= {STATUS_WITHIN:g} s | dead holder cleared after | <= {beats:g} s "
+           "(3 heartbeats) | live holder broken | leftovers |",
+           "|" + " --- |" * 9]
+    for result in r["setups"]:
+        looks = [look for check in result["status"].values() for look in check.values()]
+        quick = all(look["after"] is not None and look["after"] <= STATUS_WITHIN
+                    for look in looks)
+        dead, live = result["dead"], result["live"]
+        wait = dead["lock_wait"]
+        cleared = dead["ok"] and wait is not None and wait <= beats
+        out.append(
+            f"| {result['setup']} | "
+            + " | ".join(" / ".join(lag(check[side]) for side in ("a", "b"))
+                         for check in result["status"].values())
+            + f" | {met(quick)} | "
+            + ("failed" if wait is None else f"{wait:.2f} s") + f" | {met(cleared)} | "
+            + f"{live['broken']} (held {live['held']:g} s): "
+            + met(live["ok"] and not live["broken"])
+            + f" | {', '.join(result['leftovers']) or 'none'} |")
+    return out
+
+
 def shared_table(r: Dict[str, Any]) -> str:
-    """Format run_shared's measurements as Markdown tables."""
-    local = r["rows"][0]["median"]
-    bound = 3 * r["poll"] + local
-    out = ["| setup | mode | delivered | twice | median | max | target | met |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for row in r["rows"]:
-        target, ok = "", True
-        if row["setup"] in ("bindfs", "sshfs"):
-            target, ok = f"<= {fmt_ms(bound)}", row["median"] <= bound
-        elif row["setup"] == "bindfs-cached":
-            target, ok = "<= 200 ms", row["median"] <= 0.2
-        everything = row["delivered"] == row["attempted"] and not row["duplicates"]
-        out.append(f"| {row['setup']} | {row['mode']} | {row['delivered']} of "
-                   f"{row['attempted']} | {row['duplicates']} | {fmt_ms(row['median'])} | "
-                   f"{fmt_ms(row['max'])} | {target} | "
-                   f"{'yes' if ok and everything else '**no**'} |")
-    out += ["", "| setup | dead remote lock cleared after | target | live holder, "
-            "held | broken | target | met |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for fault in r["faults"]:
-        dead, live = fault["dead"], fault["live"]
-        ok = (dead["ok"] and dead["lock_wait"] <= 3 * r["heartbeat"] and live["ok"]
-              and live["broken"] == 0)
-        out.append(f"| {fault['setup']} | {dead['lock_wait']:.2f} s | <= "
-                   f"{3 * r['heartbeat']:g} s (3 heartbeats) | {live['held']:g} s "
-                   f"(10 x --stale-after) | {live['broken']} | 0 | {'yes' if ok else '**no**'} |")
+    """Format run_shared's measurements as Markdown tables, and the failures' messages."""
+    out = [*exchanges_table(r), "", *faults_table(r)]
+    for result in [r["local"], *r["setups"]]:
+        for mode in MODES:
+            for error in sorted(set(result["modes"][mode]["failures"])):
+                out.append(f"\n{result['setup']}, {mode}: a client failed: {error}")
+    looks = [look["look"] for result in r["setups"] for check in result["status"].values()
+             for look in check.values() if look["look"] is not None]
+    if looks:
+        out.append("\nStatus: the time is when the look that was right returned; the "
+                   f"slowest such look itself took {max(looks):.2f} s")
     note = " (--quick: counts too small to mean anything)" if r["quick"] else ""
-    return "\n".join(out) + (f"\n\nPoll interval {r['poll']:g} s, heartbeat "
-                             f"{r['heartbeat']:g} s; target for uncached mounts: 3 x the poll "
-                             f"interval + the local exchange{note}")
+    took = ", ".join(f"{result['setup']} {result['seconds']:.0f} s" for result in r["setups"])
+    return "\n".join(out) + (
+        f"\n\nClients on mount b as host beta, the server on mount a as host alpha; poll "
+        f"interval {r['poll']:g} s, heartbeat {r['heartbeat']:g} s; bindfs and sshfs target: "
+        f"3 x the poll interval + the local exchange. Run took {r['seconds']:.0f} s "
+        f"({took}){note}")
 
 
 def fmt_ms(seconds: float) -> str:
@@ -747,10 +977,10 @@ def main(argv: Sequence[str] = ()) -> int:
                         help="run in a new directory in DIR (default: the system's temp "
                              "directory); e.g. /dev/shm for tmpfs")
     parser.add_argument("--shared", action="store_true",
-                        help="measure across hosts on bindfs and sshfs mounts of one "
-                             "directory instead (needs root and /dev/fuse)")
-    parser.add_argument("--setups", metavar="SETUP,...",
-                        default=",".join(mounts.LOCAL_SETUPS),
+                        help="measure across hosts on two mounts of one directory instead: "
+                             "exchanges, status, dead and live holders, leftovers (needs "
+                             "root and /dev/fuse)")
+    parser.add_argument("--setups", metavar="SETUP,...", default=",".join(SHARED_SETUPS),
                         help="with --shared: the mount setups, of "
                              f"{', '.join(mounts.SETUPS)} (default: %(default)s)")
     args = parser.parse_args(argv)
