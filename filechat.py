@@ -1815,14 +1815,17 @@ def settled(looks: Dict[str, bool]) -> Dict[str, Optional[Verdict]]:
     watched until it changes (its holder lives: within one heartbeat) or
     HEARTBEAT_TIMEOUT seconds pass without a change (it has ended).
     """
-    def open_question(verdict: Optional[Verdict]) -> bool:
-        return (verdict is not None and verdict.how == "heartbeat" and not verdict.ended
-                and (verdict.silent > 0 or not waiter.woke))      # unchanged, or not seen yet
+    def beating(verdict: Optional[Verdict]) -> bool:
+        return verdict is not None and verdict.how == "heartbeat" and not verdict.ended
     verdicts = {path: judge(path, ours) for path, ours in looks.items()}
+    open_ones = [path for path, verdict in verdicts.items() if beating(verdict)]
     with Waiter((), poll=True, poll_interval=PROGRESS_INTERVAL) as waiter:
-        while any(map(open_question, verdicts.values())):
+        while open_ones:                 # each settles on its own: beats need not coincide
             waiter.wait(PROGRESS_INTERVAL)
-            verdicts = {path: judge(path, ours) for path, ours in looks.items()}
+            for path in list(open_ones):
+                verdicts[path] = verdict = judge(path, looks[path])
+                if verdict is None or not beating(verdict) or verdict.silent == 0:
+                    open_ones.remove(path)
     return verdicts
 
 

@@ -202,9 +202,11 @@ def test_a_dead_remote_waiter_leaves_the_line(uncached: Share) -> None:
     assert share.leftovers() == []
 
 
-def test_status_is_right_from_every_side(uncached: Share) -> None:
+def test_status_is_right_from_every_side(uncached: Share, tmp_path: Path) -> None:
     share = uncached
-    srv = share.server("alpha", share.a, "--auto-reply", "ok")
+    go = tmp_path / "go"             # the hook answers once it exists: a local file
+    srv = share.server("alpha", share.a, "--auto-reply-cmd",
+                       f"while [ ! -e {go} ]; do sleep 0.05; done; cat")
 
     def status(host: str, side: Path) -> Tuple[int, str]:
         proc = share.start(host, side, "status", "buf.txt")
@@ -213,6 +215,14 @@ def test_status_is_right_from_every_side(uncached: Share) -> None:
     for host, side in (("alpha", share.a), ("beta", share.b)):
         code, out = status(host, side)
         assert code == 0 and "running, process" in out and "on alpha" in out, out
+    client = share.client("beta", share.b, "held")
+    srv.expect("held")
+    # Both the presence file and the lock beat: each is settled on its own.
+    for host, side in (("alpha", share.a), ("beta", share.b)):
+        code, out = status(host, side)
+        assert "held by process" in out and "on beta" in out and "being answered" in out, out
+    go.touch()
+    assert finished(client) == (0, "held")
     srv.popen.kill()                            # dies without withdrawing its presence
     srv.wait()
     code, out = status("beta", share.b)
