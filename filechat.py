@@ -1813,22 +1813,26 @@ def settled(looks: Dict[str, bool]) -> Dict[str, Optional[Verdict]]:
 
     For a single look (status, a server starting): a record that beats is
     watched until it changes (its holder lives: within one heartbeat) or
-    HEARTBEAT_TIMEOUT seconds pass without a change (it has ended).
+    HEARTBEAT_TIMEOUT seconds pass without a change (it has ended). Each
+    settles on its own (beats need not coincide), and all are looked at
+    again meanwhile: what appears or goes during the look is what it says.
     """
     def beating(verdict: Optional[Verdict]) -> bool:
         return verdict is not None and verdict.how == "heartbeat" and not verdict.ended
     verdicts = {path: judge(path, ours) for path, ours in looks.items()}
-    open_ones = [path for path, verdict in verdicts.items() if beating(verdict)]
+    first = {path: verdict.seen.head for path, verdict in verdicts.items() if verdict}
+    lived: Set[str] = set()            # seen to change since their first sighting here
+    deadline = time.monotonic() + HEARTBEAT_TIMEOUT + HEARTBEAT_INTERVAL
     with Waiter((), poll=True, poll_interval=PROGRESS_INTERVAL) as waiter:
-        while open_ones:                 # each settles on its own: beats need not coincide
+        while (any(beating(verdict) and path not in lived for path, verdict in verdicts.items())
+               and time.monotonic() < deadline):
             waiter.wait(PROGRESS_INTERVAL)
-            for path in list(open_ones):
-                verdicts[path] = verdict = judge(path, looks[path])
-                if verdict is None or not beating(verdict) or verdict.silent == 0:
-                    open_ones.remove(path)
+            for path, ours in looks.items():
+                verdicts[path] = verdict = judge(path, ours)
+                if verdict is not None and first.setdefault(path, verdict.seen.head) != \
+                        verdict.seen.head:
+                    lived.add(path)
     return verdicts
-
-
 
 
 # --- Holding: a lock, a ticket or the presence file, from taking it to letting it go ---
