@@ -50,9 +50,14 @@ MIB = 1 << 20
 # to both, before the exchanges; each reports the CPU time it used over them.
 CPU = r"""
 import resource
-def cpu():        # user and system seconds (to the microsecond), children's included
-    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
-                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+def cpu():        # [user, system] seconds (to the microsecond), children's included
+    both = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    return [sum(u.ru_utime for u in both), sum(u.ru_stime for u in both)]
+"""
+# A server says its CPU time so far when the benchmark sends it SIGUSR1.
+SAY_CPU = CPU + r"""
+import json, signal
+signal.signal(signal.SIGUSR1, lambda *_: print(json.dumps(cpu()), flush=True))
 """
 INOTIFY = CPU + r"""
 import ctypes, os, select
@@ -79,7 +84,7 @@ def publish(path, data):
     os.close(file)
     os.rename(temp, path)
 """
-FLOOR_SERVER = INOTIFY + r"""
+FLOOR_SERVER = SAY_CPU + INOTIFY + r"""
 import sys
 directory = sys.argv[1]
 fd = watch(directory)
@@ -108,10 +113,10 @@ for i in range(count):
     os.unlink(reply)
     os.unlink(lock)
     times.append(time.perf_counter() - start)
-used = cpu() - before
+used = [after - then for after, then in zip(cpu(), before)]
 print(json.dumps({"times": times, "cpu": used}))
 """
-ECHO_SERVER = r"""
+ECHO_SERVER = SAY_CPU + r"""
 import sys, time, json
 sys.path.insert(0, sys.argv[1])
 import filechat
@@ -151,7 +156,7 @@ for i in range(count):
     times.append(time.perf_counter() - start)
     assert reply == message
     del reply                     # the caller is done with it before the next exchange
-used = cpu() - before
+used = [after - then for after, then in zip(cpu(), before)]
 print(json.dumps({"times": times, "baseline": baseline, "maxrss": rss("VmHWM:"), "cpu": used}))
 """
 # Runs a command with stdout to a file and says its wall time and peak memory.
@@ -278,16 +283,27 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 
 def client_and_server_cpu(server: "subprocess.Popen[str]", code: str, *args: str
-                          ) -> Tuple[Any, float]:
-    """Run a client snippet against a running server; its JSON and the server's CPU meanwhile.
+                          ) -> Tuple[Any, Dict[str, float]]:
+    """Run a client snippet against a running server; its JSON, and the CPU time of both.
 
-    The server's CPU time is read once the client is set up (the library
-    client's warm-up exchange done) and again once it has exited, so that
-    it covers the client's exchanges and nothing else but waiting.
+    The server's is read once the client is set up (the library client's
+    warm-up exchange done) and again once it has exited, so that it covers
+    the client's exchanges and nothing else but waiting; the client's is
+    its own over its exchanges. Seconds: all, and in the kernel ("system").
     """
-    before: List[float] = []
-    result = run_client(code, *args, at_ready=lambda pid: before.append(process_cpu(server.pid)))
-    return result, process_cpu(server.pid) - before[0]
+    before: List[List[float]] = []
+    result = run_client(code, *args, at_ready=lambda pid: before.append(server_cpu(server)))
+    after = server_cpu(server)
+    user, system = result["cpu"]
+    return result, {"client": user + system, "client_system": system,
+                    "server": sum(after) - sum(before[0]), "server_system": after[1] - before[0][1]}
+
+
+def server_cpu(server: "subprocess.Popen[str]") -> List[float]:
+    """A running server's [user, system] CPU seconds so far, children's included: it says."""
+    assert server.stdout is not None
+    server.send_signal(signal.SIGUSR1)
+    return list(json.loads(server.stdout.readline()))
 
 
 def measure_floor(directory: str, count: int) -> Tuple[List[float], Dict[str, float]]:
@@ -297,11 +313,10 @@ def measure_floor(directory: str, count: int) -> Tuple[List[float], Dict[str, fl
     """
     server = start_process(FLOOR_SERVER, directory)
     try:
-        result, server_cpu = client_and_server_cpu(server, FLOOR_CLIENT, directory, str(count))
+        result, cpu = client_and_server_cpu(server, FLOOR_CLIENT, directory, str(count))
     finally:
         stop(server)
-    cpu = {"client": float(result["cpu"]), "server": server_cpu, "exchanges": float(count)}
-    return list(result["times"])[count // 10:], cpu      # the first tenth warms up
+    return list(result["times"])[count // 10:], {**cpu, "exchanges": float(count)}
 
 
 def measure_library(directory: str, count: int, poll: bool, size: int = 0
@@ -318,15 +333,14 @@ def measure_library(directory: str, count: int, poll: bool, size: int = 0
     server = start_process(ECHO_SERVER, PYZ, buffer, mode)
     try:
         server_baseline = rss(server.pid, "VmRSS:")
-        result, server_cpu = client_and_server_cpu(server, LIBRARY_CLIENT, PYZ, buffer,
-                                                   str(count), mode, str(size))
+        result, cpu = client_and_server_cpu(server, LIBRARY_CLIENT, PYZ, buffer, str(count),
+                                            mode, str(size))
         memory = {"client_peak": result["maxrss"], "client_baseline": result["baseline"],
                   "server_peak": rss(server.pid, "VmHWM:"), "server_baseline": server_baseline}
     finally:
         stop(server)
-    cpu = {"client": float(result["cpu"]), "server": server_cpu, "exchanges": float(count)}
     times = result["times"]
-    return times[count // 10:] if count >= 10 else times, memory, cpu
+    return times[count // 10:] if count >= 10 else times, memory, {**cpu, "exchanges": count}
 
 
 STRACE_MISSING = "strace is not installed (scripts/test.sh installs it, as root, with apt)"
@@ -437,13 +451,6 @@ def rss(pid: int, field: str) -> int:
             if line.startswith(field):
                 return int(line.split()[1])
     return 0
-
-
-def process_cpu(pid: int) -> float:
-    """A running process's CPU time and that of its children it has waited for, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return cpu_seconds(pid) + (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -1035,8 +1042,8 @@ def run(quick: bool, where: Optional[str] = None) -> Dict[str, Any]:
         # up to 100 x), and both sides create files on every exchange.
         floor: List[float] = []
         library: List[float] = []
-        cpu = {kind: {"client": 0.0, "server": 0.0, "exchanges": 0.0}
-               for kind in ("floor", "library")}
+        cpu = {kind: dict.fromkeys(("client", "client_system", "server", "server_system",
+                                    "exchanges"), 0.0) for kind in ("floor", "library")}
         rounds = 2 if quick else 10
         shared = fresh("round-trips")
         for _ in range(rounds):
@@ -1064,7 +1071,7 @@ def run(quick: bool, where: Optional[str] = None) -> Dict[str, Any]:
         "library_median": statistics.median(library), "library_p99": quantile(library, 0.99),
         "library_per_s": len(library) / sum(library),
         "cpu_per_exchange": {kind: {side: used[side] / used["exchanges"]
-                                    for side in ("client", "server")}
+                                    for side in used if side != "exchanges"}
                              for kind, used in cpu.items()},
         "syscalls_per_exchange": syscalls,
         "spec_median": statistics.median(spec),
@@ -1158,8 +1165,11 @@ def cost_rows(r: Dict[str, Any]) -> List[Tuple[str, ...]]:
     rows: List[Tuple[str, ...]] = []
     for side in ("client", "server"):
         mine, floor = cpu["library"][side], cpu["floor"][side]
-        rows.append((f"  {side}: CPU time per exchange (children included)", fmt_ms(mine),
-                     f"{mine / floor:.1f} x floor's {fmt_ms(floor)}", ""))
+        kernel = cpu["library"][f"{side}_system"]
+        rows.append((f"  {side}: CPU time per exchange (children included)",
+                     f"{fmt_ms(mine)}, {100 * kernel / mine:.0f} % in the kernel",
+                     f"{mine / floor:.1f} x floor's {fmt_ms(floor)} "
+                     f"({100 * cpu['floor'][f'{side}_system'] / floor:.0f} %)", ""))
     if "error" in syscalls:
         return [*rows, ("  system calls per exchange", "not measured", syscalls["error"], "")]
     for side in ("client", "server"):
