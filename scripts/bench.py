@@ -350,18 +350,21 @@ class StraceFailed(Exception):
     """strace could not trace (not installed, or ptrace not allowed here)."""
 
 
-def strace_summary(path: str) -> Dict[str, List[int]]:
-    """Parse strace -c's table: {syscall: [calls, failed calls]}, "total" among them.
+def strace_summary(path: str) -> Dict[str, List[float]]:
+    """Parse strace -c's table: {syscall: [calls, failed calls, seconds]}, "total" among them.
 
-    strace writes no table when what it traced made no system call.
+    The seconds are the kernel's time in those calls as strace measures it,
+    which tracing inflates: only their shares mean something. strace writes
+    no table when what it traced made no system call.
     """
-    counts: Dict[str, List[int]] = {"total": [0, 0]}
+    counts: Dict[str, List[float]] = {"total": [0, 0, 0.0]}
     with open(path) as f:
         for line in f:
             fields = line.split()
             # % time, seconds, usecs/call, calls, [errors,] syscall
             if len(fields) in (5, 6) and fields[3].isdigit():
-                counts[fields[-1]] = [int(fields[3]), int(fields[4]) if len(fields) == 6 else 0]
+                counts[fields[-1]] = [int(fields[3]), int(fields[4]) if len(fields) == 6 else 0,
+                                      float(fields[1])]
     return counts
 
 
@@ -398,7 +401,7 @@ def detach(tracer: "subprocess.Popen[str]") -> None:
         tracer.wait()
 
 
-def traced_run(directory: str, kind: str, count: int) -> Dict[str, Dict[str, List[int]]]:
+def traced_run(directory: str, kind: str, count: int) -> Dict[str, Dict[str, List[float]]]:
     """strace -c of each side over count exchanges, from the client's ready to its exit."""
     buffer = os.path.join(directory, "buf.txt")
     if kind == "floor":
@@ -435,9 +438,9 @@ def measure_syscalls(directory: str, count: int) -> Dict[str, Any]:
         for kind in ("floor", "library"):
             runs = [traced_run(directory, kind, n) for n in (count, 0)]
             result[kind] = {
-                side: {name: [(calls - runs[1][side].get(name, [0, 0])[0]) / count,
-                              (failed - runs[1][side].get(name, [0, 0])[1]) / count]
-                       for name, (calls, failed) in runs[0][side].items()}
+                side: {name: [(value - runs[1][side].get(name, [0, 0, 0.0])[i]) / count
+                              for i, value in enumerate(values)]
+                       for name, values in runs[0][side].items()}
                 for side in ("client", "server")}
     except StraceFailed as e:
         return {"error": str(e)}
@@ -1184,16 +1187,21 @@ def top_syscalls(syscalls: Dict[str, Any], most: int = 10) -> str:
     if "error" in syscalls:
         return f"\n\nSystem calls not measured: {syscalls['error']}"
     out = [f"\n\nSystem calls per exchange, most frequent first (strace -c over "
-           f"{syscalls['exchanges']} exchanges less a run of none; failed ones in brackets):"]
+           f"{syscalls['exchanges']} exchanges less a run of none), with how many failed and "
+           "their share of the kernel's time in system calls, as strace saw it:"]
     for kind in ("library", "floor"):
         for side in ("client", "server"):
             counts = syscalls[kind][side]
             ranked = sorted((name for name in counts if name != "total"),
                             key=lambda name: -counts[name][0])
+            kernel = counts["total"][2] or 1.0
             out.append(f"* {kind} {side}, {counts['total'][0]:.1f}: " + ", ".join(
-                f"{name} {counts[name][0]:.1f}"
-                + (f" ({counts[name][1]:.1f})" if counts[name][1] >= 0.05 else "")
-                for name in ranked[:most] if counts[name][0] >= 0.05))
+                f"{name} {calls:.1f} ("
+                + (f"{failed:.1f} failed, " if failed >= 0.05 else "")
+                + f"{100 * seconds / kernel:.0f} %)"
+                for name, (calls, failed, seconds) in ((name, counts[name])
+                                                        for name in ranked[:most])
+                if calls >= 0.05))
     return "\n".join(out)
 
 

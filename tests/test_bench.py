@@ -24,12 +24,13 @@ TABLE = """\
 def test_strace_summary_reads_calls_and_failures(tmp_path: Path) -> None:
     (tmp_path / "summary").write_text(TABLE)
     assert bench.strace_summary(str(tmp_path / "summary")) == {
-        "newfstatat": [100, 0], "openat": [3, 2], "total": [103, 2]}
+        "newfstatat": [100, 0, 0.000156], "openat": [3, 2, 0.000055],
+        "total": [103, 2, 0.000211]}
 
 
 def test_strace_summary_of_no_system_call_is_zero(tmp_path: Path) -> None:
     (tmp_path / "summary").write_text("")        # what strace writes then
-    assert bench.strace_summary(str(tmp_path / "summary")) == {"total": [0, 0]}
+    assert bench.strace_summary(str(tmp_path / "summary")) == {"total": [0, 0, 0.0]}
 
 
 def test_without_strace_the_bench_says_so_and_leaves_no_process(
