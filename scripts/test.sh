@@ -18,9 +18,11 @@ fi
 # scripts/mounts.py serves GlusterFS and CephFS volumes on this machine, each
 # mounted twice: as root, their tools come from Debian (tested: bindfs 1.14.7,
 # sshfs 3.7.3, OpenSSH 9.2, GlusterFS 10.3, Ceph 16.2.15).
-# Elsewhere those tests skip and say why.
+# Elsewhere those tests skip and say why. scripts/bench.py counts system calls
+# with strace (tested: 6.1); without it, it says so and measures the rest.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     need=()
+    command -v strace >/dev/null || need+=(strace)
     command -v bindfs >/dev/null || need+=(bindfs)
     command -v sshfs >/dev/null || need+=(sshfs)
     [ -x /usr/sbin/sshd ] || need+=(openssh-server)
