@@ -3966,13 +3966,15 @@ class Watcher:
         self.started = time.monotonic()
         self.known: Dict[str, Tuple[int, int, int]] = {}    # path: inode, size, mtime seen
         self.owners: Dict[str, Optional[Owner]] = {}        # record path: its holder
-        self.makers: Dict[str, Tuple[str, int, str]] = {}   # path: its temp file, pid, host
+        self.makers: Dict[str, Tuple[str, int, str, Dict[str, object]]] = {}
+        # path: the temp file it is being made in, its pid and host, what it holds
         self.replies: Set[str] = set()                      # response paths messages named
         self.ended: Set[str] = set()                        # replies seen complete
         self.since: Dict[str, float] = {}                   # lock or ticket: when it came
         self.sent: Optional[str] = None     # the lock's message's response path...
         self.answered = False               # ...and whether a reply (or note) came for it
         self.waiting = False                # the buffer holds a message nobody took yet
+        self.message: Dict[str, object] = {}   # what the buffer held last
         self.unended = False                # the buffer holds an unfinished message
         self.blind = ""                     # why messages are not read (said once)
         self.counts: Dict[str, int] = {}
@@ -3991,6 +3993,7 @@ class Watcher:
             finally:
                 inotify.give_back()
         self.poll(first=True)
+        log.debug("watching with polling every %g s", interval)
         while True:
             time.sleep(interval)
             self.poll()
@@ -4025,9 +4028,14 @@ class Watcher:
         now, changes = self.scan(), []
         for path in sorted(set(now) | set(self.known)):
             before, after = self.known.get(path), now.get(path)
-            if self.role(path) == "temp":
-                self._temp(path, after is not None)
-            elif before != after:
+            if before == after:
+                continue
+            if self.role(path) == "temp":      # a gone one is forgotten below, once used
+                self.known.pop(path, None)
+                if after is not None:
+                    self.known[path] = after
+                    self._temp(path, IN_CLOSE_WRITE)
+            else:
                 changes.append(("present" if first else "removed" if after is None else
                                 "claimed" if self.role(path) == "claim" and before is None else
                                 "written" if before is not None and before[0] == after[0] else
@@ -4061,6 +4069,7 @@ class Watcher:
                 if wd >= 0:                   # set before the look that sees what came first
                     watches[wd] = directory
                     self.poll()
+                    log.debug("watching %s with inotify", directory)
             select.select([inotify.fd], [], [], SAFETY_INTERVAL)
             events = [(watches.get(wd, ""), mask, os.fsdecode(name))
                       for wd, mask, name in _read_events(inotify.fd)]
@@ -4075,11 +4084,12 @@ class Watcher:
 
     def _event(self, path: str, mask: int, later: List[Tuple[str, int, str]]) -> None:
         """Tell what one inotify event says happened to path; later: the events after it."""
-        role, fresh = self.role(path), not any(os.path.join(d, n) == path for d, _, n in later)
+        role = self.role(path)
+        fresh = not any(m & ~IN_CLOSE_WRITE and os.path.join(d, n) == path for d, m, n in later)
         if role == "temp":
-            self._temp(path, not mask & IN_DELETE, mask & IN_MOVED_FROM != 0)
+            self._temp(path, mask)
         elif not role or (mask & IN_CLOSE_WRITE and (role in RECORDS or self._same(path))):
-            return     # a record's holder letting go, or a file created empty
+            return     # a record's holder letting go, a file seen as it is, or one gone
         elif mask & IN_CLOSE_WRITE:
             self.change("written", path, fresh)
         elif mask & IN_MOVED_FROM and role == "buffer" and later and later[0][1] & IN_MOVED_TO \
@@ -4093,23 +4103,27 @@ class Watcher:
                         if mask & IN_MOVED_TO or path in self.makers else "created", path, fresh)
 
     def _same(self, path: str) -> bool:
-        """True if path holds what it held at the last look (a file closed unchanged)."""
+        """True if path is as the last look saw it (or created empty), or gone: nobody
+        reads what is written to a removed file."""
         try:
             st = os.lstat(path)
         except OSError:
-            return False
-        return self.known.get(path) in ((st.st_ino, st.st_size, st.st_mtime_ns), (0, 0, 0)) \
-            and st.st_size == 0
+            return True
+        return self.known.get(path) in ((st.st_ino, st.st_size, st.st_mtime_ns),
+                                        (0, 0, 0) if st.st_size == 0 else None)
 
-    def _temp(self, path: str, there: bool, moving: bool = False) -> None:
-        """Note who makes the file a temp file at path will be published as (_temp_name)."""
+    def _temp(self, path: str, mask: int) -> None:
+        """Note who makes the file that a temp file at path is to be published as, and (once
+        written) what it holds: it may be gone again before a look (_temp_name)."""
         head, base = os.path.split(path)
         parts = base[1:].rsplit(".", 4)
-        if len(parts) == 5 and parts[2].isdigit() and there and not moving:
-            host = HOST if parts[1] == HOST_TAG else f"a host tagged {parts[1]}"
-            self.makers[os.path.join(head, parts[0])] = (path, int(parts[2]), host)
-        elif not there:
+        target = os.path.join(head, parts[0])
+        if mask & IN_DELETE:
             self.makers = {p: m for p, m in self.makers.items() if m[0] != path}
+        elif len(parts) == 5 and parts[2].isdigit() and not mask & IN_MOVED_FROM:
+            host = HOST if parts[1] == HOST_TAG else f"a host tagged {parts[1]}"
+            held = self._look(path, self.role(target)) if mask & IN_CLOSE_WRITE else {}
+            self.makers[target] = (path, int(parts[2]), host, held)
 
     def change(self, kind: str, path: str, fresh: bool = True, together: bool = False) -> None:
         """Tell one change to path: what is there now (if fresh), who, any breach."""
@@ -4120,7 +4134,12 @@ class Watcher:
             if path in self.since:
                 info["held"] = round(time.time() - self.since.pop(path), 3)
         elif fresh:
+            before = self.owners.get(path)
             info = self._look(path, role)
+            owner = self.owners.get(path)
+            if kind == "written" and role in RECORDS and before and owner \
+                    and before.token == owner.token:
+                return                # its holder's heartbeat or count, rewritten in place
         elif role in ("buffer", "claim", "reply"):
             info["changed"] = "again before a look"
         owner = self.owners.get(self.paths.presence if role == "claim" else path)
@@ -4131,10 +4150,14 @@ class Watcher:
             tickets = sorted(p for p in self.known if self.role(p) == "ticket")
             info["place"] = tickets.index(path) + 1 if path in tickets else None
         if kind == "published" and path in self.makers:
-            _, pid, host = self.makers.pop(path)
-        who = ("a client that does not name itself" if role == "lock" and not owner
-               and self.known.get(path, (0, 0, 0))[1] == 0 and "held" not in info
-               else f"pid {pid} on {host}" if pid else None)
+            _, pid, host, held = self.makers.pop(path)
+            info = held if "size" in held else info   # exactly what was published
+        if role == "buffer" and info.get("size"):
+            self.message = info
+        elif kind == "claimed" and "size" not in info:
+            info = self.message               # answered before a look: the buffer's last
+        who = (f"pid {pid} on {host}" if pid else
+               "a client that does not name itself" if role == "lock" else None)
         if kind == "removed" and role in RECORDS:
             self.owners.pop(path, None)
         breach = self._judge(kind, role, path, info)
@@ -4691,6 +4714,8 @@ def build_parser() -> argparse.ArgumentParser:
     watching.add_argument("--poll-interval", metavar="SECONDS", type=_positive_seconds,
                           help=f"seconds between looks when polling "
                                f"(default {SHARED_POLL_INTERVAL:g})")
+    watching.add_argument("-v", "--verbose", action="store_true",
+                          help="say on stderr how it waits (events or polling)")
     parser.set_defaults(parsers={"server": server, "client": client, "status": state,
                                  "watch": watching})
     return parser
@@ -5218,6 +5243,7 @@ def run_watch(args: argparse.Namespace, term: Terminal) -> int:
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(_signal, name):
             _signal.signal(getattr(_signal, name), _stop_on_signal)
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)   # as a server's (run_server)
     try:
         watcher.run(args.poll, args.poll_interval)
     except KeyboardInterrupt:
@@ -5256,8 +5282,9 @@ def _watch_line(record: Mapping[str, object], clock: Optional[str], color: bool)
         said.append("no end marker")
     elif record.get("error"):
         said.append("error reply: ends in ESC ESC")
-    said += [f"place {place} in line"] * bool(place) + [f"held {held} s"] * (held is not None)
-    said += [f"changed {record['changed']}"] * ("changed" in record)
+    said += [f"place {place} in line"] if place else []
+    said += [f"held {held} s"] if held is not None else []
+    said += [f"changed {record['changed']}"] if "changed" in record else []
     breach = record.get("breach")
     mark = "!" if breach else "~" if record.get("together") else " "
     if breach:
