@@ -19,7 +19,7 @@ a dead owner's file is cleared, a live one's never.
 Sections, each built on those above: framing, publish, look, record, holding,
 judge, waiter, sweep; then the client, the server, status and the CLI.
 Exit statuses: 0 ok, 1 error, 2 usage or bad input, 3 reply timeout, 4 lock
-timeout, 5 no server, 130 interrupted (129 SIGHUP, 143 SIGTERM).
+timeout, 5 no server, 6 breach seen (watch), 130 interrupted (129 SIGHUP, 143 SIGTERM).
 
 Assumptions: every participant sees the same files; os.link fails if the name
 exists and os.replace is atomic; text is UTF-8 without ESC or NUL; a peer that
@@ -144,6 +144,7 @@ EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
 EXIT_LOCK_TIMEOUT = 4
 EXIT_NO_SERVER = 5
+EXIT_BREACH = 6
 EXIT_INTERRUPTED = 130
 
 # Each command's exit statuses, as its --help says them ("": every command's).
@@ -156,6 +157,7 @@ exit status:
   3    no reply within --timeout
   4    lock not acquired within --lock-timeout
   5    no server is running on the buffer (status; a client's --server-timeout)
+  6    watch saw a protocol breach
   130  client interrupted by Ctrl+C (129: SIGHUP, 143: SIGTERM)""",
     "server": """\
 exit status:
@@ -177,6 +179,11 @@ exit status:
   0    a server is running on the buffer
   2    usage error (e.g. a missing directory)
   5    no server is running on the buffer""",
+    "watch": """\
+exit status:
+  0    stopped by Ctrl+C, SIGTERM or SIGHUP; no breach of the protocol seen
+  2    usage error (e.g. a missing directory)
+  6    stopped, and a breach of the protocol was seen (counted in the last line)""",
 }
 
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # absent on Windows
@@ -711,7 +718,7 @@ def look(path: str, size: int = KEPT, noatime: bool = False) -> Optional[Seen]:
 
 
 def looked_into(path: str, use: Callable[[int, os.stat_result], Any],
-                noatime: bool = False) -> Any:
+                noatime: bool = False, strict: bool = False) -> Any:
     """Return use(fd, st) for what is at path, open to read; None if nothing is now.
 
     The one way filechat looks at a file: opened, since an open asks the file
@@ -720,7 +727,7 @@ def looked_into(path: str, use: Callable[[int, os.stat_result], Any],
     mount is not seen through it; and a file removed or replaced meanwhile
     (ENOENT, ESTALE, from any call) is none. Other errors say which file.
     """
-    fd = _open_to_read(path, noatime)
+    fd = _open_to_read(path, noatime, strict)
     if fd is None:
         return None
     try:
@@ -736,20 +743,24 @@ def looked_into(path: str, use: Callable[[int, os.stat_result], Any],
         _close(fd)
 
 
-def _open_to_read(path: str, noatime: bool = False) -> Optional[int]:
+def _open_to_read(path: str, noatime: bool = False, strict: bool = False) -> Optional[int]:
     """Open path for reading; None if nothing is there (ENOENT, ESTALE).
 
     Never through a symlink, and never blocking on a FIFO planted there. With
     noatime, for a buffer, without touching its access time where the system
     allows (the file's owner): a read in place is how a spec server shows.
+    strict: PermissionError where it does not allow that, rather than a read.
     """
     flags = os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_BINARY
+    if strict and not O_NOATIME:
+        raise PermissionError(errno.EPERM, "O_NOATIME is not available here", path)
     try:
         if noatime and O_NOATIME:
             try:
                 return os.open(path, flags | O_NOATIME)
             except PermissionError:
-                pass                 # another user's file: O_NOATIME refused
+                if strict:       # another user's file: O_NOATIME refused
+                    raise
         return os.open(path, flags)
     except OSError as exc:
         if exc.errno in GONE:
@@ -1559,6 +1570,7 @@ def _windows_pid_alive(pid: int) -> bool:
 IN_ATTRIB = 0x004        # a watched file's link count fell (it was removed), or it was touched
 IN_CLOSE_WRITE = 0x008   # a file open for writing was closed: written in place, or its
                          # holder ended (the kernel closes a dead process's files)
+IN_MOVED_FROM = 0x040    # a name was renamed away (a claim; watch only)
 IN_MOVED_TO = 0x080      # a name was renamed into place (os.replace)
 IN_CREATE = 0x100        # a name was created or hard-linked (published whole)
 IN_DELETE = 0x200        # a name was removed (a lock released, a reply read)
@@ -3926,6 +3938,317 @@ def status(buffer: str, lock_path: Optional[str] = None,
             "waiting_clients": len(WaitingLine(paths.lock).tickets())}
 
 
+# --- Watch: the protocol's files as they change, none of them touched ---
+# After status: it reads what every section above writes.
+
+BREACHES = {       # what the files alone show; said as seen, never as whose fault
+    "unlocked": "buffer written while no lock exists",
+    "overwritten": "message overwritten before it was answered or withdrawn",
+    "unanswered": "lock removed before any reply appeared for its message",
+    "reply-lost": "reply replaced or removed before its client read it",
+    "unended": "message without the end marker when its lock goes",
+}
+WATCH_EVENTS = IN_CREATE | IN_MOVED_FROM | IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE
+RECORDS = ("lock", "ticket", "presence")    # one JSON line each, made whole; rewritten: beats
+# The protocol's order: changes that one poll saw together are judged in it
+# (no breach that some order allows) and shown marked as seen together.
+ROLES = ("lock", "ticket", "buffer", "claim", "reply", "rejected", "presence")
+
+
+class Watcher:
+    """Tell each change to the files of the exchanges on a buffer, as one record to emit.
+
+    Changes come from inotify's events, in their order, or from polls that
+    compare the directories' listings with the last ones. Files are only
+    read, the buffer and claims with O_NOATIME or not at all: a filechat
+    client takes a read of its message for a spec server's.
+    """
+
+    def __init__(self, paths: Paths, emit: Callable[[Dict[str, object]], None]) -> None:
+        self.paths, self.emit = paths, emit
+        self.line = paths.lock + LINE_SUFFIX
+        self.started = time.monotonic()
+        self.known: Dict[str, Tuple[int, int, int]] = {}    # path: inode, size, mtime seen
+        self.owners: Dict[str, Optional[Owner]] = {}        # record path: its holder
+        self.makers: Dict[str, Tuple[str, int, str, Dict[str, object]]] = {}
+        # path: the temp file it is being made in, its pid and host, what it holds
+        self.replies: Set[str] = set()                      # response paths messages named
+        self.ended: Set[str] = set()                        # replies seen complete
+        self.since: Dict[str, float] = {}                   # lock or ticket: when it came
+        self.sent: Optional[str] = None     # the lock's message's response path...
+        self.answered = False               # ...and whether a reply (or note) came for it
+        self.waiting = False                # the buffer holds a message nobody took yet
+        self.message: Dict[str, object] = {}   # what the buffer held last
+        self.unended = False                # the buffer holds an unfinished message
+        self.blind = ""                     # why messages are not read (said once)
+        self.counts: Dict[str, int] = {}
+
+    def run(self, poll: Optional[bool] = None, interval: Optional[float] = None) -> None:
+        """Tell every change until interrupted (KeyboardInterrupt); counts holds the breaches.
+
+        Polls where the filesystem sends no events of other hosts' changes
+        (Paths.waiting_mode), or if asked; else follows inotify's events.
+        """
+        poll, interval = self.paths.waiting_mode(poll, interval, SHARED_POLL_INTERVAL)
+        inotify = None if poll else _Inotify.borrow()
+        if inotify is not None:
+            try:
+                self.follow(inotify)
+            finally:
+                inotify.give_back()
+        self.poll(first=True)
+        log.debug("watching with polling every %g s", interval)
+        while True:
+            time.sleep(interval)
+            self.poll()
+
+    def role(self, path: str) -> str:
+        """Name the part path plays ("temp": a file being made; "": none)."""
+        base, buffer = os.path.basename(path), self.paths.buffer
+        return ("temp" if base.startswith(".") and base.endswith(".tmp") else
+                "lock" if path == self.paths.lock else "buffer" if path == buffer else
+                "presence" if path == self.paths.presence else
+                "claim" if path.startswith(self.paths.claim_prefix) else
+                "rejected" if path.startswith(buffer + REJECTED_SUFFIX) else
+                "ticket" if os.path.dirname(path) == self.line and _is_ticket(base) else
+                "reply" if path in self.replies or base.startswith(REPLY_PREFIX) else "")
+
+    def scan(self) -> Dict[str, Tuple[int, int, int]]:
+        """Return inode, size and modification time of each protocol file there now."""
+        found = {}
+        for directory in {*self.paths.directories(), self.line}:
+            try:
+                with os.scandir(directory) as entries:
+                    for entry in entries:
+                        if self.role(entry.path):
+                            st = entry.stat(follow_symlinks=False)
+                            found[entry.path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:
+                continue        # missing (the line, between waiters), or gone meanwhile
+        return found
+
+    def poll(self, first: bool = False) -> None:
+        """Look once; tell each change since the last look, in the protocol's order."""
+        now, changes = self.scan(), []
+        for path in sorted(set(now) | set(self.known)):
+            before, after = self.known.get(path), now.get(path)
+            if before == after:
+                continue
+            if self.role(path) == "temp":      # a gone one is forgotten below, once used
+                self.known.pop(path, None)
+                if after is not None:
+                    self.known[path] = after
+                    self._temp(path, IN_CLOSE_WRITE)
+            else:
+                changes.append(("present" if first else "removed" if after is None else
+                                "claimed" if self.role(path) == "claim" and before is None else
+                                "written" if before is not None and before[0] == after[0] else
+                                "published" if before or path in self.makers else "created",
+                                path, after))
+        if any(kind == "claimed" for kind, _, _ in changes):   # the buffer renamed to it
+            changes = [c for c in changes if c[:2] != ("removed", self.paths.buffer)]
+        changes.sort(key=lambda c: (c[0] == "removed", ROLES.index(self.role(c[1]))))
+        for kind, path, after in changes:
+            self.known.pop(path, None)
+            if after is not None:
+                self.known[path] = after     # till a look says more: the lock is there
+            self.change(kind, path, together=len(changes) > 1 and not first)
+        self.makers = {p: m for p, m in self.makers.items() if m[0] in now}
+
+    def follow(self, inotify: _Inotify) -> None:
+        """Tell each change as inotify reports it, until interrupted."""
+        watches: Dict[int, str] = {}
+        self.poll(first=True)
+        try:
+            self._follow(inotify, watches)
+        finally:
+            for wd in watches:
+                _libc().inotify_rm_watch(inotify.fd, wd)
+
+    def _follow(self, inotify: _Inotify, watches: Dict[int, str]) -> None:
+        """Watch the directories (again, once made anew), and tell each event's change."""
+        while True:
+            for directory in {*self.paths.directories(), self.line} - set(watches.values()):
+                wd = _libc().inotify_add_watch(inotify.fd, os.fsencode(directory), WATCH_EVENTS)
+                if wd >= 0:                   # set before the look that sees what came first
+                    watches[wd] = directory
+                    self.poll()
+                    log.debug("watching %s with inotify", directory)
+            select.select([inotify.fd], [], [], SAFETY_INTERVAL)
+            events = [(watches.get(wd, ""), mask, os.fsdecode(name))
+                      for wd, mask, name in _read_events(inotify.fd)]
+            for index, (directory, mask, name) in enumerate(events):
+                if mask & IN_IGNORED:
+                    for wd in [w for w, d in watches.items() if d == directory]:
+                        del watches[wd]
+                if mask & IN_Q_OVERFLOW:
+                    self.poll()               # events lost: the listings tell what changed
+                elif directory and name:
+                    self._event(os.path.join(directory, name), mask, events[index + 1:])
+
+    def _event(self, path: str, mask: int, later: List[Tuple[str, int, str]]) -> None:
+        """Tell what one inotify event says happened to path; later: the events after it."""
+        role = self.role(path)
+        fresh = not any(m & ~IN_CLOSE_WRITE and os.path.join(d, n) == path for d, m, n in later)
+        if role == "temp":
+            self._temp(path, mask)
+        elif not role or (mask & IN_CLOSE_WRITE and (role in RECORDS or self._same(path))):
+            return     # a record's holder letting go, a file seen as it is, or one gone
+        elif mask & IN_CLOSE_WRITE:
+            self.change("written", path, fresh)
+        elif mask & IN_MOVED_FROM and role == "buffer" and later and later[0][1] & IN_MOVED_TO \
+                and self.role(os.path.join(later[0][0], later[0][2])) == "claim":
+            self.known.pop(path, None)        # its claim tells
+        elif mask & (IN_DELETE | IN_MOVED_FROM):
+            self.change("removed", path)
+        else:
+            self.known[path] = (0, 0, 0)      # till a look says more: it is there
+            self.change("claimed" if role == "claim" else "published"
+                        if mask & IN_MOVED_TO or path in self.makers else "created", path, fresh)
+
+    def _same(self, path: str) -> bool:
+        """True if path is as the last look saw it (or created empty), or gone: nobody
+        reads what is written to a removed file."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return True
+        return self.known.get(path) in ((st.st_ino, st.st_size, st.st_mtime_ns),
+                                        (0, 0, 0) if st.st_size == 0 else None)
+
+    def _temp(self, path: str, mask: int) -> None:
+        """Note who makes the file that a temp file at path is to be published as, and (once
+        written) what it holds: it may be gone again before a look (_temp_name)."""
+        head, base = os.path.split(path)
+        parts = base[1:].rsplit(".", 4)
+        target = os.path.join(head, parts[0])
+        if mask & IN_DELETE:
+            self.makers = {p: m for p, m in self.makers.items() if m[0] != path}
+        elif len(parts) == 5 and parts[2].isdigit() and not mask & IN_MOVED_FROM:
+            host = HOST if parts[1] == HOST_TAG else f"a host tagged {parts[1]}"
+            held = self._look(path, self.role(target)) if mask & IN_CLOSE_WRITE else {}
+            self.makers[target] = (path, int(parts[2]), host, held)
+
+    def change(self, kind: str, path: str, fresh: bool = True, together: bool = False) -> None:
+        """Tell one change to path: what is there now (if fresh), who, any breach."""
+        role = self.role(path)
+        info: Dict[str, object] = {}
+        if kind == "removed":
+            self.known.pop(path, None)
+            if path in self.since:
+                info["held"] = round(time.time() - self.since.pop(path), 3)
+        elif fresh:
+            before = self.owners.get(path)
+            info = self._look(path, role)
+            owner = self.owners.get(path)
+            if kind == "written" and role in RECORDS and before and owner \
+                    and before.token == owner.token:
+                return                # its holder's heartbeat or count, rewritten in place
+        elif role in ("buffer", "claim", "reply"):
+            info["changed"] = "again before a look"
+        owner = self.owners.get(self.paths.presence if role == "claim" else path)
+        pid, host = (owner.pid, owner.host) if owner else (None, None)
+        if kind in ("created", "published", "present") and role in ("lock", "ticket"):
+            self.since[path] = owner.created if kind == "present" and owner else time.time()
+        if role == "ticket" and kind != "removed":
+            tickets = sorted(p for p in self.known if self.role(p) == "ticket")
+            info["place"] = tickets.index(path) + 1 if path in tickets else None
+        if kind == "published" and path in self.makers:
+            _, pid, host, held = self.makers.pop(path)
+            info = held if "size" in held else info   # exactly what was published
+        if role == "buffer" and info.get("size"):
+            self.message = info
+        elif kind == "claimed" and "size" not in info:
+            info = self.message               # answered before a look: the buffer's last
+        who = (f"pid {pid} on {host}" if pid else
+               "a client that does not name itself" if role == "lock" else None)
+        if kind == "removed" and role in RECORDS:
+            self.owners.pop(path, None)
+        breach = self._judge(kind, role, path, info)
+        if breach:
+            self.counts[breach] = self.counts.get(breach, 0) + 1
+        self.emit({"ms": round((time.monotonic() - self.started) * 1000), "time": time.time(),
+                   "file": os.path.relpath(path, os.path.dirname(self.paths.buffer)),
+                   "event": kind, "pid": pid, "host": host, "who": who, **info,
+                   "breach": BREACHES.get(breach), "together": together})
+
+    def _look(self, path: str, role: str) -> Dict[str, object]:
+        """Return what path holds now, as its role says it: its record, its message..."""
+        message = role in ("buffer", "claim")
+        try:
+            found = looked_into(path, _ends, noatime=True, strict=message)
+        except PermissionError as exc:
+            if not self.blind:
+                self.blind = f"{path}: {exc.strerror}"
+                log.warning("%s: without O_NOATIME a read would count as a server's; "
+                            "messages are sized, not read", self.blind)
+            try:
+                st = os.lstat(path)       # a stat leaves the access time alone
+            except OSError:
+                return {}
+            found = st, b"", b""
+        if found is None:
+            return {"changed": "gone before a look"}
+        st, head, tail = found
+        self.known[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if role in RECORDS:
+            self.owners[path] = read_owner(head)
+            return {}
+        info: Dict[str, object] = {"size": st.st_size}
+        if st.st_size and (head or not message):
+            esc = END_MARKER.encode()
+            ended = esc in head or tail.endswith(esc)
+            info.update(ended=ended, error=ended and tail == ERROR_MARKER.encode())
+            first, _, text = head.partition(b"\n") if message else (b"", b"", head)
+            if message and ended:
+                response = first.decode("utf-8", "replace").rstrip("\r")
+                self.replies.add(os.path.join(os.path.dirname(self.paths.buffer), response))
+                info.update(response=response, size=st.st_size - len(first) - 2)
+            info["first_line"] = text.split(b"\n")[0].split(esc)[0].decode("utf-8", "replace")
+        return info
+
+    def _judge(self, kind: str, role: str, path: str, info: Dict[str, object]) -> str:
+        """Follow the exchange through one change; return the breach it shows ("" if none)."""
+        if role == "lock" and kind == "removed":
+            sent, self.sent, unended = self.sent, None, self.unended
+            return "unended" if unended else "unanswered" if sent and not self.answered else ""
+        if role in ("buffer", "claim") and (kind == "removed" or info.get("size") == 0):
+            if role == "claim" or self.waiting:    # taken away unanswered: withdrawn
+                self.sent = None if not self.answered else self.sent
+            self.waiting = self.unended = self.waiting and role == "claim"
+            return ""
+        if role in ("buffer", "claim") and "size" in info:
+            breach = ("" if kind == "present" or role == "claim" else
+                      "unlocked" if self.paths.lock not in self.known else
+                      "overwritten" if self.waiting and not self.answered else "")
+            self.unended = info.get("ended") is False and role == "buffer"
+            self.waiting = role == "buffer" and not self.unended
+            if not self.unended:
+                self.sent, self.answered = str(info.get("response", "")), False
+            return breach
+        if role in ("reply", "rejected"):
+            lost = path in self.ended and (kind in ("published", "written") or (
+                kind == "removed" and self.sent is not None and self.answered
+                and self.owners.get(self.paths.lock) is not None))
+            self.ended.discard(path)
+            if kind != "removed":
+                self.answered = self.answered or self.sent is not None
+                if info.get("ended"):
+                    self.ended.add(path)
+            return "reply-lost" if lost and role == "reply" else ""
+        return ""
+
+
+def _ends(fd: int, st: os.stat_result) -> Tuple[os.stat_result, bytes, bytes]:
+    """Return a file's status, its first HEAD bytes and its last two (where an end marker is)."""
+    if not stat.S_ISREG(st.st_mode):
+        return st, b"", b""
+    head = os.read(fd, HEAD)
+    if st.st_size > HEAD:
+        os.lseek(fd, -2, os.SEEK_END)
+    return st, head, (os.read(fd, 2) if st.st_size > HEAD else head[-2:])
+
+
 # --- CLI ---
 
 class Terminal:
@@ -4286,6 +4609,10 @@ EXAMPLES = {
   filechat client buf.txt --message-file report.txt --json""",
     "status": """\
   filechat status buf.txt                        is a server up? who holds the lock?""",
+    "watch": """\
+  filechat watch buf.txt                         who made which file when, until Ctrl+C
+  filechat watch buf.txt --json > timeline.jsonl one JSON object per event, for tools
+  filechat watch buf.txt --since-start           times in ms since the watch began""",
 }
 RUN_AS = ("  (run as python3 filechat.pyz ..., python3 -m filechat ..., or filechat ... "
           "once installed)")
@@ -4368,7 +4695,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"the lockfile (default: {LOCKFILE_NAME} beside BUFFER)")
     state.add_argument("--stale-after", metavar="SECONDS", type=_seconds, default=STALE_AFTER,
                        help=f"as for client and server (default {STALE_AFTER:g})")
-    parser.set_defaults(parsers={"server": server, "client": client, "status": state})
+    watching = commands.add_parser(
+        "watch", help="print each protocol event beside BUFFER as it happens",
+        formatter_class=formatter, epilog=_epilog("watch"),
+        description="Print a line for each file made, written, claimed, published or removed "
+                    "beside BUFFER, with who did it and breaches of the protocol marked (!), "
+                    "until Ctrl+C. Changes no file, and reads no message in a way a client "
+                    "would notice. Works beside any program that follows the spec.")
+    watching.add_argument("buffer", metavar="BUFFER", help="the buffer file")
+    watching.add_argument("--json", action="store_true",
+                          help="print one JSON object per event (and a last one with counts)")
+    clock = watching.add_mutually_exclusive_group()
+    clock.add_argument("--since-start", dest="clock", action="store_const", const="start",
+                       help="show only the ms since the watch began (default: both times)")
+    clock.add_argument("--wall-clock", dest="clock", action="store_const", const="wall",
+                       help="show only the wall clock")
+    watching.add_argument("--lock-file", metavar="PATH",
+                          help=f"the lockfile (default: {LOCKFILE_NAME} beside BUFFER)")
+    watching.add_argument("--poll", action="store_const", const=True, default=None,
+                          help="poll instead of waiting for events (the default on a shared "
+                               "directory); changes seen in one look are marked ~")
+    watching.add_argument("--poll-interval", metavar="SECONDS", type=_positive_seconds,
+                          help=f"seconds between looks when polling "
+                               f"(default {SHARED_POLL_INTERVAL:g})")
+    watching.add_argument("-v", "--verbose", action="store_true",
+                          help="say on stderr how it waits (events or polling)")
+    parser.set_defaults(parsers={"server": server, "client": client, "status": state,
+                                 "watch": watching})
     return parser
 
 
@@ -4879,6 +5232,70 @@ def run_status(args: argparse.Namespace, term: Terminal) -> int:
     return EXIT_OK if state["server"] else EXIT_NO_SERVER
 
 
+def run_watch(args: argparse.Namespace, term: Terminal) -> int:
+    """Run the watch subcommand until Ctrl+C: 0, or EXIT_BREACH if a breach was seen."""
+    if os.path.isdir(args.buffer):
+        raise UsageError(f"buffer file {args.buffer} is a directory; name a file")
+    _check_directory(args.buffer, "buffer file")
+    color = term.stdout_tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+    def emit(record: Dict[str, object]) -> None:
+        line = _json(record) if args.json else _watch_line(record, args.clock, color)
+        term.out(_live_row(line, "", term.stdout) or line if term.stdout_tty else line)
+    buffer, lock = os.path.abspath(args.buffer), args.lock_file
+    watcher = Watcher(Paths(buffer, lock and os.path.abspath(lock)), emit)
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(_signal, name):
+            _signal.signal(getattr(_signal, name), _stop_on_signal)
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)   # as a server's (run_server)
+    try:
+        watcher.run(args.poll, args.poll_interval)
+    except KeyboardInterrupt:
+        pass
+    seen = sum(watcher.counts.values())
+    if args.json:
+        term.out(_json({"event": "end", "breaches": seen, "counts": watcher.counts}))
+    else:
+        term.out("no breach of the protocol seen" if not seen else
+                 f"{_count_of(seen, 'breach')} of the protocol seen: " +
+                 "; ".join(f"{n} {BREACHES[key]}" for key, n in watcher.counts.items()))
+    return EXIT_BREACH if seen else EXIT_OK
+
+
+def _watch_line(record: Mapping[str, object], clock: Optional[str], color: bool) -> str:
+    """Return a watch record as a line: mark, time, file, event, who, what it holds, breach.
+
+    The mark leads, so that a line cut to a narrow window keeps it: ! a
+    breach, ~ a change seen in one look with others (their order unknown).
+    """
+    at = time.strftime("%H:%M:%S", time.localtime(float(str(record["time"]))))
+    at += f".{int(float(str(record['time'])) * 1000) % 1000:03d}"
+    since = f"{record['ms']:>7} ms"
+    when = since if clock == "start" else at if clock == "wall" else f"{since} {at}"
+    said = [str(record["who"])] if record.get("who") else []
+    size, place, held = record.get("size"), record.get("place"), record.get("held")
+    if "response" in record:
+        said.append(f"reply to {record['response']}, {_count_of(size, 'byte')}")
+    elif size is not None:
+        said.append("empty" if not size else _count_of(size, "byte"))
+    if record.get("first_line") is not None:
+        said.append(repr(_visible(str(record["first_line"]))[:40]))
+    if size and "ended" not in record:
+        said.append("not read")
+    elif size and record.get("ended") is False:
+        said.append("no end marker")
+    elif record.get("error"):
+        said.append("error reply: ends in ESC ESC")
+    said += [f"place {place} in line"] if place else []
+    said += [f"held {held} s"] if held is not None else []
+    said += [f"changed {record['changed']}"] if "changed" in record else []
+    breach = record.get("breach")
+    mark = "!" if breach else "~" if record.get("together") else " "
+    if breach:
+        said.append(f"\x1b[31m! {breach}\x1b[0m" if color else f"! {breach}")
+    return f"{mark} {when}  {record['file']:<16} {record['event']:<9} {'; '.join(said)}"
+
+
 def _status_lines(state: Mapping[str, object]) -> List[Tuple[str, str]]:
     """Return status() as (label, text) lines for people."""
     server = state["server"]
@@ -5105,6 +5522,8 @@ def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) 
             return run_server(args, term)
         if args.command == "status":
             return run_status(args, term)
+        if args.command == "watch":
+            return run_watch(args, term)
         return run_client(args, term)
     except FilechatError as exc:
         term.error(str(exc))

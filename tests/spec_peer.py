@@ -4,16 +4,19 @@ They poll, write files in place and leave the lock empty; by default the
 server writes its reply without an end marker. Options give each the quirk
 of one program seen beside filechat:
 
-    python spec_peer.py client BUFFER RESPONSE MESSAGE [--drawn] [--no-create]
+    python spec_peer.py client BUFFER RESPONSE MESSAGE [--drawn] [--no-create] [--no-lock]
     python spec_peer.py server BUFFER REPLY [--esc] [--drawn] [--lock-first] [--keep-lock]
+        [--unlock-early]
         [--gap=SECONDS] [--pause=SECONDS] [--think=SECONDS] [--interval=SECONDS] [--count=N]
 
 --drawn       reads the "Message Format" as drawn: a message or reply ends when its
               last line is ESC; writes ESC on a line of its own (implies --esc)
 --no-create   opens the buffer without O_CREAT, retrying while it is missing
+--no-lock     breaks the protocol: writes the buffer without taking the lock
 --esc         ends the reply with ESC
 --lock-first  removes the lock before it clears the buffer (--gap seconds before)
 --keep-lock   never removes the lock
+--unlock-early breaks the protocol: removes the lock before writing the reply
 --pause       seconds the reply stays half written
 --think       seconds before writing the first reply, as an operator typing it
 --count       messages to answer (default 1)
@@ -43,7 +46,7 @@ def as_drawn(text: str) -> str:
 
 def client(buffer: str, response: str, message: str, flags: List[str]) -> int:
     drawn = "--drawn" in flags
-    while True:
+    while "--no-lock" not in flags:
         try:
             os.close(os.open(LOCKFILE_NAME, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             break
@@ -109,6 +112,8 @@ def server(buffer: str, reply: str, flags: List[str]) -> int:
         print(message, flush=True)
         time.sleep(think if n == 0 else 0)
         text = as_drawn(reply) if drawn else reply + END_MARKER * ("--esc" in switches)
+        if "--unlock-early" in switches:
+            os.remove(LOCKFILE_NAME)
         with open(response, "w", newline="") as f:
             half = len(text) // 2
             f.write(text[:half])
@@ -121,7 +126,7 @@ def server(buffer: str, reply: str, flags: List[str]) -> int:
             open(buffer, "w").close()
         else:
             open(buffer, "w").close()
-            if "--keep-lock" not in switches:
+            if "--keep-lock" not in switches and "--unlock-early" not in switches:
                 os.remove(LOCKFILE_NAME)
         print(f"Response sent to: {response}", flush=True)
     return 0
