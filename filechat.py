@@ -5240,16 +5240,20 @@ def run_watch(args: argparse.Namespace, term: Terminal) -> int:
     color = term.stdout_tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
 
     def emit(record: Dict[str, object]) -> None:
-        line = _json(record) if args.json else _watch_line(record, args.clock, color)
-        term.out(_live_row(line, "", term.stdout) or line if term.stdout_tty else line)
+        width = _columns(term.stdout) - 1 if term.stdout_tty else 0
+        term.out(_json(record) if args.json else _watch_line(record, args.clock, width, color))
     buffer, lock = os.path.abspath(args.buffer), args.lock_file
     watcher = Watcher(Paths(buffer, lock and os.path.abspath(lock)), emit)
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(_signal, name):
             _signal.signal(getattr(_signal, name), _stop_on_signal)
     _signal.signal(_signal.SIGINT, _signal.default_int_handler)   # as a server's (run_server)
+    poll, interval = watcher.paths.waiting_mode(args.poll, args.poll_interval,
+                                                SHARED_POLL_INTERVAL)
+    how = f"polling every {interval:g} s" if poll else "with inotify"
+    term.err(f"Watching the files of {args.buffer} ({how}); Ctrl+C to stop.")
     try:
-        watcher.run(args.poll, args.poll_interval)
+        watcher.run(poll, interval)
     except KeyboardInterrupt:
         pass
     seen = sum(watcher.counts.values())
@@ -5262,11 +5266,13 @@ def run_watch(args: argparse.Namespace, term: Terminal) -> int:
     return EXIT_BREACH if seen else EXIT_OK
 
 
-def _watch_line(record: Mapping[str, object], clock: Optional[str], color: bool) -> str:
+def _watch_line(record: Mapping[str, object], clock: Optional[str], width: int = 0,
+                color: bool = False) -> str:
     """Return a watch record as a line: mark, time, file, event, who, what it holds, breach.
 
-    The mark leads, so that a line cut to a narrow window keeps it: ! a
-    breach, ~ a change seen in one look with others (their order unknown).
+    The mark leads: ! a breach, ~ a change seen in one look with others
+    (their order unknown). Wider than width (a terminal's), the line wraps
+    onto indented rows: nothing said is cut off.
     """
     at = time.strftime("%H:%M:%S", time.localtime(float(str(record["time"]))))
     at += f".{int(float(str(record['time'])) * 1000) % 1000:03d}"
@@ -5292,8 +5298,13 @@ def _watch_line(record: Mapping[str, object], clock: Optional[str], color: bool)
     breach = record.get("breach")
     mark = "!" if breach else "~" if record.get("together") else " "
     if breach:
-        said.append(f"\x1b[31m! {breach}\x1b[0m" if color else f"! {breach}")
-    return f"{mark} {when}  {record['file']:<16} {record['event']:<9} {'; '.join(said)}"
+        said.append(f"! {breach}")
+    line = f"{mark} {when}  {record['file']:<16} {record['event']:<9} {'; '.join(said)}".rstrip()
+    if width and _cells(line) > width:
+        import textwrap  # only for a narrow window
+        line = "\n".join(textwrap.wrap(line, max(width, 20), subsequent_indent="    ",
+                                        break_on_hyphens=False))
+    return "\x1b[31m!\x1b[0m" + line[1:] if color and breach else line
 
 
 def _status_lines(state: Mapping[str, object]) -> List[Tuple[str, str]]:

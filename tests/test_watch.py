@@ -1,7 +1,7 @@
 """filechat watch: the protocol's timeline beside filechat, spec peers, a FUSE mount, breaches."""
 
 import json
-import subprocess
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,17 +28,23 @@ def watch(start: Any) -> Iterator[Any]:
     yield _watch
 
 
-def test_filechat_exchange_in_order(server: Any, start: Any, watch: Any) -> None:
-    serving = server("--auto-reply", "pong")
+def test_filechat_exchange_in_order(server: Any, start: Any, watch: Any,
+                                    tmp_path: Path) -> None:
+    # The reply waits for a file of the test's: the claim stays until the watch has read it.
+    go = tmp_path / "go"
+    serving = server("--auto-reply-cmd", f"while [ ! -e {go} ]; do sleep 0.05; done; echo pong")
     watching = watch()
     client = start("client", "buf.txt", "resp.txt", "-m", "hello\nworld")
-    assert client.wait() == 0
     lock = watching.expect("server.lock      published", SHORT)
     assert f"pid {client.popen.pid} on " in lock
+    # What a message held may be gone before a look (a server claims it at once).
     message = watching.expect("buf.txt          published", SHORT)
-    assert "reply to resp.txt" in message and "'hello'" in message
+    assert f"pid {client.popen.pid} on " in message
     claimed = watching.expect("claimed", SHORT)
     assert "buf.txt.taken." in claimed and f"pid {serving.popen.pid} on " in claimed
+    assert "reply to resp.txt" in claimed and "'hello'" in claimed
+    go.touch()
+    assert client.wait() == 0
     assert "resp.txt" in watching.expect("published", SHORT)
     assert "held " in watching.expect("server.lock      removed", SHORT)
     watching.expect("resp.txt         removed", SHORT)
@@ -89,10 +95,14 @@ def test_breach_lock_removed_before_reply(tmp_path: Path, watch: Any) -> None:
         "event": "end", "breaches": 1, "counts": {"unanswered": 1}}
 
 
-def test_json_line_by_line(server: Any, start: Any, watch: Any) -> None:
-    server("--auto-reply", "pong")
+def test_json_line_by_line(server: Any, start: Any, watch: Any, tmp_path: Path) -> None:
+    go = tmp_path / "go"            # the claim stays until the watch has read it
+    server("--auto-reply-cmd", f"while [ ! -e {go} ]; do sleep 0.05; done; echo pong")
     watching = watch("--json")
-    assert start("client", "buf.txt", "-m", "hi").wait() == 0
+    client = start("client", "buf.txt", "-m", "hi")
+    watching.expect('"event": "claimed"', SHORT)
+    go.touch()
+    assert client.wait() == 0
     watching.expect('"event": "removed"', SHORT)
     assert watching.interrupt() == 0
     records = [json.loads(line) for line in watching.stdout]
@@ -125,11 +135,14 @@ def test_give_up_is_the_same_with_a_watch(tmp_path: Path, start: Any, watch: Any
     assert watching.interrupt() == 0
 
 
-@pytest.mark.skipif(subprocess.run(["which", "bindfs"], capture_output=True).returncode != 0,
-                    reason="bindfs is not installed")
 def test_bindfs_mount_polls(tmp_path: Path, start: Any) -> None:
     sys.path.insert(0, str(ROOT / "scripts"))
-    from mounts import Mounts
+    from mounts import Mounts, why_not
+    why = why_not(["bindfs"])
+    if why is not None:
+        if os.environ.get("FILECHAT_MOUNT_TESTS") == "required":
+            pytest.fail(f"the shared-directory tests must run here, but cannot: {why}")
+        pytest.skip(f"cannot mount shared directories: {why}")
     mounts = Mounts(tmp_path / "mounts", ["bindfs"]).start()
     try:
         shared, _ = mounts.fresh_dir("bindfs")
@@ -146,3 +159,26 @@ def test_bindfs_mount_polls(tmp_path: Path, start: Any) -> None:
         assert "no breach of the protocol seen" in watching.out
     finally:
         mounts.stop()
+
+
+@pytest.mark.parametrize("no_color", ["", "1"])
+def test_a_narrow_window_wraps_and_no_color_is_plain(tmp_path: Path, terminal: Any,
+                                                     no_color: str) -> None:
+    screen = terminal("watch", "buf.txt", rows=40, columns=40, env={"NO_COLOR": no_color})
+    screen.expect("Ctrl+C to stop.")
+    peer_server = spec(tmp_path, "server", "buf.txt", "pong", "--drawn", "--keep-lock")
+    peer_server.expect("Waiting for clients...")
+    peer = spec(tmp_path, "client", "buf.txt", "resp.txt", "a message without its lock",
+                "--drawn", "--no-lock")
+    screen.expect("exists")        # the breach, its last word: words are not split
+    assert peer.wait() == 0
+    screen.child.sendintr()
+    assert screen.exit_status() == 6
+    rows = screen.rows()
+    assert all(len(row) <= 40 for row in rows), rows
+    said = " ".join(row.strip() for row in rows)
+    # Nothing is cut off: the whole line is there, over several rows.
+    assert "reply to resp.txt" in said and "'a message without its lock'" in said
+    assert "! buffer written while no lock exists" in said
+    assert any(row.startswith("!") for row in rows)     # the mark leads the breach's line
+    assert ("\x1b[31m" in screen.output()) == (not no_color)
