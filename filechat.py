@@ -3981,6 +3981,7 @@ class Watcher:
         self.message: Dict[str, object] = {}   # what the buffer held last
         self.unended = False                # the buffer holds an unfinished message
         self.blind = ""                     # why messages are not read (said once)
+        self.polling = False                # a reply may come and go between two looks
         self.counts: Dict[str, int] = {}
 
     def run(self, poll: Optional[bool] = None, interval: Optional[float] = None) -> None:
@@ -3996,6 +3997,7 @@ class Watcher:
                 self.follow(inotify)
             finally:
                 inotify.give_back()
+        self.polling = True
         self.poll(first=True)
         log.debug("watching with polling every %g s", interval)
         while True:
@@ -4019,12 +4021,15 @@ class Watcher:
         for directory in {*self.paths.directories(), self.line}:
             try:
                 with os.scandir(directory) as entries:
-                    for entry in entries:
-                        if self.role(entry.path):
-                            st = entry.stat(follow_symlinks=False)
-                            found[entry.path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+                    named = [entry for entry in entries if self.role(entry.path)]
             except OSError:
-                continue        # missing (the line, between waiters), or gone meanwhile
+                continue        # missing (the line, between waiters)
+            for entry in named:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue    # gone since the listing: the others are still there
+                found[entry.path] = (st.st_ino, st.st_size, st.st_mtime_ns)
         return found
 
     def poll(self, first: bool = False) -> None:
@@ -4211,7 +4216,11 @@ class Watcher:
         """Follow the exchange through one change; return the breach it shows ("" if none)."""
         if role == "lock" and kind == "removed":
             sent, self.sent, unended = self.sent, None, self.unended
-            return "unended" if unended else "unanswered" if sent and not self.answered else ""
+            # Polling, what a look did not see may have been there: a reply that
+            # came and went between two looks, a lock left out of a listing that
+            # a FUSE client cached (GlusterFS). Breaches of a missing file need events.
+            return ("unended" if unended else
+                    "unanswered" if sent and not self.answered and not self.polling else "")
         if role in ("buffer", "claim") and (kind == "removed" or info.get("size") == 0):
             if role == "claim" or self.waiting:    # taken away unanswered: withdrawn
                 self.sent = None if not self.answered else self.sent
@@ -4219,7 +4228,7 @@ class Watcher:
             return ""
         if role in ("buffer", "claim") and "size" in info:
             breach = ("" if kind == "present" or role == "claim" else
-                      "unlocked" if self.paths.lock not in self.known else
+                      "unlocked" if self.paths.lock not in self.known and not self.polling else
                       "overwritten" if self.waiting and not self.answered else "")
             self.unended = info.get("ended") is False and role == "buffer"
             self.waiting = role == "buffer" and not self.unended
