@@ -1,16 +1,18 @@
 """Shared fixtures: the built .pyz, and helpers that run it as a user would."""
 
+import io
 import os
+import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pexpect
 import pyte
 import pytest
+from pexpect.popen_spawn import PopenSpawn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -29,119 +31,102 @@ def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-class Proc:
-    """A filechat process whose output lines can be awaited one event at a time."""
+def spawn(args: Sequence[str], cwd: Path, *, stdout: Optional[Path] = None, stdin: str = "",
+          env: Optional[Dict[str, str]] = None,
+          preexec: Optional[Callable[[], object]] = None) -> PopenSpawn:
+    """Start args in cwd with pexpect's PopenSpawn, its stdin given and closed at once.
 
-    def __init__(self, args: Sequence[str], cwd: Path, stdin: Optional[bytes] = None,
-                 env: Optional[Dict[str, str]] = None,
-                 preexec: Optional[Callable[[], object]] = None) -> None:
-        self.popen = subprocess.Popen(
-            list(args), cwd=cwd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=dict(os.environ, **(env or {})), preexec_fn=preexec)
-        self.arrived = threading.Condition()
-        self.stdout: List[str] = []
-        self.stderr: List[str] = []
-        self.seen = {"out": 0, "err": 0}        # lines of each stream already expected
-        self.threads = [
-            threading.Thread(target=self._pump, args=(self.popen.stdout, self.stdout)),
-            threading.Thread(target=self._pump, args=(self.popen.stderr, self.stderr)),
-        ]
-        for thread in self.threads:
-            thread.daemon = True
-            thread.start()
-        if stdin is not None:
-            assert self.popen.stdin is not None
-            self.popen.stdin.write(stdin)
-            self.popen.stdin.close()
+    Its stdout and stderr share the pipe that expect reads, in the order they
+    were written. With stdout (a path), its standard output goes to that file
+    instead, so that the pipe holds its stderr alone and the file exactly what
+    it printed as data (see reply()).
+    """
+    if stdout is not None:
+        args = ["sh", "-c", 'exec "$@" >"$0"', str(stdout), *args]
+    child = PopenSpawn(list(args), timeout=WAIT, maxread=1 << 20, cwd=str(cwd), encoding="utf-8",
+                       codec_errors="replace", env=dict(os.environ, **(env or {})),
+                       preexec_fn=preexec)
+    child.logfile_read = io.StringIO()          # everything read from the pipe: printed()
+    child.stdout_file = stdout                  # type: ignore[attr-defined]
+    if stdin:
+        child.send(stdin)
+    child.sendeof()
+    return child
 
-    def _pump(self, stream, sink: List[str]) -> None:  # type: ignore[no-untyped-def]
-        for raw in stream:
-            with self.arrived:
-                sink.append(raw.decode("utf-8", "replace"))
-                self.arrived.notify_all()
 
-    def expect(self, text: str, timeout: float = WAIT) -> str:
-        """Return the next line containing text, on stdout or on stderr.
+def line(child: PopenSpawn, text: str, timeout: float = WAIT) -> str:
+    """Wait for the next line holding text, and return it whole."""
+    child.expect(f"[^\n]*{re.escape(text)}[^\n]*\n", timeout=timeout)
+    return str(child.after)
 
-        Each stream is searched from its own last match on, so that the
-        order in which two pipes deliver their lines does not matter.
-        """
-        def found() -> Optional[str]:
-            for name, lines in (("out", self.stdout), ("err", self.stderr)):
-                for index in range(self.seen[name], len(lines)):
-                    if text in lines[index]:
-                        self.seen[name] = index + 1
-                        return lines[index]
-            return None
 
-        matched: List[str] = []
+def ended(child: PopenSpawn, timeout: float = WAIT) -> int:
+    """Wait for the end of the child's output and of the child; return its exit status.
 
-        def ready() -> bool:
-            line = found()
-            if line is not None:
-                matched.append(line)
-            return bool(matched)
+    The output ends once nothing holds the pipe: a process the child started
+    and left running would hold it, and fail the test here.
+    """
+    child.expect(pexpect.EOF, timeout=timeout)
+    child.proc.wait(timeout)
+    return int(child.wait())
 
-        with self.arrived:
-            if not self.arrived.wait_for(ready, timeout):
-                raise AssertionError(f"no line with {text!r} within {timeout} s; "
-                                     f"stdout={''.join(self.stdout)!r} "
-                                     f"stderr={''.join(self.stderr)!r}")
-            return matched[0]
 
-    def interrupt(self) -> int:
-        """Press Ctrl+C and return the exit status."""
-        self.popen.send_signal(signal.SIGINT)
-        return self.wait()
+def interrupt(child: PopenSpawn) -> int:
+    """Press Ctrl+C and return the exit status."""
+    child.kill(signal.SIGINT)
+    return ended(child)
 
-    def wait(self, timeout: float = WAIT) -> int:
-        """Wait for the process to end and its output to be read."""
-        code = self.popen.wait(timeout)
-        for thread in self.threads:
-            thread.join(timeout)
-            assert not thread.is_alive(), "its output is still open: a process it started lives on"
-        return code
 
-    def kill(self) -> None:
-        """Stop the process if it still runs."""
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(WAIT)
+def printed(child: PopenSpawn) -> str:
+    """What the child wrote to the pipe, as read so far (all of it once ended)."""
+    return str(child.logfile_read.getvalue())
 
-    @property
-    def err(self) -> str:
-        return "".join(self.stderr)
 
-    @property
-    def out(self) -> str:
-        return "".join(self.stdout)
+def reply(child: PopenSpawn) -> str:
+    """What the child wrote to its stdout file: a client's reply alone."""
+    path = child.stdout_file                    # type: ignore[attr-defined]
+    assert path is not None, "its stdout went to the pipe"
+    return Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def stop(child: PopenSpawn) -> None:
+    """Kill the child if it still runs."""
+    if child.proc.poll() is None:
+        child.proc.kill()
+        child.proc.wait(WAIT)
 
 
 @pytest.fixture
-def start(pyz: Path, tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
-    """Start filechat processes in tmp_path; all are stopped at the end of the test."""
-    procs: List[Proc] = []
+def start(pyz: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:  # type: ignore[type-arg]
+    """Start filechat processes in tmp_path; all are stopped at the end of the test.
 
-    def _start(*args: str, cwd: Optional[Path] = None, stdin: Optional[bytes] = None,
-               env: Optional[Dict[str, str]] = None) -> Proc:
-        proc = Proc([sys.executable, str(pyz), *args], cwd or tmp_path, stdin, env)
-        procs.append(proc)
-        return proc
+    A client's stdout, the reply alone, goes to a file outside tmp_path
+    (reply()); a server's stdout shares the pipe with its stderr.
+    """
+    children: List[PopenSpawn] = []
+    outputs = tmp_path_factory.mktemp("stdout")
+
+    def _start(*args: str, cwd: Optional[Path] = None, stdin: str = "",
+               env: Optional[Dict[str, str]] = None) -> PopenSpawn:
+        stdout = outputs / f"{len(children)}.out" if args[0] == "client" else None
+        child = spawn([sys.executable, str(pyz), *args], cwd or tmp_path, stdout=stdout,
+                      stdin=stdin, env=env)
+        children.append(child)
+        return child
 
     yield _start
-    for proc in procs:
-        proc.kill()
+    for child in children:
+        stop(child)
 
 
 @pytest.fixture
 def server(start):  # type: ignore[no-untyped-def]
     """Start a server on tmp_path/buf.txt and wait until it is ready."""
     def _server(*options: str, buffer: str = "buf.txt", cwd: Optional[Path] = None,
-                env: Optional[Dict[str, str]] = None) -> Proc:
-        proc = start("server", buffer, *options, cwd=cwd, env=env)
-        proc.expect("Waiting for clients...")
-        return proc
+                env: Optional[Dict[str, str]] = None) -> PopenSpawn:
+        child = start("server", buffer, *options, cwd=cwd, env=env)
+        child.expect_exact("Waiting for clients...")
+        return child
     return _server
 
 

@@ -62,7 +62,7 @@ def main(mode: str, buffer: str, n: int) -> int:
     signal.signal(signal.SIGALRM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
     filechat.send(buffer, "before", timeout=10)         # what every later send may keep open
     before = descriptors()
-    mine = f".{filechat.HOST_TAG}.{os.getpid()}."
+    mine = f".{os.getpid()}."          # in a temp file's name: .NAME.HOST.PID.RANDOM.tmp
     directory = os.path.dirname(os.path.abspath(buffer))
     interrupted = leaks = 0
     for i in range(1, n + 1):
@@ -80,7 +80,8 @@ def main(mode: str, buffer: str, n: int) -> int:
             sys.settrace(None)
             signal.setitimer(signal.ITIMER_REAL, 0)
         now = descriptors()
-        temps = [name for name in os.listdir(directory) if mine in name]
+        temps = [name for name in os.listdir(directory)
+                 if name.startswith(".") and name.endswith(".tmp") and mine in name]
         if now != before or temps:
             leaks += 1
             print(f"send {i}: descriptors {sorted(set(now) - set(before))}, temp files {temps}")

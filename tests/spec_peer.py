@@ -5,6 +5,7 @@ server writes its reply without an end marker. Options give each the quirk
 of one program seen beside filechat:
 
     python spec_peer.py client BUFFER RESPONSE MESSAGE [--drawn] [--no-create] [--no-lock]
+        [--keep-reply] [--send-only]
     python spec_peer.py server BUFFER REPLY [--esc] [--drawn] [--lock-first] [--keep-lock]
         [--unlock-early]
         [--gap=SECONDS] [--pause=SECONDS] [--think=SECONDS] [--interval=SECONDS] [--count=N]
@@ -13,6 +14,8 @@ of one program seen beside filechat:
               last line is ESC; writes ESC on a line of its own (implies --esc)
 --no-create   opens the buffer without O_CREAT, retrying while it is missing
 --no-lock     breaks the protocol: writes the buffer without taking the lock
+--keep-reply  leaves the response file in place once it has read it
+--send-only   ends once it has sent, as a client killed then would
 --esc         ends the reply with ESC
 --lock-first  removes the lock before it clears the buffer (--gap seconds before)
 --keep-lock   never removes the lock
@@ -67,6 +70,8 @@ def client(buffer: str, response: str, message: str, flags: List[str]) -> int:
         with open(buffer, "w", newline="") as f:
             f.write(f"{response}\n{text}")
     print("Message sent to server.", flush=True)
+    if "--send-only" in flags:
+        return 0
     deadline = time.time() + 60
     while time.time() < deadline:
         if os.path.exists(response):
@@ -75,7 +80,8 @@ def client(buffer: str, response: str, message: str, flags: List[str]) -> int:
             if drawn and not ended(content, drawn):
                 time.sleep(INTERVAL)
                 continue
-            os.remove(response)
+            if "--keep-reply" not in flags:
+                os.remove(response)
             print("Server response:", flush=True)
             print(content.replace(END_MARKER, ""), end="", flush=True)
             return 0

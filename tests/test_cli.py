@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from conftest import WAIT, kill, leftovers
+from conftest import WAIT, ended, interrupt, kill, leftovers, line, printed, reply
 
 import filechat
 
@@ -84,11 +84,11 @@ def test_message_from_stdin_dash_and_pipe(server, run) -> None:  # type: ignore[
 def test_server_shows_the_message(server, run) -> None:  # type: ignore[no-untyped-def]
     srv = server("--auto-reply", "ok")
     assert run("client", "buf.txt", "resp.txt", "--message", "line one\nline two").returncode == 0
-    srv.expect("Message received from client (response file: resp.txt)")
-    assert srv.expect("line one") == "line one\n"
-    assert srv.expect("line two") == "line two\n"
-    srv.expect("Response sent to: resp.txt")
-    srv.expect("Lockfile removed. Ready for next client.")
+    srv.expect_exact("Message received from client (response file: resp.txt)")
+    assert line(srv, "line one") == "line one\n"
+    assert line(srv, "line two") == "line two\n"
+    srv.expect_exact("Response sent to: resp.txt")
+    srv.expect_exact("Lockfile removed. Ready for next client.")
 
 
 def test_auto_reply_file_is_read_anew(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -110,7 +110,7 @@ def test_max_messages_stops_the_server(server, run) -> None:  # type: ignore[no-
     srv = server("--auto-reply", "ok", "--max-messages", "2")
     assert run("client", "buf.txt", "-m", "1").returncode == 0
     assert run("client", "buf.txt", "-m", "2").returncode == 0
-    assert srv.wait() == 0
+    assert ended(srv) == 0
 
 
 # --- Hooks that fail ---
@@ -128,8 +128,8 @@ def test_failed_hook_sends_an_error_reply(hook: str, expected: str, server, run)
     assert result.stdout == b""
     assert expected in result.stderr.decode()
     assert "filechat: error: the server could not answer" in result.stderr.decode()
-    srv.expect("Response sent to:")
-    assert expected in srv.err
+    srv.expect_exact("Response sent to:")
+    assert expected in printed(srv)
     second = run("client", "buf.txt", "-m", "again")    # the server still serves
     assert second.returncode == 1 and expected in second.stderr.decode()
 
@@ -230,7 +230,7 @@ def test_version_and_help(run) -> None:  # type: ignore[no-untyped-def]
 
 def test_server_sigint_exits_0(server) -> None:  # type: ignore[no-untyped-def]
     srv = server("--auto-reply", "x")
-    assert srv.interrupt() == 0
+    assert interrupt(srv) == 0
 
 
 # --- Paths ---
@@ -238,7 +238,7 @@ def test_server_sigint_exits_0(server) -> None:  # type: ignore[no-untyped-def]
 def test_response_file_defaults_to_a_unique_removed_file(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     srv = server("--auto-reply", "ok")
     assert run("client", "buf.txt", "-m", "hi").stdout == b"ok"
-    assert "filechat-reply-" in srv.expect("Message received")
+    assert "filechat-reply-" in line(srv, "Message received")
     assert leftovers(tmp_path) == []
 
 
@@ -249,13 +249,13 @@ def test_lock_beside_buffer_from_other_directories(start, run, tmp_path: Path) -
     shared.mkdir()
     srv = start("server", "../shared/buf.txt", "--auto-reply", "ok", "--allow-dir", "../b",
                 cwd=tmp_path / "a")
-    srv.expect("Lockfile: ../shared/server.lock")
-    srv.expect("Waiting for clients...")
+    srv.expect_exact("Lockfile: ../shared/server.lock")
+    srv.expect_exact("Waiting for clients...")
     result = run("client", str(shared / "buf.txt"), "r.txt", "-m", "hi", cwd=tmp_path / "b")
     assert result.stdout == b"ok"
-    assert srv.expect("response file:").strip().endswith(str(tmp_path / "b" / "r.txt") + ")")
+    assert line(srv, "response file:").strip().endswith(str(tmp_path / "b" / "r.txt") + ")")
     assert sorted(p.name for p in shared.iterdir()) == ["buf.txt", "buf.txt.server"]
-    assert srv.interrupt() == 0
+    assert interrupt(srv) == 0
     assert sorted(p.name for p in shared.iterdir()) == []
 
 
@@ -358,9 +358,9 @@ def test_poll_mode_both_sides(server, run) -> None:  # type: ignore[no-untyped-d
 def debug_steps(err: str) -> List[str]:
     """The protocol steps a -v run logged, in order, without their paths' details."""
     steps = []
-    for line in err.splitlines():
-        if line.startswith("filechat: debug: ") and "waiting with" not in line:
-            steps.append(re.sub(r"(taken\.|reply-)[0-9a-f-]+", r"\1*", line[17:]))
+    for logged in err.splitlines():
+        if logged.startswith("filechat: debug: ") and "waiting with" not in logged:
+            steps.append(re.sub(r"(taken\.|reply-)[0-9a-f-]+", r"\1*", logged[17:]))
     return steps
 
 
@@ -371,8 +371,8 @@ def test_verbose_logs_each_protocol_step_once_in_order(server, run, tmp_path: Pa
     assert debug_steps(client.stderr.decode()) == [
         "lock server.lock acquired", "message put in place as buf.txt",
         f"reply read from {reply}", f"reply {reply} removed"]
-    srv.expect("claim buf.txt.taken.")
-    assert debug_steps(srv.err) == [
+    srv.expect_exact("claim buf.txt.taken.")
+    assert debug_steps(printed(srv)) == [
         "empty buffer buf.txt made", "message claimed as buf.txt.taken.*",
         "empty buffer buf.txt made", f"reply published in {reply}",
         "lock server.lock removed", "claim buf.txt.taken.* removed"]
@@ -399,16 +399,16 @@ def test_empty_message_and_reply(server, run) -> None:  # type: ignore[no-untype
 
 
 def test_piped_server_answers_one_message_then_stops(start, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    srv = start("server", "buf.txt", stdin=b"from the pipe\n")
-    srv.expect("Waiting for clients...")
+    srv = start("server", "buf.txt", stdin="from the pipe\n")
+    srv.expect_exact("Waiting for clients...")
     assert run("client", "buf.txt", "-m", "one").stdout == b"from the pipe\n"
     second = start("client", "buf.txt", "r.txt", "-m", "two")
-    assert srv.wait() == 1
-    assert "standard input has ended" in srv.err
+    assert ended(srv) == 1
+    assert "standard input has ended" in printed(srv)
     assert [p.name for p in tmp_path.glob("buf.txt.taken.*")] != []   # kept for the next server
     start("server", "buf.txt", "--auto-reply", "later").expect("Waiting for clients...")
-    assert second.wait() == 0
-    assert second.out == "later"
+    assert ended(second) == 0
+    assert reply(second) == "later"
 
 
 def test_a_responder_that_sends_on_to_another_server(tmp_path: Path) -> None:
@@ -525,10 +525,10 @@ def test_server_timeout_withdraws_the_message_when_none_starts(run, tmp_path: Pa
 
 def test_server_timeout_waits_for_a_server_that_starts(start, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     client = start("client", "buf.txt", "-m", "hi", "--server-timeout", str(WAIT))
-    client.expect("No filechat server is running on buf.txt")
+    client.expect_exact("No filechat server is running on buf.txt")
     server("--auto-reply", "late but here")
-    assert client.wait() == 0
-    assert client.out == "late but here"
+    assert ended(client) == 0
+    assert reply(client) == "late but here"
 
 
 def test_server_timeout_with_a_server_running(server, run) -> None:  # type: ignore[no-untyped-def]
@@ -558,7 +558,7 @@ def test_server_timeout_counts_a_spec_server_that_answers(tmp_path: Path, run) -
 def test_no_server_is_said_before_the_prompt(terminal, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     client = terminal("client", "buf.txt")
     client.expect("No filechat server is running on buf.txt; the message will wait for a "
-                  "server to answer.")
+                 "server to answer.")
     client.expect("Enter your message (press Ctrl+D or Ctrl+Z when done):")
     server("--auto-reply", "ok")
     client.type_lines("hi")

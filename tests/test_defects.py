@@ -5,16 +5,28 @@ One test per defect, named for what must hold; each failed before its fix.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import pytest
-from conftest import ROOT, WAIT, Proc, hold_lock, kill, leftovers, release
+from conftest import (
+    ROOT,
+    WAIT,
+    ended,
+    hold_lock,
+    interrupt,
+    kill,
+    leftovers,
+    printed,
+    release,
+    reply,
+)
 
 import filechat
 
@@ -56,7 +68,7 @@ def test_a_lock_dated_in_the_future_still_grows_stale(run, tmp_path: Path) -> No
     lock.write_bytes(b"")
     os.utime(lock, (time.time() + 3600,) * 2)
     state = json.loads(run("status", "buf.txt", "--json").stdout)
-    assert state["lock"]["age"] >= 0
+    assert 0 <= state["lock"]["age"] < WAIT          # neither -3600 s nor 3600 s
     result = run("client", "buf.txt", "-m", "hi", "--stale-after", "0.5", "--timeout", "0.5")
     assert "removed stale lock" in result.stderr.decode()
     assert result.returncode == filechat.EXIT_TIMEOUT      # taken; no server to answer
@@ -109,7 +121,7 @@ def test_a_strange_file_at_the_response_path_is_refused_and_the_server_goes_on( 
     make()
     (tmp_path / "server.lock").write_bytes(b"")
     (tmp_path / "buf.txt").write_bytes(f"{target}\nhi\x1b".encode())
-    srv.expect("the client was told")
+    srv.expect_exact("the client was told")
     assert run("client", "buf.txt", "-m", "still serving").stdout == b"ok"
 
 
@@ -122,10 +134,10 @@ def test_a_fifo_at_the_lock_is_named_at_once_and_served_once_it_is_gone(  # type
         "path": "server.lock", "held": False, "pid": None, "host": None, "age": None,
         "state": "not a lock file: a FIFO", "stale_reason": None}
     client = start("client", "buf.txt", "-m", "hi", "--lock-timeout", "20")
-    client.expect("server.lock is a FIFO, not a lock file: no client makes one (it is created "
-                  "with O_CREAT|O_EXCL); remove it, and this client goes on")
+    client.expect_exact("server.lock is a FIFO, not a lock file: no client makes one (it is "
+                        "created with O_CREAT|O_EXCL); remove it, and this client goes on")
     os.unlink(tmp_path / "server.lock")
-    assert client.wait() == 0 and client.out == "ok"
+    assert ended(client) == 0 and reply(client) == "ok"
 
 
 @pytest.mark.parametrize("make", [os.mkdir, os.mkfifo], ids=["directory", "fifo"])
@@ -135,9 +147,9 @@ def test_what_is_not_a_ticket_in_the_line_is_ignored(make, holder, server, start
     (tmp_path / "server.lock.line").mkdir()
     make(str(tmp_path / "server.lock.line" / f"{1:020d}-1"))      # named as the first ticket
     client = start("client", "buf.txt", "-m", "hi")
-    client.expect("Server busy, please wait... (1 ahead of you)")
+    client.expect_exact("Server busy, please wait... (1 ahead of you)")
     release(holder)
-    assert client.wait() == 0 and client.out == "ok", client.err
+    assert ended(client) == 0 and reply(client) == "ok", printed(client)
 
 
 # --- Exceptions in a long-lived process ---
@@ -156,7 +168,7 @@ def test_an_exception_just_after_joining_the_line_leaves_no_ticket(holder, tmp_p
 def test_an_exception_after_the_reply_leaks_no_file_or_descriptor(tmp_path: Path) -> None:
     buffer = str(tmp_path / "buf.txt")
     server = threading.Thread(target=filechat.serve, daemon=True, kwargs=dict(
-        buffer=buffer, responder=filechat.static_responder("ok"), max_messages=20))
+        buffer=buffer, responder=lambda request: "ok", max_messages=20))
     server.start()
 
     def status(event: str, **info: object) -> None:
@@ -187,7 +199,7 @@ def test_a_hook_that_leaves_a_daemon_behind_is_answered_once_it_has_ended(  # ty
     finally:
         for pid in (tmp_path / "daemons").read_text().split():
             os.kill(int(pid), signal.SIGKILL)
-    assert srv.interrupt() == 0
+    assert interrupt(srv) == 0
 
 
 def test_a_hook_past_its_timeout_is_stopped_whatever_its_daemon_holds(  # type: ignore[no-untyped-def]
@@ -225,8 +237,8 @@ def test_a_log_that_cannot_be_written_is_said_and_serving_goes_on(server, run) -
     srv = server("--auto-reply", "ok", "--log", "/dev/full")
     for n in range(2):
         assert run("client", "buf.txt", "-m", f"m{n}").stdout == b"ok"
-    srv.expect("cannot write --log /dev/full (No space left on device)")
-    assert srv.err.count("cannot write --log") == 1
+    srv.expect_exact("cannot write --log /dev/full (No space left on device)")
+    assert printed(srv).count("cannot write --log") == 1
 
 
 def test_a_presence_count_that_cannot_be_updated_is_said_and_serving_goes_on(
@@ -234,17 +246,24 @@ def test_a_presence_count_that_cannot_be_updated_is_said_and_serving_goes_on(
     buffer = str(tmp_path / "buf.txt")
     failing, failed, updated = threading.Event(), threading.Event(), threading.Event()
     failing.set()                               # the disk full, for a while
-    write = filechat._write_in_place
+    write = os.write
 
-    def flaky(fd: int, record: bytes) -> None:
-        if failing.is_set():
+    def flaky(fd: int, data: bytes) -> int:        # a write to the presence file fails
+        try:
+            held, named = os.fstat(fd), os.stat(f"{buffer}.server")
+            presence = (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+        except OSError:
+            presence = False
+        if presence and failing.is_set():
             failed.set()
             raise OSError(28, "No space left on device")
-        write(fd, record)
-        updated.set()
-    monkeypatch.setattr(filechat, "_write_in_place", flaky)
+        written = write(fd, data)
+        if presence:
+            updated.set()
+        return written
+    monkeypatch.setattr(os, "write", flaky)
     server = threading.Thread(target=filechat.serve, daemon=True, kwargs=dict(
-        buffer=buffer, responder=filechat.static_responder("ok"), max_messages=3))
+        buffer=buffer, responder=lambda request: "ok", max_messages=3))
     server.start()
     assert filechat.send(buffer, "m0", timeout=WAIT) == "ok"
     assert failed.wait(WAIT)
@@ -284,18 +303,28 @@ def test_a_reply_that_cannot_be_written_is_told_to_the_client_at_once(  # type: 
     assert not (tmp_path / "r.txt").exists()
 
 
-def ended_pid() -> int:
-    """Return the pid of a process that has ended."""
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, check=True)
-    return int(done.stdout)
+def ended_clients_reply_name(run, tmp_path: Path) -> Tuple[str, str]:  # type: ignore[no-untyped-def]
+    """The default response file name of a client that has ended, and its host's tag.
+
+    The client, run elsewhere, finds no server and says in its --json record
+    which response file it would have used: filechat-reply-HOST-PID-RANDOM.txt.
+    """
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    done = run("client", "buf.txt", "-m", "hi", "--server-timeout", "0", "--json", cwd=elsewhere)
+    assert done.returncode == filechat.EXIT_NO_SERVER, done.stderr
+    name = os.path.basename(json.loads(done.stdout)["response_path"])
+    found = re.fullmatch(r"filechat-reply-([0-9a-f]{8})-(\d+)-[0-9a-f]{8}\.txt", name)
+    assert found is not None, name
+    return name, found[1]
 
 
-def test_replies_nobody_read_are_swept_when_a_server_starts(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_replies_nobody_read_are_swept_when_a_server_starts(start, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     old = tmp_path / "filechat-reply-4242-0badcafe.txt"          # named before names said whose
     fresh = tmp_path / "filechat-reply-4243-0badcafe.txt"
-    ended = tmp_path / f"filechat-reply-{filechat.HOST_TAG}-{ended_pid()}-0badcafe.txt"
-    live = tmp_path / f"filechat-reply-{filechat.HOST_TAG}-{os.getpid()}-0badcafe.txt"
+    name, host = ended_clients_reply_name(run, tmp_path)
+    ended = tmp_path / name
+    live = tmp_path / f"filechat-reply-{host}-{os.getpid()}-0badcafe.txt"
     elsewhere = tmp_path / "filechat-reply-0badf00d-4244-0badcafe.txt"     # another host's
     mine = tmp_path / "filechat-reply-notes.txt"          # a user's file, not a reply
     for path in (old, fresh, ended, live, elsewhere):
@@ -303,38 +332,47 @@ def test_replies_nobody_read_are_swept_when_a_server_starts(server, run, tmp_pat
     mine.write_bytes(b"keep me")
     for path in (old, mine):
         os.utime(path, (time.time() - 3600,) * 2)
-    srv = server("--auto-reply", "ok")
-    srv.expect("removed the reply")                 # the two, in the order they are listed
-    srv.expect("removed the reply")
-    assert f"removed the reply {old}: nobody read it for over 300 s" in srv.err
-    assert f"removed the reply {ended}: its client, process" in srv.err
+    srv = start("server", "buf.txt", "--auto-reply", "ok")
+    srv.expect_exact("removed the reply")         # the two, in the order they are listed...
+    srv.expect_exact("removed the reply")
+    srv.expect_exact("Waiting for clients...")    # ...before it is ready
+    assert f"removed the reply {old}: nobody read it for over 300 s" in printed(srv)
+    assert f"removed the reply {ended}: its client, process" in printed(srv)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("filechat-reply")) \
         == sorted(p.name for p in (fresh, live, elsewhere, mine))
 
 
-def test_a_running_server_sweeps_the_reply_of_a_client_that_ended(tmp_path: Path) -> None:
-    # Its sweeps, every SWEEP_INTERVAL (a minute; here a tenth of a second).
-    server = Proc([sys.executable, "-c", "import sys, filechat; filechat.SWEEP_INTERVAL = 0.1; "
-                   "sys.exit(filechat.main(sys.argv[1:]))", "server", "buf.txt", "--auto-reply",
-                   "ok"], tmp_path, env={"PYTHONPATH": str(ROOT)})
-    try:
-        server.expect("Waiting for clients...")
-        orphan = tmp_path / f"filechat-reply-{filechat.HOST_TAG}-{ended_pid()}-0badcafe.txt"
-        orphan.write_bytes(b"a reply its client never read\x1b")
-        server.expect(f"removed the reply {orphan}: its client, process")
-        assert not orphan.exists()
-        assert server.interrupt() == 0
-    finally:
-        server.kill()
+def test_a_live_process_s_temp_files_are_never_swept(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Whatever was judged of a file it held: a holder may have let go of it and
+    # gone on to its next exchange, whose pending request is such a file.
+    name, host = ended_clients_reply_name(run, tmp_path)
+    dead = name.split("-")[3]
+    mine = tmp_path / f".buf.txt.{host}.{os.getpid()}.0badf00d.tmp"
+    theirs = tmp_path / f".buf.txt.{host}.{dead}.0badf00d.tmp"
+    mine.write_bytes(b"a pending request")
+    theirs.write_bytes(b"a killed writer's")
+    assert interrupt(server("--auto-reply", "ok")) == 0      # it sweeps as it starts and stops
+    assert os.listdir(tmp_path) == [mine.name]
+
+
+def test_a_running_server_sweeps_the_reply_of_a_client_that_ended(  # type: ignore[no-untyped-def]
+        server, run, tmp_path: Path) -> None:
+    # Its sweeps come once a minute: this test waits for the first.
+    srv = server("--auto-reply", "ok")
+    orphan = tmp_path / ended_clients_reply_name(run, tmp_path)[0]
+    orphan.write_bytes(b"a reply its client never read\x1b")
+    srv.expect_exact(f"removed the reply {orphan}: its client, process", timeout=80)
+    assert not orphan.exists()
+    assert interrupt(srv) == 0
 
 
 def test_a_server_stopped_at_any_moment_leaves_nothing(start, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     for n in range(20):
         srv = start("server", "buf.txt", "--auto-reply", "ok")
-        srv.expect("Waiting for clients...")
+        srv.expect_exact("Waiting for clients...")
         assert run("client", "buf.txt", "-m", "hi").stdout == b"ok"
         # Just after an exchange: the count in the presence file is being updated.
-        assert srv.interrupt() == 0
+        assert interrupt(srv) == 0
         assert sorted(p.name for p in tmp_path.iterdir()) == [], n
 
 
@@ -345,11 +383,11 @@ def test_a_reply_is_delivered_to_a_live_client_whose_lock_another_removed(  # ty
         server, start, tmp_path: Path) -> None:
     srv = server("--auto-reply-cmd", GATED)
     client = start("client", "buf.txt", "-m", "hi")
-    srv.expect("Message received from client")
+    srv.expect_exact("Message received from client")
     (tmp_path / "server.lock").unlink()         # a buggy peer
     (tmp_path / "go").touch()
-    assert client.wait() == 0
-    assert client.out == "answered\n"
+    assert ended(client) == 0
+    assert reply(client) == "answered\n"
 
 
 # --- Locks being answered, and spec-following peers ---
@@ -363,29 +401,29 @@ def _spec_client(tmp_path: Path, message: str) -> "subprocess.Popen[bytes]":
 def test_a_lock_being_answered_is_never_stale(server, start, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     srv = server("--auto-reply-cmd", GATED)
     peer = _spec_client(tmp_path, "from the peer")
-    srv.expect("Message received from client")
+    srv.expect_exact("Message received from client")
     os.utime(tmp_path / "server.lock", (time.time() - 100,) * 2)    # answered for a long time
     state = json.loads(run("status", "buf.txt", "--json", "--stale-after", "1").stdout)
     assert (state["lock"]["state"], state["lock"]["stale_reason"]) == ("being answered", None)
     waiter = start("client", "buf.txt", "-m", "after the peer", "--stale-after", "1")
-    waiter.expect("Server busy, please wait... (1 ahead of you)")
+    waiter.expect_exact("Server busy, please wait... (1 ahead of you)")
     (tmp_path / "go").touch()
     assert peer.wait(WAIT) == 0
     assert peer.stdout is not None and b"answered" in peer.stdout.read()
-    assert waiter.wait() == 0 and waiter.out == "answered\n"
-    assert "removed stale lock" not in waiter.err
+    assert ended(waiter) == 0 and reply(waiter) == "answered\n"
+    assert "removed stale lock" not in printed(waiter)
 
 
 def test_a_file_a_stranger_makes_at_the_response_path_is_never_taken_for_the_reply(  # type: ignore[no-untyped-def]
         start, server, tmp_path: Path) -> None:
     client = start("client", "buf.txt", "r.txt", "-m", "hi")
-    client.expect("No filechat server is running")
+    client.expect_exact("No filechat server is running")
     (tmp_path / "r.txt").write_bytes(b"forged\x1b")     # another program, meanwhile
     srv = server("--auto-reply", "real")
-    srv.expect("the client was told")
-    assert client.wait() == filechat.EXIT_USAGE
-    assert client.out == ""
-    assert "the file already exists, and the server never overwrites a file" in client.err
+    srv.expect_exact("the client was told")
+    assert ended(client) == filechat.EXIT_USAGE
+    assert reply(client) == ""
+    assert "the file already exists, and the server never overwrites a file" in printed(client)
     assert (tmp_path / "r.txt").read_bytes() == b"forged\x1b"       # not the client's to remove
 
 
@@ -393,19 +431,19 @@ def test_two_clients_given_one_response_path_never_get_each_others_reply(  # typ
         server, start, tmp_path: Path) -> None:
     srv = server("--auto-reply-cmd", "while [ ! -e go ]; do sleep 0.02; done; cat")
     first = start("client", "buf.txt", "r.txt", "-m", "from the first")
-    srv.expect("Message received from client")
+    srv.expect_exact("Message received from client")
     second = start("client", "buf.txt", "r.txt", "-m", "from the second")
-    second.expect("Server busy, please wait...")
-    first.popen.send_signal(signal.SIGSTOP)             # slow to read its reply
+    second.expect_exact("Server busy, please wait...")
+    first.kill(signal.SIGSTOP)             # slow to read its reply
     try:
         (tmp_path / "go").touch()
-        assert second.wait() == filechat.EXIT_USAGE
-        assert second.out == ""
-        assert "appeared while this client waited for the lock" in second.err
+        assert ended(second) == filechat.EXIT_USAGE
+        assert reply(second) == ""
+        assert "appeared while this client waited for the lock" in printed(second)
     finally:
-        first.popen.send_signal(signal.SIGCONT)
-    assert first.wait() == 0 and first.out == "from the first"
-    assert "answered before a restart" not in srv.err
+        first.kill(signal.SIGCONT)
+    assert ended(first) == 0 and reply(first) == "from the first"
+    assert "answered before a restart" not in printed(srv)
 
 
 def _spec_server(tmp_path: Path, *options: str) -> "subprocess.Popen[bytes]":
@@ -436,13 +474,13 @@ def test_a_client_giving_up_under_a_spec_server_leaves_it_the_message_and_the_lo
                   else "2")
     _shown(peer, "first")                # read: the peer's operator is typing its reply
     if how == "interrupt":
-        first.expect("Waiting for server response...")
-        assert first.interrupt() == filechat.EXIT_INTERRUPTED
+        first.expect_exact("Waiting for server response...")
+        assert interrupt(first) == filechat.EXIT_INTERRUPTED
         assert ("a server that is not filechat had read the message; it and the lock are "
-                "left to that server") in first.err
+                "left to that server") in printed(first)
     else:
-        assert first.wait() == filechat.EXIT_TIMEOUT
-        assert "it and the lock are left to that server" in first.err
+        assert ended(first) == filechat.EXIT_TIMEOUT
+        assert "it and the lock are left to that server" in printed(first)
     assert (tmp_path / "server.lock").exists() and (tmp_path / "buf.txt").exists()
     if quirk:
         # A peer that removes the lock before it clears the buffer clears the
@@ -467,11 +505,11 @@ def test_with_no_server_at_all_a_timed_out_message_is_still_withdrawn(run, tmp_p
 
 def test_filechats_own_looks_at_the_buffer_are_not_a_peers_read(start, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     client = start("client", "buf.txt", "-m", "anyone?", "--timeout", "2")
-    client.expect("Waiting for server response...")
+    client.expect_exact("Waiting for server response...")
     state = json.loads(run("status", "buf.txt", "--json").stdout)    # reads the buffer
     assert state["message_waiting"]
-    assert client.wait() == filechat.EXIT_TIMEOUT
-    assert "no other read the message; it was withdrawn" in client.err
+    assert ended(client) == filechat.EXIT_TIMEOUT
+    assert "no other read the message; it was withdrawn" in printed(client)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -562,16 +600,16 @@ def test_a_server_puts_back_its_presence_file_when_its_directory_is_made_anew(  
     shared = tmp_path / "shared"
     shared.mkdir()
     first = start("server", "shared/buf.txt", "--auto-reply", "first", *waiting)
-    first.expect("Waiting for clients...")
+    first.expect_exact("Waiting for clients...")
     subprocess.run(["rm", "-rf", str(shared)], check=True)
     shared.mkdir()
-    first.expect("shared/buf.txt.server was removed while this server ran; it is back")
+    first.expect_exact("shared/buf.txt.server was removed while this server ran; it is back")
     second = run("server", "shared/buf.txt", "--auto-reply", "second")
     assert second.returncode == filechat.EXIT_ERROR
     assert "already serves this buffer" in second.stderr.decode()
     assert run("client", "shared/buf.txt", "-m", "hi").stdout == b"first"
     assert (shared / "buf.txt").read_bytes() == b""          # for spec clients, again
-    assert first.interrupt() == 0
+    assert interrupt(first) == 0
     assert list(shared.iterdir()) == []
 
 
@@ -579,10 +617,10 @@ def test_a_server_puts_back_its_presence_file_when_its_directory_is_made_anew(  
 def test_a_client_ended_by_sigterm_or_sighup_withdraws_as_on_ctrl_c(  # type: ignore[no-untyped-def]
         signum: int, status: int, start, tmp_path: Path) -> None:
     client = start("client", "buf.txt", "-m", "hi", "--json")
-    client.expect("Waiting for server response...")
-    client.popen.send_signal(signum)
-    assert client.wait() == status
-    record = json.loads(client.out)
+    client.expect_exact("Waiting for server response...")
+    client.kill(signum)
+    assert ended(client) == status
+    record = json.loads(reply(client))
     assert (record["outcome"], record["exit_status"]) == ("interrupted", status)
     assert record["error"].endswith("; the message was withdrawn")
     assert list(tmp_path.iterdir()) == []
@@ -605,8 +643,8 @@ def test_a_client_never_waits_for_ever_behind_an_ended_client_s_message(  # type
     (tmp_path / "buf.txt").write_bytes(filechat.encode_request("gone.txt", "from the dead"))
     kill(dead)
     client = start("client", "buf.txt", "-m", "next", "--timeout", "20")
-    client.expect("withdrew the message in buf.txt, which no server took: the lock it came "
-                  "with is stale (its holder, process")
-    client.expect("Waiting for server response...")
+    client.expect_exact("withdrew the message in buf.txt, which no server took: the lock it came "
+                        "with is stale (its holder, process")
+    client.expect_exact("Waiting for server response...")
     server("--auto-reply", "answered")
-    assert client.wait() == 0 and client.out == "answered"
+    assert ended(client) == 0 and reply(client) == "answered"

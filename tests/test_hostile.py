@@ -12,7 +12,18 @@ from pathlib import Path
 from typing import Iterator, List
 
 import pytest
-from conftest import WAIT, Proc, hold_lock, kill, leftovers
+from conftest import (
+    WAIT,
+    ended,
+    hold_lock,
+    interrupt,
+    kill,
+    leftovers,
+    line,
+    printed,
+    spawn,
+    stop,
+)
 
 import filechat
 
@@ -28,10 +39,20 @@ def still_serves(run) -> None:  # type: ignore[no-untyped-def]
     assert result.stdout == b"there?"
 
 
-def spec_request(directory: Path, response_path: str, message: str = "hi") -> None:
-    """Send as a spec-following client would: an empty lock, the buffer written in place."""
-    (directory / "server.lock").write_text("")
-    (directory / "buf.txt").write_text(f"{response_path}\n{message}\x1b")
+PEER = str(Path(__file__).with_name("spec_peer.py"))
+
+
+def spec_peer(directory: Path, *args: str) -> "subprocess.Popen[bytes]":
+    """Start tests/spec_peer.py in directory (a client or server from the spec alone)."""
+    return subprocess.Popen([sys.executable, PEER, *args], cwd=directory,
+                            stdout=subprocess.DEVNULL)
+
+
+def spec_request(directory: Path, response_path: str) -> None:
+    """Send as a spec-following client would (an empty lock, the buffer written in place),
+    and end there, not reading what the server makes of it."""
+    peer = spec_peer(directory, "client", "buf.txt", response_path, "hi", "--send-only")
+    assert peer.wait(WAIT) == 0
 
 
 # --- The message ---
@@ -79,7 +100,7 @@ def test_message_over_the_servers_max_bytes_gets_an_error_reply(server, run) -> 
 def test_garbage_in_the_buffer(server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     srv = server("--auto-reply-cmd", "cat")
     (tmp_path / "buf.txt").write_bytes(b"garbage without a path line\x1b")
-    srv.expect("malformed message in buf.txt: no response path before the message")
+    srv.expect_exact("malformed message in buf.txt: no response path before the message")
     still_serves(run)
     assert leftovers(tmp_path) == []
 
@@ -94,8 +115,8 @@ def test_half_a_message_from_a_dead_client(server, run, tmp_path: Path) -> None:
     result = run("client", "buf.txt", "-m", "there?", "--timeout", "5", "--lock-timeout", "5")
     assert result.stdout == b"there?"
     assert b"removed stale lock server.lock: its holder" in result.stderr
-    assert srv.interrupt() == 0
-    assert "half a mess" not in srv.out
+    assert interrupt(srv) == 0
+    assert "half a mess" not in printed(srv)
     assert leftovers(tmp_path) == []
 
 
@@ -151,7 +172,7 @@ def test_reply_outside_the_allowed_directories_is_refused_at_once(  # type: igno
     err = result.stderr.decode()
     assert f"the server will not write the reply to {other / 'r.txt'}: it is outside" in err
     assert "--allow-dir" in err
-    srv.expect("the client was told")
+    srv.expect_exact("the client was told")
     assert list(other.iterdir()) == []
     still_serves(run)
     assert leftovers(tmp_path) == []
@@ -195,10 +216,10 @@ def test_bad_response_paths_from_spec_clients(make: str, problem: str, server, r
     (tmp_path / "exists.txt").write_text("not the server's")
     srv = server("--auto-reply-cmd", "cat")
     spec_request(tmp_path, target)
-    line = srv.expect("the client was told")
-    assert f"the server will not write the reply to {target}: " in line
-    assert problem.format(d=tmp_path) in line
-    srv.expect("Lockfile removed. Ready for next client.")
+    told = line(srv, "the client was told")
+    assert f"the server will not write the reply to {target}: " in told
+    assert problem.format(d=tmp_path) in told
+    srv.expect_exact("Lockfile removed. Ready for next client.")
     assert victim.read_text() == "precious"
     assert (tmp_path / "exists.txt").read_text() == "not the server's"
     still_serves(run)
@@ -211,9 +232,9 @@ def test_relative_path_is_resolved_against_the_servers_directory(  # type: ignor
     home.mkdir()
     srv = start("server", str(shared / "buf.txt"), "--auto-reply", "ok", "--allow-dir", ".",
                 cwd=home)
-    srv.expect("Waiting for clients...")
+    srv.expect_exact("Waiting for clients...")
     spec_request(shared, "r.txt")
-    srv.expect("Response sent to: r.txt")
+    srv.expect_exact("Response sent to: r.txt")
     assert (home / "r.txt").read_bytes() == b"ok\n\x1b"      # ESC on a line of its own
     assert not (shared / "r.txt").exists()
 
@@ -234,23 +255,25 @@ def test_files_respect_the_umask_and_are_never_world_writable(umask: int, mode: 
     assert len(modes) == 3 and {"buf.txt.server", "server.lock"} < set(modes)
     assert set(modes.values()) == {mode}
     old = os.umask(umask)
-    try:
-        filechat.publish(str(tmp_path / "reply.txt"), b"x")
-        filechat.publish(str(tmp_path / "buffer.txt"), b"x", replace=True)
+    try:                # a reply, published where a spec client asks for it
+        peer = spec_peer(tmp_path, "client", "buf.txt", str(tmp_path / "r.txt"), "hi",
+                         "--keep-reply")
+        assert filechat.serve(str(tmp_path / "buf.txt"), lambda request: "ok",
+                              max_messages=1) == 1
+        assert peer.wait(WAIT) == 0
     finally:
         os.umask(old)
-    assert oct((tmp_path / "reply.txt").stat().st_mode & 0o777)[2:] == mode
-    assert oct((tmp_path / "buffer.txt").stat().st_mode & 0o777)[2:] == mode
+    assert oct((tmp_path / "r.txt").stat().st_mode & 0o777)[2:] == mode
 
 
 def test_presence_file_says_who_serves(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     srv = server("--auto-reply", "x")
     presence = json.loads((tmp_path / "buf.txt.server").read_text())
-    assert presence["pid"] == srv.popen.pid
+    assert presence["pid"] == srv.pid
     assert presence["answered"] == "0000000000"          # rewritten in place: a fixed width
-    assert filechat.running_server(str(tmp_path / "buf.txt.server")) is not None
-    assert srv.interrupt() == 0
-    assert filechat.running_server(str(tmp_path / "buf.txt.server")) is None
+    assert filechat.status(str(tmp_path / "buf.txt"))["server"] is not None
+    assert interrupt(srv) == 0
+    assert filechat.status(str(tmp_path / "buf.txt"))["server"] is None
 
 
 def test_durable_fsyncs_files_and_directories(tmp_path: Path,
@@ -291,12 +314,12 @@ def test_max_bytes_is_enforced_while_reading_not_after(server, tmp_path: Path) -
     with filechat.Waiter([str(response)]) as waiter:
         os.rename(temp, tmp_path / "buf.txt")             # in place whole, as a peer might
         while not response.exists():
-            assert waiter.wait(WAIT) != filechat.DEADLINE
-    srv.expect("Lockfile removed. Ready for next client.")
+            assert waiter.wait(WAIT) != "deadline"
+    srv.expect_exact("Lockfile removed. Ready for next client.")
     reply = response.read_bytes()
     assert reply.endswith(b"\x1b\x1b")                    # an error reply
     assert b"over this server's limit of 1000 (--max-bytes)" in reply
-    assert srv.interrupt() == 0
+    assert interrupt(srv) == 0
     response.unlink()
     assert leftovers(tmp_path) == []
 
@@ -326,31 +349,31 @@ def as_user(uid: int, *args: str) -> List[str]:
 
 
 def test_users_in_a_sticky_directory_are_told_at_once_on_both_sides(sticky: Path) -> None:
-    server = Proc(as_user(65534, "server", "buf.txt", "--auto-reply", "ok"), sticky)
+    server = spawn(as_user(65534, "server", "buf.txt", "--auto-reply", "ok"), sticky)
     try:
-        server.expect("directory . has the sticky bit (as /tmp has): only a file's owner may "
-                      "rename or remove it there")
-        server.expect("Waiting for clients...")
+        server.expect_exact("directory . has the sticky bit (as /tmp has): only a file's owner may "
+                            "rename or remove it there")
+        server.expect_exact("Waiting for clients...")
         assert ("install -d -m 2775 -g GROUP DIR; this server can answer only its own user's "
-                "clients") in server.err
-        client = Proc(as_user(65533, "client", "buf.txt", "-m", "hi", "--timeout", "30"), sticky)
-        assert client.wait() == filechat.EXIT_ERROR
+                "clients") in printed(server)
+        client = spawn(as_user(65533, "client", "buf.txt", "-m", "hi", "--timeout", "30"), sticky)
+        assert ended(client) == filechat.EXIT_ERROR
         assert ("the server on buf.txt runs as another user, and directory . has the sticky "
-                "bit") in client.err
-        assert "install -d -m 2775 -g GROUP DIR" in client.err
+                "bit") in printed(client)
+        assert "install -d -m 2775 -g GROUP DIR" in printed(client)
     finally:
-        server.kill()
+        stop(server)
 
 
 def test_a_message_sent_before_another_user_s_server_started_is_refused_at_once(
         sticky: Path) -> None:
-    client = Proc(as_user(65533, "client", "buf.txt", "-m", "hi", "--timeout", "30"), sticky)
-    client.expect("Waiting for server response...")
-    server = Proc(as_user(65534, "server", "buf.txt", "--auto-reply", "ok"), sticky)
+    client = spawn(as_user(65533, "client", "buf.txt", "-m", "hi", "--timeout", "30"), sticky)
+    client.expect_exact("Waiting for server response...")
+    server = spawn(as_user(65534, "server", "buf.txt", "--auto-reply", "ok"), sticky)
     try:
-        assert client.wait() == filechat.EXIT_USAGE
-        assert "directory . has the sticky bit" in client.err
-        server.expect("the client was told")
+        assert ended(client) == filechat.EXIT_USAGE
+        assert "directory . has the sticky bit" in printed(client)
+        server.expect_exact("the client was told")
         assert not (sticky / "buf.txt").exists() or (sticky / "buf.txt").stat().st_size == 0
     finally:
-        server.kill()
+        stop(server)

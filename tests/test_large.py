@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Iterator, List
 
 import pytest
-from conftest import WAIT, Proc
+from conftest import WAIT, interrupt, spawn
 
 import filechat
-from filechat import MAX_BYTES, READ_SIZE, FramingError, encode_request
+from filechat import FramingError
 
 ESC = "\x1b"
-PIECE = READ_SIZE         # bytes a streaming copy reads at a time
+MAX_BYTES = 1 << 20       # bytes: the largest message a client sends by default
+PIECE = 1 << 18           # bytes a streaming copy reads at a time (filechat's, today)
 LONG = ["", "hi\n", "x" * (2 * PIECE + 5), "é" * (PIECE + 3), "mixed 世界\n" * (PIECE // 5)]
 LARGE = MAX_BYTES         # over the default limit when a little is added
 
@@ -24,11 +25,11 @@ LARGE = MAX_BYTES         # over the default limit when a little is added
 def big_echo(pyz: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A server that echoes messages of up to 64 MiB."""
     directory = tmp_path_factory.mktemp("big")
-    proc = Proc([sys.executable, str(pyz), "server", "buf.txt", "--auto-reply-cmd", "cat",
-                 "--max-bytes", str(64 << 20)], directory)
-    proc.expect("Waiting for clients...")
+    proc = spawn([sys.executable, str(pyz), "server", "buf.txt", "--auto-reply-cmd", "cat",
+                  "--max-bytes", str(64 << 20)], directory)
+    proc.expect_exact("Waiting for clients...")
     yield str(directory / "buf.txt")
-    assert proc.interrupt() == 0
+    assert interrupt(proc) == 0
 
 
 @pytest.mark.parametrize("message", LONG[2:], ids=range(3))
@@ -74,21 +75,21 @@ def named(data: bytes) -> io.BytesIO:
     return source
 
 
-def test_pieces_of_a_message_file_are_checked_across_their_joins(tmp_path: Path) -> None:
+def test_pieces_of_a_message_file_are_checked_across_their_joins(big_echo: str,
+                                                                  tmp_path: Path) -> None:
     # A character cut by the edge of a piece is whole text; ESC after many
     # pieces is refused before anything is sent.
-    for text in ("é" * filechat.READ_SIZE, "€" * filechat.READ_SIZE, "a🙂" * 70000):
-        data = text.encode()
-        assert b"".join(filechat._file_request("/r", named(data), MAX_BYTES, [])) == \
-            encode_request("/r", text)
-    late_esc = named(b"x" * (3 * filechat.READ_SIZE) + b"\x1b")
+    for text in ("é" * PIECE, "€" * PIECE, "a🙂" * 70000):
+        assert filechat.send(big_echo, named(text.encode()), timeout=WAIT,
+                             max_bytes=64 << 20) == text
+    late_esc = named(b"x" * (3 * PIECE) + b"\x1b")
     with pytest.raises(FramingError, match=r"^message file m contains the ESC character"):
-        list(filechat._file_request("/r", late_esc, MAX_BYTES, []))
-    size = filechat.READ_SIZE
-    for cut in ("é".encode() * size + b"\xc3",                  # cut at the very end
-                b"x" * (size - 1) + b"\xc3" + b"x" * size):      # cut, then ASCII
+        filechat.send(str(tmp_path / "buf.txt"), late_esc, max_bytes=64 << 20)
+    for cut in ("é".encode() * PIECE + b"\xc3",                 # cut at the very end
+                b"x" * (PIECE - 1) + b"\xc3" + b"x" * PIECE):    # cut, then ASCII
         with pytest.raises(FramingError, match=r"^message file m is not valid UTF-8 text"):
-            list(filechat._file_request("/r", named(cut), MAX_BYTES, []))
+            filechat.send(str(tmp_path / "buf.txt"), named(cut), max_bytes=64 << 20)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("content, error", [

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from conftest import ROOT, SAFETY_NET, WAIT, release
+from conftest import ROOT, SAFETY_NET, WAIT, ended, interrupt, printed, release, reply
 
 import filechat
 
@@ -28,44 +28,45 @@ def test_clients_are_served_in_arrival_order(holder, server, start, tmp_path: Pa
     clients = []
     for n in range(6):
         client = start("client", "buf.txt", "-m", f"client {n}", "-v")
-        client.expect(f"Server busy, please wait... ({n + 1} ahead of you)")
+        client.expect_exact(f"Server busy, please wait... ({n + 1} ahead of you)")
         clients.append(client)
     assert len(tickets(tmp_path)) == 6
     release(holder)
     for n, client in enumerate(clients):
-        assert client.wait() == 0
-        assert client.out == f"client {n}"
-    order = [line for line in srv.out.splitlines() if line.startswith("client ")]
+        assert ended(client) == 0
+        assert reply(client) == f"client {n}"
+    assert interrupt(srv) == 0
+    order = [line for line in printed(srv).splitlines() if line.startswith("client ")]
     assert order == [f"client {n}" for n in range(6)]
     assert tickets(tmp_path) == []
     assert not (tmp_path / "server.lock.line").exists()     # the last to leave removed it
-    assert srv.interrupt() == 0
     for proc in [srv, *clients]:                            # every wait ended by its event
-        assert "debug:" in proc.err and SAFETY_NET not in proc.err
+        assert "debug:" in printed(proc) and SAFETY_NET not in printed(proc)
 
 
 def test_a_crashed_waiter_does_not_block_the_line(holder, server, start, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     srv = server("--auto-reply-cmd", "cat")
     first = start("client", "buf.txt", "-m", "first")
-    first.expect("(1 ahead of you)")
+    first.expect_exact("(1 ahead of you)")
     doomed = start("client", "buf.txt", "-m", "doomed")
-    doomed.expect("(2 ahead of you)")
+    doomed.expect_exact("(2 ahead of you)")
     last = start("client", "buf.txt", "-m", "last", "-v")
-    last.expect("(3 ahead of you)")
+    last.expect_exact("(3 ahead of you)")
     line = tmp_path / "server.lock.line"
     with filechat.Waiter([str(line / name) for name in tickets(tmp_path)]) as waiter:
-        doomed.popen.send_signal(signal.SIGKILL)
-        assert doomed.wait() == -signal.SIGKILL
+        doomed.kill(signal.SIGKILL)
+        assert ended(doomed) == -signal.SIGKILL
         # The client behind it, woken by its death, clears its ticket.
         while len(tickets(tmp_path)) == 3:
-            assert waiter.wait(WAIT) != filechat.DEADLINE
+            assert waiter.wait(WAIT) != "deadline"
     release(holder)
-    assert first.wait() == 0 and last.wait() == 0
-    assert last.out == "last"
-    order = [line for line in srv.out.splitlines() if line in ("first", "doomed", "last")]
+    assert ended(first) == 0 and ended(last) == 0
+    assert reply(last) == "last"
+    assert interrupt(srv) == 0
+    order = [line for line in printed(srv).splitlines() if line in ("first", "doomed", "last")]
     assert order == ["first", "last"]
     assert in_line(tmp_path) == []          # the dead waiter's ticket too
-    assert "debug:" in last.err and SAFETY_NET not in last.err
+    assert "debug:" in printed(last) and SAFETY_NET not in printed(last)
 
 
 def test_a_spec_peer_still_gets_its_turn(holder, server, start, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -77,22 +78,22 @@ def test_a_spec_peer_still_gets_its_turn(holder, server, start, tmp_path: Path) 
     assert peer.stdout.readline() == b"Server busy, please wait...\n"
     queued = [start("client", "buf.txt", "-m", f"c{n}") for n in range(3)]
     for client in queued:
-        client.expect("ahead of you")
+        client.expect_exact("ahead of you")
     release(holder)
     assert peer.wait(30) == 0
     assert b"Server response:\nok" in peer.stdout.read()
-    assert all(client.wait() == 0 for client in queued)
+    assert all(ended(client) == 0 for client in queued)
 
 
 def test_polling_clients_wait_at_the_retry_pace(holder, server, start, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server("--auto-reply", "ok", "--poll", "--poll-interval", "0.05")
     client = start("client", "buf.txt", "-m", "hi", "--poll", "--poll-interval", "0.05",
                    "--lock-retry-interval", "0.1")
-    client.expect("Server busy, please wait... (1 ahead of you)")
-    client.expect("Server busy, please wait... (1 ahead of you)")
+    client.expect_exact("Server busy, please wait... (1 ahead of you)")
+    client.expect_exact("Server busy, please wait... (1 ahead of you)")
     release(holder)
-    assert client.wait() == 0
-    assert client.out == "ok"
+    assert ended(client) == 0
+    assert reply(client) == "ok"
 
 
 
@@ -119,22 +120,22 @@ def test_a_stopping_server_clears_a_dead_waiters_ticket(server, tmp_path: Path) 
     srv = server("--auto-reply", "ok")
     line = tmp_path / "server.lock.line"
     line.mkdir()
-    record = {"pid": 999999, "host": filechat.HOST, "token": "ab", "created": 1.0}
+    record = {"pid": 999999, "host": os.uname().nodename, "token": "ab", "created": 1.0}
     (line / f"{1:020d}-999999").write_text(json.dumps(record) + "\n")   # nobody flocks it
-    assert srv.interrupt() == 0
+    assert interrupt(srv) == 0
     assert not line.exists()
 
 
 def test_a_client_queued_under_a_spec_server_sends_its_own_request(  # type: ignore[no-untyped-def]
         holder, start, tmp_path: Path) -> None:
     client = start("client", "buf.txt", "resp.txt", "-m", "hello")
-    client.expect("(1 ahead of you)")
+    client.expect_exact("(1 ahead of you)")
     peer = subprocess.Popen([sys.executable, str(Path(__file__).with_name("spec_peer.py")),
                              "server", "buf.txt", "from the peer\n"],
                             cwd=tmp_path, stdout=subprocess.PIPE)
     release(holder)
-    assert client.wait() == 0
-    assert client.out == "from the peer\n"
+    assert ended(client) == 0
+    assert reply(client) == "from the peer\n"
     assert peer.wait(WAIT) == 0
     assert not (tmp_path / "server.lock.line").exists()
 
@@ -148,12 +149,12 @@ def test_two_servers_sharing_the_default_lock_answer_only_their_own_clients(  # 
     clients = [start("client", f"{name}.txt", "-m", f"{name}{n}", "--timeout", "30")
                for n in range(4) for name in ("a", "b")]
     for client in clients:
-        assert client.wait(30) == 0, client.err
-    assert sorted(client.out for client in clients) == sorted(
+        assert ended(client, 30) == 0, printed(client)
+    assert sorted(reply(client) for client in clients) == sorted(
         f"{name}:{name}{n}" for n in range(4) for name in ("a", "b"))
     for srv in servers:
-        assert srv.interrupt() == 0
-        assert SAFETY_NET not in srv.err
+        assert interrupt(srv) == 0
+        assert SAFETY_NET not in printed(srv)
 
 
 FORKED = """
@@ -192,8 +193,8 @@ def test_clients_forked_after_their_parent_used_filechat_each_wait_on_their_own(
     logs = [p.read_text() for p in sorted(tmp_path.glob("*.log"))]
     assert len(logs) == clients and all("waiting with inotify" in text for text in logs)
     assert not [text for text in logs if SAFETY_NET in text]
-    assert srv.interrupt() == 0
-    assert SAFETY_NET not in srv.err
+    assert interrupt(srv) == 0
+    assert SAFETY_NET not in printed(srv)
 
 
 def test_a_line_removed_as_it_was_made_is_made_again(tmp_path: Path,
@@ -207,7 +208,7 @@ def test_a_line_removed_as_it_was_made_is_made_again(tmp_path: Path,
             removed.append(path)
             os.rmdir(path)            # as the last to leave does, between mkdir and chmod
         chmod(path, mode)
-    monkeypatch.setattr(filechat.os, "chmod", leaver_first)
+    monkeypatch.setattr(os, "chmod", leaver_first)
     line = filechat.WaitingLine(str(tmp_path / "server.lock"))
     line.join()
     assert removed and in_line(tmp_path) == [os.path.basename(line.ticket.path)]

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from conftest import SAFETY_NET, Proc
+from conftest import SAFETY_NET, ended, interrupt, printed, spawn, stop
+from pexpect.popen_spawn import PopenSpawn
 
 import filechat
 
@@ -30,20 +31,26 @@ for i in range(int(sys.argv[4])):
 
 
 def run_load(pyz: Path, tmp_path: Path, victims: int, seed: int) -> None:
-    server = Proc([sys.executable, str(pyz), "server", "buf.txt", "--auto-reply-cmd", "cat", "-v"],
-                  tmp_path)
-    clients: List[Proc] = []
+    server = spawn([sys.executable, str(pyz), "server", "buf.txt", "--auto-reply-cmd", "cat",
+                    "-v"], tmp_path)
+    clients: List[PopenSpawn] = []
     try:
-        server.expect("Waiting for clients...")
-        clients += [Proc([sys.executable, "-c", DRIVER, str(pyz), "buf.txt", f"c{n}",
-                          str(MESSAGES)], tmp_path) for n in range(CLIENTS)]
+        server.expect_exact("Waiting for clients...")
+        clients += [spawn([sys.executable, "-c", DRIVER, str(pyz), "buf.txt", f"c{n}",
+                           str(MESSAGES)], tmp_path) for n in range(CLIENTS)]
         check_load(server, clients, tmp_path, victims, seed)
     finally:
-        for proc in [server, *clients]:
-            proc.kill()
+        for child in [server, *clients]:
+            stop(child)
 
 
-def check_load(server: Proc, clients: List[Proc], tmp_path: Path, victims: int,
+def sent(output: str) -> str:
+    """The driver's own lines, one a message, out of its output and debug log."""
+    return "".join(line for line in output.splitlines(keepends=True)
+                   if line.startswith(("ok ", "WRONG ")))
+
+
+def check_load(server: PopenSpawn, clients: List[PopenSpawn], tmp_path: Path, victims: int,
                seed: int) -> None:
     rng = random.Random(seed)
     doomed = rng.sample(range(CLIENTS), victims)
@@ -51,32 +58,34 @@ def check_load(server: Proc, clients: List[Proc], tmp_path: Path, victims: int,
     for n in doomed:
         after, delay = rng.randrange(MESSAGES - 1), rng.random() * 0.02
 
-        def kill(proc: Proc = clients[n], after: int = after, delay: float = delay,
+        def kill(proc: PopenSpawn = clients[n], after: int = after, delay: float = delay,
                  name: str = f"c{n}") -> None:
-            proc.expect(f"ok {name}-{after}", timeout=120)
+            proc.expect_exact(f"ok {name}-{after}", timeout=120)
             time.sleep(delay)            # lands somewhere inside the next exchange
-            proc.popen.send_signal(signal.SIGKILL)
+            proc.kill(signal.SIGKILL)
         killers.append(threading.Thread(target=kill, daemon=True))
     for killer in killers:
         killer.start()
+    for killer in killers:          # each alone reads its client's output meanwhile
+        killer.join(130)
+        assert not killer.is_alive()
     for n, client in enumerate(clients):
-        code = client.wait(timeout=240)
-        assert "WRONG" not in client.out, f"c{n} got another client's reply: {client.out}"
-        assert "waiting with inotify" in client.err      # the debug log is on
-        assert SAFETY_NET not in client.err, client.err
+        code = ended(client, 240)
+        lines = sent(printed(client))
+        assert "WRONG" not in lines, f"c{n} got another client's reply: {lines}"
+        assert "waiting with inotify" in printed(client)      # the debug log is on
+        assert SAFETY_NET not in printed(client), printed(client)
         if n in doomed:
             assert code == -signal.SIGKILL
         else:
-            assert code == 0, client.err
-            assert client.out == "".join(f"ok c{n}-{i}\n" for i in range(MESSAGES))
-    for killer in killers:
-        killer.join(10)
-    assert server.interrupt() == 0
-    assert "filechat: debug: message claimed" in server.err
-    assert SAFETY_NET not in server.err
+            assert code == 0, printed(client)
+            assert lines == "".join(f"ok c{n}-{i}\n" for i in range(MESSAGES))
+    assert interrupt(server) == 0
+    assert "filechat: debug: message claimed" in printed(server)
+    assert SAFETY_NET not in printed(server)
     for n in range(CLIENTS):
         for i in range(MESSAGES):
-            shown = server.out.count(f"{'=' * 60}\nc{n}-{i}\n{'=' * 60}\n")
+            shown = printed(server).count(f"{'=' * 60}\nc{n}-{i}\n{'=' * 60}\n")
             # A killed client's message may have been shown before it died, never twice.
             assert shown == 1 or (n in doomed and shown == 0), f"c{n}-{i} shown {shown} times"
     assert sorted(p.name for p in tmp_path.iterdir()) == []   # no lock, buffer or stray file
@@ -97,7 +106,7 @@ def test_the_server_holds_no_descriptor_per_answered_client(server, tmp_path: Pa
     buffer = str(tmp_path / "buf.txt")
 
     def descriptors() -> int:
-        return len(os.listdir(f"/proc/{srv.popen.pid}/fd"))
+        return len(os.listdir(f"/proc/{srv.pid}/fd"))
 
     assert filechat.send(buffer, "first") == "ok"
     before = descriptors()
@@ -105,4 +114,4 @@ def test_the_server_holds_no_descriptor_per_answered_client(server, tmp_path: Pa
         assert filechat.send(buffer, f"m{n}") == "ok"
     # Its last client's lock at most, if it is still watching that reply being read.
     assert descriptors() <= before + 1
-    assert srv.interrupt() == 0
+    assert interrupt(srv) == 0

@@ -11,16 +11,17 @@ import sys
 from pathlib import Path
 from typing import List
 
-from conftest import WAIT, Proc, leftovers
+from conftest import WAIT, ended, interrupt, leftovers, printed, reply, spawn
+from pexpect.popen_spawn import PopenSpawn
 
 import filechat
 
 PEER = str(Path(__file__).with_name("spec_peer.py"))
 
 
-def peer(tmp_path: Path, *args: str) -> Proc:
+def peer(tmp_path: Path, *args: str) -> PopenSpawn:
     """Start the spec peer in tmp_path."""
-    return Proc([sys.executable, PEER, *args], tmp_path)
+    return spawn([sys.executable, PEER, *args], tmp_path)
 
 
 def test_a_server_reading_esc_as_a_line_sees_the_end_of_a_message_sent_with_message(
@@ -28,16 +29,16 @@ def test_a_server_reading_esc_as_a_line_sees_the_end_of_a_message_sent_with_mess
     server = peer(tmp_path, "server", "buf.txt", "seen", "--drawn")
     result = run("client", "buf.txt", "-m", "hello", "--timeout", "10")
     assert (result.returncode, result.stdout) == (0, b"seen\n"), result.stderr
-    server.expect("Message received from client")
-    assert server.wait() == 0
+    server.expect_exact("Message received from client")
+    assert ended(server) == 0
     assert not (tmp_path / "server.lock").exists()      # the next client is not locked out
 
 
 def test_a_client_reading_esc_as_a_line_sees_the_end_of_a_reply(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server("--auto-reply", "no final newline")
     client = peer(tmp_path, "client", "buf.txt", "r.txt", "hi", "--drawn")
-    assert client.wait() == 0
-    assert client.out.endswith("Server response:\nno final newline\n")
+    assert ended(client) == 0
+    assert printed(client).endswith("Server response:\nno final newline\n")
     assert leftovers(tmp_path) == []
 
 
@@ -49,7 +50,7 @@ def test_filechat_to_filechat_stays_byte_exact(server, run, tmp_path: Path) -> N
                        (["-m", ""], b"")):
         result = run("client", "buf.txt", *args)
         assert (result.returncode, result.stdout) == (0, sent), result.stderr
-    srv.interrupt()
+    interrupt(srv)
     logged = (tmp_path / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["message"] for line in logged] == [
         "hello", "two\n\n", "from a file, no final newline", ""]
@@ -57,19 +58,19 @@ def test_filechat_to_filechat_stays_byte_exact(server, run, tmp_path: Path) -> N
 
 def test_a_client_that_opens_the_buffer_without_o_creat_is_answered(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server("--auto-reply", "ok")
-    clients: List[Proc] = []
+    clients: List[PopenSpawn] = []
     for n in range(3):                  # the first, and those after a claim
         clients.append(peer(tmp_path, "client", "buf.txt", f"r{n}.txt", f"m{n}",
                             "--no-create"))
-        assert clients[-1].wait() == 0
-        assert clients[-1].out.endswith("Server response:\nok\n")
+        assert ended(clients[-1]) == 0
+        assert printed(clients[-1]).endswith("Server response:\nok\n")
     assert leftovers(tmp_path) == []
 
 
 def test_the_buffer_a_server_leaves_for_such_clients_goes_with_it(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     srv = server("--auto-reply", "ok")
     assert (tmp_path / "buf.txt").read_bytes() == b""
-    assert srv.interrupt() == 0
+    assert interrupt(srv) == 0
     assert list(tmp_path.iterdir()) == []
 
 
@@ -79,15 +80,15 @@ def test_a_server_that_removes_the_lock_before_clearing_the_buffer_loses_no_mess
     # takes the lock; it waits for the buffer to be cleared before writing.
     server = peer(tmp_path, "server", "buf.txt", "answered", "--esc", "--lock-first",
                   "--gap=0.5", "--count=2", "--think=1")
-    server.expect("Waiting for clients...")
+    server.expect_exact("Waiting for clients...")
     first = start("client", "buf.txt", "-m", "first", "--timeout", "20")
-    server.expect("first")
+    server.expect_exact("first")
     second = start("client", "buf.txt", "-m", "second", "--timeout", "20")
-    second.expect("Server busy")
-    assert first.wait(20) == 0 and first.out == "answered"
-    assert second.wait(20) == 0 and second.out == "answered"
-    server.expect("second")
-    assert server.wait() == 0
+    second.expect_exact("Server busy")
+    assert ended(first, 20) == 0 and reply(first) == "answered"
+    assert ended(second, 20) == 0 and reply(second) == "answered"
+    server.expect_exact("second")
+    assert ended(server) == 0
 
 
 def test_a_reply_under_a_lock_never_released_is_reported_and_left(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -99,4 +100,4 @@ def test_a_reply_under_a_lock_never_released_is_reported_and_left(run, tmp_path:
             "released; the reply is left there") in error, error
     assert "withdrawn" not in error and "no other" not in error
     assert (tmp_path / "r.txt").read_bytes() == b"complete\x1b"
-    assert server.wait(WAIT) == 0
+    assert ended(server, WAIT) == 0

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import WAIT, Proc
+from conftest import WAIT, interrupt, spawn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,11 +19,11 @@ text = st.text(st.characters(blacklist_characters="\x1b\0", blacklist_categories
 def echo_buffer(pyz: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A server that echoes every message back through the cat hook."""
     directory = tmp_path_factory.mktemp("echo")
-    proc = Proc([sys.executable, str(pyz), "server", "buf.txt", "--auto-reply-cmd", "cat"],
-                directory)
-    proc.expect("Waiting for clients...")
+    proc = spawn([sys.executable, str(pyz), "server", "buf.txt", "--auto-reply-cmd", "cat"],
+                 directory)
+    proc.expect_exact("Waiting for clients...")
     yield str(directory / "buf.txt")
-    assert proc.interrupt() == 0
+    assert interrupt(proc) == 0
 
 
 @settings(max_examples=60, deadline=None)

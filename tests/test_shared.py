@@ -9,14 +9,28 @@ FILECHAT_MOUNT_TESTS=required (as .ci/run sets it) that is a failure instead.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
-from conftest import ROOT, SAFETY_NET, WAIT, Proc
+from conftest import (
+    ROOT,
+    SAFETY_NET,
+    WAIT,
+    ended,
+    interrupt,
+    line,
+    printed,
+    reply,
+    spawn,
+    stop,
+)
+from pexpect.popen_spawn import PopenSpawn
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import mounts
@@ -55,23 +69,28 @@ class Share:
         self.setup = setup
         self.a, self.b = made.fresh_dir(setup)
         self.pyz = pyz
-        self.procs: List[Proc] = []
+        self.procs: List[PopenSpawn] = []
+        self.outputs = Path(tempfile.mkdtemp(prefix="filechat-stdout-"))
 
     def start(self, host: Optional[str], side: Path, *args: str,
-              env: Optional[Dict[str, str]] = None) -> Proc:
-        """Start filechat in side (a or b), as host (None: this machine's own name)."""
+              env: Optional[Dict[str, str]] = None) -> PopenSpawn:
+        """Start filechat in side (a or b), as host (None: this machine's own name).
+
+        Its stdout goes to a file of its own (reply()) unless it is a server.
+        """
         argv = [sys.executable, str(self.pyz), *args]
-        proc = Proc(mounts.as_host(host, argv) if host else argv, side, env=env)
+        stdout = self.outputs / f"{len(self.procs)}.out" if args[0] != "server" else None
+        proc = spawn(mounts.as_host(host, argv) if host else argv, side, stdout=stdout, env=env)
         self.procs.append(proc)
         return proc
 
-    def server(self, host: Optional[str], side: Path, *options: str) -> Proc:
+    def server(self, host: Optional[str], side: Path, *options: str) -> PopenSpawn:
         proc = self.start(host, side, "server", "buf.txt", "-v", *options)
-        proc.expect("Waiting for clients...")
+        proc.expect_exact("Waiting for clients...")
         return proc
 
     def client(self, host: Optional[str], side: Path, message: str, *options: str,
-               env: Optional[Dict[str, str]] = None) -> Proc:
+               env: Optional[Dict[str, str]] = None) -> PopenSpawn:
         return self.start(host, side, "client", "buf.txt", "-m", message, "-v", *options,
                           env=env)
 
@@ -80,7 +99,8 @@ class Share:
 
     def close(self) -> None:
         for proc in self.procs:
-            proc.kill()
+            stop(proc)
+        shutil.rmtree(self.outputs)
 
 
 @pytest.fixture(params=SETUPS)
@@ -98,22 +118,22 @@ def uncached(request: pytest.FixtureRequest, mounted: mounts.Mounts,
     made.close()
 
 
-def finished(proc: Proc, timeout: float = WAIT) -> Tuple[int, str]:
-    code = proc.wait(timeout)
-    assert SAFETY_NET not in proc.err, proc.err
-    return code, proc.out
+def finished(proc: PopenSpawn, timeout: float = WAIT) -> Tuple[int, str]:
+    code = ended(proc, timeout)
+    assert SAFETY_NET not in printed(proc), printed(proc)
+    return code, reply(proc)
 
 
 def test_both_sides_know_the_directory_is_shared(share: Share) -> None:
     srv = share.server("alpha", share.a, "--auto-reply", "", "--max-messages", "1")
-    assert "which other hosts may share: polling every 0.02 s" in srv.err
+    assert "which other hosts may share: polling every 0.02 s" in printed(srv)
     result = subprocess.run([sys.executable, str(share.pyz), "status", "buf.txt", "--json"],
                             cwd=share.b, capture_output=True, timeout=WAIT)
     state = json.loads(result.stdout)
     assert state["filesystem"]["shared"] is True and state["filesystem"]["polling"] == 0.02
     assert state["filesystem"]["type"].startswith("fuse")
     assert finished(share.client("beta", share.b, "hi"))[0] == 0
-    assert srv.wait() == 0
+    assert ended(srv) == 0
 
 
 def test_every_exchange_across_hosts_is_delivered_once(share: Share) -> None:
@@ -122,10 +142,10 @@ def test_every_exchange_across_hosts_is_delivered_once(share: Share) -> None:
     clients = [share.client("beta", share.b, text) for text in messages]
     for text, proc in zip(messages, clients):
         code, out = finished(proc, WAIT * 3)
-        assert code == 0, proc.err
-        assert out == text, proc.err            # its own reply, none other's
-    assert srv.interrupt() == 0
-    assert SAFETY_NET not in srv.err
+        assert code == 0, printed(proc)
+        assert out == text, printed(proc)            # its own reply, none other's
+    assert interrupt(srv) == 0
+    assert SAFETY_NET not in printed(srv)
     records = [json.loads(line) for line in (share.a / "log.jsonl").open()]
     assert {record["outcome"] for record in records} == {"replied"}
     answered = [record["message"] for record in records]
@@ -145,8 +165,8 @@ def test_one_host_name_on_two_mounts(uncached: Share) -> None:
                             cwd=share.b, capture_output=True, timeout=WAIT)
     assert status.returncode == 0 and b"5 messages answered" in status.stdout
     second = share.start(None, share.b, "server", "buf.txt", "--auto-reply", "second")
-    assert second.wait() == 1 and "already serves this buffer" in second.err
-    assert srv.interrupt() == 0
+    assert ended(second) == 1 and "already serves this buffer" in printed(second)
+    assert interrupt(srv) == 0
     assert share.leftovers() == []
 
 
@@ -154,16 +174,16 @@ def test_a_dead_remote_lock_is_cleared_by_its_heartbeat(uncached: Share) -> None
     share = uncached
     # A client on beta dies holding the lock (before sending), as kill -9 would.
     dead = share.client("beta", share.b, "never sent", env={"FILECHAT_CRASH_AT": "client-locked"})
-    assert dead.wait() == 137 and (share.a / "server.lock").exists()
+    assert ended(dead) == 137 and (share.a / "server.lock").exists()
     srv = share.server("alpha", share.a, "--auto-reply", "ok")
     alive = share.client("alpha", share.a, "after the dead one")
-    line = alive.expect("removed stale lock", BOUND)
+    said = line(alive, "removed stale lock", BOUND)
     if share.setup in FLOCKS:        # its flock freed as it died: seen at once
-        assert "its holder, process" in line and "on beta, has ended" in line
+        assert "its holder, process" in said and "on beta, has ended" in said
     else:
-        assert "on beta, has not rewritten it for" in line and "(its heartbeat stopped)" in line
-    assert finished(alive)[0] == 0 and alive.out == "ok"
-    assert srv.interrupt() == 0
+        assert "on beta, has not rewritten it for" in said and "(its heartbeat stopped)" in said
+    assert finished(alive)[0] == 0 and reply(alive) == "ok"
+    assert interrupt(srv) == 0
     assert share.leftovers() == []
 
 
@@ -173,14 +193,14 @@ def test_a_live_remote_holder_is_never_broken(uncached: Share) -> None:
     srv = share.server("alpha", share.a, "--auto-reply-cmd", "sleep 5; cat",
                        "--stale-after", "0.5")
     slow = share.client("beta", share.b, "slow one", "--stale-after", "0.5")
-    srv.expect("slow one")
+    srv.expect_exact("slow one")
     behind = share.client("gamma", share.a, "behind it", "--stale-after", "0.5")
-    behind.expect("Server busy, please wait...")
+    behind.expect_exact("Server busy, please wait...")
     assert finished(slow, WAIT * 2) == (0, "slow one")
     assert finished(behind, WAIT * 2) == (0, "behind it")
     for proc in (slow, behind, srv):
-        assert "removed stale lock" not in proc.err and "has gone" not in proc.err
-    assert srv.interrupt() == 0
+        assert "removed stale lock" not in printed(proc) and "has gone" not in printed(proc)
+    assert interrupt(srv) == 0
     assert share.leftovers() == []
 
 
@@ -188,17 +208,17 @@ def test_a_dead_remote_waiter_leaves_the_line(uncached: Share) -> None:
     share = uncached
     srv = share.server("alpha", share.a, "--auto-reply-cmd", "sleep 1; cat")
     first = share.client("beta", share.b, "first")
-    srv.expect("first")
+    srv.expect_exact("first")
     doomed = share.client("beta", share.b, "doomed")
-    doomed.expect("Server busy, please wait...")
+    doomed.expect_exact("Server busy, please wait...")
     last = share.client("gamma", share.a, "last")
-    last.expect("(2 ahead of you)")          # the one being answered, and doomed
-    doomed.popen.kill()
-    assert doomed.wait() == -signal.SIGKILL
+    last.expect_exact("(2 ahead of you)")          # the one being answered, and doomed
+    doomed.kill(signal.SIGKILL)
+    assert ended(doomed) == -signal.SIGKILL
     assert finished(first) == (0, "first")
     code, out = finished(last, BOUND + WAIT)
     assert (code, out) == (0, "last")
-    assert srv.interrupt() == 0
+    assert interrupt(srv) == 0
     assert share.leftovers() == []
 
 
@@ -210,27 +230,27 @@ def test_status_is_right_from_every_side(uncached: Share, tmp_path: Path) -> Non
 
     def status(host: str, side: Path) -> Tuple[int, str]:
         proc = share.start(host, side, "status", "buf.txt")
-        return proc.wait(BOUND), proc.out
+        return ended(proc, BOUND), reply(proc)
 
     for host, side in (("alpha", share.a), ("beta", share.b)):
         code, out = status(host, side)
         assert code == 0 and "running, process" in out and "on alpha" in out, out
     client = share.client("beta", share.b, "held")
-    srv.expect("held")
+    srv.expect_exact("held")
     # Both the presence file and the lock beat: each is settled on its own.
     for host, side in (("alpha", share.a), ("beta", share.b)):
         code, out = status(host, side)
         assert "held by process" in out and "on beta" in out and "being answered" in out, out
     go.touch()
     assert finished(client) == (0, "held")
-    srv.popen.kill()                            # dies without withdrawing its presence
-    srv.wait()
+    srv.kill(signal.SIGKILL)                            # dies without withdrawing its presence
+    ended(srv)
     code, out = status("beta", share.b)
     assert code == 5 and "not running" in out, out
     # A server on the other host takes over the dead one's presence file.
     again = share.server("beta", share.b, "--auto-reply", "again")
     assert finished(share.client("alpha", share.a, "hi"))[1] == "again"
-    assert again.interrupt() == 0
+    assert interrupt(again) == 0
     assert share.leftovers() == []
 
 

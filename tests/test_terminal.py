@@ -3,6 +3,7 @@
 import io
 import json
 import re
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Optional
 
 import pexpect
 import pytest
-from conftest import WAIT, release
+from conftest import WAIT, ended, release, reply
 
 import filechat
 
@@ -108,8 +109,8 @@ def test_text_typed_at_an_idle_server_is_discarded_and_said(terminal, start) -> 
     assert "filechat: note: 31 bytes typed before the prompt were discarded" in server.output()
     server.type_lines("the real reply")
     server.end_text()
-    assert client.wait() == 0
-    assert client.out == "the real reply\n"
+    assert ended(client) == 0
+    assert reply(client) == "the real reply\n"
 
 
 LEFT, UP, QUOTE = "\x1b[D", "\x1b[A", "\x16"      # as the terminal sends them; Ctrl+V
@@ -155,8 +156,8 @@ def test_an_esc_that_reaches_the_reply_asks_again(terminal, start) -> None:  # t
     server.expect("when done):\r\n" + "=" * 60 + "\r\n")
     server.type_lines("good")
     server.end_text()
-    assert client.wait() == 0
-    assert client.out == "good\n"
+    assert ended(client) == 0
+    assert reply(client) == "good\n"
 
 
 class Typed(io.StringIO):
@@ -179,7 +180,7 @@ class Typed(io.StringIO):
 def test_without_line_editing_an_arrow_key_asks_again(tmp_path: Path) -> None:
     buffer = str(tmp_path / "buf.txt")
     server = threading.Thread(target=filechat.serve, daemon=True, kwargs=dict(
-        buffer=buffer, responder=filechat.static_responder("ok"), max_messages=1))
+        buffer=buffer, responder=lambda request: "ok", max_messages=1))
     server.start()
     out, err = io.StringIO(), io.StringIO()
     term = filechat.Terminal(Typed(f"an arrow{LEFT}\n", "typed again\n"), out, err)
@@ -199,7 +200,7 @@ def test_the_server_says_how_long_the_client_waits_and_when_it_gives_up(  # type
     server.expect("(the client waits 2 s for the reply, until ")
     server.expect("when done):\r\n" + "=" * 60 + "\r\n")
     server.type("half a rep")
-    assert client.wait() == filechat.EXIT_TIMEOUT
+    assert ended(client) == filechat.EXIT_TIMEOUT
     server.expect("the client has stopped waiting for this reply, which will be discarded")
     server.expect("half a rep")                   # the line being typed, shown again
     server.type("ly\n")
@@ -254,8 +255,8 @@ def test_a_reply_typed_ahead_once_the_message_shows_ends_where_ctrl_d_was_typed(
     client = start("client", "buf.txt", "-m", "the question")
     server.expect(shown)          # the message, or the prompt's text: the reply is typed at once
     server.child.send(keys)
-    assert client.wait() == 0
-    assert client.out == text
+    assert ended(client) == 0
+    assert reply(client) == text
     server.expect("Lockfile removed. Ready for next client.")
     assert "discarded" not in server.output()
 
@@ -265,8 +266,8 @@ def test_the_operator_hears_at_once_that_the_client_ended(terminal, start, run) 
     server.expect("Waiting for clients...")
     client = start("client", "buf.txt", "-m", "hi")         # it would wait 60 s
     server.expect("when done):\r\n" + "=" * 60 + "\r\n")
-    client.popen.kill()
-    client.popen.wait(WAIT)
+    client.kill(signal.SIGKILL)
+    client.proc.wait(WAIT)
     server.child.expect_exact("the client has stopped waiting for this reply", timeout=3)
     state = json.loads(run("status", "buf.txt", "--json").stdout)
     assert state["lock"]["state"] == "being answered; its client has ended"
@@ -347,8 +348,8 @@ def test_after_ctrl_z_and_fg_the_reply_being_typed_is_shown_again(  # type: igno
     shell.expect("half a line")                   # drawn again, below what the shell said
     shell.type(" more\n")
     shell.type("next\x04")
-    assert client.wait() == 0
-    assert client.out == "half a line more\nnext"
+    assert ended(client) == 0
+    assert reply(client) == "half a line more\nnext"
     shell.expect("Lockfile removed. Ready for next client.")
     lines = shell.lines()
     typed = lines[lines.index("$ fg") + 2:]          # after the shell's line for the job

@@ -13,7 +13,7 @@ from typing import Dict
 
 import pexpect
 import pytest
-from conftest import ROOT, WAIT
+from conftest import ROOT, WAIT, ended, interrupt, printed
 
 import filechat
 
@@ -139,8 +139,8 @@ def test_server_state_line_at_a_terminal(pyz: Path, run, tmp_path: Path) -> None
 def test_no_state_line_when_piped(server, run) -> None:  # type: ignore[no-untyped-def]
     srv = server("--auto-reply", "ok")
     assert run("client", "buf.txt", "-m", "hi").stdout == b"ok"
-    assert srv.interrupt() == 0
-    assert "[waiting" not in srv.out and "\r" not in srv.out
+    assert interrupt(srv) == 0
+    assert "[waiting" not in printed(srv) and "\r" not in printed(srv)
 
 
 @pytest.mark.parametrize(("no_color", "label"), [("", "\x1b[31merror\x1b[0m"), ("1", "error")])
@@ -166,7 +166,7 @@ def test_client_json_on_success(server, run, tmp_path: Path) -> None:  # type: i
     assert set(record) == CLIENT_RECORD
     assert record["reply"] == "ok" and record["outcome"] == "ok" and record["exit_status"] == 0
     assert record["response_path"] == str(tmp_path / "r.txt") and record["error"] is None
-    assert record["lock_wait"] >= 0 and record["reply_wait"] >= 0
+    assert 0 <= record["lock_wait"] < WAIT and 0 < record["reply_wait"] < WAIT   # seconds
     assert result.returncode == 0
 
 
@@ -194,14 +194,14 @@ def test_server_log_is_json_lines(server, run, tmp_path: Path) -> None:  # type:
     srv = server("--auto-reply-cmd", "tr a-z A-Z", "--log", "chat.jsonl")
     assert run("client", "buf.txt", "r.txt", "-m", "first").stdout == b"FIRST"
     assert run("client", "buf.txt", "-m", "second").stdout == b"SECOND"
-    assert srv.interrupt() == 0
+    assert interrupt(srv) == 0
     records = [json.loads(line) for line in (tmp_path / "chat.jsonl").read_text().splitlines()]
     assert [set(r) for r in records] == [LOG_RECORD, LOG_RECORD], records
     assert [(r["outcome"], r["message"], r["reply"]) for r in records] == [
         ("replied", "first", "FIRST"), ("replied", "second", "SECOND")]
     assert records[0]["response_path"] == str(tmp_path / "r.txt")
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r["time"]) for r in records)
-    assert all(r["duration"] >= 0 and r["reason"] is None for r in records)
+    assert all(0 < r["duration"] < WAIT and r["reason"] is None for r in records)
 
 
 def test_server_log_in_a_missing_directory(run) -> None:  # type: ignore[no-untyped-def]
@@ -243,8 +243,8 @@ def test_status_with_an_idle_server(server, run, tmp_path: Path) -> None:  # typ
     # Counted as the reply goes out: right at once, and only what was answered.
     code, text, data = status(run)
     assert code == 0
-    assert f"running, process {srv.popen.pid} on " in text
-    assert data["server"]["pid"] == srv.popen.pid
+    assert f"running, process {srv.pid} on " in text
+    assert data["server"]["pid"] == srv.pid
     assert data["server"]["answered"] == 1 and "1 message answered" in text
     assert data["lock"] == FREE
     outside = run("client", "buf.txt", "/tmp/not-beside-the-buffer.txt", "-m", "hi")
@@ -256,7 +256,7 @@ def test_status_with_an_idle_server(server, run, tmp_path: Path) -> None:  # typ
 
 def test_status_with_the_lock_held_and_clients_waiting(holder, start, run) -> None:  # type: ignore[no-untyped-def]
     waiting = start("client", "buf.txt", "-m", "hi")
-    waiting.expect("(1 ahead of you)")
+    waiting.expect_exact("(1 ahead of you)")
     code, text, data = status(run)
     assert code == 5
     assert f"held by process {holder.pid} on " in text and ", alive" in text
@@ -293,11 +293,11 @@ def test_a_buffer_turned_into_a_directory_is_an_error_not_a_traceback(  # type: 
         start, tmp_path: Path) -> None:
     (tmp_path / "server.lock").write_text("")          # held: the client waits in line
     client = start("client", "buf.txt", "-m", "hi")
-    client.expect("Server busy, please wait...")
+    client.expect_exact("Server busy, please wait...")
     (tmp_path / "buf.txt").mkdir()                       # the buffer, replaced meanwhile
     (tmp_path / "server.lock").unlink()                  # the holder is done: the client's turn
-    assert client.wait() == 1
-    assert "Traceback" not in client.err
-    assert client.err.endswith(
+    assert ended(client) == 1
+    assert "Traceback" not in printed(client)
+    assert printed(client).endswith(
         "filechat: error: buf.txt: Is a directory; check the files beside the buffer\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["buf.txt"]    # its lock let go
