@@ -3235,9 +3235,10 @@ class _Client:
             return
         if self.token and not self.watchable:
             self.close()
-        verdict = judge(lock_path)
-        if verdict is not None and verdict.mine(self.token, self.seen) \
-                and remove_judged(lock_path, verdict):
+        # Its token, or for a nameless one what it holds, is looked at just before removal.
+        if (listed(lock_path, self.seen) and token_at(lock_path) == self.token
+                and _unlink_quietly(lock_path)
+                if self.token else self.seen is not None and remove_if_same(lock_path, self.seen)):
             log.debug("lock %s removed", lock_path)
 
     def close(self) -> None:
