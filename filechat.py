@@ -4708,9 +4708,9 @@ def build_parser() -> argparse.ArgumentParser:
     watching = commands.add_parser(
         "watch", help="print each protocol event beside BUFFER as it happens",
         formatter_class=formatter, epilog=_epilog("watch"),
-        description="Print a line for each file made, written, claimed, published or removed "
-                    "beside BUFFER, with who did it and breaches of the protocol marked (!), "
-                    "until Ctrl+C. Changes no file, and reads no message in a way a client "
+        description="Print a line for each file made, written, claimed, published or removed\n"
+                    "beside BUFFER, with who did it and breaches of the protocol marked (!),\n"
+                    "until Ctrl+C. Changes no file, and reads no message in a way a client\n"
                     "would notice. Works beside any program that follows the spec.")
     watching.add_argument("buffer", metavar="BUFFER", help="the buffer file")
     watching.add_argument("--json", action="store_true",

@@ -5,7 +5,7 @@ server writes its reply without an end marker. Options give each the quirk
 of one program seen beside filechat:
 
     python spec_peer.py client BUFFER RESPONSE MESSAGE [--drawn] [--no-create] [--no-lock]
-        [--keep-reply] [--send-only]
+        [--keep-reply] [--send-only] [--no-end]
     python spec_peer.py server BUFFER REPLY [--esc] [--drawn] [--lock-first] [--keep-lock]
         [--unlock-early]
         [--gap=SECONDS] [--pause=SECONDS] [--think=SECONDS] [--interval=SECONDS] [--count=N]
@@ -16,6 +16,7 @@ of one program seen beside filechat:
 --no-lock     breaks the protocol: writes the buffer without taking the lock
 --keep-reply  leaves the response file in place once it has read it
 --send-only   ends once it has sent, as a client killed then would
+--no-end      breaks the protocol: writes the message without its end marker
 --esc         ends the reply with ESC
 --lock-first  removes the lock before it clears the buffer (--gap seconds before)
 --keep-lock   never removes the lock
@@ -57,6 +58,8 @@ def client(buffer: str, response: str, message: str, flags: List[str]) -> int:
             print("Server busy, please wait...", flush=True)
             time.sleep(INTERVAL)
     text = as_drawn(message) if drawn else message + END_MARKER
+    if "--no-end" in flags:
+        text = message
     if "--no-create" in flags:
         while True:                 # holding the lock, as the program seen did
             try:

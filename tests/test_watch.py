@@ -199,3 +199,28 @@ def test_a_narrow_window_wraps_and_no_color_is_plain(tmp_path: Path, terminal: A
     assert "! buffer written while no lock exists" in said
     assert any(row.startswith("!") for row in rows)     # the mark leads the breach's line
     assert ("\x1b[31m" in screen.output()) == (not no_color)
+
+
+def test_breach_message_overwritten(tmp_path: Path, watch: Any, spec: Any) -> None:
+    watching = watch()
+    first = spec("client", "buf.txt", "one.txt", "first", "--drawn", "--send-only")
+    assert ended(first) == 0                  # its lock and message stay: no server runs
+    line(watching, "'first'", SHORT)
+    second = spec("client", "buf.txt", "two.txt", "second", "--drawn", "--send-only",
+                  "--no-lock")
+    assert ended(second) == 0
+    said = line(watching, "message overwritten before it was answered or withdrawn", SHORT)
+    assert said.startswith("!") and "'second'" in said
+    assert interrupt(watching) == 6
+
+
+def test_breach_message_without_its_end_when_the_lock_goes(tmp_path: Path, watch: Any,
+                                                           spec: Any) -> None:
+    watching = watch()
+    peer = spec("client", "buf.txt", "resp.txt", "cut short", "--send-only", "--no-end")
+    assert ended(peer) == 0
+    assert "no end marker" in line(watching, "buf.txt", SHORT)
+    (tmp_path / "server.lock").unlink()       # its holder lets go, the message unended
+    said = line(watching, "server.lock      removed", SHORT)
+    assert said.startswith("!") and "message without the end marker when its lock goes" in said
+    assert interrupt(watching) == 6
