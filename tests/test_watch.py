@@ -2,7 +2,9 @@
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
@@ -224,3 +226,35 @@ def test_breach_message_without_its_end_when_the_lock_goes(tmp_path: Path, watch
     said = line(watching, "server.lock      removed", SHORT)
     assert said.startswith("!") and "message without the end marker when its lock goes" in said
     assert interrupt(watching) == 6
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A directory that another user may read: outside pytest's own, which is root's alone."""
+    directory = Path(tempfile.mkdtemp(prefix="filechat-watch-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="needs root, to run the watch as another user")
+def test_another_user_s_message_is_sized_not_read(pyz: Path, spec: Any,
+                                                   shared: Path) -> None:
+    # O_NOATIME is refused on another user's file: a read would set its access time,
+    # which filechat clients take for a spec server's read. The watch sizes it instead.
+    copy = shared / "filechat.pyz"
+    copy.write_bytes(pyz.read_bytes())
+    copy.chmod(0o644)
+    watching = spawn(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                      sys.executable, str(copy), "watch", "buf.txt"], shared)
+    line(watching, "Ctrl+C to stop.", SHORT)
+    peer = spec("client", "buf.txt", "resp.txt", "private", "--drawn", "--send-only",
+                cwd=shared)
+    assert ended(peer) == 0
+    said = line(watching, "buf.txt", SHORT)
+    assert "not read" in said and "private" not in said
+    assert "messages are sized, not read" in printed(watching)
+    before = (shared / "buf.txt").stat()
+    assert before.st_atime_ns <= before.st_mtime_ns     # never read since it was written
+    assert interrupt(watching) == 0
