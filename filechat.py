@@ -2341,7 +2341,7 @@ def check_buffer_path(buffer: str, lock_path: str) -> None:
             _check_directory(path, what, writable=True)
             check_exclusive(path)
             checked.add(directory)
-        kind = _kind_at(path, what)
+        kind = _kind_at(path, what, anew=False)
         if kind == "a symbolic link":
             raise UsageError(f"{what} {path} is a symbolic link, which filechat never "
                              "follows; name the file itself")
@@ -2349,14 +2349,17 @@ def check_buffer_path(buffer: str, lock_path: str) -> None:
             raise UsageError(f"{what} {path} is a directory; name a file")
 
 
-def _kind_at(path: str, what: str) -> Optional[str]:
+def _kind_at(path: str, what: str, anew: bool = True) -> Optional[str]:
     """Return what is at path ("" a file, "a directory"...), None if nothing; UsageError for
-    a name too long. A file is looked at anew (see look): a stat may answer from a cache."""
+    a name too long. With anew, a file is looked at anew (see look): a stat may answer from
+    a cache. Without, it is not opened: a buffer open on a FUSE mount as another client
+    renames its message over it is kept under a hidden name, which libfuse before 3.15 may
+    leave there (see _Staged._hold_by_name)."""
     try:
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
             return _kind(st.st_mode)
-        return None if look(path, 0) is None else ""
+        return None if anew and look(path, 0) is None else ""
     except FileNotFoundError:
         return None
     except OSError as exc:

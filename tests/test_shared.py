@@ -95,7 +95,14 @@ class Share:
                           env=env)
 
     def leftovers(self) -> List[str]:
-        return sorted(os.listdir(self.a))
+        """The names in the directory, each with what it holds (its first bytes)."""
+        def held(name: str) -> str:
+            try:
+                return (self.a / name).read_bytes()[:120].decode("utf-8", "replace")
+            except OSError as exc:
+                return f"({exc.strerror})"
+        names = sorted(os.listdir(self.a))
+        return [name if name == "log.jsonl" else f"{name}: {held(name)!r}" for name in names]
 
     def close(self) -> None:
         for proc in self.procs:
