@@ -3034,6 +3034,7 @@ class _Turn:
         self.line = line
         self.ahead = -1               # tickets ahead at the last look (-1: not looked yet)
         self.unchecked: Dict[str, object] = {}    # a lock whose holder cannot be checked
+        self.retried = ""             # the ticket ahead last looked at again at once
 
     def look(self) -> Optional[float]:
         """Take the lock if it is this client's turn and it is free; else return the seconds
@@ -3051,8 +3052,17 @@ class _Turn:
         # watch follows a file, and another lock may have the name by now.
         watching = exchange.waiter.watch_files([before or lock.path])
         self.unchecked = {}
-        if before:                    # its going wakes us; gone meanwhile: look again
-            return float("inf") if watching else 0.0
+        if before:                    # its going wakes us
+            # Judged alive before it was watched: a death in between woke nobody.
+            # (Polling, the next look comes anyway.)
+            events = watching and exchange.waiter.fd >= 0
+            verdict = judge(before, ours=True) if events else None
+            if watching and (not events or (verdict is not None and verdict.ended is None)):
+                return float("inf")
+            # Gone or ended meanwhile: look again, once (one that cannot be removed
+            # is then waited for, not looked at without end).
+            retry, self.retried = before != self.retried, before
+            return 0.0 if retry else float("inf")
         # A lock in place is not asked for: making a file only to find the name
         # taken would cost each waiter woken by the one ahead leaving.
         if look(lock.path, 0) is None and lock.try_acquire():
