@@ -3147,7 +3147,7 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
             pending = paths.claims()
             try:
                 while max_messages is None or server.handled < max_messages:
-                    message = (server.restore(pending.pop(0)) if pending
+                    message = (_restore(server, pending.pop(0)) if pending
                                else server.next_claim(waiter))
                     if message is not None:
                         server.answer(message, waiter)
@@ -3262,15 +3262,17 @@ class _Client:
 
 
 class _Message:
-    """One claimed message, from its claim to its release: its file, open, and its client.
+    """One claimed message, from its claim to its release: its file, open, its client,
+    and what the server answers.
 
     restored: claimed by a server that stopped before it was done. Once read
     it has its request, once answered its reply (while its client may still
     read it: see _Server.check_delivered).
     """
 
-    def __init__(self, path: str, fd: int, framed: _Framed, client: _Client,
+    def __init__(self, server: _Server, path: str, fd: int, framed: _Framed, client: _Client,
                  restored: bool = False) -> None:
+        self.server = server
         self.path = path              # the claim ("": released)
         self.fd = fd
         self.framed = framed
@@ -3279,7 +3281,145 @@ class _Message:
         self.sent = ""                # its response path as the request carries it
         self.oversize = 0             # bytes of a message over the server's limit
         self.request: Optional[Request] = None
-        self.reply: Optional[Seen] = None     # the reply published, once it is
+        self.reply: Optional[Seen] = None     # the reply published, once its client reads it
+
+    def read(self) -> bool:
+        """Read and check the request; False if there is nothing to answer (said)."""
+        server, framed, client = self.server, self.framed, self.client
+        if framed.end < 0:
+            server.report("discarded", reason=f"incomplete message in {self.path}")
+            return False
+        try:
+            newline = framed.head.find(b"\n", 0, min(framed.end, MAX_PATH + 1))
+            if newline < 0:
+                raise ValueError("no response path before the message")
+            added = client.owner is not None and client.owner.newline
+            size = framed.end - newline - 1 - (added and framed.end > newline + 1)
+            if size > server.max_bytes:
+                self.oversize = size
+                parsed = parse_request(framed.head[:newline + 1] + END_MARKER.encode())
+            else:
+                parsed = parse_request(framed.data(framed.end + 1), added)
+            assert parsed is not None
+            raw_path, text = parsed
+        except ValueError as exc:
+            server.report("discarded", reason=f"malformed message in {server.paths.buffer}: "
+                          f"{exc}")
+            return False
+        timeout = None if client.owner is None else client.owner.timeout
+        # Its clock started when it sent the message, or when this server
+        # started, if later: either way about now, as the message is claimed.
+        deadline = None if timeout is None else time.time() + timeout
+        # A filechat client's relative path is relative to the buffer's
+        # directory (see sent_path); a peer's, as the spec has it, to this one.
+        absolute = os.path.join(server.home if client.token else os.getcwd(), raw_path)
+        self.sent = raw_path
+        lock = server.paths.lock
+        request = self.request = Request(text, os.path.normpath(absolute), server.paths.buffer,
+                                         deadline, lambda: client.waiting(lock))
+        problem = None if client.gone else _target_problem(
+            request.response_path, server.home, server.allowed, self.restored)
+        if client.gone or problem is _ANSWERED or not client.waiting(lock):
+            why = "was answered before a restart" if problem is _ANSWERED else "has gone"
+            server.report("discarded", reason=f"the client for {raw_path} {why}", request=request)
+            return False
+        if problem is not None:
+            server.reject(raw_path, request, f"the server will not write the reply to "
+                          f"{raw_path}: {problem}")
+            return False
+        server.report("received", request=request)
+        return True
+
+    def answer(self, waiter: Waiter) -> bool:
+        """Obtain the reply and publish it; True if it was delivered to a waiting client."""
+        server, request, client = self.server, self.request, self.client
+        assert request is not None
+        failure = None
+        path = request.response_path
+        # Watched while it is in place: the client closes its lock once it has
+        # read the reply, or when it dies without reading it.
+        watched = client.watchable and waiter.watch_files([server.paths.lock])
+        try:
+            text = self._respond(request)
+            # A filechat client (its lock names it) gets the text exactly as it is.
+            reply = _Staged(path, reply_pieces(text, drawn=not client.token), server.durable)
+        except (HookError, FramingError) as exc:
+            failure = str(exc)
+            text = f"filechat server: {failure}\n"
+            reply = _Staged(path, reply_pieces(text, error=True), server.durable)
+        try:
+            reply.put()
+        except BaseException:
+            reply.discard()
+            raise
+        log.debug("reply published in %s", path)
+        _crash_point("server-replied")
+        # Looked at once the reply is out, not before: the client reads it
+        # meanwhile. One whose client has gone is taken back.
+        if not client.waiting(server.paths.lock):
+            if reply.take_back():
+                log.debug("reply %s taken back: its client has gone", path)
+            server.report("discarded", reason=f"the client for {path} has gone", request=request)
+            return False
+        self.release()                    # at once: the client waits for this
+        if watched:
+            self.reply = reply.seen
+        server.report("failed" if failure else "replied", request=request, reason=failure,
+                      reply=text)
+        server.report("released", lock_path=server.paths.lock)
+        return True
+
+    def _respond(self, request: Request) -> str:
+        """Return the responder's reply; HookError for anything that keeps it from one."""
+        if self.oversize:
+            raise HookError(f"the message is {self.oversize} bytes, over this server's "
+                            f"limit of {self.server.max_bytes} (--max-bytes)")
+        try:
+            text = self.server.responder(request)
+        except (HookError, StopServing):
+            raise
+        except Exception as exc:
+            failure = f"the responder raised {type(exc).__name__}: {exc}"
+            log.warning("%s; sent an error reply, serving on", failure)
+            if log.verbose or log.stream is None:     # the traceback, for whoever debugs it
+                import traceback
+                log.debug("%s", "".join(traceback.format_exception(*sys.exc_info())).rstrip())
+            raise HookError(failure) from exc
+        if not isinstance(text, str):
+            raise HookError(f"the responder returned {type(text).__name__}, not text")
+        return text
+
+    def release(self) -> None:
+        """Remove the client's lock and the claim, once.
+
+        The lock goes first: its client waits for that. The claim goes at
+        once after it, so that a Ctrl+C now leaves no answered message to be
+        taken up again by the next server; closed before it is removed (see
+        Held.let_go), as it has been read.
+        """
+        if self.path:
+            try:
+                self.client.release_lock(self.server.paths.lock)
+            finally:             # even on Ctrl+C: the message is answered or discarded
+                fd, self.fd = self.fd, -1
+                if fd >= 0:
+                    _close(fd)
+                if _unlink_quietly(self.path):
+                    log.debug("claim %s removed", self.path)
+                self.path = ""
+
+    def failed(self, exc: OSError) -> None:
+        """Report a file that could not be used; a client whose reply it was is told at once."""
+        problem = exc.strerror or str(exc)
+        if self.request is not None:   # read, so the failure is in writing its reply
+            try:
+                self.server.reject(self.sent, self.request, "the server could not write the "
+                                   f"reply to {self.request.response_path}: {problem}")
+                return
+            except OSError:
+                pass          # the note cannot be written either: the client times out
+        self.server.report("discarded",
+                           reason=f"cannot use {exc.filename or self.path}: {problem}")
 
     def close(self) -> None:
         """Close the message's file and stop following its client."""
@@ -3287,6 +3427,145 @@ class _Message:
         if fd >= 0:
             _close(fd)
         self.client.close()
+
+
+def _claim(server: _Server) -> Optional[_Message]:
+    """Claim a complete message by renaming the buffer; None if there is none.
+
+    The claim's name carries the inode and token of the lock the message
+    came with, so that even a restarted server removes that lock and no other.
+    """
+    buffer = server.paths.buffer
+    fd = _open_to_read(buffer, noatime=True)
+    if fd is None:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "Not a regular file", buffer)
+        framed = _framed(fd, server.limit)
+        if framed.end < 0:
+            return None               # a peer writing it in place is not done
+        client = _Client.of_lock(server.paths.lock)
+        claim = server.paths.claim_prefix + client.ref()
+        before = time.time()          # see _claim_replaced
+        try:
+            os.rename(buffer, claim)
+        except BaseException as exc:
+            client.close()
+            if isinstance(exc, OSError) and exc.errno in GONE:
+                return None           # withdrawn by its client an instant ago
+            raise
+        log.debug("message claimed as %s", claim)
+        server.leave_empty_buffer()
+        _crash_point("server-taken")
+        # Replaced since it was read? Its own rename: no cache to see through.
+        if os.lstat(claim).st_ino != st.st_ino:
+            client.close()
+            return _claim_replaced(server, claim, before)
+        message, fd = _Message(server, claim, fd, framed, client), -1
+        return message
+    except OSError as exc:
+        if exc.errno in GONE:
+            return None               # withdrawn since it was opened
+        raise OSError(exc.errno, exc.strerror, exc.filename or buffer) from None
+    finally:
+        if fd >= 0:
+            _close(fd)
+
+
+def _claim_replaced(server: _Server, claim: str, before: float) -> Optional[_Message]:
+    """Take up a message that replaced the one read, as the buffer was claimed.
+
+    The lock read before the claim was the one read's sender's. This
+    message's sender held its own lock when the buffer was renamed, and a
+    filechat client leaves it in place from then on (see Lock.release):
+    the lock in place now, if it was made before the rename began (before,
+    by this host's clock). One made since is another client's, taken after
+    a spec client that sent this message gave up and removed its lock;
+    with that, or none in place, the message is its gone sender's, and
+    that other lock is never removed for it. The claim is renamed to name
+    its lock.
+    """
+    client = _Client.of_lock(server.paths.lock)
+    if client.fd < 0 or client.made > before:
+        client.close()
+        client = _Client(gone=True)
+    named = server.paths.claim_prefix + client.ref()
+    if named != claim:
+        os.rename(claim, named)
+    return _open_claim(server, named, client)
+
+
+def _restore(server: _Server, claim: str) -> Optional[_Message]:
+    """Take up a message that a server claimed before it stopped; None if it went."""
+    inode, token = _claim_ref(claim[len(server.paths.claim_prefix):]) or (0, "")
+    client = _Client()                               # sent without a lock
+    if inode != 0:
+        client = _Client.of_lock(server.paths.lock)
+        if (client.token != token if token else
+                client.seen is None or client.seen.ino != inode):
+            client.close()
+            client = _Client(gone=True)              # the client gave up: another's lock
+    return _open_claim(server, claim, client, restored=True)
+
+
+def _open_claim(server: _Server, claim: str, client: _Client, restored: bool = False
+                ) -> Optional[_Message]:
+    """Open a claimed message to answer it; None if it went (withdrawn by its client)."""
+    fd = _open_to_read(claim, noatime=True)
+    if fd is None:
+        client.close()
+        return None
+    try:
+        return _Message(server, claim, fd, _framed(fd, server.limit), client, restored)
+    except BaseException:
+        _close(fd)
+        client.close()
+        raise
+
+
+def _framed(fd: int, limit: int) -> _Framed:
+    """Read the message open as fd as far as its end, no further than the longest request
+    allowed (limit): a longer one is complete if it ends in ESC, and is answered with an
+    error."""
+    framed = _Framed(fd, limit)
+    size = os.fstat(fd).st_size
+    if framed.end < 0 and size > limit \
+            and b"".join(framed.pieces(size - 1, size)) == END_MARKER.encode():
+        framed.end = size - 1
+    return framed
+
+
+def _target_problem(path: str, home: str, allowed: List[str], restored: bool = False
+                    ) -> Optional[str]:
+    """Return why the reply must not be written to path, or None if it may.
+
+    home is the buffer's directory, allowed the real paths replies may be
+    written under. restored: the message was claimed by a server that
+    stopped, which may have written its reply already; a reply there to a
+    fresh message is somebody else's file.
+    """
+    directory = os.path.dirname(path)
+    if "\r" in path or "\0" in path:
+        return "the path contains a control character"
+    # The server's own directory is not looked at: it cannot serve without it.
+    if directory != home and not os.path.isdir(directory):
+        return f"directory {directory} does not exist"
+    # The allowed directories were resolved at start; only others need it.
+    real = directory if directory in allowed else os.path.realpath(directory)
+    if not any(real == a or real.startswith(a.rstrip(os.sep) + os.sep) for a in allowed):
+        return (f"it is outside the directories this server writes to "
+                f"({', '.join(allowed)}); the server can allow more with --allow-dir")
+    kind = _kind_at(path, "response file")
+    if kind is None:
+        return None
+    if kind:
+        return f"it is {kind}" + (", which the server never follows"
+                                  if kind == "a symbolic link" else "")
+    if restored and ends_with_esc(path) is not None:
+        return _ANSWERED
+    return "the file already exists, and the server never overwrites a file"
 
 
 class _Server:
@@ -3321,11 +3600,11 @@ class _Server:
         while True:
             self.check_delivered(waiter)
             try:
-                message = self._claim()
+                message = _claim(self)
                 if (message is None and _names_cached(self.paths.buffer)
                         and look(self.paths.lock, 0) is not None):
                     listed(self.paths.buffer)     # a message comes: see it, not a cache
-                    message = self._claim()
+                    message = _claim(self)
                 if message is not None:
                     waiter.progress(f"a message in {self.paths.buffer}")
                     return message
@@ -3399,123 +3678,23 @@ class _Server:
                 and token_at(self.paths.lock) != ""):       # none, or a filechat client's
             remove_if_same(self.paths.buffer, seen)
 
-    def _claim(self) -> Optional[_Message]:
-        """Claim a complete message by renaming the buffer; None if there is none.
-
-        The claim's name carries the inode and token of the lock the message
-        came with, so that even a restarted server removes that lock and no other.
-        """
-        buffer = self.paths.buffer
-        fd = _open_to_read(buffer, noatime=True)
-        if fd is None:
-            return None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, "Not a regular file", buffer)
-            framed = self._framed(fd)
-            if framed.end < 0:
-                return None               # a peer writing it in place is not done
-            client = _Client.of_lock(self.paths.lock)
-            claim = self.paths.claim_prefix + client.ref()
-            before = time.time()          # see _claim_replaced
-            try:
-                os.rename(buffer, claim)
-            except BaseException as exc:
-                client.close()
-                if isinstance(exc, OSError) and exc.errno in GONE:
-                    return None           # withdrawn by its client an instant ago
-                raise
-            log.debug("message claimed as %s", claim)
-            self.leave_empty_buffer()
-            _crash_point("server-taken")
-            # Replaced since it was read? Its own rename: no cache to see through.
-            if os.lstat(claim).st_ino != st.st_ino:
-                client.close()
-                return self._claim_replaced(claim, before)
-            message, fd = _Message(claim, fd, framed, client), -1
-            return message
-        except OSError as exc:
-            if exc.errno in GONE:
-                return None               # withdrawn since it was opened
-            raise OSError(exc.errno, exc.strerror, exc.filename or buffer) from None
-        finally:
-            if fd >= 0:
-                _close(fd)
-
-    def _claim_replaced(self, claim: str, before: float) -> Optional[_Message]:
-        """Take up a message that replaced the one read, as the buffer was claimed.
-
-        The lock read before the claim was the one read's sender's. This
-        message's sender held its own lock when the buffer was renamed, and a
-        filechat client leaves it in place from then on (see Lock.release):
-        the lock in place now, if it was made before the rename began (before,
-        by this host's clock). One made since is another client's, taken after
-        a spec client that sent this message gave up and removed its lock;
-        with that, or none in place, the message is its gone sender's, and
-        that other lock is never removed for it. The claim is renamed to name
-        its lock.
-        """
-        client = _Client.of_lock(self.paths.lock)
-        if client.fd < 0 or client.made > before:
-            client.close()
-            client = _Client(gone=True)
-        named = self.paths.claim_prefix + client.ref()
-        if named != claim:
-            os.rename(claim, named)
-        return self._open_claim(named, client)
-
-    def _framed(self, fd: int) -> _Framed:
-        """Read the message open as fd as far as its end, no further than the longest request
-        allowed: a longer one is complete if it ends in ESC, and is answered with an error."""
-        framed = _Framed(fd, self.limit)
-        size = os.fstat(fd).st_size
-        if framed.end < 0 and size > self.limit \
-                and b"".join(framed.pieces(size - 1, size)) == END_MARKER.encode():
-            framed.end = size - 1
-        return framed
-
-    def _open_claim(self, claim: str, client: _Client, restored: bool = False
-                    ) -> Optional[_Message]:
-        """Open a claimed message to answer it; None if it went (withdrawn by its client)."""
-        fd = _open_to_read(claim, noatime=True)
-        if fd is None:
-            client.close()
-            return None
-        try:
-            return _Message(claim, fd, self._framed(fd), client, restored)
-        except BaseException:
-            _close(fd)
-            client.close()
-            raise
-
-    def restore(self, claim: str) -> Optional[_Message]:
-        """Take up a message that a server claimed before it stopped; None if it went."""
-        inode, token = _claim_ref(claim[len(self.paths.claim_prefix):]) or (0, "")
-        client = _Client()                               # sent without a lock
-        if inode != 0:
-            client = _Client.of_lock(self.paths.lock)
-            if (client.token != token if token else
-                    client.seen is None or client.seen.ino != inode):
-                client.close()
-                client = _Client(gone=True)              # the client gave up: another's lock
-        return self._open_claim(claim, client, restored=True)
-
     def answer(self, message: _Message, waiter: Waiter) -> None:
         """Answer one claimed message, then free the lock it came with and the claim."""
         replied = False
         self.check_delivered(waiter, last_look=True)     # one reply is watched at a time
         try:
             try:
-                if self._read(message):
-                    replied = self._reply(message, waiter)
+                if message.read():
+                    replied = message.answer(waiter)
             except OSError as exc:
-                self._failed(message, exc)
+                message.failed(exc)
             # Not on an exception (Ctrl+C, a responder that cannot go on): a
             # message being answered stays claimed for the next server.
-            self._release(message)
+            message.release()
         finally:
-            if self.delivered is not message:
+            if message.reply is not None:
+                self.delivered = message
+            else:
                 message.close()
                 waiter.watch_files([])    # a reply not delivered is not watched
         self.handled += 1
@@ -3524,111 +3703,6 @@ class _Server:
             return
         self.answered += 1
         self._count()
-
-    def _read(self, message: _Message) -> bool:
-        """Read and check the claimed message into message.request; False if there is
-        nothing to answer (said)."""
-        framed, client = message.framed, message.client
-        if framed.end < 0:
-            self.report("discarded", reason=f"incomplete message in {message.path}")
-            return False
-        try:
-            newline = framed.head.find(b"\n", 0, min(framed.end, MAX_PATH + 1))
-            if newline < 0:
-                raise ValueError("no response path before the message")
-            added = client.owner is not None and client.owner.newline
-            size = framed.end - newline - 1 - (added and framed.end > newline + 1)
-            if size > self.max_bytes:
-                message.oversize = size
-                parsed = parse_request(framed.head[:newline + 1] + END_MARKER.encode())
-            else:
-                parsed = parse_request(framed.data(framed.end + 1), added)
-            assert parsed is not None
-            raw_path, text = parsed
-        except ValueError as exc:
-            self.report("discarded", reason=f"malformed message in {self.paths.buffer}: {exc}")
-            return False
-        timeout = None if client.owner is None else client.owner.timeout
-        # Its clock started when it sent the message, or when this server
-        # started, if later: either way about now, as the message is claimed.
-        deadline = None if timeout is None else time.time() + timeout
-        # A filechat client's relative path is relative to the buffer's
-        # directory (see sent_path); a peer's, as the spec has it, to this one.
-        absolute = os.path.join(self.home if client.token else os.getcwd(), raw_path)
-        message.sent = raw_path
-        request = message.request = Request(text, os.path.normpath(absolute), self.paths.buffer,
-                                            deadline, lambda: client.waiting(self.paths.lock))
-        problem = None if client.gone else self._target_problem(request.response_path,
-                                                                message.restored)
-        if client.gone or problem is _ANSWERED or not client.waiting(self.paths.lock):
-            why = "was answered before a restart" if problem is _ANSWERED else "has gone"
-            self.report("discarded", reason=f"the client for {raw_path} {why}", request=request)
-            return False
-        if problem is not None:
-            self._reject(raw_path, request, f"the server will not write the reply to "
-                         f"{raw_path}: {problem}")
-            return False
-        self.report("received", request=request)
-        return True
-
-    def _reply(self, message: _Message, waiter: Waiter) -> bool:
-        """Obtain the reply and publish it; True if it was delivered to a waiting client."""
-        request, client = message.request, message.client
-        assert request is not None
-        failure = None
-        path = request.response_path
-        # Watched while it is in place: the client closes its lock once it has
-        # read the reply, or when it dies without reading it.
-        watched = client.watchable and waiter.watch_files([self.paths.lock])
-        try:
-            text = self._respond(request, message)
-            # A filechat client (its lock names it) gets the text exactly as it is.
-            reply = _Staged(path, reply_pieces(text, drawn=not client.token), self.durable)
-        except (HookError, FramingError) as exc:
-            failure = str(exc)
-            text = f"filechat server: {failure}\n"
-            reply = _Staged(path, reply_pieces(text, error=True), self.durable)
-        try:
-            reply.put()
-        except BaseException:
-            reply.discard()
-            raise
-        log.debug("reply published in %s", path)
-        _crash_point("server-replied")
-        # Looked at once the reply is out, not before: the client reads it
-        # meanwhile. One whose client has gone is taken back.
-        if not client.waiting(self.paths.lock):
-            if reply.take_back():
-                log.debug("reply %s taken back: its client has gone", path)
-            self.report("discarded", reason=f"the client for {path} has gone", request=request)
-            return False
-        self._release(message)            # at once: the client waits for this
-        if watched:
-            message.reply, self.delivered = reply.seen, message
-        self.report("failed" if failure else "replied", request=request, reason=failure,
-                    reply=text)
-        self.report("released", lock_path=self.paths.lock)
-        return True
-
-    def _respond(self, request: Request, message: _Message) -> str:
-        """Return the responder's reply; HookError for anything that keeps it from one."""
-        if message.oversize:
-            raise HookError(f"the message is {message.oversize} bytes, over this server's "
-                            f"limit of {self.max_bytes} (--max-bytes)")
-        try:
-            text = self.responder(request)
-        except (HookError, StopServing):
-            raise
-        except Exception as exc:
-            failure = f"the responder raised {type(exc).__name__}: {exc}"
-            log.warning("%s; sent an error reply, serving on", failure)
-            if log.verbose or log.stream is None:     # the traceback, for whoever debugs it
-                import traceback
-                log.debug("%s", "".join(traceback.format_exception(*sys.exc_info())).rstrip())
-            raise HookError(failure) from exc
-        if not isinstance(text, str):
-            raise HookError(f"the responder returned {type(text).__name__}, not text")
-        return text
 
     def check_delivered(self, waiter: Waiter, last_look: bool = False) -> None:
         """Forget the last reply delivered once read; remove it if its client died unread.
@@ -3656,54 +3730,6 @@ class _Server:
         message.close()
         waiter.watch_files([])
 
-    def _release(self, message: _Message) -> None:
-        """Remove the client's lock and the claim, once per message.
-
-        The lock goes first: its client waits for that. The claim goes at
-        once after it, so that a Ctrl+C now leaves no answered message to be
-        taken up again by the next server; closed before it is removed (see
-        Held.let_go), as it has been read.
-        """
-        if message.path:
-            try:
-                message.client.release_lock(self.paths.lock)
-            finally:             # even on Ctrl+C: the message is answered or discarded
-                fd, message.fd = message.fd, -1
-                if fd >= 0:
-                    _close(fd)
-                if _unlink_quietly(message.path):
-                    log.debug("claim %s removed", message.path)
-                message.path = ""
-
-    def _target_problem(self, path: str, restored: bool = False) -> Optional[str]:
-        """Return why the reply must not be written to path, or None if it may.
-
-        restored: the message was claimed by a server that stopped, which may
-        have written its reply already; a reply there to a fresh message is
-        somebody else's file.
-        """
-        directory = os.path.dirname(path)
-        if "\r" in path or "\0" in path:
-            return "the path contains a control character"
-        # The server's own directory is not looked at: it cannot serve without it.
-        if directory != self.home and not os.path.isdir(directory):
-            return f"directory {directory} does not exist"
-        # The allowed directories were resolved at start; only others need it.
-        real = directory if directory in self.allowed else os.path.realpath(directory)
-        if not any(real == a or real.startswith(a.rstrip(os.sep) + os.sep)
-                   for a in self.allowed):
-            return (f"it is outside the directories this server writes to "
-                    f"({', '.join(self.allowed)}); the server can allow more with --allow-dir")
-        kind = _kind_at(path, "response file")
-        if kind is None:
-            return None
-        if kind:
-            return f"it is {kind}" + (", which the server never follows"
-                                      if kind == "a symbolic link" else "")
-        if restored and ends_with_esc(path) is not None:
-            return _ANSWERED
-        return "the file already exists, and the server never overwrites a file"
-
     def _unclaimable(self, exc: OSError) -> None:
         """Say, once for each message, why the message in the buffer cannot be claimed.
 
@@ -3722,29 +3748,17 @@ class _Server:
         raw = (head or b"").partition(b"\n")
         if problem and raw[1]:
             try:
-                self._reject(raw[0].decode("utf-8").rstrip("\r"), None, problem)
+                self.reject(raw[0].decode("utf-8").rstrip("\r"), None, problem)
                 return
             except (OSError, ValueError):
                 pass                  # no note can be written either: the client times out
         self.report("discarded", reason=reason)
 
-    def _reject(self, raw_path: str, request: Optional[Request], reason: str) -> None:
+    def reject(self, raw_path: str, request: Optional[Request], reason: str) -> None:
         """Tell the client at once why its reply cannot be delivered."""
         publish(self.paths.rejection(raw_path), reason.encode("utf-8"), replace=True,
                 durable=self.durable)
         self.report("rejected", request=request, reason=reason)
-
-    def _failed(self, message: _Message, exc: OSError) -> None:
-        """Report a file that could not be used; a client whose reply it was is told at once."""
-        problem = exc.strerror or str(exc)
-        if message.request is not None:   # read, so the failure is in writing its reply
-            try:
-                self._reject(message.sent, message.request, "the server could not write the "
-                             f"reply to {message.request.response_path}: {problem}")
-                return
-            except OSError:
-                pass          # the note cannot be written either: the client times out
-        self.report("discarded", reason=f"cannot use {exc.filename or message.path}: {problem}")
 
 
 _ANSWERED = "answered before a restart"    # a _target_problem that is not an error
