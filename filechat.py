@@ -2604,13 +2604,8 @@ class _Exchange:
         self.line: Optional[WaitingLine] = None
         self.rejected = False         # the server said it will not write the reply
         self.fate = ""                # what became of the message, once given up (FATES)
-        self.said_strange = False     # warned of what is not a lock file at the lock's path
-        self.server_up: Optional[bool] = None     # as last looked at (None: not yet)
-        self.looked = -float("inf")   # when the server was last looked for
         self.deadline = float("inf")  # when the wait going on gives up
-        # When to look whether any server has shown up (never, once one has).
-        self.server_due = None if server_timeout is None else time.monotonic() + server_timeout
-        self.server_timeout = server_timeout
+        self.server_due = _ServerDue(server_timeout)
 
     def write(self, data: Data) -> None:
         """Write the request under a temp name, so that holding the lock only renames it.
@@ -2645,12 +2640,12 @@ class _Exchange:
                 notice()
                 next_notice = now + every
             self.waiter.wait(min(again, self.deadline - now, next_notice - now, tick(now),
-                                 self._server_wait()))
+                                 self.server_due.left(self)))
 
     def acquire(self, lock_timeout: Optional[float], retry_interval: float) -> None:
         """Take the lock, waiting in line while others hold it or wait for it."""
         asked = time.time()
-        self._server_wait()
+        self.server_due.left(self)
         line = WaitingLine(self.lock.path, self.lock.stale_after)
         # Nobody waits: ask at once. Else, or if it is taken, join the line.
         if not line.tickets() and self.lock.try_acquire():
@@ -2672,61 +2667,6 @@ class _Exchange:
             log.debug("waiting in line for %s: %d ahead", self.lock.path, turn.ahead + 1)
         self._wait("lock", turn.look, expire, notice, retry_interval)
         self._locked(line.named)
-
-    def _clear_stale_lock(self, unchecked: Dict[str, object]) -> float:
-        """Remove the lock if its holder is gone; return 0 then, else seconds until it may be.
-
-        Only while no server answers its message, and no complete message that
-        a server may yet take waits in the buffer: they are the server's to
-        clear, with the lock. A lock whose holder cannot be checked becomes
-        stale by age, with no event: meanwhile status hears of it (unchecked:
-        who, held_for, stale_in).
-        """
-        path, stale_after = self.lock.path, self.lock.stale_after
-        verdict = judge(path)
-        if verdict is None:
-            return 0.0
-        if verdict.seen.kind:
-            if not self.said_strange:
-                log.warning("%s is %s, not a lock file: no client makes one (it is created "
-                            "with O_CREAT|O_EXCL); remove it, and this client goes on",
-                            path, verdict.seen.kind)
-                self.said_strange = True
-            return float("inf")       # its removal wakes us
-        reason = stale_reason(verdict, stale_after)
-        if reason and (self.paths.answering(verdict) or not self._nothing_left(reason)):
-            return float("inf")       # the server's to clear: its removing the lock wakes us
-        if reason:
-            broken = break_stale(path, stale_after)
-            if broken is not None:
-                log.warning("removed stale lock %s: %s", path, reason)
-                sweep(self.paths.directories(), stale_after, dead=broken[1])
-            return 0.0
-        if verdict.how:
-            return verdict.again      # a flock's end is an event; a pid or heartbeat is looked at
-        stale_in = stale_after - verdict.age + 0.01
-        unchecked.update(who="" if verdict.owner is None else verdict.owner.host,
-                         held_for=verdict.age, stale_in=stale_in)
-        return stale_in
-
-    def _nothing_left(self, reason: str) -> bool:
-        """True if no message a stale lock's holder left waits in the buffer: withdrawn now if
-        no server will take it.
-
-        Its sender has ended (or, naming nobody, gave up long ago): nobody
-        would read a reply. Left to a running filechat server, which takes
-        it and removes the lock, and to a server that has read it in place.
-        """
-        buffer = self.paths.buffer
-        found = look_message(buffer)
-        if found is None or not found[1]:
-            return True
-        if (running_server(self.paths.presence) is not None or found[0].read_in_place()
-                or not remove_if_same(buffer, found[0])):
-            return False
-        log.warning("withdrew the message in %s, which no server took: the lock it came with "
-                    "is stale (%s)", buffer, reason)
-        return True
 
     def _locked(self, asked: float) -> None:
         """Note that the lock is held, asked for at asked (seconds since the epoch)."""
@@ -2754,7 +2694,7 @@ class _Exchange:
             raise FilechatError(f"cannot remove {self.note}, an earlier note for this response "
                                 f"path: {sticky_problem(self.note) or 'permission denied'}; "
                                 "nothing was sent") from None
-        self._let_peer_clear()
+        _let_peer_clear(self)
         _heartbeat.touch(self.request.temp, keep=False)
         self.request.put(replace=True)
         log.debug("message put in place as %s", self.paths.buffer)
@@ -2763,34 +2703,6 @@ class _Exchange:
         _crash_point("client-sent")
         self.status("sent")
         self.status("waiting")
-
-    def _let_peer_clear(self) -> None:
-        """Wait, holding the lock, for a server that read the buffer in place to clear it.
-
-        Some servers that follow only the spec remove the lock before they
-        clear the buffer: the message they answered still stands there, read,
-        and their late clearing would erase this one. Woken by the buffer's
-        change, for at most PEER_CLEAR_WAIT seconds.
-        """
-        buffer = self.paths.buffer
-        self.deadline = time.monotonic() + PEER_CLEAR_WAIT
-        self.waiter.watch(buffer)
-
-        def look() -> Optional[float]:
-            seen = look_message(buffer)
-            return float("inf") if seen is not None and seen[1] and seen[0].read_in_place() \
-                else None
-
-        def expire() -> None:
-            log.warning("%s still holds a message a server read but has not cleared after "
-                        "%g s; replacing it", buffer, PEER_CLEAR_WAIT)
-            raise _Expired
-
-        try:
-            self._wait("lock", look, expire)
-        except _Expired:
-            pass
-        self.waiter.watch()
 
     def await_reply(self, timeout: float, sink: Optional[IO[str]]) -> Tuple[str, bool]:
         """Wait for the complete reply and return it as (text, is_error); delete the file.
@@ -2801,31 +2713,15 @@ class _Exchange:
         paths = self.paths
         self.waiter.watch(self.response_path, paths.lock, paths.presence, self.note)
         self.deadline = time.monotonic() + timeout
-        # Polling, the server is looked for less often than the reply: a look
-        # costs the file server as much as the reply's, and where there are
-        # heartbeats its death takes seconds to show anyway.
-        every = PRESENCE_LOOKS if self.waiter.fd < 0 else 0.0
-        found: List[_Reply] = []
-
-        def look() -> Optional[float]:
-            # Its server's death closes the presence file: watched before it is looked at.
-            self.waiter.watch_files([paths.presence])
-            reply = self._complete_reply()
-            if reply is not None:
-                self.waiter.progress(f"reply in {self.response_path}")
-                found.append(reply)
-                return None
-            if time.monotonic() - self.looked >= every:
-                self._look_for_server(timeout)
-            _crash_point("client-waiting")
-            return every or float("inf")
+        awaiting = _Awaiting(self, timeout)
 
         def expire() -> None:
             self.give_up()
             raise ReplyTimeout(self.response_path, timeout, paths.buffer, self.fate,
                                running_server(paths.presence) is not None, paths.lock)
-        self._wait("reply", look, expire)
-        reply = found[0]
+        self._wait("reply", awaiting.look, expire)
+        reply = awaiting.reply
+        assert reply is not None
         try:
             self.status("received")
             log.debug("reply read from %s", self.response_path)
@@ -2839,76 +2735,17 @@ class _Exchange:
             self.lock.close()
             self.phase, self.fate = "done", "answered"
 
-    def _look_for_server(self, timeout: float) -> None:
-        """Say when the server stops or starts; a server that starts gets the whole timeout."""
-        self.looked = time.monotonic()
-        up = running_server(self.paths.presence) is not None
-        if up == self.server_up:
-            return
-        if self.server_up is not None:
-            self.waiter.progress(f"server on {self.paths.buffer} {'up' if up else 'gone'}")
-            self.status("server-started" if up else "server-stopped")
-            if up:                    # the new server shows the message: it gets the whole time
-                self.deadline = time.monotonic() + timeout
-        elif not up:
-            # Gone already at the first look, it may still have taken the message
-            # first (its claim is left): it ran, and stopped.
-            self.status("server-stopped" if self.paths.claims() else "no-server")
-        self.server_up = up
-
-    def _server_wait(self) -> float:
-        """Return the seconds left for a server to show up; NoServer if they are up and none has.
-
-        A server has shown up if one is announced, or if the message is no
-        longer waiting as sent or its reply has begun (a server that follows
-        only the spec announces nothing).
-        """
-        if self.server_due is None:
-            return float("inf")
-        left = self.server_due - time.monotonic()
-        if left > 0:
-            return left
-        if self.phase == "sent" and self.request is not None:
-            seen = look(self.paths.buffer, noatime=True)
-            answering = (_kind_at(self.response_path, "response file") is not None or seen is None
-                         or not seen.same(self.request.seen) or seen.read_in_place())
-        else:
-            answering = False
-        if answering or running_server(self.paths.presence) is not None:
-            self.server_due = None
-            return float("inf")
-        assert self.server_timeout is not None
-        sent = self.phase == "sent"
-        raise NoServer(self.paths.buffer, self.server_timeout, sent, self.give_up())
-
-    def _complete_reply(self) -> Optional[_Reply]:
-        """Return the reply once it is complete, else None.
-
-        Complete means written and the lock released: every server, filechat
-        or spec-following, writes the reply, then removes the lock, so a file
-        at the response path while the lock is held is nobody's reply yet (a
-        stranger may have made it). A note from the server saying why it
-        will not write the reply raises Rejected, whatever is at the path.
-        """
-        reason = look(self.note, MAX_PATH * 4)
-        if reason is not None:
-            try:
-                _unlink_quietly(self.note)
-            except PermissionError:
-                pass                  # another user's, in a sticky directory: said in it
-            self.rejected = True
-            raise Rejected(reason.head.decode("utf-8", "replace"))
-        if self.lock.still_held():
-            return None
-        return _Reply.find(self.response_path, unended=True)
-
     def give_up(self) -> bool:
         """Withdraw a message no server is answering, let go of the lock; True if withdrawn.
 
         What became of the message is noted in fate (see FATES), as seen, and
         a reply that arrived is never removed unread.
         """
-        self.fate = self._message_fate() if self.phase == "sent" else "unsent"
+        self.fate = "unsent"
+        if self.phase == "sent":
+            assert self.request is not None
+            self.fate = _message_fate(self.paths, self.request.seen, self.response_path,
+                                      self.rejected)
         if _LOCK_ON_GIVING_UP[self.fate] == "close":
             self.lock.close()
         elif self.phase in ("locked", "sent"):
@@ -2924,28 +2761,6 @@ class _Exchange:
             log.debug("message in %s left to the server that took it", self.paths.buffer)
         return self.fate == "withdrawn"
 
-    def _message_fate(self) -> str:
-        """Withdraw the sent message if nobody has it; return what became of it (FATES)."""
-        assert self.request is not None
-        sent, buffer = self.request.seen, self.paths.buffer
-        serving = running_server(self.paths.presence) is not None
-        seen = look(buffer, noatime=True)
-        if seen is not None and seen.same(sent):
-            if not serving and seen.read_in_place():
-                return "left"                 # read in place by a server that is not filechat
-            if remove_if_same(buffer, sent):
-                return "withdrawn"
-        if serving:
-            return "claimed"
-        # Claimed by a server that has stopped since: nobody is answering it.
-        if any(remove_if_same(claim, sent) for claim in self.paths.claims()):
-            return "withdrawn"
-        reply = None if self.rejected else _Reply.find(self.response_path)
-        if reply is not None:
-            reply.close()
-            return "replied"                  # by a server that kept the lock
-        return "taken"
-
     def _leave_line(self) -> None:
         """Give up the ticket, if this client waited in line.
 
@@ -2959,6 +2774,93 @@ class _Exchange:
             if not line.tickets() and os.path.isdir(line.directory):
                 sweep([line.directory], self.lock.stale_after)
                 remove_empty_directory(line.directory)
+
+
+class _ServerDue:
+    """How long a client waits for any server to show up (send's server_timeout)."""
+
+    def __init__(self, timeout: Optional[float]) -> None:
+        self.timeout = timeout
+        # When to look whether any server has shown up (never, once one has).
+        self.due = None if timeout is None else time.monotonic() + timeout
+
+    def left(self, exchange: _Exchange) -> float:
+        """Return the seconds left for a server to show up; NoServer if they are up and none
+        has (the exchange given up).
+
+        A server has shown up if one is announced, or if the message is no
+        longer waiting as sent or its reply has begun (a server that follows
+        only the spec announces nothing).
+        """
+        if self.due is None:
+            return float("inf")
+        left = self.due - time.monotonic()
+        if left > 0:
+            return left
+        paths, request, answering = exchange.paths, exchange.request, False
+        if exchange.phase == "sent" and request is not None:
+            seen = look(paths.buffer, noatime=True)
+            answering = (_kind_at(exchange.response_path, "response file") is not None
+                         or seen is None or not seen.same(request.seen) or seen.read_in_place())
+        if answering or running_server(paths.presence) is not None:
+            self.due = None
+            return float("inf")
+        assert self.timeout is not None
+        raise NoServer(paths.buffer, self.timeout, exchange.phase == "sent", exchange.give_up())
+
+
+def _let_peer_clear(exchange: _Exchange) -> None:
+    """Wait, holding the lock, for a server that read the buffer in place to clear it.
+
+    Some servers that follow only the spec remove the lock before they
+    clear the buffer: the message they answered still stands there, read,
+    and their late clearing would erase this one. Woken by the buffer's
+    change, for at most PEER_CLEAR_WAIT seconds.
+    """
+    buffer = exchange.paths.buffer
+    exchange.deadline = time.monotonic() + PEER_CLEAR_WAIT
+    exchange.waiter.watch(buffer)
+
+    def look() -> Optional[float]:
+        seen = look_message(buffer)
+        return float("inf") if seen is not None and seen[1] and seen[0].read_in_place() else None
+
+    def expire() -> None:
+        log.warning("%s still holds a message a server read but has not cleared after "
+                    "%g s; replacing it", buffer, PEER_CLEAR_WAIT)
+        raise _Expired
+
+    try:
+        exchange._wait("lock", look, expire)
+    except _Expired:
+        pass
+    exchange.waiter.watch()
+
+
+def _message_fate(paths: Paths, sent: Seen, response_path: str, rejected: bool) -> str:
+    """Withdraw the sent message if nobody has it; return what became of it (FATES).
+
+    sent is the message as put in place; rejected: the server said it will
+    not write the reply.
+    """
+    buffer = paths.buffer
+    serving = running_server(paths.presence) is not None
+    seen = look(buffer, noatime=True)
+    if seen is not None and seen.same(sent):
+        if not serving and seen.read_in_place():
+            return "left"                 # read in place by a server that is not filechat
+        if remove_if_same(buffer, sent):
+            return "withdrawn"
+    if serving:
+        return "claimed"
+    # Claimed by a server that has stopped since: nobody is answering it.
+    if any(remove_if_same(claim, sent) for claim in paths.claims()):
+        return "withdrawn"
+    reply = None if rejected else _Reply.find(response_path)
+    if reply is not None:
+        reply.close()
+        return "replied"                  # by a server that kept the lock
+    return "taken"
 
 
 def look_message(path: str) -> Optional[Tuple[Seen, bool]]:
@@ -3023,7 +2925,7 @@ class _Reply:
 
 
 class _Expired(Exception):
-    """A wait's deadline passed, and what waited goes on (see _Exchange._let_peer_clear)."""
+    """A wait's deadline passed, and what waited goes on (see _let_peer_clear)."""
 
 
 class _Turn:
@@ -3035,6 +2937,7 @@ class _Turn:
         self.ahead = -1               # tickets ahead at the last look (-1: not looked yet)
         self.unchecked: Dict[str, object] = {}    # a lock whose holder cannot be checked
         self.retried = ""             # the ticket ahead last looked at again at once
+        self.said_strange = False     # warned of what is not a lock file at the lock's path
 
     def look(self) -> Optional[float]:
         """Take the lock if it is this client's turn and it is free; else return the seconds
@@ -3070,7 +2973,133 @@ class _Turn:
             return None
         if not watching:
             return 0.0                # taken meanwhile: watch it, then look again
-        return exchange._clear_stale_lock(self.unchecked)
+        return self._clear_stale_lock()
+
+    def _clear_stale_lock(self) -> float:
+        """Remove the lock if its holder is gone; return 0 then, else seconds until it may be.
+
+        Only while no server answers its message, and no complete message that
+        a server may yet take waits in the buffer: they are the server's to
+        clear, with the lock. A lock whose holder cannot be checked becomes
+        stale by age, with no event: meanwhile status hears of it (unchecked:
+        who, held_for, stale_in).
+        """
+        paths, lock = self.exchange.paths, self.exchange.lock
+        path, stale_after = lock.path, lock.stale_after
+        verdict = judge(path)
+        if verdict is None:
+            return 0.0
+        if verdict.seen.kind:
+            if not self.said_strange:
+                log.warning("%s is %s, not a lock file: no client makes one (it is created "
+                            "with O_CREAT|O_EXCL); remove it, and this client goes on",
+                            path, verdict.seen.kind)
+                self.said_strange = True
+            return float("inf")       # its removal wakes us
+        reason = stale_reason(verdict, stale_after)
+        if reason and (paths.answering(verdict) or not _nothing_left(paths, reason)):
+            return float("inf")       # the server's to clear: its removing the lock wakes us
+        if reason:
+            broken = break_stale(path, stale_after)
+            if broken is not None:
+                log.warning("removed stale lock %s: %s", path, reason)
+                sweep(paths.directories(), stale_after, dead=broken[1])
+            return 0.0
+        if verdict.how:
+            return verdict.again      # a flock's end is an event; a pid or heartbeat is looked at
+        stale_in = stale_after - verdict.age + 0.01
+        self.unchecked.update(who="" if verdict.owner is None else verdict.owner.host,
+                              held_for=verdict.age, stale_in=stale_in)
+        return stale_in
+
+
+def _nothing_left(paths: Paths, reason: str) -> bool:
+    """True if no message a stale lock's holder left waits in the buffer: withdrawn now if
+    no server will take it.
+
+    Its sender has ended (or, naming nobody, gave up long ago): nobody
+    would read a reply. Left to a running filechat server, which takes
+    it and removes the lock, and to a server that has read it in place.
+    """
+    found = look_message(paths.buffer)
+    if found is None or not found[1]:
+        return True
+    if (running_server(paths.presence) is not None or found[0].read_in_place()
+            or not remove_if_same(paths.buffer, found[0])):
+        return False
+    log.warning("withdrew the message in %s, which no server took: the lock it came with "
+                "is stale (%s)", paths.buffer, reason)
+    return True
+
+
+class _Awaiting:
+    """A sent message's wait for its reply: what it looks at (see _Exchange.await_reply)."""
+
+    def __init__(self, exchange: _Exchange, timeout: float) -> None:
+        self.exchange = exchange
+        self.timeout = timeout
+        self.reply: Optional[_Reply] = None       # once complete
+        self.server_up: Optional[bool] = None     # as last looked at (None: not yet)
+        self.looked = -float("inf")   # when the server was last looked for
+        # Polling, the server is looked for less often than the reply: a look
+        # costs the file server as much as the reply's, and where there are
+        # heartbeats its death takes seconds to show anyway.
+        self.every = PRESENCE_LOOKS if exchange.waiter.fd < 0 else 0.0
+
+    def look(self) -> Optional[float]:
+        """None once the reply is complete (in self.reply), else seconds until a look may
+        tell more (see _Exchange._wait)."""
+        exchange = self.exchange
+        # Its server's death closes the presence file: watched before it is looked at.
+        exchange.waiter.watch_files([exchange.paths.presence])
+        self.reply = self._complete_reply()
+        if self.reply is not None:
+            exchange.waiter.progress(f"reply in {exchange.response_path}")
+            return None
+        if time.monotonic() - self.looked >= self.every:
+            self._look_for_server()
+        _crash_point("client-waiting")
+        return self.every or float("inf")
+
+    def _look_for_server(self) -> None:
+        """Say when the server stops or starts; a server that starts gets the whole timeout."""
+        exchange, paths = self.exchange, self.exchange.paths
+        self.looked = time.monotonic()
+        up = running_server(paths.presence) is not None
+        if up == self.server_up:
+            return
+        if self.server_up is not None:
+            exchange.waiter.progress(f"server on {paths.buffer} {'up' if up else 'gone'}")
+            exchange.status("server-started" if up else "server-stopped")
+            if up:                    # the new server shows the message: it gets the whole time
+                exchange.deadline = time.monotonic() + self.timeout
+        elif not up:
+            # Gone already at the first look, it may still have taken the message
+            # first (its claim is left): it ran, and stopped.
+            exchange.status("server-stopped" if paths.claims() else "no-server")
+        self.server_up = up
+
+    def _complete_reply(self) -> Optional[_Reply]:
+        """Return the reply once it is complete, else None.
+
+        Complete means written and the lock released: every server, filechat
+        or spec-following, writes the reply, then removes the lock, so a file
+        at the response path while the lock is held is nobody's reply yet (a
+        stranger may have made it). A note from the server saying why it
+        will not write the reply raises Rejected, whatever is at the path.
+        """
+        exchange = self.exchange
+        reason = look(exchange.note, MAX_PATH * 4)
+        if reason is not None:
+            try:
+                _unlink_quietly(exchange.note)
+            except PermissionError:
+                pass                  # another user's, in a sticky directory: said in it
+            exchange.rejected = True
+            raise Rejected(reason.head.decode("utf-8", "replace"))
+        if exchange.lock.still_held():
+            return None
+        return _Reply.find(exchange.response_path, unended=True)
 
 
 # --- Server ---
@@ -4001,31 +4030,24 @@ class Watcher:
         self.makers: Dict[str, Tuple[str, int, str, Dict[str, object]]] = {}
         # path: the temp file it is being made in, its pid and host, what it holds
         self.replies: Set[str] = set()                      # response paths messages named
-        self.ended: Set[str] = set()                        # replies seen complete
         self.since: Dict[str, float] = {}                   # lock or ticket: when it came
-        self.sent: Optional[str] = None     # the lock's message's response path...
-        self.answered = False               # ...and whether a reply (or note) came for it
-        self.waiting = False                # the buffer holds a message nobody took yet
         self.message: Dict[str, object] = {}   # what the buffer held last
-        self.unended = False                # the buffer holds an unfinished message
         self.blind = ""                     # why messages are not read (said once)
-        self.polling = False                # a reply may come and go between two looks
+        self.story = _Story()
         self.counts: Dict[str, int] = {}
 
     def run(self, poll: Optional[bool] = None, interval: Optional[float] = None) -> None:
-        """Tell every change until interrupted (KeyboardInterrupt); counts holds the breaches.
-
-        Polls where the filesystem sends no events of other hosts' changes
-        (Paths.waiting_mode), or if asked; else follows inotify's events.
-        """
+        """Tell every change until interrupted; counts holds the breaches. Follows inotify's
+        events, or polls where they tell nothing of other hosts (Paths.waiting_mode) or if
+        asked."""
         poll, interval = self.paths.waiting_mode(poll, interval, SHARED_POLL_INTERVAL)
         inotify = None if poll else _Inotify.borrow()
         if inotify is not None:
             try:
-                self.follow(inotify)
+                _Follower(self, inotify).follow()
             finally:
                 inotify.give_back()
-        self.polling = True
+        self.story.polling = True
         self.poll(first=True)
         log.debug("watching with polling every %g s", interval)
         while True:
@@ -4071,7 +4093,7 @@ class Watcher:
                 self.known.pop(path, None)
                 if after is not None:
                     self.known[path] = after
-                    self._temp(path, IN_CLOSE_WRITE)
+                    self.temp(path, IN_CLOSE_WRITE)
             else:
                 changes.append(("present" if first else "removed" if after is None else
                                 "claimed" if self.role(path) == "claim" and before is None else
@@ -4088,58 +4110,7 @@ class Watcher:
             self.change(kind, path, together=len(changes) > 1 and not first)
         self.makers = {p: m for p, m in self.makers.items() if m[0] in now}
 
-    def follow(self, inotify: _Inotify) -> None:
-        """Tell each change as inotify reports it, until interrupted."""
-        watches: Dict[int, str] = {}
-        self.poll(first=True)
-        try:
-            self._follow(inotify, watches)
-        finally:
-            for wd in watches:
-                _libc().inotify_rm_watch(inotify.fd, wd)
-
-    def _follow(self, inotify: _Inotify, watches: Dict[int, str]) -> None:
-        """Watch the directories (again, once made anew), and tell each event's change."""
-        while True:
-            for directory in {*self.paths.directories(), self.line} - set(watches.values()):
-                wd = _libc().inotify_add_watch(inotify.fd, os.fsencode(directory), WATCH_EVENTS)
-                if wd >= 0:                   # set before the look that sees what came first
-                    watches[wd] = directory
-                    self.poll()
-                    log.debug("watching %s with inotify", directory)
-            select.select([inotify.fd], [], [], SAFETY_INTERVAL)
-            events = [(watches.get(wd, ""), mask, os.fsdecode(name))
-                      for wd, mask, name in _read_events(inotify.fd)]
-            for index, (directory, mask, name) in enumerate(events):
-                if mask & IN_IGNORED:
-                    for wd in [w for w, d in watches.items() if d == directory]:
-                        del watches[wd]
-                if mask & IN_Q_OVERFLOW:
-                    self.poll()               # events lost: the listings tell what changed
-                elif directory and name:
-                    self._event(os.path.join(directory, name), mask, events[index + 1:])
-
-    def _event(self, path: str, mask: int, later: List[Tuple[str, int, str]]) -> None:
-        """Tell what one inotify event says happened to path; later: the events after it."""
-        role = self.role(path)
-        fresh = not any(m & ~IN_CLOSE_WRITE and os.path.join(d, n) == path for d, m, n in later)
-        if role == "temp":
-            self._temp(path, mask)
-        elif not role or (mask & IN_CLOSE_WRITE and (role in RECORDS or self._same(path))):
-            return     # a record's holder letting go, a file seen as it is, or one gone
-        elif mask & IN_CLOSE_WRITE:
-            self.change("written", path, fresh)
-        elif mask & IN_MOVED_FROM and role == "buffer" and later and later[0][1] & IN_MOVED_TO \
-                and self.role(os.path.join(later[0][0], later[0][2])) == "claim":
-            self.known.pop(path, None)        # its claim tells
-        elif mask & (IN_DELETE | IN_MOVED_FROM):
-            self.change("removed", path)
-        else:
-            self.known[path] = (0, 0, 0)      # till a look says more: it is there
-            self.change("claimed" if role == "claim" else "published"
-                        if mask & IN_MOVED_TO or path in self.makers else "created", path, fresh)
-
-    def _same(self, path: str) -> bool:
+    def same(self, path: str) -> bool:
         """True if path is as the last look saw it (or created empty), or gone: nobody
         reads what is written to a removed file."""
         try:
@@ -4149,7 +4120,7 @@ class Watcher:
         return self.known.get(path) in ((st.st_ino, st.st_size, st.st_mtime_ns),
                                         (0, 0, 0) if st.st_size == 0 else None)
 
-    def _temp(self, path: str, mask: int) -> None:
+    def temp(self, path: str, mask: int) -> None:
         """Note who makes the file that a temp file at path is to be published as, and (once
         written) what it holds: it may be gone again before a look (_temp_name)."""
         head, base = os.path.split(path)
@@ -4197,7 +4168,8 @@ class Watcher:
                "a client that does not name itself" if role == "lock" else None)
         if kind == "removed" and role in RECORDS:
             self.owners.pop(path, None)
-        breach = self._judge(kind, role, path, info)
+        breach = self.story.judge(kind, role, path, info, self.paths.lock in self.known,
+                                  self.owners.get(self.paths.lock) is not None)
         if breach:
             self.counts[breach] = self.counts.get(breach, 0) + 1
         self.emit({"ms": round((time.monotonic() - self.started) * 1000), "time": time.time(),
@@ -4240,8 +4212,24 @@ class Watcher:
             info["first_line"] = text.split(b"\n")[0].split(esc)[0].decode("utf-8", "replace")
         return info
 
-    def _judge(self, kind: str, role: str, path: str, info: Dict[str, object]) -> str:
-        """Follow the exchange through one change; return the breach it shows ("" if none)."""
+
+class _Story:
+    """The exchanges on a buffer as a watch follows them: the breach each change shows."""
+
+    def __init__(self) -> None:
+        self.ended: Set[str] = set()        # replies seen complete
+        self.sent: Optional[str] = None     # the lock's message's response path...
+        self.answered = False               # ...and whether a reply (or note) came for it
+        self.waiting = False                # the buffer holds a message nobody took yet
+        self.unended = False                # the buffer holds an unfinished message
+        self.polling = False                # a reply may come and go between two looks
+
+    def judge(self, kind: str, role: str, path: str, info: Dict[str, object],
+              locked: bool, named: bool) -> str:
+        """Follow the exchange through one change; return the breach it shows ("" if none).
+
+        locked: a lock is there now; named: it names its holder.
+        """
         if role == "lock" and kind == "removed":
             sent, self.sent, unended = self.sent, None, self.unended
             # Polling, what a look did not see may have been there: a reply that
@@ -4256,7 +4244,7 @@ class Watcher:
             return ""
         if role in ("buffer", "claim") and "size" in info:
             breach = ("" if kind == "present" or role == "claim" else
-                      "unlocked" if self.paths.lock not in self.known and not self.polling else
+                      "unlocked" if not locked and not self.polling else
                       "overwritten" if self.waiting and not self.answered else "")
             self.unended = info.get("ended") is False and role == "buffer"
             self.waiting = role == "buffer" and not self.unended
@@ -4266,7 +4254,7 @@ class Watcher:
         if role in ("reply", "rejected"):
             lost = path in self.ended and (kind in ("published", "written") or (
                 kind == "removed" and self.sent is not None and self.answered
-                and self.owners.get(self.paths.lock) is not None))
+                and named))
             self.ended.discard(path)
             if kind != "removed":
                 self.answered = self.answered or self.sent is not None
@@ -4274,6 +4262,64 @@ class Watcher:
                     self.ended.add(path)
             return "reply-lost" if lost and role == "reply" else ""
         return ""
+
+class _Follower:
+    """A watch's changes from inotify's events, in their order (see Watcher.run)."""
+
+    def __init__(self, watcher: Watcher, inotify: _Inotify) -> None:
+        self.watcher = watcher
+        self.inotify = inotify
+
+    def follow(self) -> None:
+        """Watch the directories (again, once made anew), and tell each event's change, until
+        interrupted."""
+        watcher, fd = self.watcher, self.inotify.fd
+        watches: Dict[int, str] = {}
+        watcher.poll(first=True)
+        try:
+            while True:
+                for directory in {*watcher.paths.directories(), watcher.line} - {*watches.values()}:
+                    wd = _libc().inotify_add_watch(fd, os.fsencode(directory), WATCH_EVENTS)
+                    if wd >= 0:               # set before the look that sees what came first
+                        watches[wd] = directory
+                        watcher.poll()
+                        log.debug("watching %s with inotify", directory)
+                select.select([fd], [], [], SAFETY_INTERVAL)
+                events = [(watches.get(wd, ""), mask, os.fsdecode(name))
+                          for wd, mask, name in _read_events(fd)]
+                for index, (directory, mask, name) in enumerate(events):
+                    if mask & IN_IGNORED:
+                        for wd in [w for w, d in watches.items() if d == directory]:
+                            del watches[wd]
+                    if mask & IN_Q_OVERFLOW:
+                        watcher.poll()        # events lost: the listings tell what changed
+                    elif directory and name:
+                        self._event(os.path.join(directory, name), mask, events[index + 1:])
+        finally:
+            for wd in watches:
+                _libc().inotify_rm_watch(fd, wd)
+
+    def _event(self, path: str, mask: int, later: List[Tuple[str, int, str]]) -> None:
+        """Tell what one inotify event says happened to path; later: the events after it."""
+        watcher = self.watcher
+        role = watcher.role(path)
+        fresh = not any(m & ~IN_CLOSE_WRITE and os.path.join(d, n) == path for d, m, n in later)
+        if role == "temp":
+            watcher.temp(path, mask)
+        elif not role or (mask & IN_CLOSE_WRITE and (role in RECORDS or watcher.same(path))):
+            return     # a record's holder letting go, a file seen as it is, or one gone
+        elif mask & IN_CLOSE_WRITE:
+            watcher.change("written", path, fresh)
+        elif mask & IN_MOVED_FROM and role == "buffer" and later and later[0][1] & IN_MOVED_TO \
+                and watcher.role(os.path.join(later[0][0], later[0][2])) == "claim":
+            watcher.known.pop(path, None)        # its claim tells
+        elif mask & (IN_DELETE | IN_MOVED_FROM):
+            watcher.change("removed", path)
+        else:
+            watcher.known[path] = (0, 0, 0)      # till a look says more: it is there
+            watcher.change("claimed" if role == "claim" else "published"
+                           if mask & IN_MOVED_TO or path in watcher.makers else "created",
+                           path, fresh)
 
 
 def _ends(fd: int, st: os.stat_result) -> Tuple[os.stat_result, bytes, bytes]:
@@ -4661,17 +4707,24 @@ def _epilog(command: str) -> str:
     return f"examples:\n{examples}\n{RUN_AS}\n\n{EXIT_STATUSES[command]}"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the command-line parser."""
-    formatter = _HelpFormatter
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """Return the command-line parser; with only, a command's name, that command's alone
+    (a client starts measurably faster without building the others)."""
     parser = argparse.ArgumentParser(
-        prog="filechat", formatter_class=formatter, epilog=_epilog(""),
+        prog="filechat", formatter_class=_HelpFormatter, epilog=_epilog(""),
         description="Client/server text messaging through plain files and a lockfile.")
     parser.add_argument("--version", action="version", version=f"filechat {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.set_defaults(parsers={name: add(commands)
+                                 for name, add in _COMMANDS.items() if only in (None, name)})
+    return parser
 
+
+def _server_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
+                    ) -> argparse.ArgumentParser:
+    """Add the server command to commands; return its parser."""
     server = commands.add_parser("server", help="answer messages arriving in a buffer file",
-                                 formatter_class=formatter, epilog=_epilog("server"),
+                                 formatter_class=_HelpFormatter, epilog=_epilog("server"),
                                  description="Run continuously, show each message and reply.")
     server.add_argument("buffer", metavar="BUFFER", help="the buffer file clients write to")
     replies = server.add_mutually_exclusive_group()
@@ -4692,9 +4745,14 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--log", metavar="FILE",
                         help="append a JSON line for every exchange to FILE")
     _common_options(server)
+    return server
 
+
+def _client_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
+                    ) -> argparse.ArgumentParser:
+    """Add the client command to commands; return its parser."""
     client = commands.add_parser("client", help="send one message and print the reply",
-                                 formatter_class=formatter, epilog=_epilog("client"),
+                                 formatter_class=_HelpFormatter, epilog=_epilog("client"),
                                  description="Send one message to the server and print its reply.")
     client.add_argument("buffer", metavar="BUFFER", help="the server's buffer file")
     client.add_argument("response", metavar="RESPONSE", nargs="?",
@@ -4721,9 +4779,14 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("-q", "--quiet", action="store_true",
                         help="print no status lines, only the reply and errors")
     _common_options(client)
+    return client
 
+
+def _status_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
+                    ) -> argparse.ArgumentParser:
+    """Add the status command to commands; return its parser."""
     state = commands.add_parser("status", help="show the server, the lock and who waits",
-                                formatter_class=formatter, epilog=_epilog("status"),
+                                formatter_class=_HelpFormatter, epilog=_epilog("status"),
                                 description="Show whether a server runs on BUFFER, who holds "
                                             "the lock, and what waits.")
     state.add_argument("buffer", metavar="BUFFER", help="the buffer file")
@@ -4732,9 +4795,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"the lockfile (default: {LOCKFILE_NAME} beside BUFFER)")
     state.add_argument("--stale-after", metavar="SECONDS", type=_seconds, default=STALE_AFTER,
                        help=f"as for client and server (default {STALE_AFTER:g})")
+    return state
+
+
+def _watch_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
+                    ) -> argparse.ArgumentParser:
+    """Add the watch command to commands; return its parser."""
     watching = commands.add_parser(
         "watch", help="print each protocol event beside BUFFER as it happens",
-        formatter_class=formatter, epilog=_epilog("watch"),
+        formatter_class=_HelpFormatter, epilog=_epilog("watch"),
         description="Print a line for each file made, written, claimed, published or removed\n"
                     "beside BUFFER, with who did it and breaches of the protocol marked (!),\n"
                     "until Ctrl+C. Changes no file, and reads no message in a way a client\n"
@@ -4757,9 +4826,11 @@ def build_parser() -> argparse.ArgumentParser:
                                f"(default {SHARED_POLL_INTERVAL:g})")
     watching.add_argument("-v", "--verbose", action="store_true",
                           help="say on stderr how it waits (events or polling)")
-    parser.set_defaults(parsers={"server": server, "client": client, "status": state,
-                                 "watch": watching})
-    return parser
+    return watching
+
+
+_COMMANDS = {"server": _server_parser, "client": _client_parser, "status": _status_parser,
+             "watch": _watch_parser}
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -5547,7 +5618,8 @@ def _discard_typeahead(stream: IO[str]) -> int:
 def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) -> int:
     """Run the command line; return the exit status."""
     term = term or Terminal()
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None)
     args, extra = parser.parse_known_args(argv)
     command = args.parsers[args.command]     # its own usage in its errors
     if (args.command == "client" and args.response is None and len(extra) == 1
