@@ -16,8 +16,8 @@ the reply and deletes it. Locks, tickets and presence files name their owner,
 who flocks them (on a shared directory also rewrites them every 2 s), so that
 a dead owner's file is cleared, a live one's never.
 
-Sections, each built on those above: framing, publish, look, record, holding,
-judge, waiter, sweep; then the client, the server, status and the CLI.
+Sections, each built on those above: framing, look, publish, record, judge,
+waiter, holding, sweep; then the client, the server, status, watch and the CLI.
 Exit statuses: 0 ok, 1 error, 2 usage or bad input, 3 reply timeout, 4 lock
 timeout, 5 no server, 6 breach seen (watch), 130 interrupted (129 SIGHUP, 143 SIGTERM).
 
