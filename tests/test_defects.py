@@ -119,8 +119,9 @@ def test_a_strange_file_at_the_response_path_is_refused_and_the_server_goes_on( 
     make = {"fifo": lambda: os.mkfifo(target), "directory": target.mkdir,
             "symlink": lambda: target.symlink_to(tmp_path / "elsewhere")}[kind]
     make()
-    (tmp_path / "server.lock").write_bytes(b"")
-    (tmp_path / "buf.txt").write_bytes(f"{target}\nhi\x1b".encode())
+    peer = subprocess.run([sys.executable, PEER, "client", "buf.txt", str(target), "hi",
+                           "--send-only"], cwd=tmp_path, capture_output=True, timeout=WAIT)
+    assert peer.stdout == b"Message sent to server.\n", peer.stderr
     srv.expect_exact("the client was told")
     assert run("client", "buf.txt", "-m", "still serving").stdout == b"ok"
 
