@@ -560,8 +560,8 @@ def _replaced_as_claimed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                 send(b, "B")
         return data
 
-    def rename(source: str, target: str, **dir_fds: int) -> None:
-        real_rename(source, target, **dir_fds)
+    def rename(source: str, target: str) -> None:
+        real_rename(source, target)
         if target.startswith(paths.claim_prefix) and "claimed" not in seen:
             seen.append("claimed")
             if then_gives_up:
