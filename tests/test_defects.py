@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 from conftest import (
@@ -119,8 +119,9 @@ def test_a_strange_file_at_the_response_path_is_refused_and_the_server_goes_on( 
     make = {"fifo": lambda: os.mkfifo(target), "directory": target.mkdir,
             "symlink": lambda: target.symlink_to(tmp_path / "elsewhere")}[kind]
     make()
-    (tmp_path / "server.lock").write_bytes(b"")
-    (tmp_path / "buf.txt").write_bytes(f"{target}\nhi\x1b".encode())
+    peer = subprocess.run([sys.executable, PEER, "client", "buf.txt", str(target), "hi",
+                           "--send-only"], cwd=tmp_path, capture_output=True, timeout=WAIT)
+    assert peer.stdout == b"Message sent to server.\n", peer.stderr
     srv.expect_exact("the client was told")
     assert run("client", "buf.txt", "-m", "still serving").stdout == b"ok"
 
@@ -515,12 +516,24 @@ def test_filechats_own_looks_at_the_buffer_are_not_a_peers_read(start, run, tmp_
 
 # --- A buffer replaced as it is claimed ---
 
-def _replaced_as_claimed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                         then_gives_up: bool) -> tuple:  # type: ignore[type-arg]
-    """Claim A's message, which A withdraws and B replaces between the read and the rename.
+Report = Tuple[str, Dict[str, object]]          # a server's report: its event and info
 
-    then_gives_up: B also gives up just after the rename, removing its lock as a spec
-    client does (a filechat client leaves it to the server), and C takes the lock.
+
+def _replaced_as_claimed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                         then_gives_up: bool) -> Tuple[filechat.Paths, List[Report],
+                                                       filechat.Lock, filechat.Lock]:
+    """Serve one message: A's, which A withdraws and B replaces as the server claims it.
+
+    The race is opened at the OS: once the server has read A's message, its
+    read of the lock (A's) is followed by A withdrawing (the buffer unlinked,
+    its lock released) and B sending (its lock taken, its request published),
+    all before the server renames the buffer to its claim. Inside the rename
+    itself would be too late: a lock made once the rename has begun is, for
+    the server, another client's (see then_gives_up).
+
+    then_gives_up: B also gives up just after the rename, removing its lock as
+    a spec client does (a filechat client leaves it to the server), and C
+    takes the lock. Returns the paths, the server's reports, B and C.
     """
     paths = filechat.Paths(str(tmp_path / "buf.txt"))
     a, b, c = (filechat.Lock(paths.lock) for _ in range(3))
@@ -530,26 +543,42 @@ def _replaced_as_claimed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         filechat.publish(paths.buffer, filechat.encode_request(f"{text}.txt", text),
                          replace=True)
     send(a, "A")
-    real, calls = filechat._Client.of_lock, []
+    a_message, a_lock = os.stat(paths.buffer), os.stat(paths.lock)
+    real_read, real_rename = os.read, os.rename
+    seen: List[str] = []                  # "message", "race", "claimed": in that order
 
-    def of_lock(lock_path: str) -> filechat._Client:
-        calls.append(lock_path)
-        if len(calls) == 1:               # read before the rename: A's lock...
-            found = real(lock_path)
-            os.unlink(paths.buffer)       # ...then A withdraws and lets go, and B sends
-            a.release()
-            send(b, "B")
-            return found
-        if then_gives_up:                 # read after the rename
-            b.release()
-            assert c.try_acquire()
-        return real(lock_path)
-    monkeypatch.setattr(filechat._Client, "of_lock", staticmethod(of_lock))
-    server = filechat._Server(paths, lambda request: "", [str(tmp_path)], 1 << 20, False,
-                              filechat._ignore)
-    taken = server._claim()
-    assert taken is not None
-    return paths, taken, b, c
+    def read(fd: int, size: int) -> bytes:
+        data = real_read(fd, size)
+        if "race" not in seen:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (a_message.st_dev, a_message.st_ino) and data:
+                seen[:] = ["message"]
+            elif (st.st_dev, st.st_ino) == (a_lock.st_dev, a_lock.st_ino) and seen:
+                seen.append("race")       # the server read A's message, then A's lock...
+                os.unlink(paths.buffer)   # ...then A withdraws and lets go, and B sends
+                a.release()
+                send(b, "B")
+        return data
+
+    def rename(source: str, target: str) -> None:
+        real_rename(source, target)
+        if target.startswith(paths.claim_prefix) and "claimed" not in seen:
+            seen.append("claimed")
+            if then_gives_up:
+                b.release()
+                assert c.try_acquire()
+    monkeypatch.setattr(os, "read", read)         # filechat's os: the seam at the OS
+    monkeypatch.setattr(os, "rename", rename)
+    reports: List[Report] = []
+    server = threading.Thread(target=filechat.serve, daemon=True, kwargs=dict(
+        buffer=paths.buffer, responder=lambda request: f"for {request.message}",
+        max_messages=1, report=lambda event, **info: reports.append((event, info))))
+    server.start()
+    server.join(WAIT)
+    assert not server.is_alive(), reports
+    assert seen == ["message", "race", "claimed"]          # the race was run as meant
+    assert not (tmp_path / "A.txt").exists()               # A withdrew: nothing for it
+    return paths, reports, b, c
 
 
 def test_a_message_that_replaced_the_one_read_is_claimed_with_its_own_lock(
@@ -557,21 +586,24 @@ def test_a_message_that_replaced_the_one_read_is_claimed_with_its_own_lock(
     # The server read A's message and A's lock, then A gave up and B sent: it
     # claimed B's message with A's (gone) lock, resolved B's path as a spec
     # client's, and B, its lock never removed, waited out its timeout.
-    paths, taken, b, _ = _replaced_as_claimed(tmp_path, monkeypatch, then_gives_up=False)
-    assert taken.client.token == b.token and not taken.client.gone
-    assert taken.path == paths.claim_prefix + taken.client.ref()
-    assert taken.framed.data(taken.framed.end) == b"B.txt\nB\n"
-    taken.close()
+    _, reports, b, _ = _replaced_as_claimed(tmp_path, monkeypatch, then_gives_up=False)
+    # B's lock removed by the server, which B waits for, and its reply where B
+    # asked (relative to the buffer, as a filechat client's): B is served.
+    assert sorted(os.listdir(tmp_path)) == ["B.txt"]
+    assert filechat.parse_reply((tmp_path / "B.txt").read_bytes()) == ("for B\n", False)
+    assert [info["reply"] for event, info in reports if event == "replied"] == ["for B\n"]
     b.close()
 
 
 def test_a_replacing_message_whose_sender_gave_up_is_never_tied_to_the_next_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    paths, taken, _, c = _replaced_as_claimed(tmp_path, monkeypatch, then_gives_up=True)
-    assert taken.client.gone and taken.client.token == ""    # B's: gone; C's lock not its
-    taken.client.release_lock(paths.lock)
+    paths, reports, _, c = _replaced_as_claimed(tmp_path, monkeypatch, then_gives_up=True)
+    # C's lock is never removed for B's message, which is its gone sender's:
+    # discarded, with no reply to B.txt.
+    assert sorted(os.listdir(tmp_path)) == ["server.lock"]
     assert filechat.token_at(paths.lock) == c.token
-    taken.close()
+    assert [info["reason"] for event, info in reports if event == "discarded"] == [
+        "the client for B.txt has gone"]
     c.release()
 
 

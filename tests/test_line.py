@@ -102,7 +102,10 @@ def test_a_newcomer_joins_a_waiting_line_rather_than_take_the_free_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     lock = str(tmp_path / "server.lock")
     waiting = filechat.WaitingLine(lock)
+    assert waiting.tickets() == []
     waiting.join()                         # alive, first in line; the lock is free
+    mine = waiting.tickets()
+    assert len(mine) == 1
     tried: List[str] = []
     try_acquire = filechat.Lock.try_acquire
     monkeypatch.setattr(filechat.Lock, "try_acquire",
@@ -111,7 +114,7 @@ def test_a_newcomer_joins_a_waiting_line_rather_than_take_the_free_lock(
         filechat.send(str(tmp_path / "buf.txt"), "late", str(tmp_path / "late.txt"),
                       lock_timeout=0.2)
     assert tried == [] and not os.path.exists(lock)     # never taken, not even for a moment
-    assert filechat.WaitingLine(lock).tickets() == [os.path.basename(waiting.ticket.path)]
+    assert filechat.WaitingLine(lock).tickets() == mine   # the newcomer's ticket gone
     waiting.leave()
     assert os.listdir(tmp_path) == []
 
@@ -211,6 +214,8 @@ def test_a_line_removed_as_it_was_made_is_made_again(tmp_path: Path,
     monkeypatch.setattr(os, "chmod", leaver_first)
     line = filechat.WaitingLine(str(tmp_path / "server.lock"))
     line.join()
-    assert removed and in_line(tmp_path) == [os.path.basename(line.ticket.path)]
+    # Its ticket, named <nanoseconds>-<pid>, is in the directory made again.
+    assert removed and line.tickets() == in_line(tmp_path)
+    assert [name.split("-")[1] for name in in_line(tmp_path)] == [str(os.getpid())]
     line.leave()
     assert os.listdir(tmp_path) == []

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -377,19 +378,44 @@ def test_an_empty_file_of_filechat_s_own_is_nobody_s_once_it_stays_empty(
     assert filechat.running_server(str(presence)) is None
 
 
-def test_a_reply_is_taken_back_by_what_it_holds_not_by_its_inode(tmp_path: Path) -> None:
-    path = tmp_path / "reply.txt"
-    reply = filechat._Staged(str(path), b"the reply\x1b")
-    reply.put()
-    # Another file at the path now, as after the client read the reply and a
-    # stranger made one: left alone.
-    path.unlink()
-    path.write_bytes(b"somebody's\x1b")
-    assert reply.take_back() is False and path.read_bytes() == b"somebody's\x1b"
-    # The same bytes under a new inode, as a network filesystem's link shows: its own.
-    path.unlink()
-    path.write_bytes(b"the reply\x1b")
-    assert reply.take_back() is True and not path.exists()
+@pytest.mark.parametrize(("then", "left"), [(b"the reply\x1b", None),
+                                             (b"somebody's\x1b", b"somebody's\x1b")],
+                         ids=["the-same-bytes", "another-file"])
+def test_a_reply_is_taken_back_by_what_it_holds_not_by_its_inode(
+        then: bytes, left: Optional[bytes], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server whose client ends as the reply goes out takes the reply back.
+    # The same bytes under a new inode, as a network filesystem's link shows:
+    # its own, removed. Another file at the path, as after the client read the
+    # reply and a stranger made one: left alone.
+    buffer, path = str(tmp_path / "buf.txt"), tmp_path / "r.txt"
+    client = filechat.Lock(filechat.Paths(buffer).lock)
+    assert client.try_acquire()
+    filechat.publish(buffer, filechat.encode_request("r.txt", "hi"))
+    link = os.link
+    put: List[Tuple[bytes, int, int]] = []          # the reply put in place, the inodes
+
+    def link_then_change(source: str, target: str) -> None:
+        link(source, target)
+        if Path(target) == path and not put:        # the server's reply, put in place
+            reply = path.read_bytes()
+            (tmp_path / "new").write_bytes(then)    # made while the reply's file still is:
+            os.replace(tmp_path / "new", path)      # another inode
+            put.append((reply, os.stat(source).st_ino, os.stat(path).st_ino))
+            client.close()                          # the client ends (its flock let go)
+    monkeypatch.setattr(os, "link", link_then_change)
+    reports: List[Tuple[str, object]] = []
+    server = threading.Thread(target=filechat.serve, daemon=True, kwargs=dict(
+        buffer=buffer, responder=lambda request: "the reply", max_messages=1,
+        report=lambda event, **info: reports.append((event, info.get("reason")))))
+    server.start()
+    server.join(WAIT)
+    assert not server.is_alive(), reports
+    [(reply, before, after)] = put
+    assert reply == b"the reply\x1b" and before != after
+    assert [reason for event, reason in reports if event == "discarded"] == [
+        f"the client for {path} has gone"]
+    assert (path.read_bytes() if path.exists() else None) == left
 
 
 def test_what_fuse_hides_of_a_removed_holder_file_is_swept(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import filechat
 CLIENT_RECORD = {"reply", "response_path", "lock_wait", "reply_wait", "outcome", "error",
                  "exit_status"}
 LOG_RECORD = {"time", "outcome", "response_path", "message", "reply", "duration", "reason"}
+PEER = str(Path(__file__).with_name("spec_peer.py"))   # a client written from the spec alone
 
 
 
@@ -274,8 +275,10 @@ def test_status_with_a_stale_lock(holder, run) -> None:  # type: ignore[no-untyp
 
 
 def test_status_with_a_message_waiting(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    (tmp_path / "server.lock").write_text("")
-    (tmp_path / "buf.txt").write_text("r.txt\nhello\x1b")
+    # A spec client has sent (an empty lock, the message in the buffer), and no server runs.
+    peer = subprocess.run([sys.executable, PEER, "client", "buf.txt", "r.txt", "hello",
+                           "--send-only"], cwd=tmp_path, capture_output=True, timeout=WAIT)
+    assert peer.stdout == b"Message sent to server.\n", peer.stderr
     _, text, data = status(run)
     assert data["message_waiting"] is True and "a complete message waits" in text
     assert data["lock"]["state"] == "unknown" and data["lock"]["pid"] is None
