@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -840,6 +841,65 @@ def floor_exchange(side: str, message: str, intervals: Dict[str, float]) -> Dict
         repr(intervals["lock"]), repr(intervals["reply"]), str(CLIENT_TIMEOUT)]), side, message)
 
 
+# Processes of the mounts' file servers and clients, by the name /proc gives them.
+FS_PROCESSES = ("glusterfsd", "glusterfs", "glusterd", "ceph-mon", "ceph-osd", "ceph-mds",
+                "ceph-fuse", "bindfs", "sshfs", "sshd", "sftp-server")
+
+
+def cpu_snapshot() -> Dict[str, Any]:
+    """CPU seconds used so far: by the machine (all its CPUs busy, in clock ticks), by this
+    benchmark and its ended children (the clients), and by each running process, its
+    ended children included: {pid: [name, seconds]}."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        ticks = [int(field) for field in f.readline().split()[1:9]]
+    processes: Dict[int, Tuple[str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:               # it has ended
+            continue
+        name, _, rest = stat[stat.index("(") + 1:].rpartition(")")
+        fields = rest.split()         # utime, stime, cutime, cstime: the 12th to 15th
+        processes[int(entry)] = (name, sum(int(field) for field in fields[11:15]) / tick)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"wall": time.monotonic(),
+            "busy": (sum(ticks) - ticks[3] - ticks[4]) / tick,     # less idle and iowait
+            "bench": own.ru_utime + own.ru_stime,
+            "clients": children.ru_utime + children.ru_stime, "processes": processes}
+
+
+def cpu_used(before: Dict[str, Any], after: Dict[str, Any], servers: Dict[str, int]
+             ) -> "Counter[str]":
+    """CPU seconds used between two snapshots, by whom; "other" is the rest of the machine's.
+
+    Clients: the benchmark's children that ended in between (the exchanges'
+    processes; the servers are its children too, but end later); each
+    server by its pid; the file system's processes by name, those that ran
+    throughout. Other: the rest, such as other users' work and the kernel's
+    own threads.
+    """
+    used: Counter[str] = Counter()
+    for key in ("wall", "busy", "bench", "clients"):
+        used[key] = after[key] - before[key]
+    common = before["processes"].keys() & after["processes"].keys()
+    pids = {pid: name for name, pid in servers.items()}
+    for pid in common:
+        name, seconds = after["processes"][pid]
+        if pid in pids:
+            used[pids[pid]] += seconds - before["processes"][pid][1]
+        elif name in FS_PROCESSES:
+            used[f"fs {name}"] += seconds - before["processes"][pid][1]
+    used["other"] = used["busy"] - sum(value for key, value in used.items()
+                                       if key not in ("wall", "busy"))
+    used["times"] = 1
+    return used
+
+
 def exchange(side: str, message: str) -> Dict[str, Any]:
     """One CLI client as host beta: what it printed, and its wall time from start to exit."""
     return timed_client(filechat_argv("beta", "client", "buf.txt", "-m", message,
@@ -919,7 +979,8 @@ def shared_exchanges(a: str, b: str, count: int, rounds: int,
     With floor (another directory, as mounts a and b see it), the floor's
     too, with a server of its own there: interleaved with filechat's,
     exchange by exchange and round by round, both servers running all along,
-    so that the machine's load weighs on both alike.
+    so that the machine's load weighs on both alike. The CPU time each
+    exchange and round used is counted (cpu_used), and summed by kind and mode.
     """
     servers: Dict[str, Server] = {"filechat": Server(a, "--auto-reply-cmd", "cat",
                                                      "--log", "log.jsonl")}
@@ -927,16 +988,21 @@ def shared_exchanges(a: str, b: str, count: int, rounds: int,
     intervals = floor_intervals(*floor) if floor is not None else None
     tag = uuid.uuid4().hex[:8]
     records: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
+    cpu: Dict[str, Dict[str, Counter[str]]] = {}
     try:
         if floor is not None and intervals is not None:
             servers["floor"] = FloorServer(floor[0], repr(intervals["buffer"]))
             clients["floor"] = (floor[1], functools.partial(floor_exchange,
                                                             intervals=intervals))
+        pids = {f"{kind} server": server.proc.pid for kind, server in servers.items()}
         records = {kind: {mode: [] for mode in MODES} for kind in clients}
+        cpu = {kind: {mode: Counter() for mode in MODES} for kind in clients}
         with ThreadPoolExecutor(4) as pool:
             def run(kind: str, mode: str, messages: List[str]) -> None:
                 side, send = clients[kind]
+                before = cpu_snapshot()
                 records[kind][mode] += pool.map(functools.partial(send, side), messages)
+                cpu[kind][mode].update(cpu_used(before, cpu_snapshot(), pids))
             for i in range(count):
                 for kind in clients:
                     run(kind, "sequential", [f"{tag} {kind} sequential {i}"])
@@ -949,7 +1015,9 @@ def shared_exchanges(a: str, b: str, count: int, rounds: int,
     logged, replied = read_log(os.path.join(a, "log.jsonl"))
     result: Dict[str, Any] = {
         "modes": {mode: tally(records["filechat"][mode], logged, replied) for mode in MODES},
-        "server_stderr": said["filechat"], "floor": None}
+        "server_stderr": said["filechat"], "floor": None,
+        "cpu": {kind: {mode: dict(used) for mode, used in modes.items()}
+                for kind, modes in cpu.items()}}
     if "floor" in clients:
         logged, replied = cast(FloorServer, servers["floor"]).log()
         result["floor"] = {
@@ -1091,7 +1159,7 @@ def shared_setup(made: mounts.Mounts, setup: str, quick: bool) -> Dict[str, Any]
         a, b = made.fresh_dir(setup)
         dirs[step] = (str(a), str(b))
         return dirs[step]
-    result = {"setup": setup,
+    result = {"setup": setup, "loadavg": loadavg(),
               **shared_exchanges(*fresh("exchanges"), 3 if quick else 24, 1 if quick else 6,
                                  fresh("floor")),
               "status": shared_status(*fresh("status")),
@@ -1100,12 +1168,18 @@ def shared_setup(made: mounts.Mounts, setup: str, quick: bool) -> Dict[str, Any]
     return {**result, "leftovers": leftovers(dirs), "seconds": time.monotonic() - started}
 
 
+def loadavg() -> str:
+    """The machine's load averages over 1, 5 and 15 minutes, as /proc/loadavg says them."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def shared_local(made: mounts.Mounts, quick: bool) -> Dict[str, Any]:
     """The same exchanges in a local directory: what bindfs and sshfs add to."""
     local = made.base / "local"
     local.mkdir()
     result = shared_exchanges(str(local), str(local), 3 if quick else 24, 1 if quick else 6)
-    return {"setup": f"local ({filesystem_of(str(local))})", **result}
+    return {"setup": f"local ({filesystem_of(str(local))})", "loadavg": loadavg(), **result}
 
 
 def run_shared(quick: bool, setups: Sequence[str] = SHARED_SETUPS) -> Dict[str, Any]:
@@ -1191,6 +1265,29 @@ def floor_table(r: Dict[str, Any]) -> List[str]:
     return out
 
 
+def cpu_table(r: Dict[str, Any]) -> List[str]:
+    """One row per setup, kind and mode: where the CPU time of an exchange or round went."""
+    cpus = os.cpu_count() or 1
+    out = ["| setup | kind | mode | wall | machine busy | clients | filechat server | "
+           "floor server | file system (by process name) | bench.py | other |",
+           "|" + " --- |" * 11]
+    for result in [r["local"], *r["setups"]]:
+        for kind, modes in result["cpu"].items():
+            for mode, used in modes.items():
+                def ms(key: str, used: Dict[str, float] = used) -> str:
+                    return f"{1000 * used.get(key, 0.0) / used['times']:.0f}"
+                fs = sorted((key for key in used if key.startswith("fs ")),
+                            key=lambda key, used=used: -used[key])    # type: ignore[misc]
+                busy = used["busy"] / (cpus * used["wall"])
+                out.append(f"| {result['setup']} | {kind} | {mode} | {ms('wall')} | {ms('busy')} "
+                           f"({100 * busy:.0f} % of {cpus} CPUs) | {ms('clients')} | "
+                           f"{ms('filechat server')} | {ms('floor server')} | "
+                           + ", ".join(f"{key[3:]} {ms(key)}" for key in fs
+                                       if 1000 * used[key] / used["times"] >= 0.5)
+                           + f" | {ms('bench')} | {ms('other')} |")
+    return out
+
+
 def lag(look: Dict[str, Any]) -> str:
     return "never" if look["after"] is None else f"{look['after']:.2f}"
 
@@ -1223,7 +1320,7 @@ def faults_table(r: Dict[str, Any]) -> List[str]:
 
 def shared_table(r: Dict[str, Any]) -> str:
     """Format run_shared's measurements as Markdown tables, and the failures' messages."""
-    out = [*exchanges_table(r), "", *floor_table(r), "", *faults_table(r)]
+    out = [*exchanges_table(r), "", *floor_table(r), "", *cpu_table(r), "", *faults_table(r)]
     for result in [r["local"], *r["setups"]]:
         for mode in MODES:
             for error in sorted(set(result["modes"][mode]["failures"])):
@@ -1241,6 +1338,8 @@ def shared_table(r: Dict[str, Any]) -> str:
                    f"slowest such look itself took {max(looks):.2f} s")
     note = " (--quick: counts too small to mean anything)" if r["quick"] else ""
     took = ", ".join(f"{result['setup']} {result['seconds']:.0f} s" for result in r["setups"])
+    loads = "; ".join(f"{result['setup']} {result['loadavg']}"
+                      for result in [r["local"], *r["setups"]])
     return "\n".join(out) + (
         f"\n\nClients on mount b as host beta, the server on mount a as host alpha; poll "
         f"interval {r['poll']:g} s, heartbeat {r['heartbeat']:g} s; bindfs and sshfs target: "
@@ -1256,7 +1355,12 @@ def shared_table(r: Dict[str, Any]) -> str:
         "there (Paths.waiting_mode: the client for its lock and reply, the server for the "
         f"buffer; LOCK_RETRY_INTERVAL {r['lock_retry']:g} s spaces only filechat's \"Server "
         "busy\" lines). Interleaved with filechat's exchanges, one by one and round by round, "
-        "both servers running all along.")
+        "both servers running all along."
+        "\n\nCPU: milliseconds per exchange (sequential) or per round of 4 (4 at once), "
+        "from /proc: machine busy is every CPU's; clients are the exchanges' processes; the "
+        "file system's processes are named as /proc names them; other is the rest of the "
+        "machine's (other users' work, the kernel's threads)."
+        f"\n\nLoad average (1, 5, 15 min) as each setup began: {loads}")
 
 
 def fmt_ms(seconds: float) -> str:
