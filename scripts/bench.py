@@ -713,7 +713,9 @@ class Server:
 # host alpha in its directory (a spec server resolves the response path
 # against its own). The client writes its request under a temp name of its
 # own, takes the lock with O_CREAT|O_EXCL (looking again every LOCK s while it
-# exists), renames the request over the buffer, and looks at its response
+# exists; where filechat asks the file server past the mount's cache of names,
+# the floor too asks it with listxattr, and looks again at once if the lock is
+# gone), renames the request over the buffer, and looks at its response
 # file every REPLY s until it ends with ESC; then it removes the response file
 # and prints the reply. The server looks at the buffer every BUFFER s until it
 # holds a message that ends with ESC, renames its reply (the message) into
@@ -748,6 +750,7 @@ FLOOR_SHARED_CLIENT = FLOOR_READ + r"""
 message, reply = sys.argv[1], sys.argv[2]
 lock_every, reply_every = float(sys.argv[3]), float(sys.argv[4])
 deadline = time.monotonic() + float(sys.argv[5])
+ask = sys.argv[6] == "ask"        # GlusterFS's md-cache keeps a removed name for up to 1 s
 def later(what):
     if time.monotonic() > deadline:
         sys.exit("floor client: no %s within the timeout" % what)
@@ -761,6 +764,12 @@ while True:
         break
     except FileExistsError:
         later("lock")
+        if ask:
+            try:
+                os.listxattr("server.lock", follow_symlinks=False)
+            except OSError as e:
+                if e.errno in (2, 116):   # gone on the file server: at once, then
+                    continue
         time.sleep(lock_every)
 os.rename(temp, "buf.txt")
 data = read(reply)
@@ -833,12 +842,22 @@ def floor_intervals(a: str, b: str) -> Optional[Dict[str, float]]:
     return {"lock": client[1], "reply": client[1], "buffer": server[1]}
 
 
-def floor_exchange(side: str, message: str, intervals: Dict[str, float]) -> Dict[str, Any]:
+def floor_asks(b: str) -> bool:
+    """Whether the floor's client, refused the lock, asks the file server whether it is
+    gone: where filechat does (a FUSE mount that keeps names, GlusterFS's md-cache for up
+    to a second after another mount removed one), as filechat decides it."""
+    import filechat
+    return bool(filechat._names_cached(os.path.join(b, "server.lock")))
+
+
+def floor_exchange(side: str, message: str, intervals: Dict[str, float], ask: bool
+                   ) -> Dict[str, Any]:
     """One floor client as host beta, as exchange() runs filechat's."""
     reply = f"reply-{uuid.uuid4().hex[:12]}.txt"
     return timed_client(mounts.as_host("beta", [
         sys.executable, *FLOOR_FLAGS, "-c", FLOOR_SHARED_CLIENT, message, reply,
-        repr(intervals["lock"]), repr(intervals["reply"]), str(CLIENT_TIMEOUT)]), side, message)
+        repr(intervals["lock"]), repr(intervals["reply"]), str(CLIENT_TIMEOUT),
+        "ask" if ask else "-"]), side, message)
 
 
 # Processes of the mounts' file servers and clients, by the name /proc gives them.
@@ -992,8 +1011,9 @@ def shared_exchanges(a: str, b: str, count: int, rounds: int,
     try:
         if floor is not None and intervals is not None:
             servers["floor"] = FloorServer(floor[0], repr(intervals["buffer"]))
+            ask = floor_asks(floor[1])
             clients["floor"] = (floor[1], functools.partial(floor_exchange,
-                                                            intervals=intervals))
+                                                            intervals=intervals, ask=ask))
         pids = {f"{kind} server": server.proc.pid for kind, server in servers.items()}
         records = {kind: {mode: [] for mode in MODES} for kind in clients}
         cpu = {kind: {mode: Counter() for mode in MODES} for kind in clients}
@@ -1022,7 +1042,7 @@ def shared_exchanges(a: str, b: str, count: int, rounds: int,
         logged, replied = cast(FloorServer, servers["floor"]).log()
         result["floor"] = {
             "modes": {mode: tally(records["floor"][mode], logged, replied) for mode in MODES},
-            "server_stderr": said["floor"], "intervals": intervals}
+            "server_stderr": said["floor"], "intervals": intervals, "asks": ask}
     return result
 
 
@@ -1251,6 +1271,7 @@ def floor_table(r: Dict[str, Any]) -> List[str]:
         if floor is None:
             continue
         every = " / ".join(f"{floor['intervals'][key]:g}" for key in ("lock", "reply", "buffer"))
+        every += " (lock: + listxattr)" if floor["asks"] else ""
         for mode in MODES:
             mine, bare = result["modes"][mode], floor["modes"][mode]
             target = exchange_target(r, result["setup"], mode)
@@ -1349,7 +1370,9 @@ def shared_table(r: Dict[str, Any]) -> str:
         f"the same mounts as the same hosts: each client a fresh `python {' '.join(FLOOR_FLAGS)} "
         "-c` (filechat's: `python filechat.pyz client`), which writes its request to a temp "
         "file, takes the lock (O_CREAT|O_EXCL), renames the request over the buffer and looks "
-        "for its reply until it ends with ESC, then removes it; its server, one process, looks "
+        "for its reply until it ends with ESC, then removes it (refused the lock, it asks "
+        "the file server with listxattr whether it is gone where filechat does, past GlusterFS's "
+        "md-cache); its server, one process, looks "
         "at the buffer, renames the reply into place, removes the buffer, then the lock "
         "(filechat's answers through --auto-reply-cmd cat). It looks as often as filechat does "
         "there (Paths.waiting_mode: the client for its lock and reply, the server for the "

@@ -75,7 +75,7 @@ def test_shared_floor_answers_each_of_four_clients_once(tmp_path: Path) -> None:
     try:
         assert server.stdout is not None and server.stdout.readline() == "ready\n"
         clients = [python(bench.FLOOR_SHARED_CLIENT, f"hello {n}", f"reply-{n}.txt",
-                          "0.005", "0.005", "30") for n in range(4)]
+                          "0.005", "0.005", "30", "-") for n in range(4)]
         assert [client.communicate(timeout=60)[0] for client in clients] == [
             f"hello {n}" for n in range(4)]
     finally:
