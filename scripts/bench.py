@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -29,7 +30,7 @@ import zipapp
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, cast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -657,24 +658,32 @@ class Server:
     would stop answering, and its stderr says what went wrong.
     """
 
+    READY = "Waiting for clients"     # the line that says it is ready
+
     def __init__(self, side: str, *options: str) -> None:
-        self.proc = subprocess.Popen(filechat_argv("alpha", "server", "buf.txt", *options),
-                                     cwd=side, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+        self.proc = subprocess.Popen(self.argv(*options), cwd=side, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
         self.ready = threading.Event()
+        self.stdout: List[str] = []
         self.stderr: List[str] = []
         assert self.proc.stdout is not None and self.proc.stderr is not None
-        for stream, lines in ((self.proc.stdout, []), (self.proc.stderr, self.stderr)):
-            threading.Thread(target=self._read, args=(stream, lines), daemon=True).start()
+        self.readers = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
+                        for stream, lines in ((self.proc.stdout, self.stdout),
+                                              (self.proc.stderr, self.stderr))]
+        for reader in self.readers:
+            reader.start()
         if not self.ready.wait(60):
             self.stop()
             raise RuntimeError(f"the server did not start: {''.join(self.stderr)}")
         self.started = time.monotonic()
 
+    def argv(self, *options: str) -> List[str]:
+        return filechat_argv("alpha", "server", "buf.txt", *options)
+
     def _read(self, stream: IO[str], lines: List[str]) -> None:
         for line in stream:
             lines.append(line)
-            if "Waiting for clients" in line:
+            if self.READY in line:
                 self.ready.set()
 
     def interrupt(self) -> float:
@@ -692,16 +701,235 @@ class Server:
             self.proc.kill()
             self.proc.wait()
             self.stderr.append("bench.py: killed: not stopped 30 s after SIGINT\n")
+        for reader in self.readers:       # what it said to the end
+            reader.join(10)
         return [line.rstrip("\n") for line in self.stderr]
+
+
+# The floor across hosts: the bare protocol as the specification has it and
+# nothing of filechat, on the same mounts as the same hosts. Each client is a
+# fresh interpreter (python -I -S: no site, no user environment), as host beta
+# in the directory it uses; the server is one long-running interpreter, as
+# host alpha in its directory (a spec server resolves the response path
+# against its own). The client writes its request under a temp name of its
+# own, takes the lock with O_CREAT|O_EXCL (looking again every LOCK s while it
+# exists; where filechat asks the file server past the mount's cache of names,
+# the floor too asks it with listxattr, and looks again at once if the lock is
+# gone), renames the request over the buffer, and looks at its response
+# file every REPLY s until it ends with ESC; then it removes the response file
+# and prints the reply. The server looks at the buffer every BUFFER s until it
+# holds a message that ends with ESC, renames its reply (the message) into
+# place at the response path, removes the buffer and then the lock, and says
+# the message on stdout. Both wait by sleeping: inotify sees nothing of
+# another mount's changes. The intervals are filechat's (floor_intervals).
+FLOOR_FLAGS = ("-I", "-S")
+FLOOR_READ = r"""
+import os, sys, time
+def read(path):                   # b"" if it is not there
+    data = b""
+    try:
+        file = os.open(path, os.O_RDONLY)
+        try:
+            chunk = os.read(file, 65536)
+            while chunk:
+                data += chunk
+                chunk = os.read(file, 65536)
+        finally:
+            os.close(file)
+    except OSError as e:
+        if e.errno not in (2, 116):   # ENOENT; ESTALE: removed through another mount
+            raise
+    return data
+def whole(data):                  # ends with ESC, on a line of its own or not
+    return data.rstrip(b"\n").endswith(b"\x1b")
+def text_of(data):                # what comes before ESC, less the newline before it
+    text = data[:data.rindex(b"\x1b")]
+    return text[:-1] if text.endswith(b"\n") else text
+"""
+FLOOR_SHARED_CLIENT = FLOOR_READ + r"""
+message, reply = sys.argv[1], sys.argv[2]
+lock_every, reply_every = float(sys.argv[3]), float(sys.argv[4])
+deadline = time.monotonic() + float(sys.argv[5])
+ask = sys.argv[6] == "ask"        # GlusterFS's md-cache keeps a removed name for up to 1 s
+def later(what):
+    if time.monotonic() > deadline:
+        sys.exit("floor client: no %s within the timeout" % what)
+temp = "." + reply + ".tmp"       # written before the lock is taken, as filechat's client does
+file = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+os.write(file, reply.encode() + b"\n" + message.encode() + b"\n\x1b")
+os.close(file)
+while True:
+    try:
+        os.close(os.open("server.lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        break
+    except FileExistsError:
+        later("lock")
+        if ask:
+            try:
+                os.listxattr("server.lock", follow_symlinks=False)
+            except OSError as e:
+                if e.errno in (2, 116):   # gone on the file server: at once, then
+                    continue
+        time.sleep(lock_every)
+os.rename(temp, "buf.txt")
+data = read(reply)
+while not whole(data):
+    later("reply")
+    time.sleep(reply_every)
+    data = read(reply)
+os.unlink(reply)
+sys.stdout.buffer.write(text_of(data))
+"""
+FLOOR_SHARED_SERVER = FLOOR_READ + r"""
+import json, signal
+every = float(sys.argv[1])
+stopping = []                     # SIGTERM: once the message in hand is answered
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+print("ready", flush=True)
+while not stopping:
+    data = read("buf.txt")
+    if not whole(data):           # none yet (or not all of it)
+        time.sleep(every)
+        continue
+    path, _, request = data.partition(b"\n")
+    text = text_of(request)
+    file = os.open(".reply.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.write(file, text + b"\n\x1b")
+    os.close(file)
+    os.rename(".reply.tmp", path)
+    os.unlink("buf.txt")
+    os.unlink("server.lock")      # last: the next client may write the buffer now
+    print(json.dumps({"message": text.decode(), "outcome": "replied"}), flush=True)
+"""
+
+
+class FloorServer(Server):
+    """The floor's server on side as host alpha; its stdout says each message it answered."""
+
+    READY = "ready"
+
+    def argv(self, *options: str) -> List[str]:
+        return mounts.as_host("alpha", [sys.executable, *FLOOR_FLAGS, "-c", FLOOR_SHARED_SERVER,
+                                        *options])
+
+    def interrupt(self) -> float:
+        """Send SIGTERM: it ends once it has answered what it holds; return when."""
+        self.proc.terminate()
+        return time.monotonic()
+
+    def log(self) -> Tuple["Counter[str]", Set[str]]:
+        """What it answered, as read_log says it of filechat's --log."""
+        return count_log(line for line in self.stdout if line.startswith("{"))
+
+
+def floor_intervals(a: str, b: str) -> Optional[Dict[str, float]]:
+    """The floor's intervals: how often filechat looks on these mounts, as it picks it.
+
+    filechat's client waits for the lock and for its reply with one waiter,
+    whose interval Paths.waiting_mode picks (when it polls it looks for the
+    lock at that interval; LOCK_RETRY_INTERVAL only spaces its "Server busy"
+    lines); its server looks at the buffer at the interval waiting_mode
+    picks for it. None where filechat would wait for inotify's events
+    instead: there the floor would poll where filechat does not.
+    """
+    import filechat
+    client = filechat.Paths(os.path.join(b, "buf.txt")).waiting_mode(
+        None, None, filechat.RESPONSE_POLL_INTERVAL)
+    server = filechat.Paths(os.path.join(a, "buf.txt")).waiting_mode(
+        None, None, filechat.POLL_INTERVAL)
+    if not (client[0] and server[0]):
+        return None
+    return {"lock": client[1], "reply": client[1], "buffer": server[1]}
+
+
+def floor_asks(b: str) -> bool:
+    """Whether the floor's client, refused the lock, asks the file server whether it is
+    gone: where filechat does (a FUSE mount that keeps names, GlusterFS's md-cache for up
+    to a second after another mount removed one), as filechat decides it."""
+    import filechat
+    return bool(filechat._names_cached(os.path.join(b, "server.lock")))
+
+
+def floor_exchange(side: str, message: str, intervals: Dict[str, float], ask: bool
+                   ) -> Dict[str, Any]:
+    """One floor client as host beta, as exchange() runs filechat's."""
+    reply = f"reply-{uuid.uuid4().hex[:12]}.txt"
+    return timed_client(mounts.as_host("beta", [
+        sys.executable, *FLOOR_FLAGS, "-c", FLOOR_SHARED_CLIENT, message, reply,
+        repr(intervals["lock"]), repr(intervals["reply"]), str(CLIENT_TIMEOUT),
+        "ask" if ask else "-"]), side, message)
+
+
+# Processes of the mounts' file servers and clients, by the name /proc gives them.
+FS_PROCESSES = ("glusterfsd", "glusterfs", "glusterd", "ceph-mon", "ceph-osd", "ceph-mds",
+                "ceph-fuse", "bindfs", "sshfs", "sshd", "sftp-server")
+
+
+def cpu_snapshot() -> Dict[str, Any]:
+    """CPU seconds used so far: by the machine (all its CPUs busy, in clock ticks), by this
+    benchmark and its ended children (the clients), and by each running process, its
+    ended children included: {pid: [name, seconds]}."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        ticks = [int(field) for field in f.readline().split()[1:9]]
+    processes: Dict[int, Tuple[str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:               # it has ended
+            continue
+        name, _, rest = stat[stat.index("(") + 1:].rpartition(")")
+        fields = rest.split()         # utime, stime, cutime, cstime: the 12th to 15th
+        processes[int(entry)] = (name, sum(int(field) for field in fields[11:15]) / tick)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"wall": time.monotonic(),
+            "busy": (sum(ticks) - ticks[3] - ticks[4]) / tick,     # less idle and iowait
+            "bench": own.ru_utime + own.ru_stime,
+            "clients": children.ru_utime + children.ru_stime, "processes": processes}
+
+
+def cpu_used(before: Dict[str, Any], after: Dict[str, Any], servers: Dict[str, int]
+             ) -> "Counter[str]":
+    """CPU seconds used between two snapshots, by whom; "other" is the rest of the machine's.
+
+    Clients: the benchmark's children that ended in between (the exchanges'
+    processes; the servers are its children too, but end later); each
+    server by its pid; the file system's processes by name, those that ran
+    throughout. Other: the rest, such as other users' work and the kernel's
+    own threads.
+    """
+    used: Counter[str] = Counter()
+    for key in ("wall", "busy", "bench", "clients"):
+        used[key] = after[key] - before[key]
+    common = before["processes"].keys() & after["processes"].keys()
+    pids = {pid: name for name, pid in servers.items()}
+    for pid in common:
+        name, seconds = after["processes"][pid]
+        if pid in pids:
+            used[pids[pid]] += seconds - before["processes"][pid][1]
+        elif name in FS_PROCESSES:
+            used[f"fs {name}"] += seconds - before["processes"][pid][1]
+    used["other"] = used["busy"] - sum(value for key, value in used.items()
+                                       if key not in ("wall", "busy"))
+    used["times"] = 1
+    return used
 
 
 def exchange(side: str, message: str) -> Dict[str, Any]:
     """One CLI client as host beta: what it printed, and its wall time from start to exit."""
+    return timed_client(filechat_argv("beta", "client", "buf.txt", "-m", message,
+                                      "--timeout", str(CLIENT_TIMEOUT)), side, message)
+
+
+def timed_client(argv: List[str], side: str, message: str) -> Dict[str, Any]:
+    """Run a client that sends message from side: what it printed, and its wall time."""
     start = time.perf_counter()
     try:
-        done = subprocess.run(filechat_argv("beta", "client", "buf.txt", "-m", message,
-                                            "--timeout", str(CLIENT_TIMEOUT)),
-                              cwd=side, capture_output=True, text=True,
+        done = subprocess.run(argv, cwd=side, capture_output=True, text=True,
                               timeout=2 * CLIENT_TIMEOUT)
         status, reply, error = done.returncode, done.stdout, done.stderr
     except subprocess.TimeoutExpired:
@@ -712,26 +940,35 @@ def exchange(side: str, message: str) -> Dict[str, Any]:
             "error": f"exit {status}: {last}" if status else None}
 
 
-def at_once(side: str, tag: str, rounds: int, clients: int = 4) -> List[Dict[str, Any]]:
+Send = Callable[[str, str], Dict[str, Any]]     # a client: (side, message) -> its record
+
+
+def at_once(side: str, tag: str, rounds: int, clients: int = 4, send: Send = exchange
+            ) -> List[Dict[str, Any]]:
     """Rounds of clients started together, each round once the last has ended."""
     records: List[Dict[str, Any]] = []
     with ThreadPoolExecutor(clients) as pool:
         for r in range(rounds):
             messages = [f"{tag} round {r} client {i}" for i in range(clients)]
-            records += pool.map(functools.partial(exchange, side), messages)
+            records += pool.map(functools.partial(send, side), messages)
     return records
 
 
 def read_log(path: str) -> Tuple["Counter[str]", Set[str]]:
     """How often the server's --log names each message, and which it says it replied to."""
+    with open(path, encoding="utf-8") as f:
+        return count_log(f)
+
+
+def count_log(lines: Iterable[str]) -> Tuple["Counter[str]", Set[str]]:
+    """How often a log's JSON lines name each message, and which say it was replied to."""
     logged: Counter[str] = Counter()
     replied: Set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            logged[record["message"]] += 1
-            if record["outcome"] == "replied":
-                replied.add(record["message"])
+    for line in lines:
+        record = json.loads(line)
+        logged[record["message"]] += 1
+        if record["outcome"] == "replied":
+            replied.add(record["message"])
     return logged, replied
 
 
@@ -754,16 +991,59 @@ def tally(records: List[Dict[str, Any]], logged: "Counter[str]", replied: Set[st
         "median": statistics.median(times), "max": max(times)}
 
 
-def shared_exchanges(a: str, b: str, count: int, rounds: int) -> Dict[str, Any]:
-    """Sequential exchanges, then rounds of 4 at once, from beta on b to alpha on a."""
-    server = Server(a, "--auto-reply-cmd", "cat", "--log", "log.jsonl")
+def shared_exchanges(a: str, b: str, count: int, rounds: int,
+                     floor: Optional[Tuple[str, str]] = None) -> Dict[str, Any]:
+    """Sequential exchanges, then rounds of 4 at once, from beta on b to alpha on a.
+
+    With floor (another directory, as mounts a and b see it), the floor's
+    too, with a server of its own there: interleaved with filechat's,
+    exchange by exchange and round by round, both servers running all along,
+    so that the machine's load weighs on both alike. The CPU time each
+    exchange and round used is counted (cpu_used), and summed by kind and mode.
+    """
+    servers: Dict[str, Server] = {"filechat": Server(a, "--auto-reply-cmd", "cat",
+                                                     "--log", "log.jsonl")}
+    clients: Dict[str, Tuple[str, Send]] = {"filechat": (b, exchange)}
+    intervals = floor_intervals(*floor) if floor is not None else None
     tag = uuid.uuid4().hex[:8]
-    records = {"sequential": [exchange(b, f"{tag} sequential {i}") for i in range(count)],
-               "4 at once": at_once(b, tag, rounds)}
-    said = server.stop()
+    records: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
+    cpu: Dict[str, Dict[str, Counter[str]]] = {}
+    try:
+        if floor is not None and intervals is not None:
+            servers["floor"] = FloorServer(floor[0], repr(intervals["buffer"]))
+            ask = floor_asks(floor[1])
+            clients["floor"] = (floor[1], functools.partial(floor_exchange,
+                                                            intervals=intervals, ask=ask))
+        pids = {f"{kind} server": server.proc.pid for kind, server in servers.items()}
+        records = {kind: {mode: [] for mode in MODES} for kind in clients}
+        cpu = {kind: {mode: Counter() for mode in MODES} for kind in clients}
+        with ThreadPoolExecutor(4) as pool:
+            def run(kind: str, mode: str, messages: List[str]) -> None:
+                side, send = clients[kind]
+                before = cpu_snapshot()
+                records[kind][mode] += pool.map(functools.partial(send, side), messages)
+                cpu[kind][mode].update(cpu_used(before, cpu_snapshot(), pids))
+            for i in range(count):
+                for kind in clients:
+                    run(kind, "sequential", [f"{tag} {kind} sequential {i}"])
+            for r in range(rounds):
+                for kind in clients:
+                    run(kind, "4 at once", [f"{tag} {kind} round {r} client {n}"
+                                            for n in range(4)])
+    finally:
+        said = {kind: server.stop() for kind, server in servers.items()}
     logged, replied = read_log(os.path.join(a, "log.jsonl"))
-    return {"modes": {mode: tally(records[mode], logged, replied) for mode in MODES},
-            "server_stderr": said}
+    result: Dict[str, Any] = {
+        "modes": {mode: tally(records["filechat"][mode], logged, replied) for mode in MODES},
+        "server_stderr": said["filechat"], "floor": None,
+        "cpu": {kind: {mode: dict(used) for mode, used in modes.items()}
+                for kind, modes in cpu.items()}}
+    if "floor" in clients:
+        logged, replied = cast(FloorServer, servers["floor"]).log()
+        result["floor"] = {
+            "modes": {mode: tally(records["floor"][mode], logged, replied) for mode in MODES},
+            "server_stderr": said["floor"], "intervals": intervals, "asks": ask}
+    return result
 
 
 def status_of(host: str, side: str) -> Optional[Dict[str, Any]]:
@@ -899,12 +1179,19 @@ def shared_setup(made: mounts.Mounts, setup: str, quick: bool) -> Dict[str, Any]
         a, b = made.fresh_dir(setup)
         dirs[step] = (str(a), str(b))
         return dirs[step]
-    result = {"setup": setup,
-              **shared_exchanges(*fresh("exchanges"), 3 if quick else 24, 1 if quick else 6),
+    result = {"setup": setup, "loadavg": loadavg(),
+              **shared_exchanges(*fresh("exchanges"), 3 if quick else 24, 1 if quick else 6,
+                                 fresh("floor")),
               "status": shared_status(*fresh("status")),
               "dead": shared_dead_lock(*fresh("dead holder")),
               "live": shared_live_holder(*fresh("live holder"), 0.3 if quick else 1.0)}
     return {**result, "leftovers": leftovers(dirs), "seconds": time.monotonic() - started}
+
+
+def loadavg() -> str:
+    """The machine's load averages over 1, 5 and 15 minutes, as /proc/loadavg says them."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def shared_local(made: mounts.Mounts, quick: bool) -> Dict[str, Any]:
@@ -912,7 +1199,7 @@ def shared_local(made: mounts.Mounts, quick: bool) -> Dict[str, Any]:
     local = made.base / "local"
     local.mkdir()
     result = shared_exchanges(str(local), str(local), 3 if quick else 24, 1 if quick else 6)
-    return {"setup": f"local ({filesystem_of(str(local))})", **result}
+    return {"setup": f"local ({filesystem_of(str(local))})", "loadavg": loadavg(), **result}
 
 
 def run_shared(quick: bool, setups: Sequence[str] = SHARED_SETUPS) -> Dict[str, Any]:
@@ -932,7 +1219,8 @@ def run_shared(quick: bool, setups: Sequence[str] = SHARED_SETUPS) -> Dict[str, 
     return {"local": local, "setups": results, "quick": quick, "mount_timings": timings,
             "seconds": time.monotonic() - started,
             "poll": filechat_constant("SHARED_POLL_INTERVAL"),
-            "heartbeat": filechat_constant("HEARTBEAT_INTERVAL")}
+            "heartbeat": filechat_constant("HEARTBEAT_INTERVAL"),
+            "lock_retry": filechat_constant("LOCK_RETRY_INTERVAL")}
 
 
 def filechat_constant(name: str) -> float:
@@ -973,6 +1261,54 @@ def exchanges_table(r: Dict[str, Any]) -> List[str]:
     return out
 
 
+def floor_table(r: Dict[str, Any]) -> List[str]:
+    """One row per setup and mode: filechat's exchange beside the floor's, measured together."""
+    out = ["| setup | mode | filechat median | floor median | filechat / floor | filechat max | "
+           "floor max | floor delivered | target (median) | floor met | floor looks every, s: "
+           "lock / reply / buffer |", "|" + " --- |" * 11]
+    for result in r["setups"]:
+        floor = result.get("floor")
+        if floor is None:
+            continue
+        every = " / ".join(f"{floor['intervals'][key]:g}" for key in ("lock", "reply", "buffer"))
+        every += " (lock: + listxattr)" if floor["asks"] else ""
+        for mode in MODES:
+            mine, bare = result["modes"][mode], floor["modes"][mode]
+            target = exchange_target(r, result["setup"], mode)
+            ok = (bare["delivered"] == bare["attempted"] and not bare["duplicates"]
+                  and not bare["wrong"] and (target is None or bare["median"] <= target))
+            out.append(f"| {result['setup']} | {mode} | {fmt_ms(mine['median'])} | "
+                       f"{fmt_ms(bare['median'])} | {mine['median'] / bare['median']:.2f} | "
+                       f"{fmt_ms(mine['max'])} | {fmt_ms(bare['max'])} | {bare['delivered']} of "
+                       f"{bare['attempted']} | "
+                       f"{'' if target is None else '<= ' + fmt_ms(target)} | {met(ok)} | "
+                       f"{every} |")
+    return out
+
+
+def cpu_table(r: Dict[str, Any]) -> List[str]:
+    """One row per setup, kind and mode: where the CPU time of an exchange or round went."""
+    cpus = os.cpu_count() or 1
+    out = ["| setup | kind | mode | wall | machine busy | clients | filechat server | "
+           "floor server | file system (by process name) | bench.py | other |",
+           "|" + " --- |" * 11]
+    for result in [r["local"], *r["setups"]]:
+        for kind, modes in result["cpu"].items():
+            for mode, used in modes.items():
+                def ms(key: str, used: Dict[str, float] = used) -> str:
+                    return f"{1000 * used.get(key, 0.0) / used['times']:.0f}"
+                fs = sorted((key for key in used if key.startswith("fs ")),
+                            key=lambda key, used=used: -used[key])    # type: ignore[misc]
+                busy = used["busy"] / (cpus * used["wall"])
+                out.append(f"| {result['setup']} | {kind} | {mode} | {ms('wall')} | {ms('busy')} "
+                           f"({100 * busy:.0f} % of {cpus} CPUs) | {ms('clients')} | "
+                           f"{ms('filechat server')} | {ms('floor server')} | "
+                           + ", ".join(f"{key[3:]} {ms(key)}" for key in fs
+                                       if 1000 * used[key] / used["times"] >= 0.5)
+                           + f" | {ms('bench')} | {ms('other')} |")
+    return out
+
+
 def lag(look: Dict[str, Any]) -> str:
     return "never" if look["after"] is None else f"{look['after']:.2f}"
 
@@ -1005,11 +1341,17 @@ def faults_table(r: Dict[str, Any]) -> List[str]:
 
 def shared_table(r: Dict[str, Any]) -> str:
     """Format run_shared's measurements as Markdown tables, and the failures' messages."""
-    out = [*exchanges_table(r), "", *faults_table(r)]
+    out = [*exchanges_table(r), "", *floor_table(r), "", *cpu_table(r), "", *faults_table(r)]
     for result in [r["local"], *r["setups"]]:
         for mode in MODES:
             for error in sorted(set(result["modes"][mode]["failures"])):
                 out.append(f"\n{result['setup']}, {mode}: a client failed: {error}")
+            if result.get("floor"):
+                for error in sorted(set(result["floor"]["modes"][mode]["failures"])):
+                    out.append(f"\n{result['setup']}, {mode}: a floor client failed: {error}")
+        if result.get("floor") and result["floor"]["server_stderr"]:
+            out.append(f"\n{result['setup']}: the floor server said: "
+                       + " / ".join(result["floor"]["server_stderr"][-3:]))
     looks = [look["look"] for result in r["setups"] for check in result["status"].values()
              for look in check.values() if look["look"] is not None]
     if looks:
@@ -1017,11 +1359,31 @@ def shared_table(r: Dict[str, Any]) -> str:
                    f"slowest such look itself took {max(looks):.2f} s")
     note = " (--quick: counts too small to mean anything)" if r["quick"] else ""
     took = ", ".join(f"{result['setup']} {result['seconds']:.0f} s" for result in r["setups"])
+    loads = "; ".join(f"{result['setup']} {result['loadavg']}"
+                      for result in [r["local"], *r["setups"]])
     return "\n".join(out) + (
         f"\n\nClients on mount b as host beta, the server on mount a as host alpha; poll "
         f"interval {r['poll']:g} s, heartbeat {r['heartbeat']:g} s; bindfs and sshfs target: "
         f"3 x the poll interval + the local exchange. Run took {r['seconds']:.0f} s "
-        f"({took}){note}")
+        f"({took}){note}"
+        f"\n\nFloor: the bare protocol and nothing of filechat, in a directory of its own on "
+        f"the same mounts as the same hosts: each client a fresh `python {' '.join(FLOOR_FLAGS)} "
+        "-c` (filechat's: `python filechat.pyz client`), which writes its request to a temp "
+        "file, takes the lock (O_CREAT|O_EXCL), renames the request over the buffer and looks "
+        "for its reply until it ends with ESC, then removes it (refused the lock, it asks "
+        "the file server with listxattr whether it is gone where filechat does, past GlusterFS's "
+        "md-cache); its server, one process, looks "
+        "at the buffer, renames the reply into place, removes the buffer, then the lock "
+        "(filechat's answers through --auto-reply-cmd cat). It looks as often as filechat does "
+        "there (Paths.waiting_mode: the client for its lock and reply, the server for the "
+        f"buffer; LOCK_RETRY_INTERVAL {r['lock_retry']:g} s spaces only filechat's \"Server "
+        "busy\" lines). Interleaved with filechat's exchanges, one by one and round by round, "
+        "both servers running all along."
+        "\n\nCPU: milliseconds per exchange (sequential) or per round of 4 (4 at once), "
+        "from /proc: machine busy is every CPU's; clients are the exchanges' processes; the "
+        "file system's processes are named as /proc names them; other is the rest of the "
+        "machine's (other users' work, the kernel's threads)."
+        f"\n\nLoad average (1, 5, 15 min) as each setup began: {loads}")
 
 
 def fmt_ms(seconds: float) -> str:

@@ -1,5 +1,6 @@
-"""scripts/bench.py's system call counting, without timing anything."""
+"""scripts/bench.py's system call counting and its shared floor, without timing anything."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -62,3 +63,24 @@ def test_floor_system_calls_per_exchange(tmp_path: Path) -> None:
     client, server = run["client"], run["server"]
     assert client["unlink"][0] == 2 * 5 and server["unlink"][0] == 5
     assert client["rename"][0] == 5 and server["rename"][0] == 5
+
+
+def test_shared_floor_answers_each_of_four_clients_once(tmp_path: Path) -> None:
+    """The shared benchmark's floor, here in one local directory: four clients at once
+    each print their own reply, the server says each message once, nothing is left."""
+    def python(code: str, *args: str) -> "subprocess.Popen[str]":
+        return subprocess.Popen([sys.executable, *bench.FLOOR_FLAGS, "-c", code, *args],
+                                cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    server = python(bench.FLOOR_SHARED_SERVER, "0.005")
+    try:
+        assert server.stdout is not None and server.stdout.readline() == "ready\n"
+        clients = [python(bench.FLOOR_SHARED_CLIENT, f"hello {n}", f"reply-{n}.txt",
+                          "0.005", "0.005", "30", "-") for n in range(4)]
+        assert [client.communicate(timeout=60)[0] for client in clients] == [
+            f"hello {n}" for n in range(4)]
+    finally:
+        server.terminate()            # it finishes what it holds first
+        said = server.communicate(timeout=10)[0]
+    assert sorted(json.loads(line)["message"] for line in said.splitlines()) == [
+        f"hello {n}" for n in range(4)]
+    assert not list(tmp_path.iterdir())
