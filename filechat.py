@@ -130,7 +130,8 @@ PEER_CLEAR_WAIT = 3.0             # seconds a client lets a server that removed 
                                   # clearing the buffer clear it (a spec peer's order)
 PRESENCE_INTERVAL = 1.0           # seconds between a polling server's looks at its presence
 SWEEP_INTERVAL = 60.0             # seconds between a running server's sweeps of leftovers
-PRESENCE_LOOKS = 0.25             # seconds between a polling client's looks for its server
+HOLDER_LOOKS = 0.25               # seconds between a polling client's judgements of a holder
+                                  # (its server; the one ahead of it in line)
 PROGRESS_INTERVAL = 0.1           # seconds between updates of a progress line at a terminal
 MAX_BYTES = 1 << 20               # bytes: the largest message a client sends by default
 MAX_PATH = 4096                   # bytes: the longest response path a server reads
@@ -2017,11 +2018,12 @@ class WaitingLine:
             except FileNotFoundError:
                 pass                # the last to leave removed the directory: again
 
-    def ahead(self) -> Tuple[int, str]:
+    def ahead(self, alive: str = "") -> Tuple[int, str]:
         """Return how many tickets come before this one, and the path of the one just before.
 
         A dead ticket just before this one is cleared first (break_stale):
-        its holder's death leaves it to this client.
+        its holder's death leaves it to this client. alive: a ticket judged
+        alive a moment ago, not judged again.
         """
         while True:
             names = self.tickets()
@@ -2030,7 +2032,7 @@ class WaitingLine:
                 return 0, ""        # first (or removed by somebody: behave as the first)
             index = names.index(mine)
             before = os.path.join(self.directory, names[index - 1])
-            broken = break_stale(before, self.stale_after, ours=True)
+            broken = None if before == alive else break_stale(before, self.stale_after, ours=True)
             if broken is None:
                 return index, before
             if broken[1] is not None:
@@ -2938,13 +2940,21 @@ class _Turn:
         self.unchecked: Dict[str, object] = {}    # a lock whose holder cannot be checked
         self.retried = ""             # the ticket ahead last looked at again at once
         self.said_strange = False     # warned of what is not a lock file at the lock's path
+        self.alive = ""               # polling: the file ahead (ticket or lock) judged alive...
+        self.judged = -float("inf")   # ...at this time
 
     def look(self) -> Optional[float]:
         """Take the lock if it is this client's turn and it is free; else return the seconds
         until a look may tell more (see _Exchange._wait)."""
         exchange, lock = self.exchange, self.exchange.lock
+        # Polling, the holder ahead is judged every HOLDER_LOOKS, and in between
+        # only looked for: a judgement costs a file server several requests for
+        # each waiter at each poll, and a remote holder's death shows no sooner.
+        polling = exchange.waiter.fd < 0
+        if not polling or time.monotonic() >= self.judged + HOLDER_LOOKS:
+            self.alive = ""
         # Once first, a client stays first: later tickets come after it.
-        ahead, before = (0, "") if self.ahead == 0 else self.line.ahead()
+        ahead, before = (0, "") if self.ahead == 0 else self.line.ahead(self.alive)
         for dead in self.line.dead:
             sweep(exchange.paths.directories(), lock.stale_after, dead=dead)
         self.line.dead.clear()
@@ -2954,8 +2964,9 @@ class _Turn:
         # Watched anew before every look, so that its going is not missed: a
         # watch follows a file, and another lock may have the name by now.
         watching = exchange.waiter.watch_files([before or lock.path])
-        self.unchecked = {}
         if before:                    # its going wakes us
+            if polling and before != self.alive:
+                self.alive, self.judged = before, time.monotonic()
             # Judged alive before it was watched: a death in between woke nobody.
             # (Polling, the next look comes anyway.)
             events = watching and exchange.waiter.fd >= 0
@@ -2973,7 +2984,13 @@ class _Turn:
             return None
         if not watching:
             return 0.0                # taken meanwhile: watch it, then look again
-        return self._clear_stale_lock()
+        if self.alive == lock.path:
+            return float("inf")
+        self.unchecked = {}
+        again = self._clear_stale_lock()
+        if polling and again > 0:
+            self.alive, self.judged = lock.path, time.monotonic()
+        return again
 
     def _clear_stale_lock(self) -> float:
         """Remove the lock if its holder is gone; return 0 then, else seconds until it may be.
@@ -3044,7 +3061,7 @@ class _Awaiting:
         # Polling, the server is looked for less often than the reply: a look
         # costs the file server as much as the reply's, and where there are
         # heartbeats its death takes seconds to show anyway.
-        self.every = PRESENCE_LOOKS if exchange.waiter.fd < 0 else 0.0
+        self.every = HOLDER_LOOKS if exchange.waiter.fd < 0 else 0.0
 
     def look(self) -> Optional[float]:
         """None once the reply is complete (in self.reply), else seconds until a look may
