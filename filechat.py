@@ -3228,13 +3228,17 @@ class _Client:
     """
 
     def __init__(self, fd: int = -1, owner: Optional[Owner] = None, seen: Optional[Seen] = None,
-                 gone: bool = False, watchable: bool = False) -> None:
+                 gone: bool = False, flocks: bool = False) -> None:
         self.fd = fd                  # its lock, open (-1: it came without one)
         self.owner = owner            # what a filechat client's lock says (None: a peer's)
         self.token = owner.token if owner is not None else ""
         self.seen = seen              # the lock as the message was claimed
         self.gone = gone
-        self.watchable = watchable    # its flock is its life: a filechat client, flocks reach
+        self.flocks = flocks          # a filechat client's, and flocks reach: a free one is its end
+        # Its flock is its life: a client on this host (one on another may have
+        # crashed with its flock held, which its heartbeat then tells).
+        self.watchable = flocks and owner is not None and owner.here()
+        self.judged = time.monotonic()    # when its life was last judged in full (see waiting)
         # When its lock was made, by this host's clock (0: unknown): a filechat
         # client's record says so; a peer's empty lock, its file's time.
         self.made = (owner.created if owner is not None and owner.here() else
@@ -3254,8 +3258,9 @@ class _Client:
                 return cls()          # removed since it was opened: came without one
             raise OSError(exc.errno, exc.strerror, lock_path) from None
         owner = read_owner(seen.head)
-        return cls(fd, owner, seen, watchable=owner is not None and owner.here()
-                   and owner.flocked and _flock_reaches(lock_path))
+        # As the judge has it (_life): a local disk is one machine's.
+        return cls(fd, owner, seen, flocks=owner is not None and owner.flocked
+                   and _flock_reaches(lock_path) and (owner.here() or _on_shared(lock_path)))
 
     def ref(self) -> str:
         """Return the claim name's suffix for this client's lock: "<inode>-<token>"."""
@@ -3263,7 +3268,7 @@ class _Client:
 
     def alive(self) -> bool:
         """False once the client is known to have ended (its flock is free)."""
-        return not (self.watchable and _flock(self.fd, shared=True))
+        return not (self.flocks and _flock(self.fd, shared=True))
 
     def waiting(self, lock_path: str) -> bool:
         """True if the client has not given up nor ended.
@@ -3271,15 +3276,21 @@ class _Client:
         A client whose flock is watched is judged by it alone: its lock may be
         gone by another's hand (a peer that removed it) while it waits. Any
         other has given up once its lock is no longer in place, or once its
-        holder is judged to have ended.
+        holder is judged to have ended: where its flock reaches, by that at
+        every look, and in full (its heartbeat) every HEARTBEAT_INTERVAL, as
+        a heartbeat tells no sooner; a look costs a file server several
+        requests, on the way of every exchange.
         """
-        if self.fd >= 0 and not self.gone:
-            if self.watchable:
-                self.gone = not self.alive()
-            else:
-                verdict = judge(lock_path)
-                self.gone = (verdict is None or not verdict.mine(self.token, self.seen)
-                             or verdict.ended is not None)
+        now = time.monotonic()
+        if self.fd < 0 or self.gone:
+            pass
+        elif not self.alive():
+            self.gone = True
+        elif not self.watchable and (not self.flocks or now >= self.judged + HEARTBEAT_INTERVAL):
+            self.judged = now
+            verdict = judge(lock_path)
+            self.gone = (verdict is None or not verdict.mine(self.token, self.seen)
+                         or verdict.ended is not None)
         return not self.gone
 
     def release_lock(self, lock_path: str) -> None:
