@@ -1829,11 +1829,13 @@ def settled(looks: Dict[str, bool]) -> Dict[str, Optional[Verdict]]:
     HEARTBEAT_TIMEOUT seconds pass without a change (it has ended). Each
     settles on its own (beats need not coincide), and all are looked at
     again meanwhile: what appears or goes during the look is what it says.
+    One that appears lives: its holder made it just now.
     """
     def beating(verdict: Optional[Verdict]) -> bool:
         return verdict is not None and verdict.how == "heartbeat" and not verdict.ended
     verdicts = {path: judge(path, ours) for path, ours in looks.items()}
     first = {path: verdict.seen.head for path, verdict in verdicts.items() if verdict}
+    absent = set(looks) - set(first)   # at the first look
     lived: Set[str] = set()            # seen to change since their first sighting here
     deadline = time.monotonic() + HEARTBEAT_TIMEOUT + HEARTBEAT_INTERVAL
     with Waiter((), poll=True, poll_interval=PROGRESS_INTERVAL) as waiter:
@@ -1842,8 +1844,8 @@ def settled(looks: Dict[str, bool]) -> Dict[str, Optional[Verdict]]:
             waiter.wait(PROGRESS_INTERVAL)
             for path, ours in looks.items():
                 verdicts[path] = verdict = judge(path, ours)
-                if verdict is not None and first.setdefault(path, verdict.seen.head) != \
-                        verdict.seen.head:
+                if verdict is not None and (path in absent or first.setdefault(
+                        path, verdict.seen.head) != verdict.seen.head):
                     lived.add(path)
     return verdicts
 
