@@ -1278,8 +1278,10 @@ class _Heartbeat:
     its flock, so a thread rewrites each record every HEARTBEAT_INTERVAL, in
     place and at the same length, with a new counter (a holder busy elsewhere
     still beats); a record unchanged for HEARTBEAT_TIMEOUT by the watcher's own
-    clock has ended. No two clocks need agree. It also touches the pending
-    request, whose age tells a sweep a dead writer's leftover.
+    clock has ended; no two clocks need agree. The first beat comes a third
+    of that after the thread starts: a look that finds a record just made
+    (status) waits for it. It also touches the pending request, whose age
+    tells a sweep a dead writer's leftover.
     """
 
     def __init__(self) -> None:
@@ -1327,8 +1329,10 @@ class _Heartbeat:
             _thread.start_new_thread(self._beat_forever, ())
 
     def _beat_forever(self) -> None:
+        pause = HEARTBEAT_INTERVAL / 3
         while True:
-            time.sleep(HEARTBEAT_INTERVAL)
+            time.sleep(pause)
+            pause = HEARTBEAT_INTERVAL
             with self.guard:
                 self.count += 1
                 counter = f"{self.count & 0xFFFFFFFF:08x}".encode()
