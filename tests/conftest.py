@@ -267,6 +267,16 @@ class Screen:
         assert self.child.waitnoecho(WAIT), "no prompt is reading the keys"
         self.child.send(text)
 
+    def ctrl_c(self) -> None:
+        """Press Ctrl+C at a prompt, once it reads keys one by one (see type).
+
+        Python's readline enters its wait for a key without looking at the
+        signals that came meanwhile: a Ctrl+C pressed as it sets the terminal
+        up would act only on the next key, as a person's next key would make it.
+        """
+        assert self.child.waitnoecho(WAIT), "no prompt is reading the keys"
+        self.child.sendintr()
+
     def type_lines(self, *lines: str) -> None:
         self.type("".join(line + "\n" for line in lines))
 

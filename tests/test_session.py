@@ -163,7 +163,7 @@ def test_ctrl_c_while_waiting_withdraws_the_message(terminal, tmp_path: Path) ->
 def test_ctrl_c_while_typing_exits_130(terminal, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     client = terminal("client", "buf.txt")
     client.expect("when done):")
-    client.child.sendintr()
+    client.ctrl_c()
     assert client.exit_status() == 130
 
 
@@ -175,7 +175,7 @@ def test_server_ctrl_c_keeps_the_message_for_the_next_server(terminal, tmp_path:
     client.type_lines("keep me")
     client.end_text()
     server.expect("when done):\r\n" + BANNER + "\r\n")
-    server.child.sendintr()
+    server.ctrl_c()
     assert server.exit_status() == 0
     restarted = terminal("server", "buf.txt")
     restarted.expect("keep me\r\n")
