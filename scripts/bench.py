@@ -1243,6 +1243,17 @@ def met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+def all_right(row: Dict[str, Any], target: Optional[float]) -> bool:
+    """True if every exchange of row arrived once and right, its median within target."""
+    return (row["delivered"] == row["attempted"] and not row["duplicates"] and not row["wrong"]
+            and (target is None or row["median"] <= target))
+
+
+def target_cell(target: Optional[float]) -> str:
+    """A median target as a table cell ("" if none)."""
+    return "" if target is None else "<= " + fmt_ms(target)
+
+
 def exchanges_table(r: Dict[str, Any]) -> List[str]:
     """One row per setup and mode: what arrived, and how fast, beside its target."""
     out = ["| setup | mode | delivered | duplicates | wrong | failures | median | max | "
@@ -1251,13 +1262,11 @@ def exchanges_table(r: Dict[str, Any]) -> List[str]:
         for mode in MODES:
             row = result["modes"][mode]
             target = exchange_target(r, result["setup"], mode)
-            ok = (row["delivered"] == row["attempted"] and not row["duplicates"]
-                  and not row["wrong"] and (target is None or row["median"] <= target))
             out.append(f"| {result['setup']} | {mode} | {row['delivered']} of "
                        f"{row['attempted']} | {row['duplicates']} | {row['wrong']} | "
                        f"{len(row['failures'])} | {fmt_ms(row['median'])} | "
-                       f"{fmt_ms(row['max'])} | "
-                       f"{'' if target is None else '<= ' + fmt_ms(target)} | {met(ok)} |")
+                       f"{fmt_ms(row['max'])} | {target_cell(target)} | "
+                       f"{met(all_right(row, target))} |")
     return out
 
 
@@ -1275,14 +1284,11 @@ def floor_table(r: Dict[str, Any]) -> List[str]:
         for mode in MODES:
             mine, bare = result["modes"][mode], floor["modes"][mode]
             target = exchange_target(r, result["setup"], mode)
-            ok = (bare["delivered"] == bare["attempted"] and not bare["duplicates"]
-                  and not bare["wrong"] and (target is None or bare["median"] <= target))
             out.append(f"| {result['setup']} | {mode} | {fmt_ms(mine['median'])} | "
                        f"{fmt_ms(bare['median'])} | {mine['median'] / bare['median']:.2f} | "
                        f"{fmt_ms(mine['max'])} | {fmt_ms(bare['max'])} | {bare['delivered']} of "
-                       f"{bare['attempted']} | "
-                       f"{'' if target is None else '<= ' + fmt_ms(target)} | {met(ok)} | "
-                       f"{every} |")
+                       f"{bare['attempted']} | {target_cell(target)} | "
+                       f"{met(all_right(bare, target))} | {every} |")
     return out
 
 
