@@ -304,10 +304,9 @@ def test_a_refusal_for_a_free_name_is_an_error(tmp_path: Path,
     assert os.listdir(tmp_path) == []
 
 
-def test_a_beating_record_keeps_its_length_and_changes(tmp_path: Path,
+def test_a_beating_record_keeps_its_length_and_changes(mounted: mounts.Mounts,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "server.lock"
-    monkeypatch.setattr(filechat, "_on_shared", lambda path: True)
+    path = mounted.fresh_dir("bindfs")[0] / "server.lock"       # a shared directory
     monkeypatch.setattr(filechat, "HEARTBEAT_INTERVAL", 0.05)
     lock = filechat.Lock(str(path))
     assert lock.try_acquire()
@@ -362,12 +361,11 @@ def test_relative_response_paths(tmp_path: Path) -> None:
 
 
 def test_an_empty_file_of_filechat_s_own_is_nobody_s_once_it_stays_empty(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        mounted: mounts.Mounts, monkeypatch: pytest.MonkeyPatch) -> None:
     # What a power loss leaves of a presence file, on a shared directory: no
     # flock to ask, so it is watched like a heartbeat that never comes.
-    presence = tmp_path / "buf.txt.server"
+    presence = mounted.fresh_dir("bindfs")[0] / "buf.txt.server"
     presence.write_bytes(b"")
-    monkeypatch.setattr(filechat, "_on_shared", lambda path: True)
     clock = [100.0]
     monkeypatch.setattr(filechat.time, "monotonic", lambda: clock[0])
     assert judge(presence, ours=True).ended is None
