@@ -3287,10 +3287,10 @@ class _Client:
         a heartbeat tells no sooner; a look costs a file server several
         requests, on the way of every exchange.
         """
-        now = time.monotonic()
         if self.fd < 0 or self.gone:
-            pass
-        elif not self.alive():
+            return not self.gone
+        now = time.monotonic()
+        if not self.alive():
             self.gone = True
         elif not self.watchable and (not self.flocks or now >= self.judged + HEARTBEAT_INTERVAL):
             self.judged = now
@@ -3632,7 +3632,8 @@ def _target_problem(path: str, home: str, allowed: List[str], restored: bool = F
 
 
 class _Server:
-    """One server's way of claiming, answering and clearing up messages."""
+    """One server's loop: claiming messages (each then answered by its _Message), keeping
+    its presence file, count and empty buffer, and clearing up what others left."""
 
     def __init__(self, paths: Paths, responder: Responder, allowed: List[str], max_bytes: int,
                  durable: bool, report: Report, stale_after: float = STALE_AFTER) -> None:
@@ -4296,6 +4297,7 @@ class _Story:
                     self.ended.add(path)
             return "reply-lost" if lost and role == "reply" else ""
         return ""
+
 
 class _Follower:
     """A watch's changes from inotify's events, in their order (see Watcher.run)."""
