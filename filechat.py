@@ -2298,6 +2298,15 @@ def default_response_path(buffer: str) -> str:
                                    f"{os.urandom(4).hex()}.txt")
 
 
+def _fresh(response_path: str) -> bool:
+    """True for a name default_response_path made in this process: nothing else writes
+    there, so nothing needs looking at (on a file server, each look is a request)."""
+    name = os.path.basename(response_path)
+    mine = f"{REPLY_PREFIX}{HOST_TAG}-{os.getpid()}-"
+    return (name.startswith(mine) and len(name) == len(mine) + 12
+            and all(c in "0123456789abcdef" for c in name[len(mine):-4]))
+
+
 def check_response_path(response_path: str, paths: Optional[Paths] = None) -> None:
     """Refuse a response path the server could not, or should not, write.
 
@@ -2448,7 +2457,7 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
         data = _request_data(carried, message, max_bytes, added)
         check_buffer_path(buffer, paths.lock)
         _check_same_user(paths)
-        if chosen:      # a fresh name beside the buffer needs no checking
+        if chosen and not _fresh(response_path):
             check_response_path(response_path, paths)  # errors name the path as the user gave it
         poll, poll_interval = paths.waiting_mode(poll, poll_interval, RESPONSE_POLL_INTERVAL)
         exchange = _Exchange(paths, os.path.abspath(response_path), carried, stale_after,
@@ -2690,6 +2699,20 @@ class _Exchange:
         this client would take it for its own.
         """
         assert self.request is not None
+        if not _fresh(self.response_path):
+            self._claim_response_path()
+        _let_peer_clear(self)
+        _heartbeat.touch(self.request.temp, keep=False)
+        self.request.put(replace=True)
+        log.debug("message put in place as %s", self.paths.buffer)
+        self.phase = "sent"
+        self._leave_line()
+        _crash_point("client-sent")
+        self.status("sent")
+        self.status("waiting")
+
+    def _claim_response_path(self) -> None:
+        """Make sure the response path is this message's alone: no file, no earlier note."""
         if _kind_at(self.response_path, "response file") is not None:
             raise UsageError(f"response file {self.response_path} appeared while this client "
                              "waited for the lock (another client's reply to the same path?); "
@@ -2702,15 +2725,6 @@ class _Exchange:
             raise FilechatError(f"cannot remove {self.note}, an earlier note for this response "
                                 f"path: {sticky_problem(self.note) or 'permission denied'}; "
                                 "nothing was sent") from None
-        _let_peer_clear(self)
-        _heartbeat.touch(self.request.temp, keep=False)
-        self.request.put(replace=True)
-        log.debug("message put in place as %s", self.paths.buffer)
-        self.phase = "sent"
-        self._leave_line()
-        _crash_point("client-sent")
-        self.status("sent")
-        self.status("waiting")
 
     def await_reply(self, timeout: float, sink: Optional[IO[str]]) -> Tuple[str, bool]:
         """Wait for the complete reply and return it as (text, is_error); delete the file.
@@ -3506,7 +3520,7 @@ def _claim(server: _Server) -> Optional[_Message]:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "Not a regular file", buffer)
-        framed = _framed(fd, server.limit)
+        framed = _framed(fd, server.limit, st.st_size)
         if framed.end < 0:
             return None               # a peer writing it in place is not done
         client = _Client.of_lock(server.paths.lock)
@@ -3581,19 +3595,19 @@ def _open_claim(server: _Server, claim: str, client: _Client, restored: bool = F
         client.close()
         return None
     try:
-        return _Message(server, claim, fd, _framed(fd, server.limit), client, restored)
+        return _Message(server, claim, fd, _framed(fd, server.limit, os.fstat(fd).st_size),
+                        client, restored)
     except BaseException:
         _close(fd)
         client.close()
         raise
 
 
-def _framed(fd: int, limit: int) -> _Framed:
-    """Read the message open as fd as far as its end, no further than the longest request
-    allowed (limit): a longer one is complete if it ends in ESC, and is answered with an
-    error."""
+def _framed(fd: int, limit: int, size: int) -> _Framed:
+    """Read the message open as fd, size bytes, as far as its end, no further than the
+    longest request allowed (limit): a longer one is complete if it ends in ESC, and is
+    answered with an error."""
     framed = _Framed(fd, limit)
-    size = os.fstat(fd).st_size
     if framed.end < 0 and size > limit \
             and b"".join(framed.pieces(size - 1, size)) == END_MARKER.encode():
         framed.end = size - 1
@@ -3665,9 +3679,11 @@ class _Server:
             self.check_delivered(waiter)
             try:
                 message = _claim(self)
+                # A lock in place: a message comes; see it, not a cache. Its name
+                # is enough to tell (a stat costs a file server one request).
                 if (message is None and _names_cached(self.paths.buffer)
-                        and look(self.paths.lock, 0) is not None):
-                    listed(self.paths.buffer)     # a message comes: see it, not a cache
+                        and _kind_at(self.paths.lock, "lock file", anew=False) is not None):
+                    listed(self.paths.buffer)
                     message = _claim(self)
                 if message is not None:
                     waiter.progress(f"a message in {self.paths.buffer}")
