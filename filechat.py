@@ -1622,7 +1622,7 @@ class Waiter:
         self.poll_interval = poll_interval
         self.names: Dict[str, Set[bytes]] = {}        # directory: names watched in it
         self.watched: Dict[int, Set[bytes]] = {}      # a directory's watch: names in it
-        self.directories: Set[str] = set()            # the directories watched now
+        self.directories: Dict[str, int] = {}         # a directory watched now: its watch
         self.files: List[int] = []                    # the watches of watch_files
         self.woke = ""                                # how the last wait ended
         self.inotify = None if poll else _Inotify.borrow()
@@ -1631,46 +1631,59 @@ class Waiter:
         log.debug("waiting with %s", "polling" if self.fd < 0 else "inotify")
 
     def watch(self, *paths: str) -> None:
-        """Watch just these names from now on."""
-        if self.fd >= 0:
-            for wd in self.watched:
-                _libc().inotify_rm_watch(self.fd, wd)
-        self.names, self.watched, self.directories = {}, {}, set()
+        """Watch just these names from now on.
+
+        A directory watched already keeps its watch: removing one queues an
+        event that wakes the waiter for nothing, and another watch costs a
+        system call.
+        """
+        self.names = {}
         for path in paths:
             directory, name = os.path.split(os.path.abspath(path))
             self.names.setdefault(directory, set()).add(os.fsencode(name))
+        kept = {d: wd for d, wd in self.directories.items() if d in self.names}
+        for wd in set(self.directories.values()) - set(kept.values()):
+            _libc().inotify_rm_watch(self.fd, wd)
+        self.directories, self.watched = kept, {}
+        for directory, wd in kept.items():
+            self.watched.setdefault(wd, set()).update(self.names[directory])
         self._watch_directories()
 
     def _watch_directories(self) -> bool:
         """Watch every directory not watched yet; False if one cannot be (it is missing)."""
         if self.fd < 0:
             return False
-        for directory in set(self.names) - self.directories:
+        for directory in set(self.names) - set(self.directories):
             wd = _libc().inotify_add_watch(self.fd, os.fsencode(directory), NAME_EVENTS)
             if wd < 0:
                 return False
             # Two names for one directory (a symlink) share its watch.
             self.watched.setdefault(wd, set()).update(self.names[directory])
-            self.directories.add(directory)
+            self.directories[directory] = wd
         return True
 
     def watch_files(self, paths: Sequence[str]) -> bool:
         """Watch just these files from now on; False if one does not exist.
 
         A watch follows a file, not its name: it is set up anew for the file
-        that has the name now, and must be before the caller looks at it.
+        that has the name now, and must be before the caller looks at it. A
+        file watched already keeps its watch (the kernel gives it back; see
+        watch); the others' are removed.
         """
         if self.fd < 0:
             return True
-        for wd in self.files:
-            _libc().inotify_rm_watch(self.fd, wd)
-        self.files = []
+        old, self.files = self.files, []
+        found = True
         for path in paths:
             wd = _libc().inotify_add_watch(self.fd, os.fsencode(path), FILE_EVENTS)
             if wd < 0:
-                return False
+                found = False
+                break
             self.files.append(wd)
-        return True
+        for wd in old:
+            if wd not in self.files:
+                _libc().inotify_rm_watch(self.fd, wd)
+        return found
 
     def wait(self, timeout: float) -> str:
         """Sleep until an event about what is watched, or for timeout seconds; say which.
@@ -2733,7 +2746,7 @@ class _Exchange:
         error reply is returned, not copied. Then the lock is let go of.
         """
         paths = self.paths
-        self.waiter.watch(self.response_path, paths.lock, paths.presence, self.note)
+        self.waiter.watch(paths.lock, paths.presence, self.note)    # the reply's: see _Awaiting
         self.deadline = time.monotonic() + timeout
         awaiting = _Awaiting(self, timeout)
 
@@ -2856,7 +2869,6 @@ def _let_peer_clear(exchange: _Exchange) -> None:
         exchange._wait("lock", look, expire)
     except _Expired:
         pass
-    exchange.waiter.watch()
 
 
 def _message_fate(paths: Paths, sent: Seen, response_path: str, rejected: bool) -> str:
@@ -3076,6 +3088,7 @@ class _Awaiting:
         self.exchange = exchange
         self.timeout = timeout
         self.reply: Optional[_Reply] = None       # once complete
+        self.reply_watched = False    # its name: watched once the lock is gone
         self.server_up: Optional[bool] = None     # as last looked at (None: not yet)
         self.looked = -float("inf")   # when the server was last looked for
         # Polling, the server is looked for less often than the reply: a look
@@ -3136,6 +3149,13 @@ class _Awaiting:
             raise Rejected(reason.head.decode("utf-8", "replace"))
         if exchange.lock.still_held():
             return None
+        # Its name is watched from now on, not before: it appears while the lock
+        # is held, which would only wake the client to find the lock held; a
+        # peer server may still be writing it in place, and its end wakes us.
+        if not self.reply_watched:
+            paths, self.reply_watched = exchange.paths, True
+            exchange.waiter.watch(exchange.response_path, paths.lock, paths.presence,
+                                  exchange.note)
         return _Reply.find(exchange.response_path, unended=True)
 
 

@@ -143,6 +143,36 @@ def run(pyz: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
     return _run
 
 
+class Gate:
+    """What a hook waits at until the test opens it: ``read`` from a FIFO, an event.
+
+    The FIFO lies outside the buffer's directory, which may be a share
+    (sshfs makes none), and the test keeps it open for writing, so a hook
+    never blocks opening it, and reads end of file if the test ends first.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "gate"
+        os.mkfifo(self.path)
+        self.fd = os.open(self.path, os.O_RDWR)
+
+    def hook(self, then: str) -> str:
+        """Return a shell hook that waits at the gate, then runs then."""
+        return f"read line < {self.path}; {then}"
+
+    def open(self) -> None:
+        """Let every hook through, those waiting and those to come."""
+        os.write(self.fd, b"go\n" * 100)
+
+
+@pytest.fixture
+def gate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate]:
+    """A gate for hooks (see Gate), closed at the test's end."""
+    made = Gate(tmp_path_factory.mktemp("gate"))
+    yield made
+    os.close(made.fd)
+
+
 def leftovers(directory: Path) -> List[str]:
     """Names of files filechat may leave behind, which a clean run must not.
 

@@ -18,6 +18,7 @@ import pytest
 from conftest import (
     ROOT,
     WAIT,
+    Gate,
     ended,
     hold_lock,
     interrupt,
@@ -377,16 +378,13 @@ def test_a_server_stopped_at_any_moment_leaves_nothing(start, run, tmp_path: Pat
         assert sorted(p.name for p in tmp_path.iterdir()) == [], n
 
 
-GATED = "while [ ! -e go ]; do sleep 0.02; done; echo answered"   # a hook that waits for ./go
-
-
 def test_a_reply_is_delivered_to_a_live_client_whose_lock_another_removed(  # type: ignore[no-untyped-def]
-        server, start, tmp_path: Path) -> None:
-    srv = server("--auto-reply-cmd", GATED)
+        server, start, gate: Gate, tmp_path: Path) -> None:
+    srv = server("--auto-reply-cmd", gate.hook("echo answered"))
     client = start("client", "buf.txt", "-m", "hi")
     srv.expect_exact("Message received from client")
     (tmp_path / "server.lock").unlink()         # a buggy peer
-    (tmp_path / "go").touch()
+    gate.open()
     assert ended(client) == 0
     assert reply(client) == "answered\n"
 
@@ -399,8 +397,9 @@ def _spec_client(tmp_path: Path, message: str) -> "subprocess.Popen[bytes]":
                             cwd=tmp_path, stdout=subprocess.PIPE)
 
 
-def test_a_lock_being_answered_is_never_stale(server, start, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    srv = server("--auto-reply-cmd", GATED)
+def test_a_lock_being_answered_is_never_stale(server, start, run, gate: Gate,  # type: ignore[no-untyped-def]
+                                              tmp_path: Path) -> None:
+    srv = server("--auto-reply-cmd", gate.hook("echo answered"))
     peer = _spec_client(tmp_path, "from the peer")
     srv.expect_exact("Message received from client")
     os.utime(tmp_path / "server.lock", (time.time() - 100,) * 2)    # answered for a long time
@@ -408,7 +407,7 @@ def test_a_lock_being_answered_is_never_stale(server, start, run, tmp_path: Path
     assert (state["lock"]["state"], state["lock"]["stale_reason"]) == ("being answered", None)
     waiter = start("client", "buf.txt", "-m", "after the peer", "--stale-after", "1")
     waiter.expect_exact("Server busy, please wait... (1 ahead of you)")
-    (tmp_path / "go").touch()
+    gate.open()
     assert peer.wait(WAIT) == 0
     assert peer.stdout is not None and b"answered" in peer.stdout.read()
     assert ended(waiter) == 0 and reply(waiter) == "answered\n"
@@ -429,15 +428,15 @@ def test_a_file_a_stranger_makes_at_the_response_path_is_never_taken_for_the_rep
 
 
 def test_two_clients_given_one_response_path_never_get_each_others_reply(  # type: ignore[no-untyped-def]
-        server, start, tmp_path: Path) -> None:
-    srv = server("--auto-reply-cmd", "while [ ! -e go ]; do sleep 0.02; done; cat")
+        server, start, gate: Gate, tmp_path: Path) -> None:
+    srv = server("--auto-reply-cmd", gate.hook("cat"))
     first = start("client", "buf.txt", "r.txt", "-m", "from the first")
     srv.expect_exact("Message received from client")
     second = start("client", "buf.txt", "r.txt", "-m", "from the second")
     second.expect_exact("Server busy, please wait...")
     first.kill(signal.SIGSTOP)             # slow to read its reply
     try:
-        (tmp_path / "go").touch()
+        gate.open()
         assert ended(second) == filechat.EXIT_USAGE
         assert reply(second) == ""
         assert "appeared while this client waited for the lock" in printed(second)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SAFETY_NET, ended, interrupt, kill, leftovers, printed, reply, spawn
+from conftest import SAFETY_NET, Gate, ended, interrupt, kill, leftovers, printed, reply, spawn
 
 import filechat
 
@@ -93,15 +93,14 @@ def test_client_told_when_the_server_stops_then_times_out(start, server, tmp_pat
     assert list(tmp_path.iterdir()) == []            # nothing wedges the next client
 
 
-def test_reply_taken_back_when_its_client_gave_up_meanwhile(start, server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    os.mkfifo(tmp_path / "go")
-    srv = server("--auto-reply-cmd", "read x < go; cat", "--hook-timeout", "60")
+def test_reply_taken_back_when_its_client_gave_up_meanwhile(start, server, gate: Gate,  # type: ignore[no-untyped-def]
+                                                            tmp_path: Path) -> None:
+    srv = server("--auto-reply-cmd", gate.hook("cat"), "--hook-timeout", "60")
     client = start("client", "buf.txt", "-m", "A", "--timeout", "1")
     srv.expect_exact("Message received")                  # and the hook waits to be let go
     assert ended(client) == 3                       # gave up waiting...
     assert (tmp_path / "server.lock").exists()      # ...its lock left to the server answering
-    with open(tmp_path / "go", "w") as go:
-        go.write("\n")
+    gate.open()
     srv.expect_exact("the client for")                    # replied, saw it gone, took it back
     assert "has gone" in printed(srv)
     srv.expect_exact("Lockfile removed. Ready for next client.")    # the claim is gone by then

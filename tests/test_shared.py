@@ -23,6 +23,7 @@ from conftest import (
     ROOT,
     SAFETY_NET,
     WAIT,
+    Gate,
     ended,
     interrupt,
     line,
@@ -230,11 +231,9 @@ def test_a_dead_remote_waiter_leaves_the_line(uncached: Share) -> None:
     assert share.leftovers() == []
 
 
-def test_status_is_right_from_every_side(uncached: Share, tmp_path: Path) -> None:
+def test_status_is_right_from_every_side(uncached: Share, gate: Gate) -> None:
     share = uncached
-    go = tmp_path / "go"             # the hook answers once it exists: a local file
-    srv = share.server("alpha", share.a, "--auto-reply-cmd",
-                       f"while [ ! -e {go} ]; do sleep 0.05; done; cat")
+    srv = share.server("alpha", share.a, "--auto-reply-cmd", gate.hook("cat"))
 
     def status(host: str, side: Path) -> Tuple[int, str]:
         proc = share.start(host, side, "status", "buf.txt")
@@ -249,7 +248,7 @@ def test_status_is_right_from_every_side(uncached: Share, tmp_path: Path) -> Non
     for host, side in (("alpha", share.a), ("beta", share.b)):
         code, out = status(host, side)
         assert "held by process" in out and "on beta" in out and "being answered" in out, out
-    go.touch()
+    gate.open()
     assert finished(client) == (0, "held")
     srv.kill(signal.SIGKILL)                            # dies without withdrawing its presence
     ended(srv)

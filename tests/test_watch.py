@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
 import pytest
-from conftest import ROOT, ended, interrupt, line, printed, spawn, stop
+from conftest import ROOT, Gate, ended, interrupt, line, printed, spawn, stop
 from pexpect.popen_spawn import PopenSpawn
 
 SPEC_PEER = str(Path(__file__).resolve().parent / "spec_peer.py")
@@ -46,11 +46,9 @@ def events(proc: PopenSpawn) -> List[str]:
             if text[:1] in ("!", "~", " ", "{") and not text.startswith("  ")]
 
 
-def test_filechat_exchange_in_order(server: Any, start: Any, watch: Any,
-                                    tmp_path: Path) -> None:
-    # The reply waits for a file of the test's: the claim stays until the watch has read it.
-    go = tmp_path / "go"
-    serving = server("--auto-reply-cmd", f"while [ ! -e {go} ]; do sleep 0.05; done; echo pong")
+def test_filechat_exchange_in_order(server: Any, start: Any, watch: Any, gate: Gate) -> None:
+    # The reply waits at the test's gate: the claim stays until the watch has read it.
+    serving = server("--auto-reply-cmd", gate.hook("echo pong"))
     watching = watch()
     client = start("client", "buf.txt", "resp.txt", "-m", "hello\nworld")
     lock = line(watching, "server.lock      published", SHORT)
@@ -61,7 +59,7 @@ def test_filechat_exchange_in_order(server: Any, start: Any, watch: Any,
     claimed = line(watching, "claimed", SHORT)
     assert "buf.txt.taken." in claimed and f"pid {serving.pid} on " in claimed
     assert "reply to resp.txt" in claimed and "'hello'" in claimed
-    go.touch()
+    gate.open()
     assert ended(client) == 0
     assert "resp.txt" in line(watching, "published", SHORT)
     assert "held " in line(watching, "server.lock      removed", SHORT)
@@ -114,13 +112,12 @@ def test_breach_lock_removed_before_reply(tmp_path: Path, watch: Any, spec: Any)
         "event": "end", "breaches": 1, "counts": {"unanswered": 1}}
 
 
-def test_json_line_by_line(server: Any, start: Any, watch: Any, tmp_path: Path) -> None:
-    go = tmp_path / "go"            # the claim stays until the watch has read it
-    server("--auto-reply-cmd", f"while [ ! -e {go} ]; do sleep 0.05; done; echo pong")
-    watching = watch("--json")
+def test_json_line_by_line(server: Any, start: Any, watch: Any, gate: Gate) -> None:
+    server("--auto-reply-cmd", gate.hook("echo pong"))     # the claim stays until the watch
+    watching = watch("--json")                               # has read it
     client = start("client", "buf.txt", "-m", "hi")
     line(watching, '"event": "claimed"', SHORT)
-    go.touch()
+    gate.open()
     assert ended(client) == 0
     line(watching, '"event": "removed"', SHORT)
     assert interrupt(watching) == 0
