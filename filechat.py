@@ -2713,7 +2713,7 @@ class _Exchange:
         """
         assert self.request is not None
         if not _fresh(self.response_path):
-            self._claim_response_path()
+            _own_response_path(self.response_path, self.note)
         _let_peer_clear(self)
         _heartbeat.touch(self.request.temp, keep=False)
         self.request.put(replace=True)
@@ -2723,21 +2723,6 @@ class _Exchange:
         _crash_point("client-sent")
         self.status("sent")
         self.status("waiting")
-
-    def _claim_response_path(self) -> None:
-        """Make sure the response path is this message's alone: no file, no earlier note."""
-        if _kind_at(self.response_path, "response file") is not None:
-            raise UsageError(f"response file {self.response_path} appeared while this client "
-                             "waited for the lock (another client's reply to the same path?); "
-                             "nothing was sent: give each client its own response file")
-        # A note about this path now is about an earlier exchange, whose client
-        # gave up: the next one there is this message's.
-        try:
-            _unlink_quietly(self.note)
-        except PermissionError:
-            raise FilechatError(f"cannot remove {self.note}, an earlier note for this response "
-                                f"path: {sticky_problem(self.note) or 'permission denied'}; "
-                                "nothing was sent") from None
 
     def await_reply(self, timeout: float, sink: Optional[IO[str]]) -> Tuple[str, bool]:
         """Wait for the complete reply and return it as (text, is_error); delete the file.
@@ -2842,6 +2827,23 @@ class _ServerDue:
             return float("inf")
         assert self.timeout is not None
         raise NoServer(paths.buffer, self.timeout, exchange.phase == "sent", exchange.give_up())
+
+
+def _own_response_path(response_path: str, note: str) -> None:
+    """Make sure, holding the lock, that response_path is this message's alone: no file
+    there, no earlier note about it."""
+    if _kind_at(response_path, "response file") is not None:
+        raise UsageError(f"response file {response_path} appeared while this client waited "
+                         "for the lock (another client's reply to the same path?); nothing "
+                         "was sent: give each client its own response file")
+    # A note about this path now is about an earlier exchange, whose client
+    # gave up: the next one there is this message's.
+    try:
+        _unlink_quietly(note)
+    except PermissionError:
+        raise FilechatError(f"cannot remove {note}, an earlier note for this response path: "
+                            f"{sticky_problem(note) or 'permission denied'}; nothing was "
+                            "sent") from None
 
 
 def _let_peer_clear(exchange: _Exchange) -> None:
