@@ -3,6 +3,7 @@
 import io
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -158,7 +159,7 @@ class Gate:
 
     def hook(self, then: str) -> str:
         """Return a shell hook that waits at the gate, then runs then."""
-        return f"read line < {self.path}; {then}"
+        return f"read line < {shlex.quote(str(self.path))}; {then}"
 
     def open(self) -> None:
         """Let every hook through, those waiting and those to come."""
