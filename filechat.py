@@ -2314,10 +2314,8 @@ def default_response_path(buffer: str) -> str:
 def _fresh(response_path: str) -> bool:
     """True for a name default_response_path made in this process: nothing else writes
     there, so nothing needs looking at (on a file server, each look is a request)."""
-    name = os.path.basename(response_path)
-    mine = f"{REPLY_PREFIX}{HOST_TAG}-{os.getpid()}-"
-    return (name.startswith(mine) and len(name) == len(mine) + 12
-            and all(c in "0123456789abcdef" for c in name[len(mine):-4]))
+    mine = re.escape(f"{REPLY_PREFIX}{HOST_TAG}-{os.getpid()}-")
+    return re.fullmatch(mine + r"[0-9a-f]{8}\.txt", os.path.basename(response_path)) is not None
 
 
 def check_response_path(response_path: str, paths: Optional[Paths] = None) -> None:
@@ -2462,7 +2460,6 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     """
     with _interrupts:
         paths = Paths(buffer, lock_path)
-        chosen = response_path is not None
         if response_path is None:
             response_path = default_response_path(buffer)
         carried = sent_path(buffer, response_path)
@@ -2470,7 +2467,7 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
         data = _request_data(carried, message, max_bytes, added)
         check_buffer_path(buffer, paths.lock)
         _check_same_user(paths)
-        if chosen and not _fresh(response_path):
+        if not _fresh(response_path):         # one of its own is nobody else's
             check_response_path(response_path, paths)  # errors name the path as the user gave it
         poll, poll_interval = paths.waiting_mode(poll, poll_interval, RESPONSE_POLL_INTERVAL)
         exchange = _Exchange(paths, os.path.abspath(response_path), carried, stale_after,
