@@ -174,6 +174,14 @@ def gate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate]:
     os.close(made.fd)
 
 
+def served(server: PopenSpawn, messages: int = 1) -> None:
+    """Wait until the server has let go of its next messages. It removes the lock first,
+    which its client waits for, then the claim: a look at leftovers as the client ends
+    may see the claim still there."""
+    for _ in range(messages):
+        server.expect_exact("Lockfile removed. Ready for next client.", timeout=WAIT)
+
+
 def leftovers(directory: Path) -> List[str]:
     """Names of files filechat may leave behind, which a clean run must not.
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from conftest import WAIT, ended, interrupt, kill, leftovers, line, printed, reply
+from conftest import WAIT, ended, interrupt, kill, leftovers, line, printed, reply, served
 
 import filechat
 
@@ -31,11 +31,12 @@ BYTE_EXACT = {
 
 @pytest.mark.parametrize("name", list(BYTE_EXACT))
 def test_reply_on_stdout_is_byte_exact(name: str, server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server("--auto-reply-cmd", "cat")
+    srv = server("--auto-reply-cmd", "cat")
     (tmp_path / "msg").write_bytes(BYTE_EXACT[name])
     result = run("client", "buf.txt", "--message-file", "msg")
     assert result.returncode == 0, result.stderr
     assert result.stdout == BYTE_EXACT[name]
+    served(srv)
     assert leftovers(tmp_path) == []
 
 
@@ -239,6 +240,7 @@ def test_response_file_defaults_to_a_unique_removed_file(server, run, tmp_path: 
     srv = server("--auto-reply", "ok")
     assert run("client", "buf.txt", "-m", "hi").stdout == b"ok"
     assert "filechat-reply-" in line(srv, "Message received")
+    served(srv)
     assert leftovers(tmp_path) == []
 
 
@@ -270,20 +272,22 @@ def test_custom_lock_file(server, run, tmp_path: Path) -> None:  # type: ignore[
 
 def test_stale_lock_of_a_killed_client_is_recovered(holder, server, run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     kill(holder)
-    server("--auto-reply", "recovered")
+    srv = server("--auto-reply", "recovered")
     result = run("client", "buf.txt", "-m", "hi", "--lock-timeout", "5")
     assert result.stdout == b"recovered", result.stderr
+    served(srv)
     assert leftovers(tmp_path) == []
 
 
 # --- Interoperability with peers written from the spec alone ---
 
 def test_spec_client_against_filechat_server(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server("--auto-reply", "Hello client!\n")
+    srv = server("--auto-reply", "Hello client!\n")
     result = subprocess.run([sys.executable, PEER, "client", "buf.txt", "client1_response.txt",
                              "Hello server!\n"], cwd=tmp_path, capture_output=True, timeout=30)
     assert result.returncode == 0
     assert result.stdout.decode().endswith("Server response:\nHello client!\n")
+    served(srv)
     assert leftovers(tmp_path) == []
 
 

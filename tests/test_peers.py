@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import List
 
-from conftest import WAIT, ended, interrupt, leftovers, printed, reply, spawn
+from conftest import WAIT, ended, interrupt, leftovers, printed, reply, served, spawn
 from pexpect.popen_spawn import PopenSpawn
 
 import filechat
@@ -35,10 +35,11 @@ def test_a_server_reading_esc_as_a_line_sees_the_end_of_a_message_sent_with_mess
 
 
 def test_a_client_reading_esc_as_a_line_sees_the_end_of_a_reply(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server("--auto-reply", "no final newline")
+    srv = server("--auto-reply", "no final newline")
     client = peer(tmp_path, "client", "buf.txt", "r.txt", "hi", "--drawn")
     assert ended(client) == 0
     assert printed(client).endswith("Server response:\nno final newline\n")
+    served(srv)
     assert leftovers(tmp_path) == []
 
 
@@ -57,13 +58,14 @@ def test_filechat_to_filechat_stays_byte_exact(server, run, tmp_path: Path) -> N
 
 
 def test_a_client_that_opens_the_buffer_without_o_creat_is_answered(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server("--auto-reply", "ok")
+    srv = server("--auto-reply", "ok")
     clients: List[PopenSpawn] = []
     for n in range(3):                  # the first, and those after a claim
         clients.append(peer(tmp_path, "client", "buf.txt", f"r{n}.txt", f"m{n}",
                             "--no-create"))
         assert ended(clients[-1]) == 0
         assert printed(clients[-1]).endswith("Server response:\nok\n")
+    served(srv, 3)
     assert leftovers(tmp_path) == []
 
 
