@@ -4454,12 +4454,12 @@ class Terminal:
             log.warning("cannot write to standard output (%s); serving on without showing "
                         "the messages", reason)
 
-    def err(self, text: str = "") -> None:
-        """Print a line on stderr."""
+    def err(self, text: str = "", end: str = "\n") -> None:
+        """Print a line on stderr (or, with end="", text to go on with)."""
         try:
             self.stderr.flush()
             self.stdout.flush()
-            self.stderr.write(text + "\n")
+            self.stderr.write(text + end)
             self.stderr.flush()
         except (OSError, ValueError):
             if not self.lenient:
@@ -4495,10 +4495,30 @@ class Terminal:
             chunk = os.read(fd, 65536)
             if not chunk:
                 break
+            if tty and (b"\r" in chunk or b"\x04" in chunk):
+                chunk, ended = _keys_queued_raw(chunk)
+                self.err(chunk.decode("utf-8", "replace"), end="")    # never shown as typed
+                chunks.append(chunk)
+                if ended:
+                    return _decode_input(b"".join(chunks), what), chunk[-1:] not in (b"", b"\n")
+                continue
             chunks.append(chunk)
             if tty and not chunk.endswith(b"\n"):
                 return _decode_input(b"".join(chunks), what), True
         return _decode_input(b"".join(chunks), what), False
+
+
+def _keys_queued_raw(chunk: bytes) -> Tuple[bytes, bool]:
+    """Read keys typed with the command, as the terminal's line mode would have; True if
+    Ctrl+D ended the text.
+
+    They came while the shell's line editor held the terminal raw, and wait
+    unprocessed, unechoed: Enter as a carriage return, Ctrl+D as a character
+    (line mode never hands over either). What follows a Ctrl+D in the same
+    burst is dropped: it was typed for what comes after the client.
+    """
+    text, ctrl_d, _ = chunk.partition(b"\x04")
+    return text.replace(b"\r", b"\n"), bool(ctrl_d)
 
 
 # readline, once set up for typed text (None where there is none).

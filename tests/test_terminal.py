@@ -354,3 +354,36 @@ def test_after_ctrl_z_and_fg_the_reply_being_typed_is_shown_again(  # type: igno
     lines = shell.lines()
     typed = lines[lines.index("$ fg") + 2:]          # after the shell's line for the job
     assert typed[:2] == ["half a line more", "next"], lines
+
+
+# Typed together with the command, as one burst (an expect script, a quick
+# typist): the keys wait while the shell's line editor holds the terminal raw,
+# unprocessed, the Enter as a carriage return and Ctrl+D as a character.
+@pytest.mark.parametrize("keys, text", [
+    ("typed ahead\rsecond\x04", "typed ahead\nsecond"),
+    ("typed ahead\r\x04", "typed ahead\n")], ids=["ctrl-d-after-text", "ctrl-d-on-its-own-line"])
+def test_a_message_typed_with_the_command_ends_where_ctrl_d_was_typed(  # type: ignore[no-untyped-def]
+        keys: str, text: str, terminal, server, pyz: Path) -> None:
+    server("--auto-reply-cmd", "cat")
+    shell = terminal(shell=True, env={"PS1": "$ "})
+    shell.expect("$ ")
+    shell.child.send(f"{sys.executable} {pyz} client buf.txt\r{keys}")
+    shell.expect("Server response:")
+    shell.expect("$ ")
+    lines = shell.lines()
+    shown = lines[lines.index("Server response:") + 2:-2]
+    assert shown == text.splitlines(), lines
+
+
+def test_lines_typed_with_the_command_wait_for_ctrl_d(  # type: ignore[no-untyped-def]
+        terminal, server, pyz: Path) -> None:
+    server("--auto-reply-cmd", "cat")
+    shell = terminal(shell=True, env={"PS1": "$ "})
+    shell.expect("$ ")
+    shell.child.send(f"{sys.executable} {pyz} client buf.txt\rfirst\r")
+    shell.expect("first")                         # shown, as if it had been when typed
+    shell.child.send("second\n\x04")               # the terminal's line mode reads on
+    shell.expect("Server response:")
+    shell.expect("$ ")
+    lines = shell.lines()
+    assert lines[lines.index("Server response:") + 2:-2] == ["first", "second"], lines
