@@ -4495,7 +4495,7 @@ class Terminal:
             chunk = os.read(fd, 65536)
             if not chunk:
                 break
-            if tty and (b"\r" in chunk or b"\x04" in chunk):
+            if tty and (b"\x04" in chunk or b"\r" in chunk.replace(b"\r\n", b"")):
                 chunk, ended = _keys_queued_raw(chunk)
                 self.err(chunk.decode("utf-8", "replace"), end="")    # never shown as typed
                 chunks.append(chunk)
@@ -4514,11 +4514,12 @@ def _keys_queued_raw(chunk: bytes) -> Tuple[bytes, bool]:
 
     They came while the shell's line editor held the terminal raw, and wait
     unprocessed, unechoed: Enter as a carriage return, Ctrl+D as a character
-    (line mode never hands over either). What follows a Ctrl+D in the same
-    burst is dropped: it was typed for what comes after the client.
+    (line mode never hands over either; a Windows console's lines end in
+    CR LF). What follows a Ctrl+D in the same burst is dropped: it was typed
+    for what comes after the client.
     """
     text, ctrl_d, _ = chunk.partition(b"\x04")
-    return text.replace(b"\r", b"\n"), bool(ctrl_d)
+    return text.replace(b"\r\n", b"\n").replace(b"\r", b"\n"), bool(ctrl_d)
 
 
 # readline, once set up for typed text (None where there is none).
