@@ -3697,13 +3697,15 @@ class _Server:
         while True:
             self.check_delivered(waiter)
             try:
-                message = _claim(self)
                 # A lock in place: a message comes; see it, not a cache. Its name
-                # is enough to tell (a stat costs a file server one request).
-                if (message is None and _names_cached(self.paths.buffer)
+                # is enough to tell (a stat costs a file server one request). The
+                # buffer is then opened once a look, after the listing: a client on
+                # this FUSE mount renaming its request over it while it is open
+                # makes libfuse hide it, and before 3.15 it may leave it hidden.
+                if (_names_cached(self.paths.buffer)
                         and _kind_at(self.paths.lock, "lock file", anew=False) is not None):
                     listed(self.paths.buffer)
-                    message = _claim(self)
+                message = _claim(self)
                 if message is not None:
                     waiter.progress(f"a message in {self.paths.buffer}")
                     return message
