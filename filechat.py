@@ -4497,12 +4497,14 @@ class Terminal:
             chunk = os.read(fd, 65536)
             if not chunk:
                 break
-            if tty and (b"\x04" in chunk or b"\r" in chunk.replace(b"\r\n", b"")):
-                chunk, ended = _keys_queued_raw(chunk)
+            typed = _keys_queued_raw(chunk) if tty else None
+            if typed is not None:
+                chunk, ended = typed
                 self.err(chunk.decode("utf-8", "replace"), end="")    # never shown as typed
                 chunks.append(chunk)
                 if ended:
-                    return _decode_input(b"".join(chunks), what), chunk[-1:] not in (b"", b"\n")
+                    data = b"".join(chunks)
+                    return _decode_input(data, what), data[-1:] not in (b"", b"\n")
                 continue
             chunks.append(chunk)
             if tty and not chunk.endswith(b"\n"):
@@ -4510,9 +4512,9 @@ class Terminal:
         return _decode_input(b"".join(chunks), what), False
 
 
-def _keys_queued_raw(chunk: bytes) -> Tuple[bytes, bool]:
+def _keys_queued_raw(chunk: bytes) -> Optional[Tuple[bytes, bool]]:
     """Read keys typed with the command, as the terminal's line mode would have; True if
-    Ctrl+D ended the text.
+    Ctrl+D ended the text. None for what line mode read: no Ctrl+D, no lone CR.
 
     They came while the shell's line editor held the terminal raw, and wait
     unprocessed, unechoed: Enter as a carriage return, Ctrl+D as a character
@@ -4520,6 +4522,8 @@ def _keys_queued_raw(chunk: bytes) -> Tuple[bytes, bool]:
     CR LF). What follows a Ctrl+D in the same burst is dropped: it was typed
     for what comes after the client.
     """
+    if b"\x04" not in chunk and b"\r" not in chunk.replace(b"\r\n", b""):
+        return None
     text, ctrl_d, _ = chunk.partition(b"\x04")
     return text.replace(b"\r\n", b"\n").replace(b"\r", b"\n"), bool(ctrl_d)
 

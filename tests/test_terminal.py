@@ -382,7 +382,7 @@ def test_lines_typed_with_the_command_wait_for_ctrl_d(  # type: ignore[no-untype
     shell.expect("$ ")
     shell.child.send(f"{sys.executable} {pyz} client buf.txt\rfirst\r")
     shell.expect("first")                         # shown, as if it had been when typed
-    shell.child.send("second\n\x04")               # the terminal's line mode reads on
+    shell.child.send("second\r\x04")               # Enter, Ctrl+D: line mode reads on
     shell.expect("Server response:")
     shell.expect("$ ")
     lines = shell.lines()
