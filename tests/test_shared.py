@@ -179,6 +179,24 @@ def test_one_host_name_on_two_mounts(uncached: Share) -> None:
     assert share.leftovers() == []
 
 
+def test_requests_renamed_over_the_buffer_on_the_servers_mount_leave_nothing(
+        mounted: mounts.Mounts, pyz: Path) -> None:
+    # While a lock is in place the server looks at the buffer every 0.02 s.
+    # A request renamed over it on the same sshfs mount as a look's close is
+    # under way was kept by libfuse before 3.15 as .fuse_hidden... (its issue
+    # 746): 15 of 600 exchanges left one when each look closed the buffer
+    # (measured), 2 in 2 runs of this test. bindfs left none either way.
+    share = Share(mounted, "sshfs", pyz)
+    try:
+        srv = share.server(None, share.a, "--auto-reply", "ok")
+        for n in range(150):
+            assert filechat.send(str(share.a / "buf.txt"), f"request {n}", timeout=WAIT) == "ok"
+        assert interrupt(srv) == 0
+        assert share.leftovers() == []
+    finally:
+        share.close()
+
+
 def test_a_dead_remote_lock_is_cleared_by_its_heartbeat(uncached: Share) -> None:
     share = uncached
     # A client on beta dies holding the lock (before sending), as kill -9 would.
