@@ -5023,8 +5023,13 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
+        value = float("nan")
+    if value != value:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    if value == float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be a finite number: {text!r}; give a "
+                                         "number of seconds, however large")
+    if value < 0:
         raise argparse.ArgumentTypeError(f"seconds must be 0 or more: {text!r}")
     return value
 

@@ -216,6 +216,17 @@ def test_usage_errors_exit_2(args, run) -> None:  # type: ignore[no-untyped-def]
     assert b"usage: filechat" in result.stderr
 
 
+@pytest.mark.parametrize("value, says", [
+    ("soon", "not a number of seconds: 'soon'"), ("nan", "not a number of seconds: 'nan'"),
+    ("inf", "seconds must be a finite number: 'inf'; give a number of seconds, however large"),
+    ("-1", "seconds must be 0 or more: '-1'"),
+])
+def test_a_bad_number_of_seconds_is_named(value: str, says: str, run) -> None:  # type: ignore[no-untyped-def]
+    result = run("client", "buf.txt", "-m", "x", "--timeout", value)
+    assert result.returncode == 2
+    assert f"error: argument --timeout: {says}" in result.stderr.decode()
+
+
 def test_version_and_help(run) -> None:  # type: ignore[no-untyped-def]
     assert run("--version").stdout.decode() == f"filechat {filechat.__version__}\n"
     for args, last in ((["--help"], "130  client interrupted by Ctrl+C (129: SIGHUP, 143: "
