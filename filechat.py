@@ -534,7 +534,8 @@ def _check_text(text: str, what: str) -> bytes:
 def _check_path(response_path: str) -> bytes:
     """Return a response path as UTF-8, refusing one the framing cannot carry."""
     if "\n" in response_path or "\r" in response_path:
-        raise FramingError(f"response path {response_path!r}", "contains a line break")
+        raise FramingError(f"response path {response_path!r}", "contains a line break; "
+                           "choose a path without one")
     return _check_text(response_path, f"response path {response_path!r}")
 
 
@@ -2377,12 +2378,17 @@ def check_buffer_path(buffer: str, lock_path: str) -> None:
             _check_directory(path, what, writable=True)
             check_exclusive(path)
             checked.add(directory)
-        kind = _kind_at(path, what, anew=False)
-        if kind == "a symbolic link":
-            raise UsageError(f"{what} {path} is a symbolic link, which filechat never "
-                             "follows; name the file itself")
-        if kind == "a directory":
-            raise UsageError(f"{what} {path} is a directory; name a file")
+        _refuse_unusable(path, what)
+
+
+def _refuse_unusable(path: str, what: str) -> None:
+    """Refuse a path where a symbolic link or a directory stands."""
+    kind = _kind_at(path, what, anew=False)
+    if kind == "a symbolic link":
+        raise UsageError(f"{what} {path} is a symbolic link, which filechat never "
+                         "follows; name the file itself")
+    if kind == "a directory":
+        raise UsageError(f"{what} {path} is a directory; name a file")
 
 
 def _kind_at(path: str, what: str, anew: bool = True) -> Optional[str]:
@@ -5466,9 +5472,8 @@ class _ServerView:
 
 def run_status(args: argparse.Namespace, term: Terminal) -> int:
     """Run the status subcommand: 0 if a server runs, EXIT_NO_SERVER if not."""
-    if os.path.isdir(args.buffer):
-        raise UsageError(f"buffer file {args.buffer} is a directory; name a file")
     _check_directory(args.buffer, "buffer file")
+    _refuse_unusable(args.buffer, "buffer file")
     state = status(args.buffer, args.lock_file, args.stale_after)
     if args.json:
         term.out(_json(state))
@@ -5480,9 +5485,8 @@ def run_status(args: argparse.Namespace, term: Terminal) -> int:
 
 def run_watch(args: argparse.Namespace, term: Terminal) -> int:
     """Run the watch subcommand until Ctrl+C: 0, or EXIT_BREACH if a breach was seen."""
-    if os.path.isdir(args.buffer):
-        raise UsageError(f"buffer file {args.buffer} is a directory; name a file")
     _check_directory(args.buffer, "buffer file")
+    _refuse_unusable(args.buffer, "buffer file")
     color = term.stdout_tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
 
     def emit(record: Dict[str, object]) -> None:
@@ -5773,9 +5777,10 @@ def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) 
     log.color = term.color
     try:
         if "output" in term.closed and args.command != "server":
-            raise UsageError("standard output is closed, so there is nowhere to print "
-                             f"the {'reply' if args.command == 'client' else 'status'}; "
-                             "start filechat with its output open (or sent to a file)")
+            printed = {"client": "reply", "status": "status", "watch": "changes"}
+            raise UsageError("standard output is closed, so there is nowhere to print the "
+                             f"{printed[args.command]}; start filechat with its output open "
+                             "(or sent to a file)")
         if args.command == "server":
             return run_server(args, term)
         if args.command == "status":

@@ -461,6 +461,19 @@ def test_status_names_a_missing_directory(run) -> None:  # type: ignore[no-untyp
                                       "nodir does not exist; create it or choose another path\n")
 
 
+@pytest.mark.parametrize("command", ["client", "server", "status", "watch"])
+def test_every_command_refuses_a_symlinked_buffer_alike(command: str, run,
+                                                        tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "real.txt").write_text("")
+    (tmp_path / "buf.txt").symlink_to("real.txt")
+    result = run(command, "buf.txt", *(["-m", "hi"] if command == "client" else []))
+    assert result.returncode == 2
+    assert result.stderr.decode() == ("filechat: error: buffer file buf.txt is a symbolic "
+                                      "link, which filechat never follows; name the file "
+                                      "itself\n")
+    assert sorted(os.listdir(tmp_path)) == ["buf.txt", "real.txt"]
+
+
 def test_a_binary_message_file_is_called_not_utf8(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x1b\x00\x00\x00\rIHDR")
     result = run("client", "buf.txt", "--message-file", "image.png")
@@ -484,7 +497,8 @@ def test_nothing_to_send_from_an_empty_or_closed_stdin(stdin: str, says: str, py
 
 
 @pytest.mark.parametrize("command, what", [("client buf.txt -m hi", "reply"),
-                                           ("status buf.txt", "status")])
+                                           ("status buf.txt", "status"),
+                                           ("watch buf.txt", "changes")])
 def test_a_closed_stdout_is_a_clear_error(command: str, what: str, pyz: Path,
                                           tmp_path: Path) -> None:
     result = subprocess.run(["sh", "-c", f'"$0" "$1" {command} >&-', sys.executable, str(pyz)],

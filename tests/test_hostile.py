@@ -160,7 +160,8 @@ def test_unwritable_directory(role: str, pyz: Path) -> None:
 def test_response_path_with_a_line_break(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     result = run("client", "buf.txt", "r\n.txt", "-m", "hi")
     assert result.returncode == 2
-    assert "contains a line break" in result.stderr.decode()
+    assert result.stderr.decode() == ("filechat: error: response path 'r\\n.txt' contains a "
+                                      "line break; choose a path without one\n")
     assert list(tmp_path.iterdir()) == []
 
 
