@@ -263,6 +263,10 @@ class UsageError(FilechatError, ValueError):
     exit_code = EXIT_USAGE
 
 
+class OutputError(FilechatError):
+    """Standard output cannot be written (a full disk, a failing device)."""
+
+
 class FramingError(UsageError):
     """Text that the wire format cannot carry."""
 
@@ -4483,14 +4487,18 @@ class Terminal:
         """Write text on stdout, at once.
 
         Lenient, a failure (the reader gone, a full disk) is said once on
-        stderr and stdout is given up: a server serves on without it.
+        stderr and stdout is given up: a server serves on without it. Else
+        OutputError, but BrokenPipeError for a reader gone (see main).
         """
         try:
             self.stdout.write(text)
             self.stdout.flush()
         except (OSError, ValueError) as exc:
-            if not self.lenient:
+            if isinstance(exc, BrokenPipeError) and not self.lenient:
                 raise
+            if not self.lenient:
+                raise OutputError("cannot write to standard output: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
             self.stdout = _nowhere()
             self.stdout_tty = False
             reason = getattr(exc, "strerror", None) or exc
@@ -4498,15 +4506,18 @@ class Terminal:
                         "the messages", reason)
 
     def err(self, text: str = "", end: str = "\n") -> None:
-        """Print a line on stderr (or, with end="", text to go on with)."""
+        """Print a line on stderr (or, with end="", text to go on with).
+
+        A failure is ignored: nothing could say it, and what stderr carries
+        (status lines, prompts, warnings) is not what a command is run for.
+        """
         try:
             self.stderr.flush()
             self.stdout.flush()
             self.stderr.write(text + end)
             self.stderr.flush()
         except (OSError, ValueError):
-            if not self.lenient:
-                raise
+            pass
 
     def stdin_is_tty(self) -> bool:
         """True if stdin is a terminal."""
@@ -4741,9 +4752,7 @@ class _StatusDisplay:
             self.current = None
 
     def _write(self, text: str) -> None:
-        self.term.stdout.flush()
-        self.term.stderr.write(text)
-        self.term.stderr.flush()
+        self.term.err(text, end="")
 
 
 MIN_LIVE = 12           # columns: a live line cut shorter than this says nothing
@@ -5105,7 +5114,7 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
     banners = interactive and term.stdout_tty
     # Printed as it is read, unless it is shown between banners or in JSON:
     # a long reply is then never held whole, nor a long --message-file.
-    reply_to = None if banners or args.json else _Tail(term.stdout, term.stdout_tty)
+    reply_to = None if banners or args.json else _Tail(term)
     if term.stdout_tty:
         shown.reply = reply_to
     try:
@@ -5152,34 +5161,30 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
         term.out(BANNER)
         term.out("Server response:")
         term.out(BANNER)
-        term.stdout.write(_visible(_display(reply)))
+        term.write(_visible(_display(reply)))
         term.out(BANNER)
-    term.stdout.flush()
     return EXIT_OK
 
 
 class _Tail:
-    """A text stream that remembers the last character written through it.
+    """The reply's way to stdout, which remembers the last character written through it;
+    at a terminal, control characters are shown (see _visible)."""
 
-    visible: a terminal, where control characters are shown (see _visible).
-    """
-
-    def __init__(self, stream: IO[str], visible: bool = False) -> None:
-        self.stream = stream
-        self.visible = visible
+    def __init__(self, term: Terminal) -> None:
+        self.term = term
         self.last = ""
 
     def write(self, text: str) -> int:
-        """Write text to the stream."""
+        """Write text to stdout."""
         if text:
             self.last = text[-1]
-        return self.stream.write(_visible(text) if self.visible else text)
+        self.term.write(_visible(text) if self.term.stdout_tty else text)
+        return len(text)
 
     def end_line(self) -> None:
         """End the line the text written left open, if it did."""
         if self.last not in ("", "\n"):
             self.write("\n")
-            self.stream.flush()
 
 
 def _busy_suffix(info: Mapping[str, object]) -> str:

@@ -510,6 +510,26 @@ def test_a_closed_stdout_is_a_clear_error(command: str, what: str, pyz: Path,
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+@pytest.mark.parametrize("command", ["client buf.txt -m hi", "status buf.txt"])
+def test_a_full_stdout_is_named(command: str, server, pyz: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply", "pong")
+    result = subprocess.run(["sh", "-c", f'"$0" "$1" {command} >/dev/full', sys.executable,
+                             str(pyz)], cwd=tmp_path, capture_output=True, timeout=WAIT)
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines()[-1] == (
+        "filechat: error: cannot write to standard output: No space left on device")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_a_full_stderr_does_not_stop_an_exchange(server, pyz: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server("--auto-reply", "pong")
+    result = subprocess.run(["sh", "-c", '"$0" "$1" client buf.txt -m hi 2>/dev/full',
+                             sys.executable, str(pyz)], cwd=tmp_path, capture_output=True,
+                            timeout=WAIT)
+    assert (result.returncode, result.stdout) == (0, b"pong")
+
+
 def test_a_server_with_its_output_closed_still_serves(pyz: Path, run,
                                                       tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     srv = subprocess.Popen(["sh", "-c", 'exec "$0" "$1" server buf.txt --auto-reply ok >&- 2>&-',
