@@ -883,6 +883,8 @@ _SHARED_TYPES = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "g
 # (measured on GlusterFS 10 and CephFS 16; FUSE stand-ins such as bindfs and
 # sshfs, and two mounts of anything else, share none).
 _FLOCK_SHARED = {"glusterfs", "fuse.glusterfs", "ceph", "fuse.ceph-fuse"}
+# Shared ones that keep a file renamed over while open as .fuse_hidden... (see _kept_hidden).
+_HIDING = {"fuse.sshfs", "fuse.bindfs"}
 # Shared ones where O_CREAT|O_EXCL lets two creators win (measured: smbnetfs in
 # 497 of 500 races, rclone in 165 of 200), so that no lock can keep clients apart.
 _NOT_EXCLUSIVE = {"fuse.smbnetfs", "fuse.rclone"}
@@ -949,11 +951,10 @@ def _flock_reaches(path: str) -> bool:
 
 
 def _kept_hidden(path: str) -> bool:
-    """True if path's directory is on a FUSE stand-in (sshfs, bindfs...), whose libfuse keeps a
-    file renamed over or removed while open under a hidden name until it is closed; the
-    cluster filesystems' own FUSE clients do not."""
-    kind = filesystem_type(os.path.dirname(path) or ".")
-    return kind.startswith("fuse.") and kind not in _FLOCK_SHARED
+    """True if path's directory is on sshfs or bindfs, whose libfuse keeps a file renamed over
+    or removed while open under a hidden name until it is closed (the FUSE filesystems
+    measured; GlusterFS's and CephFS's own clients do not)."""
+    return filesystem_type(os.path.dirname(path) or ".") in _HIDING
 
 
 def check_exclusive(path: str) -> None:
@@ -3257,15 +3258,15 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
             finally:
                 server.check_delivered(waiter, last_look=True)
     finally:
-        line = WaitingLine(paths.lock, stale_after)
-        for dead in line.clear():
-            sweep([line.directory], stale_after, dead=dead)
-        server.sweep()
         try:
+            line = WaitingLine(paths.lock, stale_after)
+            for dead in line.clear():
+                sweep([line.directory], stale_after, dead=dead)
+            server.sweep()
             server.remove_empty_buffer()
         finally:
             server.keep_open(-1)
-        server.presence.let_go()
+            server.presence.let_go()
     return server.handled
 
 
@@ -3759,8 +3760,7 @@ class _Server:
         if waiter.fd < 0 and now < self.kept + PRESENCE_INTERVAL:
             return float("inf")
         self.kept = now
-        if token_at(self.presence.path) == self.presence.id \
-                and _kind_at(self.paths.buffer, "buffer", anew=False) is not None:
+        if token_at(self.presence.path) == self.presence.id and self._buffer_there():
             self.missing = 0.0
             return float("inf")
         self.missing = self.missing or now
@@ -3797,18 +3797,28 @@ class _Server:
             return
         log.debug("empty buffer %s made", self.paths.buffer)
 
+    def _buffer_there(self) -> bool:
+        """True if something is at the buffer's path, looked at anew (kept open: keep_open)."""
+        fd = _open_to_read(self.paths.buffer, noatime=True)
+        if fd is None:
+            return False
+        self.keep_open(fd)
+        return True
+
     def keep_open(self, fd: int) -> None:
         """Keep fd, the buffer as just looked at or made, open until the buffer is opened
         again (-1: none); close the one kept before.
 
-        Only on a FUSE stand-in (see _kept_hidden): a client on its mount that
-        renames its request over the buffer as a close of it is under way
-        leaves the old one there for good under its hidden name, with libfuse
-        before 3.15 (its issue 746; on sshfs, 15 of 600 exchanges did). Kept
-        open from one look to the next, the buffer is closed only once it has
-        been renamed over (or removed), never just then. Elsewhere it is
-        closed at once: on CephFS, a rename over a file kept open on another
-        mount waits (exchanges took 2.9 s instead of 92 ms, medians).
+        Only on sshfs and bindfs (see _kept_hidden): a client on the mount
+        that renames its request over the buffer as the last close of it
+        there is under way leaves the old one there for good under its hidden
+        name, with libfuse before 3.15 (its issue 746; on sshfs, 15 of 600
+        exchanges did). The server closes a look's file only once the next
+        look has opened the buffer: while it runs, the buffer's last close is
+        one that comes after it was renamed over (or removed), and libfuse
+        then removes the hidden file. Elsewhere it is closed at once: on
+        CephFS, a rename over a file kept open on another mount waits
+        (exchanges took 2.9 s instead of 92 ms, medians).
         """
         kept, self.buffer_fd = self.buffer_fd, fd
         if kept >= 0:
