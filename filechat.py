@@ -5480,9 +5480,15 @@ class _ServerView:
             self.state_shown = False
 
     def close(self) -> None:
-        """Close the --log file."""
-        if self.log is not None:
+        """Close the --log file; records it cannot take are said, not fatal (see report)."""
+        if self.log is None:
+            return
+        try:
             self.log.close()
+        except OSError as exc:
+            if not self.log_failing:
+                log.warning("cannot write --log %s (%s); the last exchanges went unlogged",
+                            self.args.log, exc.strerror or exc)
 
 
 def run_status(args: argparse.Namespace, term: Terminal) -> int:

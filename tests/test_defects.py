@@ -240,6 +240,7 @@ def test_a_log_that_cannot_be_written_is_said_and_serving_goes_on(server, run) -
     for n in range(2):
         assert run("client", "buf.txt", "-m", f"m{n}").stdout == b"ok"
     srv.expect_exact("cannot write --log /dev/full (No space left on device)")
+    assert interrupt(srv) == 0
     assert printed(srv).count("cannot write --log") == 1
 
 
