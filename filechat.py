@@ -2433,11 +2433,11 @@ def _check_directory(path: str, what: str, writable: bool = False) -> None:
 def _check_same_user(paths: Paths) -> None:
     """Refuse to send, in a sticky directory, to a server another user runs (sticky_problem)."""
     problem = sticky_problem(paths.buffer)
-    if problem and running_server(paths.presence) is not None:
-        owner = os.lstat(paths.presence).st_uid
-        if owner not in (0, os.geteuid()):
-            raise FilechatError(f"the server on {paths.buffer} runs as another user, and "
-                                f"{problem}")
+    # Only root replaces another user's buffer there, a root server's included.
+    if (problem and running_server(paths.presence) is not None
+            and os.geteuid() not in (0, os.lstat(paths.presence).st_uid)):
+        raise FilechatError(f"the server on {paths.buffer} runs as another user, and "
+                            f"{problem}")
 
 
 def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str] = None, *,
@@ -3235,7 +3235,7 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
     """
     paths = Paths(buffer, lock_path)
     check_buffer_path(buffer, paths.lock)
-    if sticky_problem(buffer) and os.name == "posix" and os.geteuid() != 0:
+    if sticky_problem(buffer) and os.name == "posix":
         log.warning("%s; this server can answer only its own user's clients",
                     sticky_problem(buffer))
     poll, poll_interval = paths.waiting_mode(poll, poll_interval, POLL_INTERVAL)

@@ -352,8 +352,10 @@ def as_user(uid: int, *args: str) -> List[str]:
             "filechat.pyz", *args]
 
 
-def test_users_in_a_sticky_directory_are_told_at_once_on_both_sides(sticky: Path) -> None:
-    server = spawn(as_user(65534, "server", "buf.txt", "--auto-reply", "ok"), sticky)
+@pytest.mark.parametrize("server_uid", [65534, 0])
+def test_users_in_a_sticky_directory_are_told_at_once_on_both_sides(server_uid: int,
+                                                                     sticky: Path) -> None:
+    server = spawn(as_user(server_uid, "server", "buf.txt", "--auto-reply", "ok"), sticky)
     try:
         server.expect_exact("directory . has the sticky bit (as /tmp has): only a file's owner may "
                             "rename or remove it there")
