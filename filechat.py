@@ -3767,9 +3767,17 @@ class _Server:
         if now - self.missing < PRESENCE_INTERVAL:
             return self.missing + PRESENCE_INTERVAL - now
         self.missing = 0.0
-        if self.presence.keep():
-            log.warning("%s was removed while this server ran; it is back", self.presence.path)
-        self.leave_empty_buffer()
+        try:
+            if self.presence.keep():
+                log.warning("%s was removed while this server ran; it is back",
+                            self.presence.path)
+            self.leave_empty_buffer()
+        except FileNotFoundError:
+            if os.path.isdir(self.home):
+                raise
+            raise FilechatError(f"directory {os.path.dirname(self.paths.buffer) or '.'} was "
+                                "removed while this server ran; make it again and start the "
+                                "server anew") from None
         return float("inf")
 
     def _count(self) -> None:

@@ -627,6 +627,19 @@ def test_an_interrupted_send_leaves_no_descriptor_or_temp_file(  # type: ignore[
 
 
 @pytest.mark.parametrize("waiting", [[], ["--poll"]], ids=["events", "polling"])
+def test_a_server_whose_directory_is_removed_says_so_and_stops(  # type: ignore[no-untyped-def]
+        waiting: List[str], start, tmp_path: Path) -> None:
+    (tmp_path / "gone").mkdir()
+    srv = start("server", "gone/buf.txt", "--auto-reply", "ok", *waiting)
+    srv.expect_exact("Waiting for clients...")
+    subprocess.run(["rm", "-rf", str(tmp_path / "gone")], check=True)
+    srv.expect_exact("filechat: error: directory gone was removed while this server ran; "
+                     "make it again and start the server anew")
+    assert ended(srv) == filechat.EXIT_ERROR
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("waiting", [[], ["--poll"]], ids=["events", "polling"])
 def test_a_server_puts_back_its_presence_file_when_its_directory_is_made_anew(  # type: ignore[no-untyped-def]
         waiting: List[str], start, run, tmp_path: Path) -> None:
     shared = tmp_path / "shared"
