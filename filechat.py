@@ -61,6 +61,7 @@ if TYPE_CHECKING:
         Iterator,
         List,
         Mapping,
+        NoReturn,
         Optional,
         Sequence,
         Set,
@@ -4873,10 +4874,31 @@ def _epilog(command: str) -> str:
     return f"examples:\n{examples}\n{RUN_AS}\n\n{EXIT_STATUSES[command]}"
 
 
+class _CommandLineError(Exception):
+    """A command line argparse refuses, as it words it (see _Parser)."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(prog, message)
+        self.prog = prog
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.prog}: error: {self.message}"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors main() reports (and a client's --json says)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage, as argparse does, and raise the error for main() to say."""
+        self.print_usage(sys.stderr)
+        raise _CommandLineError(self.prog, message)
+
+
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     """Return the command-line parser; with only, a command's name, that command's alone
     (a client starts measurably faster without building the others)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="filechat", formatter_class=_HelpFormatter, epilog=_epilog(""),
         description="Client/server text messaging through plain files and a lockfile.")
     parser.add_argument("--version", action="version", version=f"filechat {__version__}")
@@ -4886,7 +4908,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _server_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
+def _server_parser(commands: argparse._SubParsersAction[_Parser]
                     ) -> argparse.ArgumentParser:
     """Add the server command to commands; return its parser."""
     server = commands.add_parser("server", help="answer messages arriving in a buffer file",
@@ -4914,7 +4936,7 @@ def _server_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     return server
 
 
-def _client_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
+def _client_parser(commands: argparse._SubParsersAction[_Parser]
                     ) -> argparse.ArgumentParser:
     """Add the client command to commands; return its parser."""
     client = commands.add_parser("client", help="send one message and print the reply",
@@ -4948,7 +4970,7 @@ def _client_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     return client
 
 
-def _status_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
+def _status_parser(commands: argparse._SubParsersAction[_Parser]
                     ) -> argparse.ArgumentParser:
     """Add the status command to commands; return its parser."""
     state = commands.add_parser("status", help="show the server, the lock and who waits",
@@ -4964,7 +4986,7 @@ def _status_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     return state
 
 
-def _watch_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
+def _watch_parser(commands: argparse._SubParsersAction[_Parser]
                     ) -> argparse.ArgumentParser:
     """Add the watch command to commands; return its parser."""
     watching = commands.add_parser(
@@ -5790,18 +5812,15 @@ def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) 
     """Run the command line; return the exit status."""
     term = term or Terminal()
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None)
-    args, extra = parser.parse_known_args(argv)
-    command = args.parsers[args.command]     # its own usage in its errors
-    if (args.command == "client" and args.response is None and len(extra) == 1
-            and not extra[0].startswith("-")):
-        args.response = extra[0]          # RESPONSE after the options: client BUF -m hi RESP
-    elif extra:
-        command.error(f"unrecognized arguments: {' '.join(extra)}")
-    for name, said in (("buffer", "BUFFER"), ("response", "RESPONSE"),
-                       ("lock_file", "--lock-file")):
-        if getattr(args, name, None) == "":
-            command.error(f"{said} is empty; name a file")
+    try:
+        args = _parse(argv)
+    except _CommandLineError as exc:
+        term.err(str(exc))
+        if argv[:1] == ["client"] and "--json" in argv:
+            term.out(_json({"reply": None, "response_path": None, "lock_wait": None,
+                            "reply_wait": None, "outcome": "bad-input", "error": exc.message,
+                            "exit_status": EXIT_USAGE}))
+        return EXIT_USAGE
     log.stream, log.verbose = term.stderr, getattr(args, "verbose", False)
     log.color = term.color
     try:
@@ -5839,6 +5858,23 @@ def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) 
         return EXIT_ERROR
     finally:
         log.stream, log.verbose, log.color, log.live = None, False, False, None
+
+
+def _parse(argv: List[str]) -> argparse.Namespace:
+    """Return the command line's arguments; _CommandLineError if they cannot be used."""
+    parser = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None)
+    args, extra = parser.parse_known_args(argv)
+    command = args.parsers[args.command]     # its own usage in its errors
+    if (args.command == "client" and args.response is None and len(extra) == 1
+            and not extra[0].startswith("-")):
+        args.response = extra[0]          # RESPONSE after the options: client BUF -m hi RESP
+    elif extra:
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    for name, said in (("buffer", "BUFFER"), ("response", "RESPONSE"),
+                       ("lock_file", "--lock-file")):
+        if getattr(args, name, None) == "":
+            command.error(f"{said} is empty; name a file")
+    return args
 
 
 def exit_now(status: int) -> None:

@@ -227,6 +227,18 @@ def test_a_bad_number_of_seconds_is_named(value: str, says: str, run) -> None:  
     assert f"error: argument --timeout: {says}" in result.stderr.decode()
 
 
+def test_json_says_a_refused_command_line_too(run) -> None:  # type: ignore[no-untyped-def]
+    result = run("client", "buf.txt", "-m", "x", "--json", "--timeout", "soon")
+    assert result.returncode == 2
+    assert json.loads(result.stdout) == {
+        "reply": None, "response_path": None, "lock_wait": None, "reply_wait": None,
+        "outcome": "bad-input", "error": "argument --timeout: not a number of seconds: 'soon'",
+        "exit_status": 2}
+    err = result.stderr.decode()
+    assert err.startswith("usage: filechat client") and err.endswith(
+        "filechat client: error: argument --timeout: not a number of seconds: 'soon'\n")
+
+
 def test_version_and_help(run) -> None:  # type: ignore[no-untyped-def]
     assert run("--version").stdout.decode() == f"filechat {filechat.__version__}\n"
     for args, last in ((["--help"], "130  client interrupted by Ctrl+C (129: SIGHUP, 143: "
