@@ -3807,12 +3807,12 @@ class _Server:
         log.debug("empty buffer %s made", self.paths.buffer)
 
     def _buffer_there(self) -> bool:
-        """True if something is at the buffer's path, looked at anew (kept open: keep_open)."""
-        fd = _open_to_read(self.paths.buffer, noatime=True)
-        if fd is None:
-            return False
-        self.keep_open(fd)
-        return True
+        """True if something is at the buffer's path, looked at anew (see look); kept open
+        (see keep_open) as a copy of the look's file descriptor."""
+        def keep(fd: int, st: os.stat_result) -> bool:
+            self.keep_open(os.dup(fd))
+            return True
+        return bool(looked_into(self.paths.buffer, keep))
 
     def keep_open(self, fd: int) -> None:
         """Keep fd, the buffer as just looked at or made, open until the buffer is opened
@@ -4875,15 +4875,7 @@ def _epilog(command: str) -> str:
 
 
 class _CommandLineError(Exception):
-    """A command line argparse refuses, as it words it (see _Parser)."""
-
-    def __init__(self, prog: str, message: str) -> None:
-        super().__init__(prog, message)
-        self.prog = prog
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.prog}: error: {self.message}"
+    """A command line argparse refuses: args are the command's name and what argparse says."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -5815,10 +5807,11 @@ def main(argv: Optional[Sequence[str]] = None, term: Optional[Terminal] = None) 
     try:
         args = _parse(argv)
     except _CommandLineError as exc:
-        term.err(str(exc))
+        prog, message = exc.args
+        term.err(f"{prog}: error: {message}")
         if argv[:1] == ["client"] and "--json" in argv:
             term.out(_json({"reply": None, "response_path": None, "lock_wait": None,
-                            "reply_wait": None, "outcome": "bad-input", "error": exc.message,
+                            "reply_wait": None, "outcome": "bad-input", "error": message,
                             "exit_status": EXIT_USAGE}))
         return EXIT_USAGE
     log.stream, log.verbose = term.stderr, getattr(args, "verbose", False)
