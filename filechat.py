@@ -3807,8 +3807,11 @@ class _Server:
         log.debug("empty buffer %s made", self.paths.buffer)
 
     def _buffer_there(self) -> bool:
-        """True if something is at the buffer's path, looked at anew (see look); kept open
-        (see keep_open) as a copy of the look's file descriptor."""
+        """True if something is at the buffer's path, looked at anew (see look); where the
+        buffer is kept open (see keep_open), as a copy of the look's file descriptor."""
+        if not self.keeps_buffer:
+            return look(self.paths.buffer, 0) is not None
+
         def keep(fd: int, st: os.stat_result) -> bool:
             self.keep_open(os.dup(fd))
             return True
