@@ -130,6 +130,7 @@ HOOK_TIMEOUT = 10.0               # seconds an --auto-reply-cmd may run
 PEER_CLEAR_WAIT = 3.0             # seconds a client lets a server that removed the lock before
                                   # clearing the buffer clear it (a spec peer's order)
 PRESENCE_INTERVAL = 1.0           # seconds between a polling server's looks at its presence
+                                  # (and at a buffer with no lock in place: see _Server.due)
 SWEEP_INTERVAL = 60.0             # seconds between a running server's sweeps of leftovers
 HOLDER_LOOKS = 0.25               # seconds between a polling client's judgements of a holder
                                   # (its server; the one ahead of it in line)
@@ -3711,6 +3712,7 @@ class _Server:
         self.kept = 0.0               # when the presence file was last looked at
         self.missing = 0.0            # since when it (or the buffer) has been missing (0: not)
         self.swept = 0.0              # when leftovers were last swept
+        self.read = 0.0               # when the buffer was last read for a message (see due)
         self.unclaimable: Tuple[Optional[bytes], str] = (None, "")   # the last said
         self.buffer_fd = -1           # the buffer as last looked at or made (see keep_open)
         self.keeps_buffer = _kept_hidden(paths.buffer)
@@ -3726,13 +3728,7 @@ class _Server:
         while True:
             self.check_delivered(waiter)
             try:
-                # A lock in place: a message comes; see it, not a cache. Its name
-                # is enough to tell (a stat costs a file server one request), and
-                # the one read of the buffer a look comes after it.
-                if (_names_cached(self.paths.buffer)
-                        and _kind_at(self.paths.lock, "lock file", anew=False) is not None):
-                    listed(self.paths.buffer)
-                message = _claim(self)
+                message = _claim(self) if self.due(waiter) else None
                 if message is not None:
                     waiter.progress(f"a message in {self.paths.buffer}")
                     return message
@@ -3746,6 +3742,29 @@ class _Server:
             self.report("idle", answered=self.answered)
             waiter.wait(min(PRESENCE_INTERVAL if self.presence.answered != self.answered
                             else back, self.swept + SWEEP_INTERVAL - time.monotonic()))
+
+    def due(self, waiter: Waiter) -> bool:
+        """True if the buffer is worth reading for a message now.
+
+        A client puts its message in place holding its lock. Polling, the
+        buffer is read while a lock is in place, whose name is enough to tell
+        (on a file server a stat is one request, reading the buffer several),
+        and besides once every PRESENCE_INTERVAL, for a message whose client
+        let go of its lock (a spec client interrupted after sending). Where
+        names are cached, the buffer's is looked up afresh (see listed), so
+        that the read sees the message, not a cache.
+        """
+        polling, cached = waiter.fd < 0, _names_cached(self.paths.buffer)
+        if not (polling or cached):
+            return True
+        locked = _kind_at(self.paths.lock, "lock file", anew=False) is not None
+        if locked and cached:
+            listed(self.paths.buffer)
+        now = time.monotonic()
+        if locked or not polling or now >= self.read + PRESENCE_INTERVAL:
+            self.read = now
+            return True
+        return False
 
     def sweep(self) -> None:
         """Remove what ended processes left: temp files, and replies nobody will read."""

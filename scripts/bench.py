@@ -643,6 +643,7 @@ STATUS_WITHIN = 2.0         # seconds status may take to be right after a change
 STATUS_LOOK = 5.0           # seconds status is looked at after a change, at most
 STATUS_EVERY = 0.1          # seconds between looks
 SLOW_REPLY = 6              # seconds the slow server takes to answer: past STATUS_LOOK
+IDLE_SECONDS = 3.0          # seconds an idle server's system calls are counted over
 KEPT = ("log.jsonl",)       # the only name a stopped server may leave behind: ours
 
 
@@ -1046,6 +1047,35 @@ def shared_exchanges(a: str, b: str, count: int, rounds: int,
     return result
 
 
+def shared_idle(a: str, floor: str) -> Dict[str, Any]:
+    """What a server asks of the file system while no client comes: its system calls per
+    second (each on a file there is at least one request to the file server), filechat's
+    server and then the floor's, each running alone; {} without strace."""
+    intervals = floor_intervals(a, a)
+    kinds: Dict[str, Callable[[], Server]] = {
+        "filechat": lambda: Server(a, "--auto-reply-cmd", "cat")}
+    if intervals is not None:
+        kinds["floor"] = lambda: FloorServer(floor, repr(intervals["buffer"]))
+    result: Dict[str, Any] = {}
+    for kind, start in kinds.items():
+        server = start()
+        out = os.path.join(a, f"strace-idle-{kind}.txt")
+        try:
+            time.sleep(0.5)               # past its start
+            tracer = attach_strace(server.proc.pid, out)
+            time.sleep(IDLE_SECONDS)
+            detach(tracer)
+            calls = strace_summary(out)
+        except StraceFailed:
+            return {}
+        finally:
+            server.stop()
+            if os.path.exists(out):
+                os.unlink(out)
+        result[kind] = {name: counted[0] / IDLE_SECONDS for name, counted in calls.items()}
+    return result
+
+
 def status_of(host: str, side: str) -> Optional[Dict[str, Any]]:
     """What `filechat status buf.txt --json` says, as host on side (None: no JSON)."""
     done = subprocess.run(filechat_argv(host, "status", "buf.txt", "--json"), cwd=side,
@@ -1182,6 +1212,7 @@ def shared_setup(made: mounts.Mounts, setup: str, quick: bool) -> Dict[str, Any]
     result = {"setup": setup, "loadavg": loadavg(),
               **shared_exchanges(*fresh("exchanges"), 3 if quick else 24, 1 if quick else 6,
                                  fresh("floor")),
+              "idle": shared_idle(fresh("idle")[0], fresh("idle floor")[0]),
               "status": shared_status(*fresh("status")),
               "dead": shared_dead_lock(*fresh("dead holder")),
               "live": shared_live_holder(*fresh("live holder"), 0.3 if quick else 1.0)}
@@ -1315,6 +1346,18 @@ def cpu_table(r: Dict[str, Any]) -> List[str]:
     return out
 
 
+def idle_table(r: Dict[str, Any]) -> List[str]:
+    """One row per setup and kind: the system calls an idle server makes each second."""
+    out = ["| setup | idle server | system calls per s | the most made, per s |",
+           "|" + " --- |" * 4]
+    for result in r["setups"]:
+        for kind, calls in result["idle"].items():
+            most = sorted((name for name in calls if name != "total"), key=lambda n: -calls[n])
+            out.append(f"| {result['setup']} | {kind} | {calls['total']:.0f} | "
+                       + ", ".join(f"{name} {calls[name]:.0f}" for name in most[:6]) + " |")
+    return out
+
+
 def lag(look: Dict[str, Any]) -> str:
     return "never" if look["after"] is None else f"{look['after']:.2f}"
 
@@ -1347,7 +1390,8 @@ def faults_table(r: Dict[str, Any]) -> List[str]:
 
 def shared_table(r: Dict[str, Any]) -> str:
     """Format run_shared's measurements as Markdown tables, and the failures' messages."""
-    out = [*exchanges_table(r), "", *floor_table(r), "", *cpu_table(r), "", *faults_table(r)]
+    out = [*exchanges_table(r), "", *floor_table(r), "", *cpu_table(r), "", *idle_table(r), "",
+           *faults_table(r)]
     for result in [r["local"], *r["setups"]]:
         for mode in MODES:
             for error in sorted(set(result["modes"][mode]["failures"])):
@@ -1389,6 +1433,9 @@ def shared_table(r: Dict[str, Any]) -> str:
         "from /proc: machine busy is every CPU's; clients are the exchanges' processes; the "
         "file system's processes are named as /proc names them; other is the rest of the "
         "machine's (other users' work, the kernel's threads)."
+        f"\n\nIdle server: each alone on mount a, {IDLE_SECONDS:g} s with no client, under "
+        "strace -c: its system calls per second (the floor's server looks at its buffer as "
+        "often as filechat's polls)."
         f"\n\nLoad average (1, 5, 15 min) as each setup began: {loads}")
 
 

@@ -7,10 +7,14 @@ never removes the lock.
 """
 
 import json
+import math
+import os
 import sys
+import time
 from pathlib import Path
-from typing import List
+from typing import Any, List
 
+import pytest
 from conftest import WAIT, ended, interrupt, leftovers, printed, reply, served, spawn
 from pexpect.popen_spawn import PopenSpawn
 
@@ -103,3 +107,48 @@ def test_a_reply_under_a_lock_never_released_is_reported_and_left(run, tmp_path:
     assert "withdrawn" not in error and "no other" not in error
     assert (tmp_path / "r.txt").read_bytes() == b"complete\x1b"
     assert ended(server, WAIT) == 0
+
+
+@pytest.mark.parametrize("waiting", [[], ["--poll", "--poll-interval", "0.02"]],
+                         ids=["events", "polling"])
+def test_a_message_with_no_lock_in_place_is_answered(server, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                     waiting: List[str]) -> None:
+    # As a spec client interrupted after sending leaves it: it removes its lock.
+    srv = server("--auto-reply", "ok", *waiting)
+    client = peer(tmp_path, "client", "buf.txt", "r.txt", "hi", "--no-lock")
+    assert ended(client) == 0
+    assert printed(client).endswith("Server response:\nok\n")
+    served(srv)
+
+
+class _Idle(Exception):
+    """Ends a serve() that has waited long enough."""
+
+
+def test_a_polling_server_reads_the_buffer_only_while_a_lock_is_in_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With no lock, no client's message can be on its way: reading the buffer
+    # at every poll would cost a file server several requests for nothing.
+    buffer = str(tmp_path / "buf.txt")
+    reads: List[float] = []
+    real_open = os.open
+
+    def counting_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if os.fspath(path) == buffer and not flags & (os.O_WRONLY | os.O_RDWR):
+            reads.append(time.monotonic())
+        return real_open(path, flags, *args, **kwargs)
+
+    idle: List[float] = []
+
+    def report(event: str, **info: object) -> None:
+        if event == "idle":
+            idle.append(time.monotonic())
+            if len(idle) == 60:
+                raise _Idle
+    monkeypatch.setattr(os, "open", counting_open)
+    with pytest.raises(_Idle):
+        filechat.serve(buffer, lambda request: "", poll=True, poll_interval=0.01, report=report)
+    # A read at the start and one by the once-a-second look at the buffer,
+    # then again each second; polling, it would be 60.
+    seconds = math.ceil((idle[-1] - idle[0]) / filechat.PRESENCE_INTERVAL)
+    assert 1 <= len(reads) <= 2 * (1 + seconds), (len(reads), seconds)
