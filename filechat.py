@@ -2409,9 +2409,9 @@ def _kind_at(path: str, what: str, anew: bool = True) -> Optional[str]:
         if not stat.S_ISREG(st.st_mode):
             return _kind(st.st_mode)
         return None if anew and look(path, 0) is None else ""
-    except FileNotFoundError:
-        return None
     except OSError as exc:
+        if exc.errno in GONE:         # ESTALE too: a name another mount replaced (see look)
+            return None
         if exc.errno != errno.ENAMETOOLONG:
             raise
         raise UsageError(f"{what} {path}: the name is too long for the filesystem; "

@@ -3,6 +3,7 @@
 One test per defect, named for what must hold; each failed before its fix.
 """
 
+import errno
 import json
 import os
 import re
@@ -12,7 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 from conftest import (
@@ -693,3 +694,18 @@ def test_a_client_never_waits_for_ever_behind_an_ended_client_s_message(  # type
     client.expect_exact("Waiting for server response...")
     server("--auto-reply", "answered")
     assert ended(client) == 0 and reply(client) == "answered"
+
+
+def test_a_stale_name_is_nothing_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # NFS and GlusterFS answer ESTALE for a name another mount replaced, where a
+    # local disk says ENOENT: the buffer's checks and the server's look for the
+    # lock take both alike (ENOENT and ESTALE both mean gone).
+    buffer = str(tmp_path / "buf.txt")
+    real_lstat = os.lstat
+
+    def stale_lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if os.fspath(path) == buffer:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), buffer)
+        return real_lstat(path, *args, **kwargs)
+    monkeypatch.setattr(os, "lstat", stale_lstat)
+    filechat.check_buffer_path(buffer, str(tmp_path / "server.lock"))     # no error
