@@ -4535,9 +4535,9 @@ class Terminal:
             self.stdout.write(text)
             self.stdout.flush()
         except (OSError, ValueError) as exc:
-            if isinstance(exc, BrokenPipeError) and not self.lenient:
-                raise
             if not self.lenient:
+                if isinstance(exc, BrokenPipeError):
+                    raise
                 raise OutputError("cannot write to standard output: "
                                   f"{getattr(exc, 'strerror', None) or exc}") from None
             self.stdout = _nowhere()
