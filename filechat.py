@@ -3243,10 +3243,10 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
     poll, poll_interval = paths.waiting_mode(poll, poll_interval, POLL_INTERVAL)
     server = _Server(paths, responder, _allowed_directories(buffer, allow_dirs), max_bytes,
                      durable, report, stale_after)
-    server.presence.start()
+    server.upkeep.presence.start()
     try:
         server.sweep()
-        server.leave_empty_buffer()
+        server.upkeep.leave_empty_buffer()
         report("ready", buffer=buffer, lock_path=paths.lock)
         with Waiter([buffer, paths.presence], poll, poll_interval) as waiter:
             # Messages claimed by a server that stopped before answering come first.
@@ -3265,10 +3265,10 @@ def serve(buffer: str, responder: Responder, *, max_messages: Optional[int] = No
             for dead in line.clear():
                 sweep([line.directory], stale_after, dead=dead)
             server.sweep()
-            server.remove_empty_buffer()
+            server.upkeep.remove_empty_buffer()
         finally:
-            server.keep_open(-1)
-            server.presence.let_go()
+            server.upkeep.keep_open(-1)
+            server.upkeep.presence.let_go()
     return server.handled
 
 
@@ -3579,7 +3579,7 @@ def _claim(server: _Server) -> Optional[_Message]:
             raise
         claimed = True
         log.debug("message claimed as %s", claim)
-        server.leave_empty_buffer()
+        server.upkeep.leave_empty_buffer()
         _crash_point("server-taken")
         # Replaced since it was read? Its own rename: no cache to see through.
         if os.lstat(claim).st_ino != st.st_ino:
@@ -3593,7 +3593,7 @@ def _claim(server: _Server) -> Optional[_Message]:
         raise OSError(exc.errno, exc.strerror, exc.filename or buffer) from None
     finally:
         if fd >= 0 and not claimed:
-            server.keep_open(fd)      # the buffer as looked at
+            server.upkeep.keep_open(fd)   # the buffer as looked at
         elif fd >= 0:
             _close(fd)
 
@@ -3692,86 +3692,21 @@ def _target_problem(path: str, home: str, allowed: List[str], restored: bool = F
     return "the file already exists, and the server never overwrites a file"
 
 
-class _Server:
-    """One server's loop: claiming messages (each then answered by its _Message), keeping
-    its presence file, count and empty buffer, and clearing up what others left."""
+class _Upkeep:
+    """What a server keeps in place beside the buffer while it runs: its presence file,
+    with the count of messages answered, and an empty buffer for spec clients."""
 
-    def __init__(self, paths: Paths, responder: Responder, allowed: List[str], max_bytes: int,
-                 durable: bool, report: Report, stale_after: float = STALE_AFTER) -> None:
+    def __init__(self, paths: Paths, durable: bool, home: str) -> None:
         self.paths = paths
-        self.responder = responder
-        self.allowed = allowed
-        self.max_bytes = max_bytes
-        self.durable = durable
-        self.report = report
-        self.stale_after = stale_after
+        self.home = home
         self.presence = Presence(paths.presence, durable)
-        self.handled = 0              # messages taken, answered or not (--max-messages)
-        self.answered = 0             # messages whose client got a reply (status)
         self.count_failing = False    # the last update of the presence file's count failed
         self.kept = 0.0               # when the presence file was last looked at
         self.missing = 0.0            # since when it (or the buffer) has been missing (0: not)
-        self.swept = 0.0              # when leftovers were last swept
-        self.read = 0.0               # when the buffer was last read for a message (see due)
-        self.unclaimable: Tuple[Optional[bytes], str] = (None, "")   # the last said
         self.buffer_fd = -1           # the buffer as last looked at or made (see keep_open)
         self.keeps_buffer = _kept_hidden(paths.buffer)
-        self.home = os.path.dirname(os.path.abspath(paths.buffer))
-        # The most a whole request of max_bytes can take: path, newline, message, ESC.
-        self.limit = MAX_PATH + 1 + max_bytes + 1
-        # The last message answered, while its client has still to read the reply:
-        # a client killed before it does would leave the file for nobody.
-        self.delivered: Optional[_Message] = None
 
-    def next_claim(self, waiter: Waiter) -> _Message:
-        """Wait for a complete message in the buffer and claim it."""
-        while True:
-            self.check_delivered(waiter)
-            try:
-                message = _claim(self) if self.due(waiter) else None
-                if message is not None:
-                    waiter.progress(f"a message in {self.paths.buffer}")
-                    return message
-            except OSError as exc:
-                self._unclaimable(exc)
-            back = self._keep(waiter)
-            if time.monotonic() >= self.swept + SWEEP_INTERVAL:
-                self.sweep()
-            if self.presence.answered != self.answered:
-                self._count()             # failed before: tried again as the server waits
-            self.report("idle", answered=self.answered)
-            waiter.wait(min(PRESENCE_INTERVAL if self.presence.answered != self.answered
-                            else back, self.swept + SWEEP_INTERVAL - time.monotonic()))
-
-    def due(self, waiter: Waiter) -> bool:
-        """True if the buffer is worth reading for a message now.
-
-        A client puts its message in place holding its lock. Polling, the
-        buffer is read while a lock is in place, whose name is enough to tell
-        (on a file server a stat is one request, reading the buffer several),
-        and besides once every PRESENCE_INTERVAL, for a message whose client
-        let go of its lock (a spec client interrupted after sending). Where
-        names are cached, the buffer's is looked up afresh (see listed), so
-        that the read sees the message, not a cache.
-        """
-        polling, cached = waiter.fd < 0, _names_cached(self.paths.buffer)
-        if not (polling or cached):
-            return True
-        locked = _kind_at(self.paths.lock, "lock file", anew=False) is not None
-        if locked and cached:
-            listed(self.paths.buffer)
-        now = time.monotonic()
-        if locked or not polling or now >= self.read + PRESENCE_INTERVAL:
-            self.read = now
-            return True
-        return False
-
-    def sweep(self) -> None:
-        """Remove what ended processes left: temp files, and replies nobody will read."""
-        self.swept = time.monotonic()
-        sweep(self.allowed, self.stale_after, replies=self.home)
-
-    def _keep(self, waiter: Waiter) -> float:
+    def keep(self, waiter: Waiter) -> float:
         """Put back the presence file and the empty buffer once they have been gone for
         PRESENCE_INTERVAL (the directory made anew; not while an rm -r runs, which would then
         fail); return the seconds until then. Looked at when inotify says they may have
@@ -3800,10 +3735,10 @@ class _Server:
                                 "server anew") from None
         return float("inf")
 
-    def _count(self) -> None:
+    def count(self, answered: int) -> None:
         """Update the count in the presence file; a failure is said, and tried again later."""
         try:
-            self.presence.update(self.answered)
+            self.presence.update(answered)
         except OSError as exc:
             if not self.count_failing:
                 log.warning("cannot update %s (%s); status shows an old count until it can "
@@ -3865,6 +3800,81 @@ class _Server:
                 and token_at(self.paths.lock) != ""):       # none, or a filechat client's
             remove_if_same(self.paths.buffer, seen)
 
+
+class _Server:
+    """One server's loop: claiming messages (each then answered by its _Message), keeping
+    its files in place (its _Upkeep), and clearing up what others left."""
+
+    def __init__(self, paths: Paths, responder: Responder, allowed: List[str], max_bytes: int,
+                 durable: bool, report: Report, stale_after: float = STALE_AFTER) -> None:
+        self.paths = paths
+        self.responder = responder
+        self.allowed = allowed
+        self.max_bytes = max_bytes
+        self.durable = durable
+        self.report = report
+        self.stale_after = stale_after
+        self.handled = 0              # messages taken, answered or not (--max-messages)
+        self.answered = 0             # messages whose client got a reply (status)
+        self.swept = 0.0              # when leftovers were last swept
+        self.read = 0.0               # when the buffer was last read for a message (see due)
+        self.unclaimable: Tuple[Optional[bytes], str] = (None, "")   # the last said
+        self.home = os.path.dirname(os.path.abspath(paths.buffer))
+        self.upkeep = _Upkeep(paths, durable, self.home)
+        # The most a whole request of max_bytes can take: path, newline, message, ESC.
+        self.limit = MAX_PATH + 1 + max_bytes + 1
+        # The last message answered, while its client has still to read the reply:
+        # a client killed before it does would leave the file for nobody.
+        self.delivered: Optional[_Message] = None
+
+    def next_claim(self, waiter: Waiter) -> _Message:
+        """Wait for a complete message in the buffer and claim it."""
+        while True:
+            self.check_delivered(waiter)
+            try:
+                message = _claim(self) if self.due(waiter) else None
+                if message is not None:
+                    waiter.progress(f"a message in {self.paths.buffer}")
+                    return message
+            except OSError as exc:
+                self._unclaimable(exc)
+            back = self.upkeep.keep(waiter)
+            if time.monotonic() >= self.swept + SWEEP_INTERVAL:
+                self.sweep()
+            if self.upkeep.presence.answered != self.answered:
+                self.upkeep.count(self.answered)      # failed before: tried again now
+            self.report("idle", answered=self.answered)
+            waiter.wait(min(PRESENCE_INTERVAL if self.upkeep.presence.answered != self.answered
+                            else back, self.swept + SWEEP_INTERVAL - time.monotonic()))
+
+    def due(self, waiter: Waiter) -> bool:
+        """True if the buffer is worth reading for a message now.
+
+        A client puts its message in place holding its lock. Polling, the
+        buffer is read while a lock is in place, whose name is enough to tell
+        (on a file server a stat is one request, reading the buffer several),
+        and besides once every PRESENCE_INTERVAL, for a message whose client
+        let go of its lock (a spec client interrupted after sending). Where
+        names are cached, the buffer's is looked up afresh (see listed), so
+        that the read sees the message, not a cache.
+        """
+        polling, cached = waiter.fd < 0, _names_cached(self.paths.buffer)
+        if not (polling or cached):
+            return True
+        locked = _kind_at(self.paths.lock, "lock file", anew=False) is not None
+        if locked and cached:
+            listed(self.paths.buffer)
+        now = time.monotonic()
+        if locked or not polling or now >= self.read + PRESENCE_INTERVAL:
+            self.read = now
+            return True
+        return False
+
+    def sweep(self) -> None:
+        """Remove what ended processes left: temp files, and replies nobody will read."""
+        self.swept = time.monotonic()
+        sweep(self.allowed, self.stale_after, replies=self.home)
+
     def answer(self, message: _Message, waiter: Waiter) -> None:
         """Answer one claimed message, then free the lock it came with and the claim."""
         replied = False
@@ -3889,7 +3899,7 @@ class _Server:
             self.report("released", lock_path=self.paths.lock)
             return
         self.answered += 1
-        self._count()
+        self.upkeep.count(self.answered)
 
     def check_delivered(self, waiter: Waiter, last_look: bool = False) -> None:
         """Forget the last reply delivered once read; remove it if its client died unread.
