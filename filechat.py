@@ -1641,6 +1641,7 @@ class Waiter:
         self.directories: Dict[str, int] = {}         # a directory watched now: its watch
         self.files: List[int] = []                    # the watches of watch_files
         self.woke = ""                                # how the last wait ended
+        self.changed: Dict[bytes, int] = {}           # name: its events (see changes)
         self.inotify = None if poll else _Inotify.borrow()
         self.fd = -1 if self.inotify is None else self.inotify.fd
         self.watch(*paths)
@@ -1727,6 +1728,13 @@ class Waiter:
                 self.woke = EVENT
             return self.woke
 
+    def changes(self) -> Dict[bytes, int]:
+        """Return the events seen about each watched name since the last call, by name
+        (b"": anything may have changed: events were lost, or a directory went); none
+        when polling."""
+        changed, self.changed = self.changed, {}
+        return changed
+
     def progress(self, what: str) -> None:
         """Tell the waiter that the caller found what it waited for: what."""
         if self.woke == SAFETY:
@@ -1740,6 +1748,10 @@ class Waiter:
             if (mask & IN_Q_OVERFLOW or wd in self.files
                     or (names is not None and (mask & IN_IGNORED or name in names))):
                 relevant = True
+            if mask & IN_Q_OVERFLOW or (names is not None and mask & IN_IGNORED):
+                self.changed[b""] = mask
+            elif names is not None and name in names:
+                self.changed[name] = self.changed.get(name, 0) | mask
             if mask & IN_IGNORED and wd in self.watched:
                 del self.watched[wd]            # gone: watched again once it exists
                 self.directories.clear()        # (the others are found watched already)
@@ -3705,14 +3717,20 @@ class _Upkeep:
         self.missing = 0.0            # since when it (or the buffer) has been missing (0: not)
         self.buffer_fd = -1           # the buffer as last looked at or made (see keep_open)
         self.keeps_buffer = _kept_hidden(paths.buffer)
+        self.presence_name = os.fsencode(os.path.basename(paths.presence))   # see keep
+        self.buffer_name = os.fsencode(os.path.basename(paths.buffer))
 
     def keep(self, waiter: Waiter) -> float:
         """Put back the presence file and the empty buffer once they have been gone for
         PRESENCE_INTERVAL (the directory made anew; not while an rm -r runs, which would then
         fail); return the seconds until then. Looked at when inotify says they may have
-        gone, or once a second when polling."""
+        gone (the presence file changed, the buffer removed), and besides once a second:
+        when polling, and for a rename away, which sends no event here."""
         now = time.monotonic()
-        if waiter.fd < 0 and now < self.kept + PRESENCE_INTERVAL:
+        changed = waiter.changes()
+        gone = (b"" in changed or changed.get(self.presence_name, 0)
+                or changed.get(self.buffer_name, 0) & IN_DELETE)
+        if not gone and now < self.kept + PRESENCE_INTERVAL:
             return float("inf")
         self.kept = now
         if token_at(self.presence.path) == self.presence.id and self._buffer_there():

@@ -659,6 +659,22 @@ def test_a_server_puts_back_its_presence_file_when_its_directory_is_made_anew(  
     assert list(shared.iterdir()) == []
 
 
+@pytest.mark.parametrize("waiting", [[], ["--poll"]], ids=["events", "polling"])
+@pytest.mark.parametrize("removed", ["buf.txt.server", "buf.txt"])
+def test_a_server_puts_back_its_presence_file_or_the_buffer_removed_alone(  # type: ignore[no-untyped-def]
+        waiting: List[str], removed: str, server, run, tmp_path: Path) -> None:
+    srv = server("--auto-reply", "ok", "--verbose", *waiting)
+    (tmp_path / removed).unlink()
+    if removed == "buf.txt.server":
+        srv.expect_exact("buf.txt.server was removed while this server ran; it is back")
+    else:
+        srv.expect_exact("empty buffer buf.txt made")
+    assert run("status", "buf.txt").returncode == 0
+    assert (tmp_path / "buf.txt").read_bytes() == b""          # for spec clients
+    assert run("client", "buf.txt", "-m", "hi").stdout == b"ok"
+    assert interrupt(srv) == 0
+
+
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_a_client_ended_by_sigterm_or_sighup_withdraws_as_on_ctrl_c(  # type: ignore[no-untyped-def]
         signum: int, status: int, start, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ never removes the lock.
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, List
@@ -152,3 +153,34 @@ def test_a_polling_server_reads_the_buffer_only_while_a_lock_is_in_place(
     # it; reading at every poll, it would be over 60.
     seconds = (idle[-1] - reads[0]) // filechat.PRESENCE_INTERVAL
     assert len(reads) <= 2 * (1 + seconds) + 2, (len(reads), seconds)
+
+
+def test_a_server_woken_by_events_looks_at_its_presence_file_only_when_it_may_have_gone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every exchange wakes the server several times; looking at its presence
+    # file (and at the buffer being there) at each wake cost a local exchange
+    # nearly half of the server's file calls.
+    buffer = str(tmp_path / "buf.txt")
+    presence = buffer + filechat.PRESENCE_SUFFIX
+    looks: List[float] = []
+    real_open = os.open
+
+    def counting_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if (os.fspath(path) == presence and not flags & (os.O_WRONLY | os.O_RDWR)
+                and threading.current_thread().name == "server"):
+            looks.append(time.monotonic())
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    server = threading.Thread(target=filechat.serve, name="server", daemon=True,
+                              args=(buffer, lambda request: request.message.upper()),
+                              kwargs={"max_messages": 40, "poll": False})
+    began = time.monotonic()
+    server.start()
+    for n in range(40):
+        assert filechat.send(buffer, f"m{n}", timeout=WAIT, poll=False) == f"M{n}"
+    server.join(WAIT)
+    assert not server.is_alive()
+    # One look at the start, and the net's once a second; at each wake it was over 80.
+    seconds = (time.monotonic() - began) // filechat.PRESENCE_INTERVAL
+    assert len(looks) <= 2 + seconds, (len(looks), seconds)
