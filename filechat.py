@@ -2479,7 +2479,8 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     cannot be checked also ``who``, ``held_for``, ``stale_in``), "queued"
     (``at``, ``named``: when its ticket appeared), "locked" (``asked``),
     "sent", "waiting", "received" (just before the reply is written to
-    reply_to), "no-server", "server-stopped", "server-started", and
+    reply_to), "kept" (``path``: reply_to could not be written, and the
+    reply is kept there, see _keep_unread), "no-server", "server-stopped", "server-started", and
     "interrupted" (``fate``, a key of FATES, and ``said``, its sentence) on
     Ctrl+C; with progress_interval, also "tick" (``phase`` "lock" or "reply",
     ``waited``).
@@ -2772,15 +2773,22 @@ class _Exchange:
         self._wait("reply", awaiting.look, expire)
         reply = awaiting.reply
         assert reply is not None
+        kept = ""
         try:
             self.status("received")
             log.debug("reply read from %s", self.response_path)
-            return reply.read(sink)               # a wait: its file is closed below
+            try:
+                return reply.read(sink)           # a wait: its file is closed below
+            except (OSError, FilechatError) as exc:
+                if not isinstance(exc, BrokenPipeError):     # a reader gone wants no more
+                    kept = _keep_unread(self.response_path)
+                    self.status("kept", path=kept)
+                raise
         finally:
             reply.close()
             # The response file goes after the release, so that a server restarted
             # before it sees the message was answered.
-            if _unlink_quietly(self.response_path):
+            if not kept and _unlink_quietly(self.response_path):
                 log.debug("reply %s removed", self.response_path)
             self.lock.close()
             self.phase, self.fate = "done", "answered"
@@ -2824,6 +2832,26 @@ class _Exchange:
             if not line.tickets() and os.path.isdir(line.directory):
                 sweep([line.directory], self.lock.stale_after)
                 remove_empty_directory(line.directory)
+
+
+def _keep_unread(path: str) -> str:
+    """Keep a reply that could not be written out, as the server wrote it, beside its
+    response file under the name + ".unread"; return where it is.
+
+    Not under its own name, which its server clears once its client has
+    ended (see _Server.check_delivered). Hard-linked, so that no file there
+    is replaced: one there already makes the name unique.
+    """
+    for kept in (f"{path}.unread", f"{path}.{os.urandom(4).hex()}.unread"):
+        try:
+            os.link(path, kept)
+        except FileExistsError:
+            continue
+        except OSError:
+            break                     # no hard links there: left where it is
+        _unlink_quietly(path)
+        return kept
+    return path
 
 
 class _ServerDue:
@@ -2979,6 +3007,7 @@ class _Reply:
         held whole) and return ("", False). An error reply is returned, never copied."""
         if sink is not None and not self.is_error:
             self.framed.copy(self.end, sink)
+            sink.flush()              # out, before its file goes (a buffered write may fail)
             return "", False
         data = self.framed.data(self.end + 2)
         return parse_reply(data) or (str(data, "utf-8", "replace"), False)   # a peer's: no ESC
@@ -5171,6 +5200,7 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
     log.live = shown if shown.live or term.stdout_tty else None
     times = {"start": time.monotonic()}
     fate = ["nothing was sent"]           # what Ctrl+C did to the message
+    kept = [""]                           # where a reply that could not be printed is
     for name in ("SIGTERM", "SIGHUP"):    # as Ctrl+C: `timeout`, a CI job's end, a closed tab
         if hasattr(_signal, name):
             _signal.signal(getattr(_signal, name), _end_on_signal)
@@ -5180,7 +5210,9 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
             shown.done()          # the reply is printed next
         if event == "interrupted":
             fate[0] = str(info["said"])
-        if event in ("queued", "received", "interrupted"):
+        if event == "kept":
+            kept[0] = str(info["path"])
+        if event in ("queued", "received", "interrupted", "kept"):
             return
         if event == "tick":
             shown.tick(float(info["waited"]))     # type: ignore[arg-type]
@@ -5194,23 +5226,39 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
     # The spec's transcript, banners and all, where a person reads both sides;
     # where stdout is a pipe or a file it gets the reply alone, exactly.
     banners = interactive and term.stdout_tty
+
+    def between_banners(reply: str) -> None:
+        term.out()
+        term.out(BANNER)
+        term.out("Server response:")
+        term.out(BANNER)
+        term.write(_visible(_display(reply)))
+        term.out(BANNER)
+
+    def in_json(reply: str) -> None:
+        record.update(_waits(times), reply=reply)
+        term.out(_json(record))
+
     # Printed as it is read, unless it is shown between banners or in JSON:
-    # a long reply is then never held whole, nor a long --message-file.
-    reply_to = None if banners or args.json else _Tail(term)
-    if term.stdout_tty:
-        shown.reply = reply_to
+    # a long reply is then never held whole, nor a long --message-file. Either
+    # way it is printed before its file is deleted, so that one that cannot be
+    # printed is kept (see _keep_unread).
+    tail = _Tail(term)
+    reply_to = _Whole(between_banners) if banners else _Whole(in_json) if args.json else tail
+    if term.stdout_tty and reply_to is tail:
+        shown.reply = tail
     try:
         _look_for_server(args, term, interactive)
         message = _client_message(args, term, interactive)
         times["start"] = time.monotonic()
         try:
-            reply = send(args.buffer, message, response, timeout=args.timeout,
-                         lock_timeout=args.lock_timeout, lock_path=args.lock_file,
-                         stale_after=args.stale_after, max_bytes=args.max_bytes,
-                         durable=args.durable, poll=args.poll, poll_interval=args.poll_interval,
-                         lock_retry_interval=args.lock_retry_interval, status=status,
-                         progress_interval=PROGRESS_INTERVAL if shown.live else None,
-                         reply_to=reply_to, server_timeout=args.server_timeout)    # type: ignore[arg-type]  # it only writes
+            send(args.buffer, message, response, timeout=args.timeout,
+                 lock_timeout=args.lock_timeout, lock_path=args.lock_file,
+                 stale_after=args.stale_after, max_bytes=args.max_bytes,
+                 durable=args.durable, poll=args.poll, poll_interval=args.poll_interval,
+                 lock_retry_interval=args.lock_retry_interval, status=status,
+                 progress_interval=PROGRESS_INTERVAL if shown.live else None,
+                 reply_to=reply_to, server_timeout=args.server_timeout)    # type: ignore[arg-type]  # it only writes
         finally:
             if args.message_file not in (None, "-") and not isinstance(message, str):
                 message.close()
@@ -5220,7 +5268,9 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
         shown.done()
         said = f"{str(exc) or 'interrupted'}; {fate[0]}" \
             if isinstance(exc, KeyboardInterrupt) else str(exc)
-        if args.json:
+        if kept[0]:
+            said += f"; the reply is kept in {kept[0]}"
+        if args.json and not isinstance(exc, OutputError):   # else stdout cannot take it
             record.update(_waits(times), outcome=_outcome(exc), error=said,
                           exit_status=getattr(exc, "exit_code", EXIT_INTERRUPTED),
                           reply=exc.text if isinstance(exc, ServerError) else None)
@@ -5230,21 +5280,13 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
                 term.err()        # after the ^C the terminal shows
             term.err(f"filechat: {said}")
             return getattr(exc, "exit_code", EXIT_INTERRUPTED)
+        if kept[0]:
+            term.error(said)
+            return getattr(exc, "exit_code", EXIT_ERROR)
         raise
     shown.done()
-    if args.json:
-        record.update(_waits(times), reply=reply)
-        term.out(_json(record))
-        return EXIT_OK
-    if reply_to is not None and term.stdout_tty:
-        reply_to.end_line()   # the shell's prompt is not glued to the reply; a pipe gets it exact
-    if banners:
-        term.out()
-        term.out(BANNER)
-        term.out("Server response:")
-        term.out(BANNER)
-        term.write(_visible(_display(reply)))
-        term.out(BANNER)
+    if reply_to is tail and term.stdout_tty:
+        tail.end_line()       # the shell's prompt is not glued to the reply; a pipe gets it exact
     return EXIT_OK
 
 
@@ -5267,6 +5309,27 @@ class _Tail:
         """End the line the text written left open, if it did."""
         if self.last not in ("", "\n"):
             self.write("\n")
+
+    def flush(self) -> None:
+        """Nothing to do: each write is flushed."""
+
+
+class _Whole:
+    """The reply's way to stdout where it is printed whole, between banners or in JSON:
+    held, and printed by flush, which send() calls before it deletes the response file."""
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        self.emit = emit
+        self.parts: List[str] = []
+
+    def write(self, text: str) -> int:
+        """Hold text."""
+        self.parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        """Print the reply held."""
+        self.emit("".join(self.parts))
 
 
 def _busy_suffix(info: Mapping[str, object]) -> str:

@@ -523,14 +523,55 @@ def test_a_closed_stdout_is_a_clear_error(command: str, what: str, pyz: Path,
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
-@pytest.mark.parametrize("command", ["client buf.txt -m hi", "status buf.txt"])
-def test_a_full_stdout_is_named(command: str, server, pyz: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_full_stdout_is_named(server, pyz: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server("--auto-reply", "pong")
-    result = subprocess.run(["sh", "-c", f'"$0" "$1" {command} >/dev/full', sys.executable,
+    result = subprocess.run(["sh", "-c", '"$0" "$1" status buf.txt >/dev/full', sys.executable,
                              str(pyz)], cwd=tmp_path, capture_output=True, timeout=WAIT)
     assert result.returncode == 1
     assert result.stderr.decode().splitlines()[-1] == (
         "filechat: error: cannot write to standard output: No space left on device")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+@pytest.mark.parametrize("options", [["r.txt"], ["r.txt", "--json"], []],
+                         ids=["streamed", "json", "default-path"])
+def test_a_reply_that_cannot_be_printed_is_kept(options: List[str], server, run, pyz: Path,  # type: ignore[no-untyped-def]
+                                                tmp_path: Path) -> None:
+    srv = server("--auto-reply", "pong")
+    result = subprocess.run(["sh", "-c", '"$0" "$@" >/dev/full', sys.executable, str(pyz),
+                             "client", "buf.txt", "-m", "hi", "-q", *options],
+                            cwd=tmp_path, capture_output=True, timeout=WAIT)
+    assert result.returncode == 1
+    said = result.stderr.decode().splitlines()[-1]
+    prefix = ("filechat: error: cannot write to standard output: No space left on device; "
+              "the reply is kept in ")
+    assert said.startswith(prefix) and said.endswith(".txt.unread"), said
+    kept = Path(said[len(prefix):])
+    assert kept.parent == tmp_path
+    if options:
+        assert kept == tmp_path / "r.txt.unread"
+        assert not (tmp_path / "r.txt").exists()
+    assert kept.read_bytes() == b"pong\x1b"
+    # Its server, moving on, leaves it: it clears only a reply still at its own name.
+    assert run("client", "buf.txt", "-m", "next").stdout == b"pong"
+    assert interrupt(srv) == 0
+    assert kept.read_bytes() == b"pong\x1b"
+
+
+def test_a_reader_gone_keeps_no_reply(server, pyz: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # `client ... | head -c 10` is a reader that wants no more: nothing to keep.
+    server("--auto-reply", "pong")
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([sys.executable, str(pyz), "client", "buf.txt", "r.txt", "-m",
+                                 "hi"], cwd=tmp_path, stdout=write, stderr=subprocess.PIPE,
+                                timeout=WAIT)
+    finally:
+        os.close(write)
+    assert result.returncode == filechat.EXIT_ERROR
+    assert result.stderr.decode().splitlines()[-1] == "Waiting for server response..."
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["buf.txt", "buf.txt.server"]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")

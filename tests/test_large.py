@@ -145,6 +145,31 @@ def test_an_error_reply_is_raised_not_written(tmp_path: Path) -> None:
     assert sink.getvalue() == ""
 
 
+class _FullFile(io.StringIO):
+    """A file whose disk filled up half way through the reply."""
+
+    def write(self, text: str) -> int:
+        if self.tell() + len(text) > PIECE:
+            raise OSError(28, "No space left on device")
+        return super().write(text)
+
+
+def test_a_long_reply_that_cannot_be_written_out_is_kept(big_echo: str) -> None:
+    heard: List[str] = []
+
+    def status(event: str, **info: object) -> None:
+        if event == "kept":
+            heard.append(str(info["path"]))
+    response = Path(big_echo).with_name("reply.txt")
+    with pytest.raises(OSError, match="No space left on device"):
+        filechat.send(big_echo, LONG[2], str(response), timeout=WAIT, max_bytes=64 << 20,
+                      reply_to=_FullFile(), status=status)
+    assert heard == [f"{response}.unread"]
+    assert Path(heard[0]).read_bytes() == (LONG[2] + ESC).encode()
+    assert not response.exists()
+    os.remove(heard[0])
+
+
 def test_a_message_over_max_bytes_says_its_size_and_leaves_nothing(tmp_path: Path) -> None:
     buffer = str(tmp_path / "buf.txt")
     with pytest.raises(FramingError, match="is 1200 bytes, over the limit of 1000"):
