@@ -2697,8 +2697,8 @@ class _Exchange:
             now = time.monotonic()
             if now >= self.deadline:
                 expire()
-            if notice is not None and now >= next_notice:
-                notice()
+            if notice is not None and again > 0 and now >= next_notice:
+                notice()              # not when a look at once may end it (a lock cleared)
                 next_notice = now + every
             self.waiter.wait(min(again, self.deadline - now, next_notice - now, tick(now),
                                  self.server_due.left(self)))
