@@ -5247,9 +5247,11 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
     reply_to = _Whole(between_banners) if banners else _Whole(in_json) if args.json else tail
     if term.stdout_tty and reply_to is tail:
         shown.reply = tail
+    typing = interactive                  # a line of the message may be half typed
     try:
         _look_for_server(args, term, interactive)
         message = _client_message(args, term, interactive)
+        typing = False                    # the message is read
         times["start"] = time.monotonic()
         try:
             send(args.buffer, message, response, timeout=args.timeout,
@@ -5276,8 +5278,8 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
                           reply=exc.text if isinstance(exc, ServerError) else None)
             term.out(_json(record))
         elif isinstance(exc, KeyboardInterrupt):
-            if not isinstance(exc, Ended):
-                term.err()        # after the ^C the terminal shows
+            if not isinstance(exc, Ended) or typing:
+                term.err()        # after the ^C the terminal shows, or the line being typed
             term.err(f"filechat: {said}")
             return getattr(exc, "exit_code", EXIT_INTERRUPTED)
         if kept[0]:

@@ -387,3 +387,14 @@ def test_lines_typed_with_the_command_wait_for_ctrl_d(  # type: ignore[no-untype
     shell.expect("$ ")
     lines = shell.lines()
     assert lines[lines.index("Server response:") + 2:-2] == ["first", "second"], lines
+
+
+def test_sigterm_at_the_prompt_says_so_on_a_line_of_its_own(terminal) -> None:  # type: ignore[no-untyped-def]
+    client = terminal("client", "buf.txt")
+    client.expect("when done):")
+    client.type("hel")
+    client.expect("hel")                         # echoed: the line is half typed
+    client.child.kill(signal.SIGTERM)
+    assert client.exit_status() == 143
+    lines = client.lines()
+    assert lines[-2:] == ["hel", "filechat: ended by SIGTERM; nothing was sent"], lines
