@@ -2480,7 +2480,8 @@ def send(buffer: str, message: Union[str, BinaryIO], response_path: Optional[str
     (``at``, ``named``: when its ticket appeared), "locked" (``asked``),
     "sent", "waiting", "received" (just before the reply is written to
     reply_to), "kept" (``path``: reply_to could not be written, and the
-    reply is kept there, see _keep_unread), "no-server", "server-stopped", "server-started", and
+    reply is kept there, see _keep_unread), "no-server", "server-stopped",
+    "server-started", and
     "interrupted" (``fate``, a key of FATES, and ``said``, its sentence) on
     Ctrl+C; with progress_interval, also "tick" (``phase`` "lock" or "reply",
     ``waited``).
