@@ -858,12 +858,14 @@ def ends_with_esc(path: str) -> Optional[Seen]:
     return found
 
 
-def remove_empty_directory(path: str) -> None:
-    """Remove path if it is an empty directory (rmdir refuses any other)."""
+def remove_empty_directory(path: str) -> bool:
+    """Remove path if it is an empty directory (rmdir refuses any other); True if it is
+    gone, removed now or before."""
     try:
         os.rmdir(path)
-    except OSError:
-        pass                   # not empty, gone already, or not ours to remove
+    except OSError as exc:
+        return exc.errno in GONE      # else not empty, or not ours to remove
+    return True
 
 
 def _flock(fd: int, shared: bool) -> bool:
@@ -2085,10 +2087,10 @@ class WaitingLine:
             if broken[1] is not None:
                 self.dead.append(broken[1])
 
-    def leave(self) -> None:
-        """Give up this ticket; the last to leave removes the line's directory."""
-        if self.ticket.let_go():
-            remove_empty_directory(self.directory)
+    def leave(self) -> bool:
+        """Give up this ticket; the last to leave removes the line's directory: True if it
+        is gone."""
+        return self.ticket.let_go() and remove_empty_directory(self.directory)
 
     def clear(self) -> List[Owner]:
         """Remove the tickets of waiters that died, and the directory if it is empty; return
@@ -2828,11 +2830,11 @@ class _Exchange:
         with it what waiters killed while joining left in the line.
         """
         line, self.line = self.line, None
-        if line is not None:
-            line.leave()
-            if not line.tickets() and os.path.isdir(line.directory):
-                sweep([line.directory], self.lock.stale_after)
-                remove_empty_directory(line.directory)
+        if line is None or line.leave():
+            return                    # not in line, or the last: the directory went with it
+        if not line.tickets() and os.path.isdir(line.directory):
+            sweep([line.directory], self.lock.stale_after)
+            remove_empty_directory(line.directory)
 
 
 def _keep_unread(path: str) -> str:
