@@ -3010,7 +3010,9 @@ class _Reply:
         held whole) and return ("", False). An error reply is returned, never copied."""
         if sink is not None and not self.is_error:
             self.framed.copy(self.end, sink)
-            sink.flush()              # out, before its file goes (a buffered write may fail)
+            # Out before its file goes: a buffered write may fail only now. (A
+            # sink with write() alone, which the type does not allow, still works.)
+            getattr(sink, "flush", lambda: None)()
             return "", False
         data = self.framed.data(self.end + 2)
         return parse_reply(data) or (str(data, "utf-8", "replace"), False)   # a peer's: no ESC

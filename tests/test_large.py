@@ -145,6 +145,24 @@ def test_an_error_reply_is_raised_not_written(tmp_path: Path) -> None:
     assert sink.getvalue() == ""
 
 
+class _WriteOnly:
+    """A sink with write() alone, as a caller may pass one."""
+
+    def __init__(self) -> None:
+        self.parts: List[str] = []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return len(text)
+
+
+def test_a_sink_with_write_alone_gets_the_reply(big_echo: str) -> None:
+    sink = _WriteOnly()
+    assert filechat.send(big_echo, LONG[2], timeout=WAIT, max_bytes=64 << 20,
+                         reply_to=sink) == ""
+    assert "".join(sink.parts) == LONG[2]
+
+
 class _FullFile(io.StringIO):
     """A file whose disk filled up half way through the reply."""
 
