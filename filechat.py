@@ -1747,13 +1747,13 @@ class Waiter:
         relevant = False
         for wd, mask, name in _read_events(self.fd):
             names = self.watched.get(wd)
-            if (mask & IN_Q_OVERFLOW or wd in self.files
-                    or (names is not None and (mask & IN_IGNORED or name in names))):
-                relevant = True
-            if mask & IN_Q_OVERFLOW or (names is not None and mask & IN_IGNORED):
+            anything = mask & IN_Q_OVERFLOW or (names is not None and mask & IN_IGNORED)
+            named = names is not None and name in names
+            if anything:
                 self.changed[b""] = mask
-            elif names is not None and name in names:
+            elif named:
                 self.changed[name] = self.changed.get(name, 0) | mask
+            relevant = bool(relevant or anything or named or wd in self.files)
             if mask & IN_IGNORED and wd in self.watched:
                 del self.watched[wd]            # gone: watched again once it exists
                 self.directories.clear()        # (the others are found watched already)
@@ -5287,10 +5287,8 @@ def run_client(args: argparse.Namespace, term: Terminal) -> int:
                 term.err()        # after the ^C the terminal shows, or the line being typed
             term.err(f"filechat: {said}")
             return getattr(exc, "exit_code", EXIT_INTERRUPTED)
-        if kept[0]:
-            term.error(said)
-            return getattr(exc, "exit_code", EXIT_ERROR)
-        raise
+        term.error(said)
+        return getattr(exc, "exit_code", EXIT_ERROR)
     shown.done()
     if reply_to is tail and term.stdout_tty:
         tail.end_line()       # the shell's prompt is not glued to the reply; a pipe gets it exact
@@ -5316,9 +5314,6 @@ class _Tail:
         """End the line the text written left open, if it did."""
         if self.last not in ("", "\n"):
             self.write("\n")
-
-    def flush(self) -> None:
-        """Nothing to do: each write is flushed."""
 
 
 class _Whole:
