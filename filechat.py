@@ -1468,7 +1468,9 @@ def _life(fd: int, seen: Seen, owner: Owner, path: str) -> Verdict:
             return Verdict(seen, owner, f"its holder, process {owner.pid}{where}, has not "
                            f"rewritten it for {silent:.0f} s (its heartbeat stopped)",
                            "heartbeat", 0.0, silent)
-        return Verdict(seen, owner, None, "heartbeat", HEARTBEAT_TIMEOUT - silent + 0.01, silent)
+        # On its own machine a live pid says it lives; the heartbeat ends a reused pid's.
+        how = "pid" if owner.here() else "heartbeat"
+        return Verdict(seen, owner, None, how, HEARTBEAT_TIMEOUT - silent + 0.01, silent)
     return Verdict(seen, owner)
 
 

@@ -367,6 +367,26 @@ def test_a_record_that_stops_changing_is_judged_dead(tmp_path: Path,
     assert filechat.stale_reason(judge(path), 1e9) == gone
 
 
+def test_a_holder_on_this_machine_lives_while_its_pid_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its pid says at once that it lives: status and a starting server need not wait for a
+    # beat. A record that stops beating still ends, as one whose pid was reused would.
+    path = tmp_path / "buf.txt.server"
+    record = json.dumps({"pid": os.getpid(), "host": filechat.HOST, "token": "00ff",
+                         "created": 1.0, "answered": "0000000003", "started": 1.0,
+                         "boot": filechat.BOOT_ID, "pidns": filechat.PID_NS, "local": False,
+                         "beat": "00000007"}) + "\n"
+    path.write_text(record)
+    assert filechat.settled({str(path): True})[str(path)].how == "pid"    # no beat awaited
+    clock = [filechat.time.monotonic()]
+    monkeypatch.setattr(filechat.time, "monotonic", lambda: clock[0])
+    verdict = judge(path, ours=True)
+    assert (verdict.how, verdict.ended) == ("pid", None)
+    clock[0] += DEAD_WITHIN + 0.5
+    gone = judge(path, ours=True).ended
+    assert gone is not None and "heartbeat stopped" in gone
+
+
 def test_relative_response_paths(tmp_path: Path) -> None:
     buffer = str(tmp_path / "buf.txt")
     assert filechat.sent_path(buffer, str(tmp_path / "r.txt")) == "r.txt"
