@@ -1882,7 +1882,12 @@ def settled(looks: Dict[str, bool]) -> Dict[str, Optional[Verdict]]:
     """
     def beating(verdict: Optional[Verdict]) -> bool:
         return verdict is not None and verdict.how == "heartbeat" and not verdict.ended
-    verdicts = {path: judge(path, ours) for path, ours in looks.items()}
+
+    def fresh(path: str, ours: bool) -> Optional[Verdict]:
+        # Listed first: GlusterFS's mount can show a record (a beat, a count) or a removed
+        # file as it was up to a second ago; a listing has it ask the file server again.
+        return judge(path, ours) if listed(path) else None
+    verdicts = {path: fresh(path, ours) for path, ours in looks.items()}
     first = {path: verdict.seen.head for path, verdict in verdicts.items() if verdict}
     absent = set(looks) - set(first)   # at the first look
     lived: Set[str] = set()            # seen to change since their first sighting here
@@ -1892,7 +1897,7 @@ def settled(looks: Dict[str, bool]) -> Dict[str, Optional[Verdict]]:
                and time.monotonic() < deadline):
             waiter.wait(PROGRESS_INTERVAL)
             for path, ours in looks.items():
-                verdicts[path] = verdict = judge(path, ours)
+                verdicts[path] = verdict = fresh(path, ours)
                 if verdict is not None and (path in absent or first.setdefault(
                         path, verdict.seen.head) != verdict.seen.head):
                     lived.add(path)
