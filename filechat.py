@@ -3877,6 +3877,7 @@ class _Server:
         self.answered = 0             # messages whose client got a reply (status)
         self.swept = 0.0              # when leftovers were last swept
         self.read = 0.0               # when the buffer was last read for a message (see due)
+        self.names_cached = _names_cached(paths.buffer)     # once, not a getcwd every poll
         self.unclaimable: Tuple[Optional[bytes], str] = (None, "")   # the last said
         self.home = os.path.dirname(os.path.abspath(paths.buffer))
         self.upkeep = _Upkeep(paths, durable, self.home)
@@ -3917,7 +3918,7 @@ class _Server:
         names are cached, the buffer's is looked up afresh (see listed), so
         that the read sees the message, not a cache.
         """
-        polling, cached = waiter.fd < 0, _names_cached(self.paths.buffer)
+        polling, cached = waiter.fd < 0, self.names_cached
         if not (polling or cached):
             return True
         locked = _kind_at(self.paths.lock, "lock file", anew=False) is not None
