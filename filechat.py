@@ -788,6 +788,17 @@ def _close(fd: int) -> None:
             raise
 
 
+def _linked(path: str, link: str) -> bool:
+    """Make link a hard link of the file at path; False if nothing is there."""
+    try:
+        os.link(path, link)
+    except OSError as exc:
+        if exc.errno in GONE:
+            return False
+        raise OSError(exc.errno, exc.strerror, path) from None
+    return True
+
+
 def _unlink_quietly(path: str) -> bool:
     """Remove path if it exists; True if it did."""
     try:
@@ -3602,14 +3613,25 @@ class _Message:
         self.client.close()
 
 
-def _claim(server: _Server) -> Optional[_Message]:
+def _claim(server: _Server, relink: bool = False) -> Optional[_Message]:
     """Claim a complete message by renaming the buffer; None if there is none.
 
     The claim's name carries the inode and token of the lock the message
     came with, so that even a restarted server removes that lock and no other.
+
+    relink: through a hard link of the buffer, which then goes. GlusterFS's
+    default mount, about once in 150 rounds of 12 clients at once, kept
+    leading the buffer's name to the file a client's rename had replaced:
+    every read failed (ENOENT) until the client gave up, while the other
+    mount read the message. A link asks the file server for the file the name
+    has now. Only while the message's client holds the lock, as every client
+    that follows the protocol does, is the buffer's name its message's.
     """
     buffer = server.paths.buffer
-    fd = _open_to_read(buffer, noatime=True)
+    source = _temp_name(buffer) if relink else buffer
+    if relink and not _linked(buffer, source):
+        return None
+    fd = _open_to_read(source, noatime=True)
     if fd is None:
         return None
     claimed = False
@@ -3624,14 +3646,16 @@ def _claim(server: _Server) -> Optional[_Message]:
         claim = server.paths.claim_prefix + client.ref()
         before = time.time()          # see _claim_replaced
         try:
-            os.rename(buffer, claim)
+            os.rename(source, claim)
         except BaseException as exc:
             client.close()
             if isinstance(exc, OSError) and exc.errno in GONE:
                 return None           # withdrawn by its client an instant ago
             raise
         claimed = True
-        log.debug("message claimed as %s", claim)
+        log.debug("message claimed as %s%s", claim, " through a link" if relink else "")
+        if relink:
+            _unlink_quietly(buffer)
         server.upkeep.leave_empty_buffer()
         _crash_point("server-taken")
         # Replaced since it was read? Its own rename: no cache to see through.
@@ -3641,14 +3665,19 @@ def _claim(server: _Server) -> Optional[_Message]:
         message, fd = _Message(server, claim, fd, framed, client), -1
         return message
     except OSError as exc:
-        if exc.errno in GONE:
+        if exc.errno not in GONE:
+            raise OSError(exc.errno, exc.strerror, exc.filename or buffer) from None
+        if relink or not (server.names_cached and listed(buffer)
+                          and _kind_at(server.paths.lock, "lock file", anew=False) is not None):
             return None               # withdrawn since it was opened
-        raise OSError(exc.errno, exc.strerror, exc.filename or buffer) from None
     finally:
-        if fd >= 0 and not claimed:
+        if relink and not claimed:
+            _unlink_quietly(source)
+        if fd >= 0 and not claimed and not relink:
             server.upkeep.keep_open(fd)   # the buffer as looked at
         elif fd >= 0:
             _close(fd)
+    return _claim(server, relink=True)    # its name led to a file gone: see relink
 
 
 def _claim_replaced(server: _Server, claim: str, before: float) -> Optional[_Message]:
