@@ -3667,7 +3667,7 @@ def _claim(server: _Server, relink: bool = False) -> Optional[_Message]:
     except OSError as exc:
         if exc.errno not in GONE:
             raise OSError(exc.errno, exc.strerror, exc.filename or buffer) from None
-        if relink or not (server.names_cached and listed(buffer)
+        if relink or claimed or not (server.names_cached and listed(buffer)
                           and _kind_at(server.paths.lock, "lock file", anew=False) is not None):
             return None               # withdrawn since it was opened
     finally:
