@@ -201,7 +201,7 @@ def test_a_buffer_name_that_leads_to_a_file_gone_is_claimed_through_a_link(
     real_framed = filechat._framed
 
     def stale(fd: int, limit: int, size: int) -> Any:
-        if os.readlink(f"/proc/self/fd/{fd}") == buffer:
+        if os.readlink(f"/proc/self/fd/{fd}") == os.path.realpath(buffer):
             raise FileNotFoundError(errno.ENOENT, "No such file or directory")
         return real_framed(fd, limit, size)
     idle: List[float] = []
