@@ -788,17 +788,6 @@ def _close(fd: int) -> None:
             raise
 
 
-def _linked(path: str, link: str) -> bool:
-    """Make link a hard link of the file at path; False if nothing is there."""
-    try:
-        os.link(path, link)
-    except OSError as exc:
-        if exc.errno in GONE:
-            return False
-        raise OSError(exc.errno, exc.strerror, path) from None
-    return True
-
-
 def _unlink_quietly(path: str) -> bool:
     """Remove path if it exists; True if it did."""
     try:
@@ -3629,8 +3618,11 @@ def _claim(server: _Server, relink: bool = False) -> Optional[_Message]:
     """
     buffer = server.paths.buffer
     source = _temp_name(buffer) if relink else buffer
-    if relink and not _linked(buffer, source):
-        return None
+    if relink:
+        try:
+            os.link(buffer, source)
+        except OSError:
+            return None    # gone, or no hard links here: the next look tries the name again
     fd = _open_to_read(source, noatime=True)
     if fd is None:
         return None
