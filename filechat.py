@@ -3608,7 +3608,7 @@ def _claim(server: _Server, relink: bool = False) -> Optional[_Message]:
     The claim's name carries the inode and token of the lock the message
     came with, so that even a restarted server removes that lock and no other.
 
-    relink: through a hard link of the buffer, which then goes. GlusterFS's
+    relink: through a hard link of the buffer, whose name then goes. GlusterFS's
     default mount, about once in 150 rounds of 12 clients at once, kept
     leading the buffer's name to the file a client's rename had replaced:
     every read failed (ENOENT) until the client gave up, while the other
@@ -3638,6 +3638,10 @@ def _claim(server: _Server, relink: bool = False) -> Optional[_Message]:
         claim = server.paths.claim_prefix + client.ref()
         before = time.time()          # see _claim_replaced
         try:
+            # Through a link the buffer's name goes first: a failure then leaves the
+            # message the buffer's, and a claim is never beside it under both names.
+            if relink and not _unlink_quietly(buffer):
+                raise FileNotFoundError(errno.ENOENT, "withdrawn", buffer)
             os.rename(source, claim)
         except BaseException as exc:
             client.close()
@@ -3646,8 +3650,6 @@ def _claim(server: _Server, relink: bool = False) -> Optional[_Message]:
             raise
         claimed = True
         log.debug("message claimed as %s%s", claim, " through a link" if relink else "")
-        if relink:
-            _unlink_quietly(buffer)
         server.upkeep.leave_empty_buffer()
         _crash_point("server-taken")
         # Replaced since it was read? Its own rename: no cache to see through.
