@@ -1209,12 +1209,12 @@ class Owner:
     """What a lock, ticket or presence file says about the process that holds it."""
 
     __slots__ = ("answered", "beats", "boot", "created", "flocked", "host", "newline", "pid",
-                 "pidns", "started", "timeout", "token")
+                 "pidns", "pstart", "started", "timeout", "token")
 
     def __init__(self, pid: int, host: str, token: str, created: float, answered: int = 0,
                  started: float = 0.0, timeout: Optional[float] = None, boot: str = "",
                  pidns: int = 0, flocked: bool = True, beats: bool = False,
-                 newline: bool = False) -> None:
+                 newline: bool = False, pstart: int = 0) -> None:
         self.pid = pid
         self.host = host
         self.token = token          # random: a file is its holder's while it holds this
@@ -1227,6 +1227,8 @@ class Owner:
         self.pidns = pidns          # pid means something ("", 0: an older record)
         self.flocked = flocked      # its holder's flock keeps out whoever sees the file
         self.beats = beats          # its holder rewrites it every HEARTBEAT_INTERVAL
+        self.pstart = pstart        # when its pid's process started (0: unknown): a pid
+                                    # reused since names a process that started later
 
     def here(self) -> bool:
         """True if the holder runs on this machine, so that its pid can be checked."""
@@ -1257,7 +1259,9 @@ def _owner_record(path: str, token: str, answered: Optional[int] = None, started
         record.update(timeout=float(timeout))
     if newline:
         record.update(newline=True)
-    record.update(boot=BOOT_ID, pidns=PID_NS, local=not shared)
+    pstart = _process_start(os.getpid())
+    record.update(boot=BOOT_ID, pidns=PID_NS, **({"pstart": pstart} if pstart else {}),
+                  local=not shared)
     if shared and _flock_reaches(path):
         record.update(flock=True)
     if shared:
@@ -1275,7 +1279,7 @@ def read_owner(data: bytes) -> Optional[Owner]:
                      float(raw.get("started", 0.0)), None if timeout is None else float(timeout),
                      str(raw.get("boot", "")), int(raw.get("pidns", 0)),
                      raw.get("local", True) is not False or raw.get("flock") is True,
-                     "beat" in raw, raw.get("newline") is True)
+                     "beat" in raw, raw.get("newline") is True, int(raw.get("pstart", 0)))
     except (ValueError, KeyError, TypeError, AttributeError):
         return None         # empty, cut short, or another program's
 
@@ -1458,7 +1462,7 @@ def _life(fd: int, seen: Seen, owner: Owner, path: str) -> Verdict:
     if flocked and not owner.beats:
         return Verdict(seen, owner, None, "flock")       # its end closes the file: an event
     if owner.here():
-        if not _pid_alive(owner.pid):
+        if not _pid_alive(owner.pid, owner.pstart):
             return Verdict(seen, owner, gone, "pid")
         if not owner.beats:
             return Verdict(seen, owner, None, "pid", HEARTBEAT_INTERVAL)
@@ -1556,8 +1560,9 @@ def running_server(presence_path: str) -> Optional[Owner]:
     return verdict.owner or Owner(0, "", "", 0.0)
 
 
-def _pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists on this host (and has not ended as a zombie)."""
+def _pid_alive(pid: int, start: int = 0) -> bool:
+    """True if a process with this pid exists on this host (and has not ended as a zombie);
+    with start (see _process_start), only the process that started then."""
     if pid <= 0:
         return False
     if sys.platform == "win32":
@@ -1568,11 +1573,33 @@ def _pid_alive(pid: int) -> bool:
         return False
     except OSError:
         pass           # exists, but belongs to someone else
+    fields = _proc_stat(pid)
+    if not fields:
+        return True    # not Linux: no zombies or start times to tell
+    return fields[0] != b"Z" and (not start or _process_start(pid, fields) == start)
+
+
+def _proc_stat(pid: int) -> List[bytes]:
+    """Return the fields of /proc/PID/stat after the command's name ([] if unreadable)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+            return f.read().rpartition(b")")[2].split()
     except OSError:
-        return True    # not Linux: no zombies to tell
+        return []
+
+
+def _process_start(pid: int, fields: Optional[List[bytes]] = None) -> int:
+    """Return when the process pid started, in clock ticks after boot; 0 where unknown.
+
+    A number of the kernel's own, not a clock time: setting the clock moves
+    neither it nor the holder's record, so a pid that names a process started
+    at another tick has been reused.
+    """
+    fields = _proc_stat(pid) if fields is None else fields
+    try:
+        return int(fields[19])        # field 22 of stat(5): starttime
+    except (IndexError, ValueError):
+        return 0
 
 
 def _windows_pid_alive(pid: int) -> bool:

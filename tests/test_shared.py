@@ -387,6 +387,44 @@ def test_a_holder_on_this_machine_lives_while_its_pid_does(
     assert gone is not None and "heartbeat stopped" in gone
 
 
+def _start_ticks(pid: int) -> int:
+    """When process pid started, in clock ticks after boot (field 22 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rpartition(b")")[2].split()[19])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux's /proc")
+def test_a_pid_that_another_process_took_since_is_not_the_holder_s(tmp_path: Path) -> None:
+    # A one-off look (status) sees no heartbeat stop: the record's start tick
+    # must tell a reused pid from its holder at once.
+    lock = filechat.Lock(str(tmp_path / "server.lock"))
+    assert lock.try_acquire()
+    owner = filechat.read_owner((tmp_path / "server.lock").read_bytes())
+    assert owner is not None and owner.pstart == _start_ticks(os.getpid())
+    lock.release()
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path = tmp_path / "buf.txt.server"
+
+        def record(pstart: int) -> None:
+            path.write_text(json.dumps({
+                "pid": later.pid, "host": filechat.HOST, "token": "00ff", "created": 1.0,
+                "answered": "0000000003", "started": 1.0, "boot": filechat.BOOT_ID,
+                "pidns": filechat.PID_NS, "pstart": pstart, "local": False,
+                "beat": "00000007"}) + "\n")
+        record(_start_ticks(later.pid))                 # its own process: alive
+        verdict = judge(path, ours=True)
+        assert (verdict.how, verdict.ended) == ("pid", None)
+        assert filechat.running_server(str(path)) is not None
+        record(_start_ticks(later.pid) - 1)             # an earlier process had the pid
+        gone = judge(path, ours=True).ended
+        assert gone is not None and f"process {later.pid}, has ended" in gone
+        assert filechat.running_server(str(path)) is None
+    finally:
+        later.kill()
+        later.wait()
+
+
 def test_relative_response_paths(tmp_path: Path) -> None:
     buffer = str(tmp_path / "buf.txt")
     assert filechat.sent_path(buffer, str(tmp_path / "r.txt")) == "r.txt"
