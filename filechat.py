@@ -31,6 +31,7 @@ from __future__ import annotations  # annotations unevaluated: typing is not imp
 import argparse
 import codecs
 import errno
+import functools
 import json
 import os
 import re
@@ -1259,7 +1260,7 @@ def _owner_record(path: str, token: str, answered: Optional[int] = None, started
         record.update(timeout=float(timeout))
     if newline:
         record.update(newline=True)
-    pstart = _process_start(os.getpid())
+    pstart = _own_start(os.getpid())
     record.update(boot=BOOT_ID, pidns=PID_NS, **({"pstart": pstart} if pstart else {}),
                   local=not shared)
     if shared and _flock_reaches(path):
@@ -1600,6 +1601,12 @@ def _process_start(pid: int, fields: Optional[List[bytes]] = None) -> int:
         return int(fields[19])        # field 22 of stat(5): starttime
     except (IndexError, ValueError):
         return 0
+
+
+@functools.lru_cache(maxsize=1)
+def _own_start(pid: int) -> int:
+    """Return _process_start(pid) for this process's pid, read once (a fork's pid is new)."""
+    return _process_start(pid)
 
 
 def _windows_pid_alive(pid: int) -> bool:
