@@ -1202,6 +1202,18 @@ def _machine() -> Tuple[str, int]:
 
 
 BOOT_ID, PID_NS = _machine()
+
+
+def _time_namespace() -> int:
+    """Return the inode of this process's time namespace (0: none, before Linux 5.6): /proc
+    shows a process's start shifted by the reader's namespace's boot time offset."""
+    try:
+        return os.stat("/proc/self/ns/time").st_ino
+    except OSError:
+        return 0
+
+
+TIME_NS = _time_namespace()
 BEAT = b'"beat": "00000000"}'       # how a record that beats ends: its counter is rewritten
 COUNT = 10                          # digits of a presence file's count of answered messages
 
@@ -1210,12 +1222,12 @@ class Owner:
     """What a lock, ticket or presence file says about the process that holds it."""
 
     __slots__ = ("answered", "beats", "boot", "created", "flocked", "host", "newline", "pid",
-                 "pidns", "pstart", "started", "timeout", "token")
+                 "pidns", "pstart", "started", "timens", "timeout", "token")
 
     def __init__(self, pid: int, host: str, token: str, created: float, answered: int = 0,
                  started: float = 0.0, timeout: Optional[float] = None, boot: str = "",
                  pidns: int = 0, flocked: bool = True, beats: bool = False,
-                 newline: bool = False, pstart: int = 0) -> None:
+                 newline: bool = False, pstart: int = 0, timens: int = 0) -> None:
         self.pid = pid
         self.host = host
         self.token = token          # random: a file is its holder's while it holds this
@@ -1228,13 +1240,18 @@ class Owner:
         self.pidns = pidns          # pid means something ("", 0: an older record)
         self.flocked = flocked      # its holder's flock keeps out whoever sees the file
         self.beats = beats          # its holder rewrites it every HEARTBEAT_INTERVAL
-        self.pstart = pstart        # when its pid's process started (0: unknown): a pid
-                                    # reused since names a process that started later
+        self.pstart = pstart        # when its pid's process started (0: unknown), as /proc
+        self.timens = timens        # shows it in this time namespace: a pid reused since
+                                    # names a process that started at another tick
 
     def here(self) -> bool:
         """True if the holder runs on this machine, so that its pid can be checked."""
         return (self.host == HOST and (not self.boot or self.boot == BOOT_ID)
                 and (not self.pidns or self.pidns == PID_NS))
+
+    def start(self) -> int:
+        """Return pstart where this process's /proc shows starts as the holder's did, else 0."""
+        return self.pstart if self.timens == TIME_NS else 0
 
     def __repr__(self) -> str:
         return f"Owner(pid={self.pid}, host={self.host!r}, token={self.token!r})"
@@ -1261,8 +1278,8 @@ def _owner_record(path: str, token: str, answered: Optional[int] = None, started
     if newline:
         record.update(newline=True)
     pstart = _own_start(os.getpid())
-    record.update(boot=BOOT_ID, pidns=PID_NS, **({"pstart": pstart} if pstart else {}),
-                  local=not shared)
+    record.update(boot=BOOT_ID, pidns=PID_NS,
+                  **({"pstart": pstart, "timens": TIME_NS} if pstart else {}), local=not shared)
     if shared and _flock_reaches(path):
         record.update(flock=True)
     if shared:
@@ -1280,7 +1297,8 @@ def read_owner(data: bytes) -> Optional[Owner]:
                      float(raw.get("started", 0.0)), None if timeout is None else float(timeout),
                      str(raw.get("boot", "")), int(raw.get("pidns", 0)),
                      raw.get("local", True) is not False or raw.get("flock") is True,
-                     "beat" in raw, raw.get("newline") is True, int(raw.get("pstart", 0)))
+                     "beat" in raw, raw.get("newline") is True, int(raw.get("pstart", 0)),
+                     int(raw.get("timens", 0)))
     except (ValueError, KeyError, TypeError, AttributeError):
         return None         # empty, cut short, or another program's
 
@@ -1463,7 +1481,7 @@ def _life(fd: int, seen: Seen, owner: Owner, path: str) -> Verdict:
     if flocked and not owner.beats:
         return Verdict(seen, owner, None, "flock")       # its end closes the file: an event
     if owner.here():
-        if not _pid_alive(owner.pid, owner.pstart):
+        if not _pid_alive(owner.pid, owner.start()):
             return Verdict(seen, owner, gone, "pid")
         if not owner.beats:
             return Verdict(seen, owner, None, "pid", HEARTBEAT_INTERVAL)

@@ -401,6 +401,7 @@ def test_a_pid_that_another_process_took_since_is_not_the_holder_s(tmp_path: Pat
     assert lock.try_acquire()
     owner = filechat.read_owner((tmp_path / "server.lock").read_bytes())
     assert owner is not None and owner.pstart == _start_ticks(os.getpid())
+    assert owner.start() == owner.pstart        # this process reads starts as the holder did
     lock.release()
     later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -410,7 +411,8 @@ def test_a_pid_that_another_process_took_since_is_not_the_holder_s(tmp_path: Pat
             path.write_text(json.dumps({
                 "pid": later.pid, "host": filechat.HOST, "token": "00ff", "created": 1.0,
                 "answered": "0000000003", "started": 1.0, "boot": filechat.BOOT_ID,
-                "pidns": filechat.PID_NS, "pstart": pstart, "local": False,
+                "pidns": filechat.PID_NS, "pstart": pstart, "timens": filechat.TIME_NS,
+                "local": False,
                 "beat": "00000007"}) + "\n")
         record(_start_ticks(later.pid))                 # its own process: alive
         verdict = judge(path, ours=True)
@@ -423,6 +425,32 @@ def test_a_pid_that_another_process_took_since_is_not_the_holder_s(tmp_path: Pat
     finally:
         later.kill()
         later.wait()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/ns/time") or os.geteuid() != 0,
+                    reason="needs time namespaces and root")
+def test_a_holder_in_another_time_namespace_is_not_judged_by_its_start(tmp_path: Path) -> None:
+    # /proc shows a process's start shifted by the reader's time namespace: a holder
+    # there records another tick than this process reads for it, and lives all the same.
+    holder = subprocess.Popen(
+        ["unshare", "-T", "--boottime", "100000", sys.executable, "-c",
+         "import os, time; stat = open('/proc/self/stat').read().rpartition(')')[2].split();"
+         "print(os.getpid(), stat[19], os.stat('/proc/self/ns/time').st_ino, flush=True);"
+         "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        pid, pstart, timens = (int(word) for word in holder.stdout.readline().split())
+        assert timens != os.stat("/proc/self/ns/time").st_ino and _start_ticks(pid) != pstart
+        path = tmp_path / "server.lock"
+        path.write_text(json.dumps({
+            "pid": pid, "host": filechat.HOST, "token": "00ff", "created": 1.0,
+            "boot": filechat.BOOT_ID, "pidns": filechat.PID_NS, "pstart": pstart,
+            "timens": timens, "local": False, "beat": "00000007"}) + "\n")
+        verdict = judge(path)
+        assert (verdict.how, verdict.ended) == ("pid", None)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_relative_response_paths(tmp_path: Path) -> None:
