@@ -1251,7 +1251,7 @@ class Owner:
 
     def start(self) -> int:
         """Return pstart where this process's /proc shows starts as the holder's did, else 0."""
-        return self.pstart if self.timens == TIME_NS else 0
+        return self.pstart if self.pstart and self.timens == TIME_NS and _proc_is_own() else 0
 
     def __repr__(self) -> str:
         return f"Owner(pid={self.pid}, host={self.host!r}, token={self.token!r})"
@@ -1299,8 +1299,8 @@ def read_owner(data: bytes) -> Optional[Owner]:
                      raw.get("local", True) is not False or raw.get("flock") is True,
                      "beat" in raw, raw.get("newline") is True, int(raw.get("pstart", 0)),
                      int(raw.get("timens", 0)))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None         # empty, cut short, or another program's
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
+        return None         # empty, cut short, or another program's (1e999: inf, no int)
 
 
 def token_at(path: str) -> Optional[str]:
@@ -1588,8 +1588,8 @@ def _pid_alive(pid: int, start: int = 0) -> bool:
         return _windows_pid_alive(pid)
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+    except (ProcessLookupError, OverflowError):
+        return False   # no such process (or a pid too large to be one)
     except OSError:
         pass           # exists, but belongs to someone else
     fields = _proc_stat(pid)
@@ -1623,8 +1623,18 @@ def _process_start(pid: int, fields: Optional[List[bytes]] = None) -> int:
 
 @functools.lru_cache(maxsize=1)
 def _own_start(pid: int) -> int:
-    """Return _process_start(pid) for this process's pid, read once (a fork's pid is new)."""
-    return _process_start(pid)
+    """Return _process_start(pid) for this process's pid, read once (a fork's pid is new);
+    0 where /proc is not this process's own (see _proc_is_own)."""
+    return _process_start(pid) if _proc_is_own() else 0
+
+
+def _proc_is_own() -> bool:
+    """True if /proc shows this process's pid namespace, so that /proc/PID is process PID
+    (not so after unshare -p without a /proc of its own: there it is another process)."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
 
 
 def _windows_pid_alive(pid: int) -> bool:

@@ -453,6 +453,52 @@ def test_a_holder_in_another_time_namespace_is_not_judged_by_its_start(tmp_path:
         holder.wait()
 
 
+# Run with a pid namespace of its own but the machine's /proc: there /proc/1 is
+# another process than the one whose pid is 1.
+_IN_NEW_PID_NAMESPACE = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import filechat
+lock = filechat.Lock(os.path.join(sys.argv[2], "server.lock"))
+assert lock.try_acquire()
+with open(lock.path) as f:
+    made = json.loads(f.read())
+lock.release()
+path = os.path.join(sys.argv[2], "other.lock")      # its holder: this process, whose
+with open(path, "w") as f:                          # own /proc would show another start
+    f.write(json.dumps({"pid": os.getpid(), "host": filechat.HOST, "token": "00ff",
+                        "created": 1.0, "boot": filechat.BOOT_ID, "pidns": filechat.PID_NS,
+                        "pstart": 12345, "timens": filechat.TIME_NS, "local": False,
+                        "beat": "00000007"}) + "\\n")
+verdict = filechat.judge(path)
+print(json.dumps({"made": made, "ended": verdict.ended, "how": verdict.how}))
+"""
+
+
+@pytest.mark.parametrize("field", ["pid", "pstart", "timens"])
+def test_a_record_with_a_number_too_large_for_an_int_is_another_program_s(
+        tmp_path: Path, field: str) -> None:
+    record = {"pid": 7, "host": filechat.HOST, "token": "00ff", "created": 1.0,
+              "boot": filechat.BOOT_ID, "pidns": filechat.PID_NS, "local": False}
+    path = tmp_path / "server.lock"
+    path.write_text(json.dumps(record)[:-1] + f', "{field}": 1e999}}\n')   # JSON's inf
+    verdict = judge(path)
+    assert verdict.owner is None and verdict.ended is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat") or os.geteuid() != 0,
+                    reason="needs Linux's /proc and root")
+def test_no_start_is_told_or_trusted_through_another_pid_namespace_s_proc(
+        tmp_path: Path) -> None:
+    done = subprocess.run(["unshare", "-p", "-f", sys.executable, "-c", _IN_NEW_PID_NAMESPACE,
+                           os.path.dirname(filechat.__file__), str(tmp_path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    said = json.loads(done.stdout)
+    assert said["made"]["pid"] == 1 and "pstart" not in said["made"]
+    assert (said["how"], said["ended"]) == ("pid", None)
+
+
 def test_relative_response_paths(tmp_path: Path) -> None:
     buffer = str(tmp_path / "buf.txt")
     assert filechat.sent_path(buffer, str(tmp_path / "r.txt")) == "r.txt"
