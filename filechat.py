@@ -1250,8 +1250,9 @@ class Owner:
                 and (not self.pidns or self.pidns == PID_NS))
 
     def start(self) -> int:
-        """Return pstart where this process's /proc shows starts as the holder's did, else 0."""
-        return self.pstart if self.pstart and self.timens == TIME_NS and _proc_is_own() else 0
+        """Return pstart where this process's /proc shows starts as the holder's did, else 0:
+        in its time namespace, and where this process could read its own start."""
+        return self.pstart if self.timens == TIME_NS and _own_start(os.getpid()) else 0
 
     def __repr__(self) -> str:
         return f"Owner(pid={self.pid}, host={self.host!r}, token={self.token!r})"
@@ -1491,7 +1492,8 @@ def _life(fd: int, seen: Seen, owner: Owner, path: str) -> Verdict:
             return Verdict(seen, owner, f"its holder, process {owner.pid}{where}, has not "
                            f"rewritten it for {silent:.0f} s (its heartbeat stopped)",
                            "heartbeat", 0.0, silent)
-        # On its own machine a live pid says it lives; the heartbeat ends a reused pid's.
+        # On its own machine a live pid says it lives; the heartbeat ends a reused pid's
+        # where no start tells (see Owner.start).
         how = "pid" if owner.here() else "heartbeat"
         return Verdict(seen, owner, None, how, HEARTBEAT_TIMEOUT - silent + 0.01, silent)
     return Verdict(seen, owner)
